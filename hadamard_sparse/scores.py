@@ -1,0 +1,109 @@
+"""Score functions: how important each weight is. Higher scores are kept.
+
+Methods are a registry, not a chain of ifs: :func:`register_score` adds one.
+A score function receives a :class:`ScoreContext` and returns a tensor of the
+weight's shape. It must be deterministic for a given context (selection may
+call it more than once to keep memory bounded).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["ScoreContext", "available_scores", "get_score", "register_score"]
+
+
+@dataclass(frozen=True)
+class ScoreContext:
+    """What a score function may look at for one targeted tensor.
+
+    Attributes:
+        name: qualified tensor name, e.g. ``"encoder.0.weight"``.
+        module: the module that owns the tensor.
+        tensor_name: the tensor's attribute name on ``module``.
+        weight: the dense value to score (before any mask), detached.
+        seed: a per-tensor seed for methods that draw random numbers.
+        stats: optional per-tensor statistics (e.g. from calibration), method specific.
+    """
+
+    name: str
+    module: nn.Module
+    tensor_name: str
+    weight: torch.Tensor
+    seed: int = 0
+    stats: Any = field(default=None, compare=False)
+
+
+ScoreFn = Callable[[ScoreContext], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class _ScoreEntry:
+    fn: ScoreFn
+    needs_calibration: bool
+    scopes: tuple[str, ...]
+
+
+_SCORES: dict[str, _ScoreEntry] = {}
+
+
+def register_score(
+    name: str,
+    *,
+    needs_calibration: bool = False,
+    scopes: tuple[str, ...] = ("global", "layer"),
+) -> Callable[[ScoreFn], ScoreFn]:
+    """Register a score function under ``name`` (usable as ``sparsify(..., method=name)``).
+
+    Args:
+        name: the method name.
+        needs_calibration: whether the method needs ``calibration`` data.
+        scopes: the ``scope`` values the method supports; others are refused.
+
+    Returns:
+        A decorator that registers and returns the function.
+
+    Example::
+
+        >>> @register_score("abs_cubed")
+        ... def _abs_cubed(ctx):
+        ...     return ctx.weight.abs() ** 3
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str, got {name!r}")
+
+    def decorator(fn: ScoreFn) -> ScoreFn:
+        _SCORES[name] = _ScoreEntry(fn, needs_calibration, tuple(scopes))
+        return fn
+
+    return decorator
+
+
+def available_scores() -> list[str]:
+    """The registered method names, sorted."""
+    return sorted(_SCORES)
+
+
+def get_score(name: str) -> _ScoreEntry:
+    """Look up a registered method; raise a ``ValueError`` naming the allowed ones."""
+    if not isinstance(name, str) or name not in _SCORES:
+        raise ValueError(f"method must be one of {available_scores()}, got {name!r}")
+    return _SCORES[name]
+
+
+@register_score("magnitude")
+def _magnitude(ctx: ScoreContext) -> torch.Tensor:
+    """|w|: the smallest magnitudes are pruned."""
+    return ctx.weight.abs()
+
+
+@register_score("random")
+def _random(ctx: ScoreContext) -> torch.Tensor:
+    """Uniform random scores from a per-tensor seed (reproducible)."""
+    g = torch.Generator(device="cpu").manual_seed(ctx.seed)
+    return torch.rand(ctx.weight.shape, generator=g).to(ctx.weight.device)
