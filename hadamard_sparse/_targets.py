@@ -265,3 +265,15 @@ def check_not_wrapped(model: nn.Module) -> None:
             f"model is wrapped in {type(model).__name__}; sparsify (or factorize) the plain model "
             "before wrapping it in DistributedDataParallel or FSDP"
         )
+
+
+def weight_dims(module: nn.Module, tensor_name: str = "weight") -> tuple[int, int]:
+    """``(out_dim, in_dim)``: which dimensions of a targeted tensor index outputs and inputs.
+
+    ``nn.Linear``/``ConvNd``/RNN/MHA weights are ``(out, in, ...)``; ``ConvTransposeNd`` weights are
+    ``(in, out // groups, ...)`` and Hugging Face ``Conv1D`` weights are ``(in, out)``.
+    """
+    kind = layer_kind(module)
+    if kind in ("conv_transpose", "hf_conv1d"):
+        return 1, 0
+    return 0, 1
