@@ -28,7 +28,8 @@ def n_to_prune(sparsity: float, numel: int) -> int:
 
 def _keys(scores: torch.Tensor) -> torch.Tensor:
     """int32 keys whose signed order equals the float order of ``scores`` (flattened)."""
-    bits = scores.detach().reshape(-1).to(torch.float32).view(torch.int32)
+    # "+ 0.0" maps -0.0 to +0.0 so that equal scores get equal keys.
+    bits = (scores.detach().reshape(-1).to(torch.float32) + 0.0).view(torch.int32)
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
