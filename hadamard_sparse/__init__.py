@@ -9,29 +9,66 @@ Example::
 """
 
 from .api import masks, register_mask, remove_parametrizations, sparsify
+from .calibration import ActivationStats, LayerStats, calibrate
 from .checkpoint import load_sparse_state_dict
+from .densities import layer_densities
 from .errors import HadamardSparseError, NoTargetsError, UnsupportedGraphError
+from .export import DEFAULT_MAX_DENSITY, SparseLinear, shrink, to_sparse
+from .factorization import (
+    HadamardFactorization,
+    factor_param_groups,
+    factorize,
+    l1_penalty,
+    register_factorization,
+)
 from .parametrizations import HadamardMask
+from .quantization import FakeQuant, fake_quantize, register_fake_quant
 from .report import SparsityReport, TensorSparsity, sparsity_report
+from .schedules import SET, GradualPruning, IterativePruning, RigL
 from .scores import ScoreContext, available_scores, register_score
+from .structures import NM, Block, Channels, Structure
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_MAX_DENSITY",
+    "NM",
+    "SET",
+    "ActivationStats",
+    "Block",
+    "Channels",
+    "FakeQuant",
+    "GradualPruning",
+    "HadamardFactorization",
     "HadamardMask",
     "HadamardSparseError",
+    "IterativePruning",
+    "LayerStats",
     "NoTargetsError",
+    "RigL",
     "ScoreContext",
+    "SparseLinear",
     "SparsityReport",
+    "Structure",
     "TensorSparsity",
     "UnsupportedGraphError",
     "__version__",
     "available_scores",
+    "calibrate",
+    "factor_param_groups",
+    "factorize",
+    "fake_quantize",
+    "l1_penalty",
+    "layer_densities",
     "load_sparse_state_dict",
     "masks",
+    "register_factorization",
+    "register_fake_quant",
     "register_mask",
     "register_score",
     "remove_parametrizations",
+    "shrink",
     "sparsify",
     "sparsity_report",
+    "to_sparse",
 ]

@@ -1,9 +1,9 @@
 """Exact selection of the lowest scores, over one tensor or many, with bounded memory.
 
 The global threshold over many tensors is found without concatenating them:
-scores are mapped to order-preserving int32 keys and a radix select (four
-passes of 8 bits, each a ``bincount`` per tensor) finds the exact key of the
-k-th smallest score. Only one tensor's scores live at a time, so the extra
+scores are mapped to order-preserving int32 keys and a radix select (two
+passes of 16 bits, each a ``bincount`` per tensor) finds the exact key of the
+k-th smallest score; the second pass also builds the masks. Only one tensor's scores live at a time, so the extra
 memory is a few times the largest tensor, not the size of the model.
 
 Ties are broken deterministically: among equal scores, the tensor listed
@@ -28,41 +28,43 @@ def n_to_prune(sparsity: float, numel: int) -> int:
 
 def _keys(scores: torch.Tensor) -> torch.Tensor:
     """int32 keys whose signed order equals the float order of ``scores`` (flattened)."""
-    # "+ 0.0" maps -0.0 to +0.0 so that equal scores get equal keys.
-    bits = (scores.detach().reshape(-1).to(torch.float32) + 0.0).view(torch.int32)
-    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    s = scores.detach().reshape(-1)
+    if s.dtype != torch.float32:
+        s = s.to(torch.float32)
+    # "+ 0.0" maps -0.0 to +0.0 so that equal scores get equal keys (and gives a fresh tensor).
+    bits = (s + 0.0).view(torch.int32)
+    if bits.numel() and int(bits.min()) < 0:  # negative floats: reverse their order, below the others
+        flip = bits >> 31  # -1 for negative floats, 0 otherwise
+        flip &= 0x7FFFFFFF
+        bits ^= flip
+    return bits
 
 
-def _kth_key(thunks: Sequence[ScoreThunk], k: int) -> tuple[int, int]:
-    """Key of the k-th smallest score (1-based) and how many entries equal to it are within the k.
+def _high_hist(keys: torch.Tensor) -> torch.Tensor:
+    """65536-bin histogram of the high 16 bits (signed, shifted to [0, 65536)); consumes ``keys``."""
+    keys >>= 16
+    keys += 32768
+    return torch.bincount(keys, minlength=65536).cpu()
 
-    Returns:
-        ``(key, take)``: all entries with key < ``key`` are among the k smallest, and so are the
-        first ``take`` entries equal to ``key`` in (tensor, flat index) order.
-    """
-    remaining = k
-    prefix = 0
-    for shift in (24, 16, 8, 0):
-        counts = torch.zeros(256, dtype=torch.int64)
-        for thunk in thunks:
-            keys = _keys(thunk())
-            if shift != 24:
-                keys = keys[(keys >> (shift + 8)) == prefix]
-            if shift == 24:
-                digits = (keys >> 24) + 128
-            else:
-                digits = (keys >> shift) & 0xFF
-            counts += torch.bincount(digits.long(), minlength=256).cpu()
-        cum = counts.cumsum(0)
-        digit = int(torch.searchsorted(cum, torch.tensor(remaining)))
-        below = int(cum[digit - 1]) if digit > 0 else 0
-        remaining -= below
-        prefix = (digit - 128) if shift == 24 else (prefix << 8) | digit
-    return prefix, remaining
+
+def _bucket(thunks: Sequence[ScoreThunk], k: int) -> tuple[int, int]:
+    """Radix pass 1: the high 16 bits of the k-th smallest key, and its rank within that bucket."""
+    counts = torch.zeros(65536, dtype=torch.int64)
+    for thunk in thunks:
+        counts += _high_hist(_keys(thunk()))
+    cum = counts.cumsum(0)
+    high = int(torch.searchsorted(cum, torch.tensor(k)))
+    return high - 32768, k - (int(cum[high - 1]) if high > 0 else 0)
 
 
 def keep_masks(thunks: Sequence[ScoreThunk], n_prune: int) -> list[torch.Tensor]:
     """Boolean keep-masks (flattened) pruning exactly the ``n_prune`` lowest scores over all thunks.
+
+    Two radix passes of 16 bits over int32 keys (a 65536-bin ``bincount`` per tensor, one tensor
+    at a time). The second pass also builds each mask for every entry outside the bucket that holds
+    the k-th key and keeps the few entries inside it (their indices and keys); once the exact key
+    is known they are fixed up, so each thunk runs twice. A tensor whose bucket share is large
+    (e.g. many equal scores) is not kept but scored a third time instead, to bound memory.
 
     Args:
         thunks: callables returning each tensor's scores; each may be called several times and
@@ -70,23 +72,40 @@ def keep_masks(thunks: Sequence[ScoreThunk], n_prune: int) -> list[torch.Tensor]
         n_prune: how many entries to prune in total, in ``[0, total]``.
 
     Returns:
-        One flat bool tensor per thunk, ``True`` where the entry is kept.
+        One flat bool tensor per thunk, ``True`` where the entry is kept. Ties: among equal
+        scores, the earlier tensor, then the lower flat index, is pruned first.
     """
     if n_prune <= 0:
         return [torch.ones(t().numel(), dtype=torch.bool) for t in thunks]
-    key, take = _kth_key(thunks, n_prune)
+    high, remaining = _bucket(thunks, n_prune)
+    lo_key = high << 16  # the bucket holds keys lo_key .. lo_key + 0xFFFF
+    counts = torch.zeros(65536, dtype=torch.int64)
     out: list[torch.Tensor] = []
+    cands: list[tuple[torch.Tensor, torch.Tensor] | None] = []
     for thunk in thunks:
         keys = _keys(thunk())
-        keep = keys > key
-        if take > 0:
-            eq = (keys == key).nonzero().flatten()
-            n = min(take, eq.numel())
-            keep[eq[n:]] = True
-            take -= n
+        out.append(keys > (lo_key | 0xFFFF))
+        idx = ((keys >> 16) == high).nonzero().flatten()
+        ck = keys[idx]
+        counts += torch.bincount(ck & 0xFFFF, minlength=65536).cpu()
+        cands.append((idx, ck) if idx.numel() <= keys.numel() // 8 else None)
+    cum = counts.cumsum(0)
+    low = int(torch.searchsorted(cum, torch.tensor(remaining)))
+    take = remaining - (int(cum[low - 1]) if low > 0 else 0)
+    key = lo_key | low
+    for i, (keep, cand) in enumerate(zip(out, cands)):
+        if cand is None:
+            keys = _keys(thunks[i]())
+            idx = ((keys >> 16) == high).nonzero().flatten()
+            ck = keys[idx]
         else:
-            keep |= keys == key
-        out.append(keep)
+            idx, ck = cand
+        kept = ck > key
+        eq = (ck == key).nonzero().flatten()
+        n = min(take, eq.numel())
+        kept[eq[n:]] = True
+        take -= n
+        keep[idx] = kept
     return out
 
 
@@ -94,3 +113,20 @@ def layer_keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep-mask of ``scores``' shape pruning exactly ``round(sparsity * numel)`` lowest entries."""
     flat = keep_masks([lambda: scores], n_to_prune(sparsity, scores.numel()))[0]
     return flat.view(scores.shape).to(scores.device)
+
+
+def row_keep_mask(scores: torch.Tensor, sparsity: float, out_dim: int = 0) -> torch.Tensor:
+    """Keep-mask pruning exactly ``round(sparsity * row_len)`` lowest scores in every output row.
+
+    A row is everything indexed by one position of ``out_dim`` (``scores.movedim(out_dim, 0)[i]``).
+    Ties: the lower flat index within the row is pruned first.
+    """
+    rows = scores.movedim(out_dim, 0)
+    moved_shape = rows.shape
+    r = rows.reshape(moved_shape[0], -1)
+    k = n_to_prune(sparsity, r.shape[1])
+    keep = torch.ones(r.shape, dtype=torch.bool, device=scores.device)
+    if k > 0 and r.numel() > 0:
+        order = _keys(r).view(r.shape).argsort(dim=1, stable=True)[:, :k]
+        keep.scatter_(1, order, False)
+    return keep.reshape(moved_shape).movedim(0, out_dim)

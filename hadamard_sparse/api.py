@@ -12,15 +12,24 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import _select
-from ._targets import Selectors, Target, check_not_wrapped, resolve_targets
+from ._targets import Selectors, Target, check_not_wrapped, resolve_targets, weight_dims
 from .checkpoint import drop_load_hook, ensure_load_hook
 from .errors import NoTargetsError
 from .parametrizations import HadamardMask, _check_mask, _SparseParametrization
 from .scores import ScoreContext, get_score
+from .sparsegpt import stats_for
+from .structures import (
+    NM,
+    StructureLike,
+    check_sparsity,
+    check_targets,
+    parse_structure,
+    structured_keep_masks,
+)
 
 __all__ = ["masks", "register_mask", "remove_parametrizations", "sparsify"]
 
-_SCOPES = ("global", "layer")
+_SCOPES = ("global", "layer", "row")
 
 
 def _check_sparsity(sparsity: object, arg: str = "sparsity") -> float:
@@ -60,6 +69,13 @@ def _pre_mask_value(module: nn.Module, name: str) -> torch.Tensor:
         return x.detach()
 
 
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
+
+
 def register_mask(module: nn.Module, name: str = "weight", mask: torch.Tensor | None = None) -> HadamardMask:
     r"""Parametrize ``module.<name>`` as ``w * mask`` and return the :class:`HadamardMask`.
 
@@ -71,7 +87,8 @@ def register_mask(module: nn.Module, name: str = "weight", mask: torch.Tensor | 
         module: the module owning the tensor.
         name: the tensor's attribute name. Default: ``"weight"``.
         mask: a ``torch.bool`` tensor of the tensor's shape or broadcastable to it,
-            ``True`` where kept. ``None``: all ones.
+            ``True`` where kept. ``None``: all ones. An existing mask is updated in place, so
+            ``mask`` must then broadcast to that mask's shape.
 
     Returns:
         The (new or existing) :class:`HadamardMask`.
@@ -96,8 +113,8 @@ def register_mask(module: nn.Module, name: str = "weight", mask: torch.Tensor | 
     existing = _mask_of(module, name)
     if existing is not None:
         with torch.no_grad():
-            if existing.mask.shape == mask.shape:
-                existing.mask.copy_(mask)
+            if _broadcasts_to(mask.shape, existing.mask.shape):
+                existing.mask.copy_(mask)  # a compact (structured) mask may fill a larger buffer
             else:
                 raise ValueError(
                     f"mask has shape {tuple(mask.shape)} but {name} already has a mask of shape "
@@ -108,6 +125,13 @@ def register_mask(module: nn.Module, name: str = "weight", mask: torch.Tensor | 
     parametrize.register_parametrization(module, name, pm)
     ensure_load_hook(module)
     return pm
+
+
+def _apply_pruned(t: Target, keep: torch.Tensor, dense: torch.Tensor) -> None:
+    """Register ``keep`` on ``t`` and write ``dense`` into its original (for weight-editing pruners)."""
+    register_mask(t.module, t.tensor_name, keep)
+    with torch.no_grad():
+        t.module.parametrizations[t.tensor_name].original.copy_(dense)  # type: ignore[index, union-attr]
 
 
 def _targets_or_raise(model: nn.Module, include: Selectors, exclude: Selectors, verb: str) -> list[Target]:
@@ -126,13 +150,16 @@ def _targets_or_raise(model: nn.Module, include: Selectors, exclude: Selectors, 
 
 def sparsify(
     model: nn.Module,
-    sparsity: float = 0.7,
+    sparsity: float | None = None,
     *,
     method: str = "magnitude",
-    scope: str = "global",
+    scope: str | None = None,
     include: Selectors = None,
     exclude: Selectors = None,
     seed: int = 0,
+    structure: StructureLike = None,
+    distribution: str | None = None,
+    calibration: Any = None,
 ) -> nn.Module:
     r"""Mask the targeted weights of ``model`` in place so that exactly ``sparsity`` of them are zero.
 
@@ -147,16 +174,42 @@ def sparsify(
     ``round(sparsity * N)`` over all ``N`` targeted elements. Ties are broken
     deterministically (earlier tensor, then lower flat index, is pruned first).
 
+    With a ``structure``, whole groups are pruned and the counts are per group:
+    exactly ``round(sparsity * G)`` of the ``G`` rows, columns or blocks of each
+    tensor (``scope="layer"``) or of all targeted tensors (``scope="global"``,
+    groups compared by their size-normalised norms). ``"N:M"`` zeroes exactly N
+    of every M consecutive weights along the input dimension; its sparsity is
+    ``N/M`` (a smaller one N:M-prunes only a fraction of the groups). Compact
+    masks are stored broadcastable (e.g. ``(out, 1)`` for rows). See
+    :mod:`hadamard_sparse.structures` and ``docs/structured.md``.
+
     Args:
         model: any ``nn.Module``; not wrapped in DDP/FSDP yet.
-        sparsity: fraction of targeted weights set to zero, in ``[0, 1]``. Default: ``0.7``.
-        method: a registered score (``"magnitude"``, ``"random"``, ...). Default: ``"magnitude"``.
-        scope: ``"global"`` (one threshold over all targets) or ``"layer"`` (each tensor on its own).
+        sparsity: fraction of targeted weights (of groups, with a ``structure``) set to zero, in
+            ``[0, 1]`` (at most ``N/M`` for ``"N:M"``). Default ``None``: ``0.7``, or ``N/M`` for
+            an ``"N:M"`` structure.
+        method: a registered score (``"magnitude"``, ``"random"``, ``"wanda"``, ``"sparsegpt"``, ...).
+            Default: ``"magnitude"``. ``"sparsegpt"`` also rewrites the kept weights (see
+            ``docs/pretrained.md``); every other method only sets masks.
+        scope: ``"global"`` (one threshold over all targets), ``"layer"`` (each tensor on its own) or
+            ``"row"`` (exactly ``round(sparsity * row_len)`` in every output row). Default ``None``: the
+            method's first scope (``"global"`` for magnitude/random, ``"row"`` for wanda/sparsegpt,
+            which refuse ``"global"``).
         include: module types, glob patterns on qualified names, or a callable
             ``(module_name, module) -> bool``; only matching tensors are targeted.
             ``nn.Embedding``/``nn.EmbeddingBag`` are targeted only when listed here by type.
         exclude: same kinds of selectors; matching tensors are skipped.
         seed: seed for methods that draw random numbers (``"random"``).
+        structure: ``None`` (unstructured), ``"row"``/``"out_channel"``, ``"column"``/``"in_channel"``,
+            an ``"N:M"`` string such as ``"2:4"``, or a :class:`~hadamard_sparse.structures.Structure`
+            (``Channels(axis, norm=...)``, ``NM(n, m)``, ``Block(rows, cols, norm=...)``).
+        distribution: ``None``, or ``"uniform"``/``"er"``/``"erk"``: per-tensor sparsities from
+            :func:`~hadamard_sparse.densities.layer_densities` (their total is ``sparsity``), each tensor
+            pruned on its own (``scope`` is then ``"layer"``). Unstructured only.
+        calibration: for data-aware methods (``"wanda"``, ``"sparsegpt"``): an iterable of model
+            inputs (tensors, tuples of positional arguments, dicts of keyword arguments) or the
+            :class:`~hadamard_sparse.calibration.ActivationStats` of :func:`calibrate`. Ignored by
+            other methods.
 
     Returns:
         ``model``, with masks registered or updated.
@@ -169,25 +222,68 @@ def sparsify(
         >>> sparsity_report(model).sparsity
         0.75
     """
-    s = _check_sparsity(sparsity)
+    st = parse_structure(structure)
+    if sparsity is None:
+        s = 0.7 if st is None else st.default_sparsity
+    else:
+        s = _check_sparsity(sparsity)
     entry = get_score(method)
+    if scope is None:
+        scope = entry.scopes[0]  # "global" for magnitude/random, "row" for wanda/sparsegpt
     if scope not in _SCOPES:
         raise ValueError(f"scope must be one of {list(_SCOPES)}, got {scope!r}")
     if scope not in entry.scopes:
         raise ValueError(f"method {method!r} supports scope in {list(entry.scopes)}, got {scope!r}")
-    if entry.needs_calibration:
-        raise ValueError(f"method {method!r} needs calibration data")
+    if entry.needs_calibration and calibration is None:
+        raise ValueError(
+            f"method {method!r} needs calibration: an iterable of model inputs (tensors, tuples or dicts "
+            "of keyword arguments) or hs.calibrate(model, batches) statistics, got None"
+        )
+    if st is not None and scope == "row" and not isinstance(st, NM):
+        raise ValueError(
+            f"scope='row' with a structure needs an 'N:M' structure, got structure={structure!r}"
+        )
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
     targets = _targets_or_raise(model, include, exclude, "sparsify")
+    if st is not None:
+        check_targets(st, targets)
+        check_sparsity(st, s)
     for t in targets:
         m = _mask_of(t.module, t.tensor_name)
-        if m is not None and m.mask.shape != t.value().shape:
+        if m is None:
+            continue
+        shape = t.value().shape
+        new_shape = shape if st is None else st.mask_shape(shape, *weight_dims(t.module, t.tensor_name))
+        if not _broadcasts_to(new_shape, m.mask.shape):
             raise ValueError(
-                f"{t.qualified} has a structured mask of shape {tuple(m.mask.shape)}; "
-                "sparsify with structure=None needs a full-shape mask; remove the parametrizations first"
+                f"{t.qualified} has a mask of shape {tuple(m.mask.shape)} and structure={structure!r} "
+                f"needs one of shape {tuple(new_shape)}; masks are updated in place and keep their shape: "
+                "remove the parametrizations first"
             )
-    keeps = compute_keep_masks(targets, s, method=method, scope=scope, seed=seed)
+    per: float | list[float] = s
+    if distribution is not None:
+        from .densities import _check_distribution, _densities
+
+        dist = _check_distribution(distribution)
+        if st is not None:
+            raise ValueError(
+                f"distribution={distribution!r} needs structure=None, got structure={structure!r}"
+            )
+        if "layer" not in entry.scopes:
+            raise ValueError(f"distribution needs a method supporting scope='layer', got method={method!r}")
+        dens = _densities({t.qualified: tuple(t.value().shape) for t in targets}, s, dist)
+        per, scope = [1.0 - dens[t.qualified] for t in targets], "layer"
+    if entry.pruner is not None:  # e.g. sparsegpt: also rewrites the kept weights
+        per_list = [per] * len(targets) if isinstance(per, float) else per
+        entry.pruner(
+            model, targets, per_list, scope=scope, structure=st, calibration=calibration, apply=_apply_pruned
+        )
+        return model
+    stats = None
+    if entry.needs_calibration:
+        stats = stats_for(model, targets, calibration, method=method, need_gram=entry.needs_gram)
+    keeps = compute_keep_masks(targets, per, method=method, scope=scope, seed=seed, structure=st, stats=stats)
     for t, keep in zip(targets, keeps):
         register_mask(t.module, t.tensor_name, keep)
     return model
@@ -202,22 +298,26 @@ def compute_keep_masks(
     seed: int = 0,
     stats: Mapping[str, Any] | None = None,
     value: str = "dense",
+    structure: StructureLike = None,
 ) -> list[torch.Tensor]:
-    """Boolean keep-masks (full tensor shape) for ``targets``; the shared engine of sparsify and schedules.
+    """Boolean keep-masks for ``targets``; the shared engine of sparsify and schedules.
 
     Args:
         targets: the tensors, in order (the order breaks ties).
         sparsity: one fraction, or one per target (only with ``scope="layer"``).
         method: a registered score name.
-        scope: ``"global"`` or ``"layer"``.
+        scope: ``"global"``, ``"layer"`` or ``"row"`` (per output row, unstructured only).
         seed: base seed; each target gets its own seed drawn from it.
         stats: optional per-qualified-name statistics handed to the score function.
         value: score the ``"dense"`` value (masks ignored) or the ``"effective"`` one (masked entries
             score as zero weights, so masks only grow sparser).
+        structure: ``None`` or a structure (see :func:`sparsify`); sparsities then count groups.
 
     Returns:
-        One bool tensor per target, of the target's shape, ``True`` where kept.
+        One bool tensor per target, ``True`` where kept: of the target's shape, or with a
+        ``structure`` of its compact shape (broadcastable to the target's shape).
     """
+    st = parse_structure(structure)
     entry = get_score(method)
     gen = torch.Generator().manual_seed(seed)
     seeds = [int(torch.randint(0, 2**62, (1,), generator=gen)) for _ in targets]
@@ -240,6 +340,16 @@ def compute_keep_masks(
         per = [float(x) for x in sparsity]
         if scope == "global":
             raise ValueError("per-tensor sparsities need scope='layer'")
+    if st is not None:
+        if scope not in _SCOPES:
+            raise ValueError(f"scope must be one of {list(_SCOPES)} with a structure, got {scope!r}")
+        keeps = structured_keep_masks(st, targets, thunks, per, scope)
+        return [k.to(t.value().device) for t, k in zip(targets, keeps)]
+    if scope == "row":  # exactly round(sparsity * row_len) in every output row
+        return [
+            _select.row_keep_mask(th(), sp, weight_dims(t.module, t.tensor_name)[0]).to(t.value().device)
+            for t, th, sp in zip(targets, thunks, per)
+        ]
     if scope == "global":
         total = sum(t.value().numel() for t in targets)
         flat = _select.keep_masks(thunks, _select.n_to_prune(per[0], total))
@@ -265,14 +375,27 @@ def _iter_masks(model: nn.Module) -> Iterator[tuple[str, HadamardMask]]:
                 yield (f"{mod_name}.{tname}" if mod_name else tname), m
 
 
-def masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    r"""The live boolean mask buffers of ``model``, by qualified tensor name.
+def _masked_shape(module: nn.Module, name: str) -> torch.Size:
+    """Shape of the tensor ``module.<name>`` (without computing it when the chain has one original)."""
+    plist: parametrize.ParametrizationList = module.parametrizations[name]  # type: ignore[index, union-attr, assignment]
+    if plist.is_tensor:
+        return plist.original.shape
+    with torch.no_grad():
+        return getattr(module, name).shape
 
-    The tensors are the buffers themselves: update them in place
-    (``mask.copy_(new)`` under ``torch.no_grad()``) and the model follows.
+
+def masks(model: nn.Module, *, compact: bool = False) -> dict[str, torch.Tensor]:
+    r"""The boolean masks of ``model``, by qualified tensor name, describing the effective pattern.
+
+    A full-shape mask is returned as the live buffer itself: update it in place
+    (``mask.copy_(new)`` under ``torch.no_grad()``) and the model follows. A
+    compact structured mask (e.g. ``(out, 1)`` for rows) is returned as a
+    read-only ``expand`` view of its buffer to the weight's shape (no copy; it
+    follows later updates); pass ``compact=True`` to get the buffers themselves.
 
     Args:
         model: a model with masks registered by :func:`sparsify` or :func:`register_mask`.
+        compact: return every live buffer as stored (possibly broadcastable) instead.
 
     Returns:
         ``{"encoder.0.weight": mask, ...}`` in module order.
@@ -283,7 +406,12 @@ def masks(model: nn.Module) -> dict[str, torch.Tensor]:
         >>> sorted(m)
         ['0.weight', '2.weight']
     """
-    return {name: pm.mask for name, pm in _iter_masks(model)}
+    out: dict[str, torch.Tensor] = {}
+    for name, pm in _iter_masks(model):
+        mod_name, _, tname = name.rpartition(".")
+        shape = pm.mask.shape if compact else _masked_shape(model.get_submodule(mod_name), tname)
+        out[name] = pm.mask if pm.mask.shape == shape else pm.mask.expand(shape)
+    return out
 
 
 def _fresh_class(module: nn.Module) -> None:

@@ -42,11 +42,19 @@ class ScoreContext:
 ScoreFn = Callable[[ScoreContext], torch.Tensor]
 
 
+# A pruner replaces the mask-only path of ``sparsify`` (it also edits kept weights, e.g. SparseGPT):
+# ``pruner(model, targets, sparsities, *, scope, structure, calibration, apply)`` where
+# ``apply(target, keep, new_dense_value)`` registers the mask and writes the original.
+PrunerFn = Callable[..., None]
+
+
 @dataclass(frozen=True)
 class _ScoreEntry:
     fn: ScoreFn
     needs_calibration: bool
     scopes: tuple[str, ...]
+    needs_gram: bool = False
+    pruner: PrunerFn | None = None
 
 
 _SCORES: dict[str, _ScoreEntry] = {}
@@ -57,13 +65,20 @@ def register_score(
     *,
     needs_calibration: bool = False,
     scopes: tuple[str, ...] = ("global", "layer"),
+    needs_gram: bool = False,
+    pruner: PrunerFn | None = None,
 ) -> Callable[[ScoreFn], ScoreFn]:
     """Register a score function under ``name`` (usable as ``sparsify(..., method=name)``).
 
     Args:
         name: the method name.
         needs_calibration: whether the method needs ``calibration`` data.
-        scopes: the ``scope`` values the method supports; others are refused.
+        scopes: the ``scope`` values the method supports; others are refused. The first one is
+            the method's default scope.
+        needs_gram: calibration must also gather the input Gram matrix ``X^T X``.
+        pruner: optional function that replaces the mask-only path of ``sparsify`` for this method
+            (it may edit kept weights, as ``"sparsegpt"`` does); the score function then serves
+            mask-only uses such as ``compute_keep_masks``.
 
     Returns:
         A decorator that registers and returns the function.
@@ -78,7 +93,7 @@ def register_score(
         raise TypeError(f"name must be a non-empty str, got {name!r}")
 
     def decorator(fn: ScoreFn) -> ScoreFn:
-        _SCORES[name] = _ScoreEntry(fn, needs_calibration, tuple(scopes))
+        _SCORES[name] = _ScoreEntry(fn, needs_calibration, tuple(scopes), needs_gram, pruner)
         return fn
 
     return decorator
@@ -96,14 +111,29 @@ def get_score(name: str) -> _ScoreEntry:
     return _SCORES[name]
 
 
-@register_score("magnitude")
+@register_score("magnitude", scopes=("global", "layer", "row"))
 def _magnitude(ctx: ScoreContext) -> torch.Tensor:
     """|w|: the smallest magnitudes are pruned."""
     return ctx.weight.abs()
 
 
-@register_score("random")
+@register_score("random", scopes=("global", "layer", "row"))
 def _random(ctx: ScoreContext) -> torch.Tensor:
     """Uniform random scores from a per-tensor seed (reproducible)."""
     g = torch.Generator(device="cpu").manual_seed(ctx.seed)
     return torch.rand(ctx.weight.shape, generator=g).to(ctx.weight.device)
+
+
+@register_score("wanda", needs_calibration=True, scopes=("row", "layer"))
+def _wanda(ctx: ScoreContext) -> torch.Tensor:
+    """Wanda (Sun et al. 2023): ``|W_ij| * ||X_j||_2``, the input feature's norm over calibration data.
+
+    Compared within each output row (``scope="row"``, the default, as in the paper) or within each
+    tensor (``"layer"``). ``"global"`` is refused: input norms of different layers are on different
+    scales, so one threshold across layers would prune whole layers.
+    """
+    stats = ctx.stats
+    if stats is None or not hasattr(stats, "norms_like_weight"):
+        raise ValueError(f"method 'wanda' needs calibration statistics for {ctx.name}, got {stats!r}")
+    norms = stats.norms_like_weight().to(device=ctx.weight.device, dtype=torch.float32)
+    return ctx.weight.abs().to(torch.float32) * norms

@@ -1,0 +1,164 @@
+"""The training-time cost of masks: a training step with hadamard_sparse masks vs dense.
+
+For an MLP and a CNN at batch 32 and 256, one SGD step (forward, cross-entropy,
+backward, ``optimizer.step()``) is timed for: the dense model, the model with
+``hs.sparsify(model, 0.9)`` masks, ``torch.nn.utils.prune.l1_unstructured`` (a forward
+pre-hook recomputing ``weight = weight_orig * weight_mask``) and
+``torch.ao.pruning.WeightNormSparsifier`` (its ``FakeSparsity`` parametrization). Then
+inference (no_grad) of the masked model, plain and inside one ``torch.nn.utils.parametrize.cached()``
+context (entered once around the timing loop, as for evaluating many batches).
+All ratios are to the dense model timed in the same interleaved rounds.
+
+Run::
+
+    nice -n -5 python benchmarks/training_overhead.py --threads 1
+
+Writes ``benchmarks/results/training_overhead.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import warnings
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from inference_speed import time_interleaved  # type: ignore[import-not-found]
+from torch import nn
+from torch.nn.utils import parametrize, prune
+
+from hadamard_sparse.api import sparsify
+
+warnings.filterwarnings("ignore", category=UserWarning)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SPARSITY = 0.9
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
+    )
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 8 * 8, 256),
+        nn.ReLU(),
+        nn.Linear(256, 10),
+    )
+
+
+def _weighted(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def with_torch_prune(model: nn.Module) -> nn.Module:
+    for _, m in _weighted(model):
+        prune.l1_unstructured(m, "weight", amount=SPARSITY)
+    return model
+
+
+def with_ao_sparsifier(model: nn.Module) -> nn.Module:
+    from torch.ao.pruning import WeightNormSparsifier
+
+    sparsifier = WeightNormSparsifier(sparsity_level=SPARSITY, sparse_block_shape=(1, 4), zeros_per_block=4)
+    # WeightNormSparsifier builds masks for 2-D weights only: Linear layers.
+    linears = [n for n, m in _weighted(model) if isinstance(m, nn.Linear)]
+    sparsifier.prepare(model, config=[{"tensor_fqn": f"{n}.weight"} for n in linears])
+    sparsifier.step()
+    return model
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def plain_inference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--budget", type=float, default=3.0, help="seconds of timing per configuration")
+    parser.add_argument("--out", type=Path, default=RESULTS / "training_overhead.md")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = [
+        "# Training-time cost of masks\n",
+        f"torch {torch.__version__}, {platform.machine()}, torch.set_num_threads({torch.get_num_threads()}); "
+        f"sparsity {SPARSITY}; SGD step (forward + cross-entropy + backward + step); ratios = time / dense "
+        "time in the same interleaved rounds (median), lower is better.\n",
+        f"Command: `nice -n -5 python benchmarks/training_overhead.py --threads {args.threads}`\n",
+        "| model | batch | dense step ms | hs masks | torch.nn.utils.prune | ao WeightNormSparsifier (Linear only) "
+        "| inference no_grad (hs / dense) | inference inside parametrize.cached() (hs / dense) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    print(rows[1], flush=True)
+    inputs: dict[str, Callable[[int], torch.Tensor]] = {
+        "MLP 784-1024-1024-10": lambda b: torch.randn(b, 1, 28, 28),
+        "CNN 32x32 (2 conv + 2 fc)": lambda b: torch.randn(b, 3, 32, 32),
+    }
+    makers = {"MLP 784-1024-1024-10": mlp, "CNN 32x32 (2 conv + 2 fc)": cnn}
+    for name, make in makers.items():
+        for batch in (32, 256):
+            torch.manual_seed(0)
+            base = make()
+            variants = {
+                "dense": copy.deepcopy(base),
+                "hs": sparsify(copy.deepcopy(base), SPARSITY),
+                "prune": with_torch_prune(copy.deepcopy(base)),
+                "ao": with_ao_sparsifier(copy.deepcopy(base)),
+            }
+            x = inputs[name](batch)
+            y = torch.randint(0, 10, (batch,))
+            opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for k, m in variants.items()}
+            t = time_interleaved(
+                {k: partial(train_step, m, opts[k], x, y) for k, m in variants.items()}, budget_s=args.budget
+            )
+            ti = time_interleaved(
+                {
+                    "dense": partial(plain_inference, variants["dense"], x),
+                    "hs": partial(plain_inference, variants["hs"], x),
+                },
+                budget_s=args.budget / 2,
+            )
+            with parametrize.cached():  # entered once: w * mask is computed on the first call only
+                tc = time_interleaved(
+                    {
+                        "dense": partial(plain_inference, variants["dense"], x),
+                        "hs": partial(plain_inference, variants["hs"], x),
+                    },
+                    budget_s=args.budget / 2,
+                )
+            d = t["dense"]
+            rows.append(
+                f"| {name} | {batch} | {d * 1e3:.2f} | {t['hs'] / d:.3f}x | {t['prune'] / d:.3f}x | "
+                f"{t['ao'] / d:.3f}x | {ti['hs'] / ti['dense']:.3f}x | {tc['hs'] / tc['dense']:.3f}x |"
+            )
+            print(rows[-1], flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(rows) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

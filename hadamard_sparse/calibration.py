@@ -1,0 +1,446 @@
+"""Calibration: input statistics of each targeted layer, for data-aware pruning (Wanda, SparseGPT).
+
+:func:`calibrate` runs the model once over a few batches with forward pre-hooks
+on the modules that own the targeted tensors, and sums, for every *input feature*
+of each weight, the squared input values (``||X_j||^2``, what Wanda needs) and,
+when asked, the Gram matrix ``X^T X`` (the Hessian of the layer-wise
+reconstruction error, what SparseGPT needs).
+
+What an "input feature" is, per layer type:
+
+- ``nn.Linear`` and Hugging Face ``Conv1D``: the last dimension of the input.
+- ``nn.ConvNd``: one input channel at one kernel offset (the im2col column), per group,
+  in channels-last order (kernel offset major, channel minor), so ``N:M`` groups of
+  consecutive features are ``M`` consecutive input channels at one kernel position.
+- ``nn.ConvTransposeNd``: one input channel (every kernel entry of channel ``i`` multiplies
+  every value of input channel ``i``). Statistics only suit Wanda: SparseGPT refuses these.
+- ``nn.MultiheadAttention``: ``in_proj_weight`` has three blocks of rows (q, k, v) fed by
+  ``query``, ``key`` and ``value``; ``q/k/v_proj_weight`` by one of them each. Its ``out_proj``
+  is an ``nn.Linear`` child that MHA calls functionally, so its hook never fires: it is
+  reported in :attr:`ActivationStats.skipped` (with a warning) and data-aware methods refuse it.
+- RNN weights (``weight_hh`` sees the hidden state, not the module's input) and embeddings
+  are not supported: they are reported in :attr:`ActivationStats.skipped`.
+
+Each weight is viewed as ``B`` blocks of ``R x F`` matrices (``B`` = conv groups, 3 for an
+``in_proj_weight``, else 1), rows being outputs and columns the input features above;
+:meth:`LayerStats.to_blocks` and :meth:`LayerStats.from_blocks` convert.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._targets import Selectors, Target, layer_kind, resolve_targets
+
+__all__ = ["ActivationStats", "LayerStats", "calibrate"]
+
+_SUPPORTED = ("linear", "hf_conv1d", "conv", "conv_transpose", "mha")
+_MHA_INPUT = {"q_proj_weight": 0, "k_proj_weight": 1, "v_proj_weight": 2}
+
+
+@dataclass
+class LayerStats:
+    """Input statistics of one targeted tensor.
+
+    Attributes:
+        name: qualified tensor name, e.g. ``"encoder.0.weight"``.
+        kind: layer family (``"linear"``, ``"hf_conv1d"``, ``"conv"``, ``"conv_transpose"``, ``"mha"``).
+        tensor_name: attribute name of the tensor on its module.
+        shape: the weight's shape.
+        n_rows: how many input rows (tokens, pixels...) were summed.
+        sq_sum: ``(B, F)`` float64, ``sum_rows x_j^2`` per block and input feature.
+        gram: ``(B, F, F)`` float32 ``sum_rows x x^T``, or ``None`` when not requested.
+    """
+
+    name: str
+    kind: str
+    tensor_name: str
+    shape: torch.Size
+    n_rows: int
+    sq_sum: torch.Tensor
+    gram: torch.Tensor | None = None
+    groups: int = 1
+
+    def input_norms(self) -> torch.Tensor:
+        """``(B, F)``: the L2 norm ``||X_j||_2`` of each input feature over all calibration rows."""
+        return self.sq_sum.sqrt()
+
+    def to_blocks(self, w: torch.Tensor) -> torch.Tensor:
+        """View a tensor of the weight's shape as ``(B, R, F)``: blocks of outputs x input features."""
+        return _to_blocks(self.kind, self.tensor_name, self.groups, w)
+
+    def from_blocks(self, b: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_blocks`: a ``(B, R, F)`` tensor back to the weight's shape."""
+        return _from_blocks(self.kind, self.tensor_name, self.groups, b, self.shape)
+
+    def norms_like_weight(self) -> torch.Tensor:
+        """``||X_j||_2`` of the input feature that multiplies each weight entry, in the weight's shape."""
+        n = self.input_norms().to(torch.float32)
+        b, f = n.shape
+        r = self.to_blocks(torch.empty(self.shape, device="meta")).shape[1]
+        return self.from_blocks(n[:, None, :].expand(b, r, f))
+
+
+class ActivationStats(Mapping[str, LayerStats]):
+    """Per-tensor input statistics from :func:`calibrate`, keyed by qualified tensor name.
+
+    A read-only mapping ``name -> LayerStats``. Tensors whose inputs could not be
+    observed are listed in :attr:`skipped` with the reason.
+
+    Attributes:
+        skipped: ``{qualified name: reason}`` for targets without statistics.
+        n_batches: number of batches run.
+    """
+
+    def __init__(self, layers: dict[str, LayerStats], skipped: dict[str, str], n_batches: int) -> None:
+        self._layers = dict(layers)
+        self.skipped = dict(skipped)
+        self.n_batches = n_batches
+        # filled by the engine: calls per batch and input identities in the first batch, per tensor
+        self._calls: dict[str, list[int]] = {}
+        self._inputs: dict[str, list[tuple]] = {}
+
+    def __getitem__(self, key: str) -> LayerStats:
+        return self._layers[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    @property
+    def has_gram(self) -> bool:
+        """Whether every entry holds a Gram matrix (needed by ``method="sparsegpt"``)."""
+        return all(s.gram is not None for s in self._layers.values())
+
+    def __repr__(self) -> str:
+        return (
+            f"ActivationStats({len(self)} tensors, {self.n_batches} batches, gram={self.has_gram}, "
+            f"skipped={sorted(self.skipped)})"
+        )
+
+
+# ----------------------------------------------------------------------------- block views
+
+
+def _conv_k(shape: torch.Size) -> int:
+    return math.prod(shape[2:])
+
+
+def _to_blocks(kind: str, tensor_name: str, groups: int, w: torch.Tensor) -> torch.Tensor:
+    if kind == "linear" or (kind == "mha" and tensor_name != "in_proj_weight"):
+        return w.unsqueeze(0)
+    if kind == "hf_conv1d":
+        return w.t().unsqueeze(0)
+    if kind == "mha":
+        return w.reshape(3, w.shape[0] // 3, w.shape[1])
+    if kind == "conv":
+        out, in_g, k = w.shape[0], w.shape[1], _conv_k(w.shape)
+        return (
+            w.reshape(groups, out // groups, in_g, k).transpose(2, 3).reshape(groups, out // groups, k * in_g)
+        )
+    if kind == "conv_transpose":
+        in_c, out_g, k = w.shape[0], w.shape[1], _conv_k(w.shape)
+        return w.reshape(groups, in_c // groups, out_g * k).transpose(1, 2)
+    raise ValueError(f"no block view for layer kind {kind!r}")
+
+
+def _from_blocks(
+    kind: str, tensor_name: str, groups: int, b: torch.Tensor, shape: torch.Size
+) -> torch.Tensor:
+    if kind == "linear" or (kind == "mha" and tensor_name != "in_proj_weight"):
+        return b.reshape(shape)
+    if kind == "hf_conv1d":
+        return b[0].t().reshape(shape)
+    if kind == "mha":
+        return b.reshape(shape)
+    if kind == "conv":
+        out, in_g, k = shape[0], shape[1], _conv_k(shape)
+        return b.reshape(groups, out // groups, k, in_g).transpose(2, 3).reshape(shape)
+    if kind == "conv_transpose":
+        return b.transpose(1, 2).reshape(shape)
+    raise ValueError(f"no block view for layer kind {kind!r}")
+
+
+# ----------------------------------------------------------------------------- input features
+
+
+def _conv_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """im2col of ``x`` for ``module`` as ``(groups, rows, K * in_g)`` in channels-last feature order."""
+    nd = module.weight.dim() - 2  # type: ignore[union-attr]
+    if x.dim() == nd + 1:  # unbatched input
+        x = x.unsqueeze(0)
+    c = x.shape[1]
+    ks = tuple(module.kernel_size)  # type: ignore[arg-type]
+    k = math.prod(ks)
+    onehot = torch.eye(k, dtype=x.dtype, device=x.device).reshape(k, 1, *ks).repeat(c, 1, *([1] * nd))
+    conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+    padding: Any = module.padding
+    if module.padding_mode != "zeros":  # type: ignore[union-attr]
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)  # type: ignore[union-attr, arg-type]
+        padding = 0
+    cols = conv(x, onehot, None, module.stride, padding, module.dilation, c)  # (N, C*K, *L)
+    g = module.groups  # type: ignore[union-attr]
+    n = cols.shape[0]
+    cols = cols.reshape(n, g, c // g, k, -1)  # (N, G, in_g, K, L)
+    return cols.permute(1, 0, 4, 3, 2).reshape(g, -1, k * (c // g))
+
+
+def _features(
+    kind: str, module: nn.Module, tensor_name: str, args: tuple, kwargs: dict
+) -> list[torch.Tensor]:
+    """One ``(rows, F)`` tensor per block: the input features multiplying ``module.<tensor_name>``."""
+    if kind == "mha":
+        names = ("query", "key", "value")
+        qkv = [args[i] if len(args) > i else kwargs[names[i]] for i in range(3)]
+        if tensor_name == "in_proj_weight":
+            return [t.reshape(-1, t.shape[-1]) for t in qkv]
+        t = qkv[_MHA_INPUT[tensor_name]]
+        return [t.reshape(-1, t.shape[-1])]
+    x = args[0] if args else next(iter(kwargs.values()))
+    if kind in ("linear", "hf_conv1d"):
+        return [x.reshape(-1, x.shape[-1])]
+    if kind == "conv":
+        return list(_conv_columns(module, x).unbind(0))
+    # conv_transpose: every kernel entry of input channel i multiplies every value of channel i
+    nd = module.weight.dim() - 2  # type: ignore[union-attr]
+    if x.dim() == nd + 1:
+        x = x.unsqueeze(0)
+    g = module.groups  # type: ignore[union-attr]
+    return list(x.movedim(1, -1).reshape(-1, g, x.shape[1] // g).unbind(1))
+
+
+@dataclass
+class _Accumulator:
+    target: Target
+    kind: str
+    gram: bool
+    n_rows: int = 0
+    sq_sum: torch.Tensor | None = None
+    gram_sum: torch.Tensor | None = None
+    batch_calls: int = 0
+    calls: list[int] = field(default_factory=list)
+    inputs: list[tuple] = field(default_factory=list)
+
+    def add(self, feats: list[torch.Tensor]) -> None:
+        """Accumulate one call's features: one ``(rows, F)`` tensor per block."""
+        fs = [f.detach().to(torch.float32) for f in feats]
+        if self.sq_sum is None:
+            n, d = len(fs), fs[0].shape[1]
+            self.sq_sum = torch.zeros(n, d, dtype=torch.float64, device=fs[0].device)
+            if self.gram:  # float32 like the reference implementation; in place, no temporaries
+                self.gram_sum = torch.zeros(n, d, d, dtype=torch.float32, device=fs[0].device)
+        for i, f in enumerate(fs):
+            self.sq_sum[i] += f.square().sum(dim=0)
+            if self.gram_sum is not None:
+                self.gram_sum[i].addmm_(f.t(), f)
+        self.n_rows += fs[0].shape[0]
+
+
+def _unsupported_reason(t: Target, kind: str) -> str | None:
+    if kind == "rnn":
+        return "RNN weights see the hidden state and the previous layer's output, not the module's input"
+    if kind == "embedding":
+        return "embeddings are lookups, their input has no per-feature norm"
+    if kind not in _SUPPORTED:
+        return f"layer kind {kind!r} has no calibration rule"
+    return None
+
+
+def _call(model: nn.Module, batch: Any) -> None:
+    if isinstance(batch, torch.Tensor):
+        model(batch)
+    elif isinstance(batch, Mapping):
+        model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        model(*batch)
+    else:
+        raise TypeError(
+            f"calibration batches must be tensors, tuples/lists of positional arguments or dicts of "
+            f"keyword arguments, got {type(batch).__name__}"
+        )
+
+
+def _progress(batches: Iterable[Any], show: bool | None, desc: str) -> Iterable[Any]:
+    if show is None:
+        show = sys.stderr.isatty()
+    if not show:
+        return batches
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return batches
+    total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+    return tqdm(batches, total=total, desc=desc, leave=False)
+
+
+def _collect(
+    model: nn.Module,
+    targets: Sequence[Target],
+    batches: Iterable[Any],
+    *,
+    gram: bool,
+    progress: bool | None = None,
+    warn: bool = True,
+    stop_after: Mapping[str, int] | None = None,
+) -> ActivationStats:
+    """One pass over ``batches`` gathering statistics for ``targets`` (the engine of :func:`calibrate`).
+
+    ``stop_after``: ``{name: calls per batch}``; once every listed tensor has seen that many calls
+    in a batch, the rest of that batch's forward is skipped (its outputs are not needed).
+    """
+    accs: dict[str, _Accumulator] = {}
+    skipped: dict[str, str] = {}
+    by_module: dict[int, tuple[nn.Module, list[_Accumulator]]] = {}
+    for t in targets:
+        kind = layer_kind(t.module)
+        reason = _unsupported_reason(t, kind)
+        if reason is not None:
+            skipped[t.qualified] = reason
+            continue
+        acc = _Accumulator(t, kind, gram)
+        accs[t.qualified] = acc
+        by_module.setdefault(id(t.module), (t.module, []))[1].append(acc)
+
+    stop = [(accs[k], n) for k, n in stop_after.items() if k in accs] if stop_after else []
+    n_batches = 0
+
+    def make_hook(group: list[_Accumulator]) -> Any:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            for acc in group:
+                acc.add(_features(acc.kind, module, acc.target.tensor_name, args, kwargs))
+                acc.batch_calls += 1
+                if n_batches == 0:
+                    acc.inputs.append(_identity(args, kwargs))
+            if stop and all(a.batch_calls >= n for a, n in stop):
+                raise _StopForward
+
+        return hook
+
+    handles = []
+    modes = {m: m.training for m in model.modules()}
+    try:
+        for module, group in by_module.values():
+            handles.append(module.register_forward_pre_hook(make_hook(group), with_kwargs=True))
+        model.eval()
+        with torch.inference_mode():
+            for batch in _progress(batches, progress, "calibrate"):
+                for acc in accs.values():
+                    acc.batch_calls = 0
+                try:
+                    _call(model, batch)
+                except _StopForward:
+                    pass
+                for acc in accs.values():
+                    acc.calls.append(acc.batch_calls)
+                n_batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+
+    layers: dict[str, LayerStats] = {}
+    for name, acc in accs.items():
+        if acc.sq_sum is None:
+            skipped[name] = (
+                "its module's forward was never called during calibration (e.g. the out_proj of "
+                "nn.MultiheadAttention, which MHA applies functionally)"
+            )
+        else:
+            w = acc.target.value()
+            groups = int(getattr(acc.target.module, "groups", 1)) if acc.kind.startswith("conv") else 1
+            layers[name] = LayerStats(
+                name, acc.kind, acc.target.tensor_name, w.shape, acc.n_rows, acc.sq_sum, acc.gram_sum, groups
+            )
+    if warn and skipped:
+        warnings.warn(
+            f"calibrate: no input statistics for {len(skipped)} tensor(s); data-aware methods refuse "
+            "them, exclude them from sparsify:\n  " + "\n  ".join(f"{k}: {v}" for k, v in skipped.items()),
+            stacklevel=3,
+        )
+    out = ActivationStats(layers, skipped, n_batches)
+    out._calls = {k: a.calls for k, a in accs.items()}
+    out._inputs = {k: a.inputs for k, a in accs.items()}
+    return out
+
+
+class _StopForward(Exception):
+    """Raised by a calibration hook to skip the rest of a forward whose outputs are not needed."""
+
+
+def _identity(args: tuple, kwargs: dict) -> tuple:
+    """Which tensors a call received (storage pointer and shape), to find tensors sharing an input."""
+    items = [*args, *kwargs.values()]
+    return tuple((a.data_ptr(), tuple(a.shape)) for a in items if isinstance(a, torch.Tensor))
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    targets: Selectors = None,
+    gram: bool = False,
+    progress: bool | None = None,
+) -> ActivationStats:
+    r"""Gather per-input-feature statistics of the targeted layers of ``model`` in one pass.
+
+    Forward pre-hooks on the modules owning the targeted tensors see each module's
+    actual input; they sum ``x_j^2`` per input feature and, with ``gram=True``, the
+    Gram matrix ``X^T X``. The pass runs in ``torch.inference_mode`` with the model in
+    eval mode (each module's training flag is restored afterwards), and the hooks are
+    removed in every case, also when a batch raises.
+
+    Args:
+        model: the model; it is not modified.
+        batches: an iterable of model inputs: tensors (``model(x)``), tuples or lists of
+            positional arguments (``model(*b)``), or dicts of keyword arguments (``model(**b)``,
+            e.g. a Hugging Face tokenizer's output).
+        targets: which tensors (same selectors as ``include`` of :func:`~hadamard_sparse.sparsify`:
+            types, glob patterns, callables). Default: every targeted tensor.
+        gram: also accumulate ``X^T X`` (``(F, F)`` per block, float32), needed by ``"sparsegpt"``.
+        progress: show a tqdm progress bar; ``None`` (default): when tqdm is installed and stderr
+            is a terminal.
+
+    Returns:
+        :class:`ActivationStats`, keyed by qualified tensor name; tensors whose input could not be
+        observed are in ``.skipped`` (and a warning lists them).
+
+    Example::
+
+        >>> stats = calibrate(model, [torch.randn(8, 16) for _ in range(4)])
+        >>> stats["0.weight"].input_norms().shape
+        torch.Size([1, 16])
+        >>> hs.sparsify(model, 0.5, method="wanda", calibration=stats)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(batches, (torch.Tensor, Mapping)) or not isinstance(batches, Iterable):
+        raise TypeError(
+            "batches must be an iterable of model inputs (e.g. a list of tensors or of dicts), "
+            f"got {type(batches).__name__}; wrap a single batch in a list"
+        )
+    if not isinstance(gram, bool):
+        raise TypeError(f"gram must be a bool, got {gram!r}")
+    resolved = resolve_targets(model, targets, None) if not _is_target_list(targets) else list(targets)  # type: ignore[arg-type]
+    if not resolved:
+        raise ValueError(f"calibrate: targets={targets!r} selects no tensor of {type(model).__name__}")
+    return _collect(model, resolved, batches, gram=gram, progress=progress)
+
+
+def _is_target_list(targets: object) -> bool:
+    return (
+        isinstance(targets, (list, tuple))
+        and len(targets) > 0
+        and all(isinstance(t, Target) for t in targets)
+    )

@@ -1,0 +1,482 @@
+"""Mask structures: which groups of weights are pruned together.
+
+A structure turns per-element scores (from a registered method, e.g. ``|w|``)
+into per-group scores, picks the groups to prune with the same exact selection
+as unstructured pruning, and expands the chosen groups into a keep-mask:
+
+- :class:`Channels` (``"row"``/``"out_channel"``, ``"column"``/``"in_channel"``): whole output
+  neurons / conv filters, or whole inputs. Stored compactly, e.g. ``(out, 1, 1, 1)``.
+- :class:`NM` (``"2:4"``, ``"4:8"``, ...): ``N`` zeros in every ``M`` consecutive weights
+  along the input dimension. Stored full shape.
+- :class:`Block`: whole ``rows x cols`` blocks of the ``(out, in)`` matrix; conv kernels are
+  folded in, so the mask is stored as ``(out, in, 1, 1)`` for a Conv2d.
+
+Where the output and input dimensions of each layer type live comes from
+:func:`hadamard_sparse._targets.weight_dims`. See ``docs/structured.md`` for the
+rules (counts, scopes, normalisation) and the reasons behind them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+from . import _select
+from ._targets import Target, weight_dims
+
+__all__ = [
+    "NM",
+    "Block",
+    "Channels",
+    "Structure",
+    "StructureLike",
+    "check_sparsity",
+    "check_targets",
+    "parse_structure",
+    "structured_keep_masks",
+]
+
+_NORMS = ("l1", "l2")
+_ROW_NAMES = ("row", "out_channel")
+_COLUMN_NAMES = ("column", "in_channel")
+_NM_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+_DEFAULT_SPARSITY = 0.7
+
+
+def _check_norm(norm: object) -> str:
+    if norm not in _NORMS:
+        raise ValueError(f"norm must be one of {list(_NORMS)}, got {norm!r}")
+    return norm  # type: ignore[return-value]
+
+
+def _check_positive_int(value: object, arg: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{arg} must be a positive int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{arg} must be a positive int, got {value!r}")
+    return value
+
+
+def _normalised_norm(x: torch.Tensor, dims: tuple[int, ...], norm: str) -> torch.Tensor:
+    """Mean |x| (``"l1"``) or root mean square (``"l2"``) over ``dims``: the norm divided by size^(1/p)."""
+    x = x.to(torch.float32)
+    if norm == "l1":
+        return x.abs().mean(dim=dims)
+    return x.square().mean(dim=dims).sqrt()
+
+
+class Structure:
+    """Base class of the mask structures.
+
+    A structure splits a weight into groups, scores each group from per-element
+    scores, and expands a per-group keep decision into a (possibly compact,
+    broadcastable) boolean keep-mask. Subclasses: :class:`Channels`, :class:`NM`,
+    :class:`Block`.
+    """
+
+    @property
+    def group_fraction(self) -> float:
+        """Fraction of a group's entries that are zeroed when the group is pruned (``N/M`` for N:M)."""
+        return 1.0
+
+    @property
+    def max_sparsity(self) -> float:
+        """The largest ``sparsity`` this structure can reach (``N/M`` for :class:`NM`, else 1)."""
+        return 1.0
+
+    @property
+    def default_sparsity(self) -> float:
+        """The sparsity used when ``sparsify`` gets ``sparsity=None``."""
+        return _DEFAULT_SPARSITY
+
+    def problem(self, shape: torch.Size, out_dim: int, in_dim: int) -> str | None:
+        """Why this structure cannot apply to a tensor of ``shape`` (``None`` when it can)."""
+        if len(shape) < 2:
+            return f"has shape {tuple(shape)}; structures need a tensor with at least 2 dimensions"
+        return None
+
+    def mask_shape(self, shape: torch.Size, out_dim: int, in_dim: int) -> torch.Size:
+        """Shape of the stored (compact) mask buffer for a tensor of ``shape``."""
+        raise NotImplementedError
+
+    def n_groups(self, shape: torch.Size, out_dim: int, in_dim: int) -> int:
+        """How many groups a tensor of ``shape`` has."""
+        raise NotImplementedError
+
+    def group_scores(self, scores: torch.Tensor, out_dim: int, in_dim: int) -> torch.Tensor:
+        """Flat float32 scores of the groups (higher is kept), from element scores of the tensor's shape."""
+        raise NotImplementedError
+
+    def expand(
+        self,
+        keep_groups: torch.Tensor,
+        scores: Callable[[], torch.Tensor],
+        shape: torch.Size,
+        out_dim: int,
+        in_dim: int,
+    ) -> torch.Tensor:
+        """The compact bool keep-mask (shape :meth:`mask_shape`) from a flat per-group keep decision."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Channels(Structure):
+    r"""Whole rows (output neurons / conv filters) or whole columns (inputs / input channels).
+
+    A row is everything that produces one output: ``weight[i]`` of a Linear or
+    Conv, ``weight[:, i]`` of a ConvTranspose or Hugging Face ``Conv1D``. A column
+    is everything that reads one input (for a grouped conv, input channel ``j`` of
+    every group, since the weight's input dimension has ``in_channels // groups``
+    entries). Groups are scored by the normalised norm of their element scores:
+    the mean (``"l1"``) or root mean square (``"l2"``), i.e. the norm divided by
+    ``size^(1/p)``, so that groups of different sizes in different layers compare
+    fairly under ``scope="global"``.
+
+    The mask is stored compactly: ``(out, 1)`` for rows of a Linear,
+    ``(1, in, 1, 1)`` for columns of a Conv2d, and so on.
+
+    Args:
+        axis: ``"row"``/``"out_channel"`` or ``"column"``/``"in_channel"``. Default: ``"row"``.
+        norm: ``"l1"`` or ``"l2"``. Default: ``"l2"``.
+
+    Example::
+
+        >>> hs.sparsify(model, 0.5, structure=Channels("row", norm="l1"))
+    """
+
+    axis: str = "row"
+    norm: str = "l2"
+
+    def __post_init__(self) -> None:
+        if self.axis not in _ROW_NAMES + _COLUMN_NAMES:
+            raise ValueError(f"axis must be one of {list(_ROW_NAMES + _COLUMN_NAMES)}, got {self.axis!r}")
+        _check_norm(self.norm)
+        object.__setattr__(self, "axis", "row" if self.axis in _ROW_NAMES else "column")
+
+    def _dim(self, out_dim: int, in_dim: int) -> int:
+        return out_dim if self.axis == "row" else in_dim
+
+    def mask_shape(self, shape: torch.Size, out_dim: int, in_dim: int) -> torch.Size:
+        d = self._dim(out_dim, in_dim)
+        return torch.Size(n if i == d else 1 for i, n in enumerate(shape))
+
+    def n_groups(self, shape: torch.Size, out_dim: int, in_dim: int) -> int:
+        return shape[self._dim(out_dim, in_dim)]
+
+    def group_scores(self, scores: torch.Tensor, out_dim: int, in_dim: int) -> torch.Tensor:
+        d = self._dim(out_dim, in_dim)
+        x = scores.movedim(d, 0).reshape(scores.shape[d], -1)
+        return _normalised_norm(x, (1,), self.norm)
+
+    def expand(
+        self,
+        keep_groups: torch.Tensor,
+        scores: Callable[[], torch.Tensor],
+        shape: torch.Size,
+        out_dim: int,
+        in_dim: int,
+    ) -> torch.Tensor:
+        return keep_groups.reshape(self.mask_shape(shape, out_dim, in_dim))
+
+
+@dataclass(frozen=True)
+class NM(Structure):
+    r"""``n`` zeros in every ``m`` consecutive weights along the input dimension (e.g. 2:4).
+
+    Groups run along the dimension that indexes inputs: dim 1 of Linear, Conv,
+    RNN and MultiheadAttention weights, dim 0 of ConvTranspose and Hugging Face
+    ``Conv1D`` weights. For convolutions a group is ``m`` consecutive input
+    channels at one kernel position (the NVIDIA ASP / TensorRT convention): in the
+    channels-last GEMM view ``weight.movedim(1, -1).reshape(out, -1)`` every ``m``
+    consecutive entries of a row hold exactly ``n`` zeros. The input dimension must
+    be divisible by ``m``. Within a group the ``n`` lowest scores are pruned (ties:
+    the lower index first). The mask is stored full shape.
+
+    With ``sparsity == n / m`` (the default) every group is pruned. A smaller
+    ``sparsity`` N:M-prunes only the groups whose ``n`` lowest scores sum lowest,
+    exactly ``round(sparsity * m / n * n_groups)`` of them: this is how gradual
+    schedules ramp up to a full N:M pattern.
+
+    Args:
+        n: zeros per group, ``1 <= n < m``.
+        m: group length.
+
+    Example::
+
+        >>> hs.sparsify(model, structure="2:4")  # same as structure=NM(2, 4)
+    """
+
+    n: int
+    m: int
+
+    def __post_init__(self) -> None:
+        _check_positive_int(self.n, "n")
+        _check_positive_int(self.m, "m")
+        if self.n >= self.m:
+            raise ValueError(f"an N:M structure needs 1 <= N < M, got N={self.n}, M={self.m}")
+
+    @property
+    def group_fraction(self) -> float:
+        return self.n / self.m
+
+    @property
+    def max_sparsity(self) -> float:
+        return self.n / self.m
+
+    @property
+    def default_sparsity(self) -> float:
+        return self.n / self.m
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+    def problem(self, shape: torch.Size, out_dim: int, in_dim: int) -> str | None:
+        p = super().problem(shape, out_dim, in_dim)
+        if p is None and shape[in_dim] % self.m:
+            p = (
+                f"has shape {tuple(shape)}; its input dimension (dim {in_dim}, size {shape[in_dim]}) "
+                f"is not divisible by M={self.m}"
+            )
+        return p
+
+    def mask_shape(self, shape: torch.Size, out_dim: int, in_dim: int) -> torch.Size:
+        return torch.Size(shape)
+
+    def n_groups(self, shape: torch.Size, out_dim: int, in_dim: int) -> int:
+        return math.prod(shape) // self.m
+
+    def _grouped(self, scores: torch.Tensor, in_dim: int) -> torch.Tensor:
+        return scores.to(torch.float32).movedim(in_dim, -1).reshape(-1, self.m)
+
+    def group_scores(self, scores: torch.Tensor, out_dim: int, in_dim: int) -> torch.Tensor:
+        g = self._grouped(scores, in_dim)
+        return g.sort(dim=1, stable=True).values[:, : self.n].sum(dim=1)
+
+    def expand(
+        self,
+        keep_groups: torch.Tensor,
+        scores: Callable[[], torch.Tensor],
+        shape: torch.Size,
+        out_dim: int,
+        in_dim: int,
+    ) -> torch.Tensor:
+        s = scores()
+        g = self._grouped(s, in_dim)
+        order = g.argsort(dim=1, stable=True)
+        lowest = torch.zeros(g.shape, dtype=torch.bool, device=g.device)
+        lowest.scatter_(1, order[:, : self.n], True)
+        keep = ~(lowest & ~keep_groups.to(g.device).reshape(-1, 1))
+        moved = list(s.movedim(in_dim, -1).shape)
+        return keep.reshape(moved).movedim(-1, in_dim).contiguous()
+
+
+@dataclass(frozen=True)
+class Block(Structure):
+    r"""Whole ``rows x cols`` blocks of the ``(out, in)`` weight matrix.
+
+    The 2D view has outputs as rows and inputs as columns whatever the storage
+    layout (a Hugging Face ``Conv1D`` weight ``(in, out)`` is viewed transposed).
+    For convolutions the kernel positions are folded into the block: a block is
+    ``rows`` output channels x ``cols`` input channels x the whole kernel, so the
+    mask is stored as ``(out, in, 1, 1)`` for a Conv2d; in either GEMM view of a
+    conv this is a union of dense blocks. Both dimensions must be divisible by
+    the block (refused otherwise: block-sparse kernels need whole blocks; exclude
+    the layer). Blocks are scored by the normalised norm of their element scores
+    (mean for ``"l1"``, root mean square for ``"l2"``).
+
+    Args:
+        rows: block height (outputs), positive int.
+        cols: block width (inputs), positive int.
+        norm: ``"l1"`` or ``"l2"``. Default: ``"l2"``.
+
+    Example::
+
+        >>> hs.sparsify(model, 0.75, structure=Block(16, 16))
+    """
+
+    rows: int
+    cols: int
+    norm: str = "l2"
+
+    def __post_init__(self) -> None:
+        _check_positive_int(self.rows, "rows")
+        _check_positive_int(self.cols, "cols")
+        _check_norm(self.norm)
+
+    def problem(self, shape: torch.Size, out_dim: int, in_dim: int) -> str | None:
+        p = super().problem(shape, out_dim, in_dim)
+        if p is None and (shape[out_dim] % self.rows or shape[in_dim] % self.cols):
+            p = (
+                f"has shape {tuple(shape)}, i.e. {shape[out_dim]} outputs (dim {out_dim}) x "
+                f"{shape[in_dim]} inputs (dim {in_dim}), not divisible into {self.rows}x{self.cols} blocks"
+            )
+        return p
+
+    def mask_shape(self, shape: torch.Size, out_dim: int, in_dim: int) -> torch.Size:
+        return torch.Size(n if i in (out_dim, in_dim) else 1 for i, n in enumerate(shape))
+
+    def n_groups(self, shape: torch.Size, out_dim: int, in_dim: int) -> int:
+        return (shape[out_dim] // self.rows) * (shape[in_dim] // self.cols)
+
+    def group_scores(self, scores: torch.Tensor, out_dim: int, in_dim: int) -> torch.Tensor:
+        x = scores.movedim((out_dim, in_dim), (0, 1))
+        o, i = x.shape[0], x.shape[1]
+        x = x.reshape(o // self.rows, self.rows, i // self.cols, self.cols, -1)
+        return _normalised_norm(x, (1, 3, 4), self.norm).reshape(-1)
+
+    def expand(
+        self,
+        keep_groups: torch.Tensor,
+        scores: Callable[[], torch.Tensor],
+        shape: torch.Size,
+        out_dim: int,
+        in_dim: int,
+    ) -> torch.Tensor:
+        o, i = shape[out_dim], shape[in_dim]
+        k = keep_groups.reshape(o // self.rows, i // self.cols)
+        k = k.repeat_interleave(self.rows, 0).repeat_interleave(self.cols, 1)
+        k = k.reshape(o, i, *([1] * (len(shape) - 2)))
+        return k.movedim((0, 1), (out_dim, in_dim)).contiguous()
+
+
+StructureLike = Union[str, Structure, None]
+
+
+def parse_structure(structure: StructureLike) -> Structure | None:
+    """Turn a ``structure=`` argument into a :class:`Structure` (or ``None`` for unstructured).
+
+    Args:
+        structure: ``None``; ``"row"``/``"out_channel"``; ``"column"``/``"in_channel"``;
+            an ``"N:M"`` string such as ``"2:4"``; or a :class:`Structure` instance.
+
+    Returns:
+        The structure, or ``None``.
+
+    Example::
+
+        >>> parse_structure("2:4")
+        NM(n=2, m=4)
+    """
+    if structure is None or isinstance(structure, Structure):
+        return structure
+    allowed = (
+        "None, 'row'/'out_channel', 'column'/'in_channel', an 'N:M' string such as '2:4', "
+        "hs.Channels(...), hs.NM(n, m) or hs.Block(rows, cols)"
+    )
+    if not isinstance(structure, str):
+        raise TypeError(f"structure must be one of {allowed}, got {structure!r}")
+    if structure in _ROW_NAMES + _COLUMN_NAMES:
+        return Channels(structure)
+    match = _NM_PATTERN.match(structure)
+    if match is None:
+        raise ValueError(f"structure must be one of {allowed}, got {structure!r}")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 1 <= n < m:
+        raise ValueError(f"structure {structure!r}: an 'N:M' structure needs 1 <= N < M, got N={n}, M={m}")
+    return NM(n, m)
+
+
+def check_targets(
+    structure: Structure, targets: Sequence[Target], shapes: Sequence[torch.Size] | None = None
+) -> None:
+    """Raise a ``ValueError`` listing every target that ``structure`` cannot apply to.
+
+    Args:
+        structure: the structure.
+        targets: the tensors to check.
+        shapes: their shapes, if already known (else read from the targets).
+    """
+    problems = []
+    for i, t in enumerate(targets):
+        out_dim, in_dim = weight_dims(t.module, t.tensor_name)
+        shape = t.value().shape if shapes is None else shapes[i]
+        p = structure.problem(shape, out_dim, in_dim)
+        if p is not None:
+            problems.append(f"{t.qualified} {p}")
+    if problems:
+        raise ValueError(
+            f"structure {structure} does not fit {len(problems)} tensor(s) "
+            "(exclude them with exclude=[...]):\n  " + "\n  ".join(problems)
+        )
+
+
+def check_sparsity(structure: Structure, sparsity: float, arg: str = "sparsity") -> None:
+    """Refuse a sparsity above what ``structure`` can reach (``N/M`` for N:M)."""
+    if sparsity > structure.max_sparsity + 1e-9:
+        raise ValueError(
+            f"{arg} must be at most {structure.max_sparsity:g} with structure {structure} "
+            f"(N/M: every group of M holds at most N zeros), got {sparsity!r}"
+        )
+
+
+def _groups_to_prune(structure: Structure, sparsity: float, n_groups: int) -> int:
+    """Exact count of groups to prune: ``round(sparsity / group_fraction * n_groups)``, clamped."""
+    return min(n_groups, _select.n_to_prune(sparsity / structure.group_fraction, n_groups))
+
+
+def structured_keep_masks(
+    structure: Structure,
+    targets: Sequence[Target],
+    score_thunks: Sequence[_select.ScoreThunk],
+    sparsities: Sequence[float],
+    scope: str,
+) -> list[torch.Tensor]:
+    """Compact keep-masks of ``targets`` under ``structure``; the structured branch of ``compute_keep_masks``.
+
+    Args:
+        structure: the structure.
+        targets: the tensors, in order (the order breaks ties).
+        score_thunks: one callable per target returning its element scores (tensor's shape).
+        sparsities: one fraction per target (all equal for ``scope="global"``).
+        scope: ``"global"``: exactly ``round(s / f * G)`` groups over all ``G`` groups of all
+            targets (``f`` = :attr:`Structure.group_fraction`); ``"layer"``: per tensor; ``"row"``
+            (:class:`NM` only): per output row, over the row's groups.
+
+    Returns:
+        One bool keep-mask per target, of shape ``structure.mask_shape(...)`` (broadcastable to the
+        tensor), on the scores' device.
+    """
+    shapes = [t.value().shape for t in targets]
+    check_targets(structure, targets, shapes)
+    for s in sparsities:
+        check_sparsity(structure, s)
+    dims = [weight_dims(t.module, t.tensor_name) for t in targets]
+    counts = [structure.n_groups(sh, *d) for sh, d in zip(shapes, dims)]
+
+    def group_thunk(i: int) -> _select.ScoreThunk:
+        return lambda: structure.group_scores(score_thunks[i](), *dims[i])
+
+    largest = max((math.prod(sh) for sh in shapes), default=0)
+
+    def select(idx: list[int], n_prune: int) -> list[torch.Tensor]:
+        total = sum(counts[i] for i in idx)
+        if n_prune <= 0 or n_prune >= total:
+            return [torch.full((counts[i],), n_prune <= 0, dtype=torch.bool) for i in idx]
+        thunks = [group_thunk(i) for i in idx]
+        if total <= largest:  # group scores fit the memory bound of one tensor: compute them once
+            cached = [th() for th in thunks]
+            thunks = [lambda c=c: c for c in cached]  # type: ignore[misc]
+        return _select.keep_masks(thunks, n_prune)
+
+    if scope == "row":
+        if not isinstance(structure, NM):
+            raise ValueError(f"scope='row' with a structure needs an 'N:M' structure, got {structure}")
+        keeps = []
+        for i, sp in enumerate(sparsities):
+            # NM groups are laid out with the output dimension first: one row of groups per output.
+            rows = group_thunk(i)().reshape(shapes[i][dims[i][0]], -1)
+            frac = min(1.0, sp / structure.group_fraction)
+            keeps.append(_select.row_keep_mask(rows, frac, 0).reshape(-1))
+    elif scope == "global":
+        idx = list(range(len(targets)))
+        keeps = select(idx, _groups_to_prune(structure, sparsities[0], sum(counts)))
+    else:
+        keeps = [
+            select([i], _groups_to_prune(structure, sparsities[i], counts[i]))[0] for i in range(len(targets))
+        ]
+    return [structure.expand(keep, score_thunks[i], shapes[i], *dims[i]) for i, keep in enumerate(keeps)]

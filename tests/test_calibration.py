@@ -1,0 +1,398 @@
+"""Calibration, Wanda, SparseGPT and the per-row scope, against independent references."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import LAYER_CASES, Conv1D, LayerCase
+from torch import nn
+
+import hadamard_sparse as hs
+from hadamard_sparse import _targets
+from hadamard_sparse.api import compute_keep_masks
+from hadamard_sparse.calibration import ActivationStats, calibrate
+from hadamard_sparse.sparsegpt import obs_prune
+
+# --------------------------------------------------------------------------- reference input norms
+
+
+def _jacobian_sq_sum(fn, w: torch.Tensor, inputs: list) -> torch.Tensor:
+    """sum over calls and outputs of (d out / d w)^2: the squared input that multiplies each weight entry."""
+    total = torch.zeros_like(w, dtype=torch.float64)
+    for x in inputs:
+        j = torch.func.jacfwd(lambda ww, x=x: fn(x, ww))(w.double())
+        total += j.reshape(-1, w.numel()).square().sum(0).reshape(w.shape)
+    return total
+
+
+_CASES = {
+    "linear": (lambda: nn.Linear(6, 5), lambda: torch.randn(3, 4, 6), lambda m, x, w: F.linear(x, w)),
+    "hf_conv1d": (lambda: Conv1D(5, 6), lambda: torch.randn(2, 3, 6), lambda m, x, w: x @ w),
+    "conv1d": (
+        lambda: nn.Conv1d(4, 6, 3, padding=1, stride=2, groups=2),
+        lambda: torch.randn(2, 4, 7),
+        lambda m, x, w: F.conv1d(x, w, None, m.stride, m.padding, m.dilation, m.groups),
+    ),
+    "conv2d": (
+        lambda: nn.Conv2d(3, 4, (2, 3), padding=1, dilation=(1, 2)),
+        lambda: torch.randn(2, 3, 5, 6),
+        lambda m, x, w: F.conv2d(x, w, None, m.stride, m.padding, m.dilation, m.groups),
+    ),
+    "conv2d_reflect": (
+        lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"),
+        lambda: torch.randn(1, 2, 4, 4),
+        lambda m, x, w: F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), w),
+    ),
+    "conv3d": (
+        lambda: nn.Conv3d(2, 2, 2),
+        lambda: torch.randn(1, 2, 3, 3, 3),
+        lambda m, x, w: F.conv3d(x, w),
+    ),
+    "convT2d": (
+        lambda: nn.ConvTranspose2d(4, 3, 3, stride=2, groups=1),
+        lambda: torch.randn(2, 4, 3, 3),
+        lambda m, x, w: F.conv_transpose2d(x, w, None, m.stride),
+    ),
+    "convT1d_groups": (
+        lambda: nn.ConvTranspose1d(4, 6, 3, groups=2),
+        lambda: torch.randn(2, 4, 5),
+        lambda m, x, w: F.conv_transpose1d(x, w, None, groups=2),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_CASES))
+def test_input_norms_match_jacobian_reference(case: str) -> None:
+    torch.manual_seed(0)
+    make, make_x, fn = _CASES[case]
+    layer = make()
+    xs = [make_x() for _ in range(3)]
+    stats = calibrate(layer, xs)
+    st = stats["weight"]
+    w = layer.weight.detach()
+    ref = _jacobian_sq_sum(lambda x, ww: fn(layer, x.double(), ww), w, xs)
+    torch.testing.assert_close(st.norms_like_weight().double(), ref.sqrt(), rtol=1e-5, atol=1e-6)
+    # and the wanda score is |W| times that
+    keep = compute_keep_masks(
+        _targets.resolve_targets(layer), 0.5, method="wanda", scope="layer", stats=stats
+    )[0]
+    score = (w.double().abs() * ref.sqrt()).reshape(-1).numpy()
+    n = round(0.5 * score.size)
+    ref_keep = np.ones(score.size, dtype=bool)
+    ref_keep[np.argsort(score, kind="stable")[:n]] = False
+    np.testing.assert_array_equal(keep.reshape(-1).numpy(), ref_keep)
+
+
+def test_mha_in_proj_blocks_use_query_key_value() -> None:
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(4, 2, batch_first=True)
+    q, k, v = torch.randn(2, 3, 4), torch.randn(2, 5, 4) * 3, torch.randn(2, 5, 4) * 0.5
+
+    class Wrap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mha = mha
+
+        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return self.mha(q, k, v, need_weights=False)[0]
+
+    with pytest.warns(UserWarning, match="out_proj"):
+        stats = calibrate(Wrap(), [(q, k, v)])
+    assert "mha.out_proj.weight" in stats.skipped
+    got = stats["mha.in_proj_weight"].norms_like_weight()
+    for block, x in enumerate((q, k, v)):
+        ref = x.reshape(-1, 4).norm(dim=0)
+        torch.testing.assert_close(got[4 * block : 4 * block + 4], ref.expand(4, 4))
+
+
+# --------------------------------------------------------------------------- calibrate behaviour
+
+
+class _Boom(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("boom")
+        return self.fc(x)
+
+
+def test_calibrate_removes_hooks_and_restores_mode_on_error() -> None:
+    model = _Boom().train()
+    with pytest.raises(RuntimeError, match="boom"):
+        calibrate(model, [torch.randn(2, 4)] * 3)
+    assert len(model.fc._forward_pre_hooks) == 0 and len(model._forward_pre_hooks) == 0
+    assert model.training and model.fc.training
+    stats = calibrate(nn.Sequential(nn.Linear(4, 4)).train(), [torch.randn(2, 4)])
+    assert stats.n_batches == 1
+
+
+def test_batches_as_tensor_tuple_and_dict_agree() -> None:
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(3, 2)
+            self.b = nn.Linear(5, 2)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+            out = self.a(x)
+            return out if y is None else out + self.b(y)
+
+    torch.manual_seed(0)
+    model = Two()
+    x, y = torch.randn(4, 3), torch.randn(4, 5)
+    s_tuple = calibrate(model, [(x, y)], gram=True)
+    s_dict = calibrate(model, [{"x": x, "y": y}], gram=True)
+    s_tensor = calibrate(model, [x])
+    for s in (s_tuple, s_dict, s_tensor):
+        torch.testing.assert_close(s["a.weight"].sq_sum[0], x.double().square().sum(0))
+    torch.testing.assert_close(s_dict["b.weight"].gram[0].double(), y.double().t() @ y.double())
+    assert "b.weight" in s_tensor.skipped
+    assert s_tuple["a.weight"].n_rows == 4
+
+
+def test_calibrate_leaves_model_unchanged() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    before = copy.deepcopy(model.state_dict())
+    calibrate(model, [torch.randn(3, 4)], gram=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_calibrate_rejects_bad_batches() -> None:
+    model = nn.Sequential(nn.Linear(4, 2))
+    with pytest.raises(TypeError, match="batches"):
+        calibrate(model, torch.randn(2, 4))
+    with pytest.raises(TypeError, match="calibration batches"):
+        calibrate(model, [3])
+
+
+# --------------------------------------------------------------------------- sparsify integration
+
+
+def _correlated(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) / d**0.5
+    scale = torch.logspace(-1, 1, d)
+    return (torch.randn(n, d, generator=g) @ mix) * scale + 0.05 * torch.randn(n, d, generator=g)
+
+
+def test_sparsify_wanda_row_matches_reference() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 7))
+    xs = [_correlated(10, 12, s) for s in range(3)]
+    hs.sparsify(model, 0.4, method="wanda", calibration=xs)  # default scope for wanda: "row"
+    w = model[0].parametrizations.weight.original.detach()
+    norms = torch.cat(xs).norm(dim=0)
+    score = (w.abs() * norms).numpy()
+    k = round(0.4 * 12)
+    for i in range(7):
+        ref = np.ones(12, dtype=bool)
+        ref[np.argsort(score[i], kind="stable")[:k]] = False
+        np.testing.assert_array_equal(hs.masks(model)["0.weight"][i].numpy(), ref)
+
+
+@pytest.mark.parametrize("case", LAYER_CASES, ids=[c.id for c in LAYER_CASES])
+def test_row_scope_exact_count_per_output_row(case: LayerCase) -> None:
+    torch.manual_seed(0)
+    model = case.make()
+    hs.sparsify(model, 0.37, scope="row")
+    for name, mask in hs.masks(model).items():
+        mod_name, _, tname = name.rpartition(".")
+        out_dim, _ = _targets.weight_dims(model.get_submodule(mod_name) if mod_name else model, tname)
+        rows = mask.movedim(out_dim, 0).reshape(mask.shape[out_dim], -1)
+        assert ((~rows).sum(1) == round(0.37 * rows.shape[1])).all(), name
+
+
+def test_data_aware_errors() -> None:
+    model = nn.Sequential(nn.Linear(4, 4))
+    before = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="needs calibration"):
+        hs.sparsify(model, 0.5, method="wanda")
+    with pytest.raises(ValueError, match="supports scope in"):
+        hs.sparsify(model, 0.5, method="wanda", scope="global", calibration=[torch.randn(2, 4)])
+    with pytest.raises(ValueError, match="supports scope in"):
+        hs.sparsify(model, 0.5, method="sparsegpt", scope="global", calibration=[torch.randn(2, 4)])
+    lstm = nn.Sequential(nn.Linear(4, 4))
+    lstm.append(nn.LSTM(4, 3))
+    with pytest.raises(ValueError, match=r"1\.weight_ih_l0"):
+        hs.sparsify(lstm, 0.5, method="wanda", calibration=[torch.randn(2, 4)])
+    assert not hs.masks(lstm) and not hs.masks(model)
+    assert torch.equal(model[0].weight, before[0].weight)
+
+
+def test_transformer_layer_out_proj_must_be_excluded() -> None:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    xs = [torch.randn(2, 5, 8) for _ in range(2)]
+    with pytest.raises(ValueError, match="out_proj"):
+        hs.sparsify(layer, 0.5, method="wanda", calibration=xs)
+    assert not hs.masks(layer)
+    for method in ("wanda", "sparsegpt"):
+        m = copy.deepcopy(layer)
+        hs.sparsify(m, 0.5, method=method, calibration=xs, exclude="self_attn.out_proj")
+        assert sorted(hs.masks(m)) == ["linear1.weight", "linear2.weight", "self_attn.in_proj_weight"]
+        for mask in hs.masks(m).values():
+            assert int((~mask).sum()) == mask.numel() // 2
+
+
+def test_calibration_stats_are_reusable_and_checked() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    xs = [torch.randn(6, 8) for _ in range(2)]
+    stats = calibrate(model, xs)
+    assert isinstance(stats, ActivationStats) and not stats.has_gram
+    a = hs.sparsify(copy.deepcopy(model), 0.5, method="wanda", calibration=stats)
+    b = hs.sparsify(copy.deepcopy(model), 0.5, method="wanda", calibration=xs)
+    for k, v in hs.masks(a).items():
+        assert torch.equal(v, hs.masks(b)[k])
+    with pytest.raises(ValueError, match="Gram"):
+        hs.sparsify(copy.deepcopy(model), 0.5, method="sparsegpt", calibration=stats)
+    partial = calibrate(model, xs, targets="0.*")
+    with pytest.raises(ValueError, match=r"2\.weight"):
+        hs.sparsify(copy.deepcopy(model), 0.5, method="wanda", calibration=partial)
+
+
+# --------------------------------------------------------------------------- sparsegpt
+
+
+def _recon_error(x: torch.Tensor, w: torch.Tensor, w_sparse: torch.Tensor) -> float:
+    return float((x @ (w - w_sparse).t()).square().sum())
+
+
+@pytest.mark.parametrize("scope", ["row", "layer"])
+def test_sparsegpt_beats_mask_only_on_correlated_inputs(scope: str) -> None:
+    torch.manual_seed(0)
+    d_in, d_out = 32, 12
+    layer = nn.Linear(d_in, d_out, bias=False)
+    xs = [_correlated(48, d_in, s) for s in range(3)]
+    x_test = torch.cat(xs)
+    w = layer.weight.detach().clone()
+    errors = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        m = copy.deepcopy(layer)
+        sc = scope if method != "magnitude" or scope == "row" else "layer"
+        hs.sparsify(m, 0.5, method=method, scope=sc, calibration=xs)
+        mask = hs.masks(m)["weight"]
+        if scope == "row":
+            assert ((~mask).sum(1) == d_in // 2).all()
+        assert int((~mask).sum()) == d_in * d_out // 2
+        errors[method] = _recon_error(x_test, w, m.weight.detach())
+        if method == "sparsegpt":  # pruned entries of original keep their dense values
+            orig = m.parametrizations.weight.original.detach()
+            assert torch.equal(orig[~mask], w[~mask]) and not torch.equal(orig[mask], w[mask])
+            # the best possible reconstruction for that mask: least squares on the kept entries
+            best = torch.zeros_like(w)
+            for i in range(d_out):
+                keep = mask[i]
+                sol = torch.linalg.lstsq(x_test[:, keep].double(), (x_test @ w[i]).double()).solution
+                best[i, keep] = sol.float()
+            assert _recon_error(x_test, w, best) <= errors["sparsegpt"] * (1 + 1e-4)
+    assert errors["sparsegpt"] < min(errors["wanda"], errors["magnitude"])
+    assert errors["wanda"] < errors["magnitude"]
+
+
+def test_obs_prune_zero_sparsity_and_exact_counts() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(4, 150)  # two column blocks of 128 and 22
+    x = _correlated(200, 150)
+    h = x.double().t() @ x.double()
+    new, keep = obs_prune(w, h, 0.0)
+    assert keep.all() and torch.allclose(new, w)
+    for sp in (0.1, 0.33, 0.9):
+        new, keep = obs_prune(w, h, sp, scope="row")
+        assert ((~keep).sum(1) == round(sp * 150)).all()
+        assert (new[~keep] == 0).all()
+        new, keep = obs_prune(w, h, sp, scope="layer")
+        assert int((~keep).sum()) == round(sp * 600)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "magnitude"])
+@pytest.mark.parametrize("layer_id", ["linear", "conv2d", "hf_conv1d"])
+def test_two_four_with_data_aware_methods(method: str, layer_id: str) -> None:
+    torch.manual_seed(0)
+    make = {
+        "linear": (lambda: nn.Linear(8, 6), lambda: torch.randn(5, 8)),
+        "conv2d": (lambda: nn.Conv2d(8, 4, 3, padding=1), lambda: torch.randn(2, 8, 5, 5)),
+        "hf_conv1d": (lambda: Conv1D(6, 8), lambda: torch.randn(2, 5, 8)),
+    }[layer_id]
+    layer = make[0]()
+    xs = [make[1]() for _ in range(3)]
+    hs.sparsify(layer, method=method, calibration=xs, structure="2:4")
+    mask = hs.masks(layer)["weight"]
+    _, in_dim = _targets.weight_dims(layer, "weight")
+    groups = mask.movedim(in_dim, -1).reshape(-1, 4)
+    assert ((~groups).sum(1) == 2).all()
+    if method == "wanda" and layer_id == "linear":  # N:M selection uses the wanda scores
+        score = layer.parametrizations.weight.original.abs() * torch.cat(xs).norm(dim=0)
+        ref = score.reshape(-1, 4).argsort(dim=1, stable=True)[:, :2]
+        pruned = torch.zeros(score.numel() // 4, 4, dtype=torch.bool).scatter_(1, ref, True)
+        assert torch.equal(~mask.reshape(-1, 4), pruned)
+
+
+def test_sparsegpt_refuses_partial_nm_and_other_structures() -> None:
+    layer = nn.Linear(8, 4)
+    xs = [torch.randn(4, 8)]
+    with pytest.raises(ValueError, match="N/M"):
+        hs.sparsify(layer, 0.25, method="sparsegpt", calibration=xs, structure="2:4")
+    with pytest.raises(ValueError, match="structure"):
+        hs.sparsify(layer, 0.5, method="sparsegpt", calibration=xs, structure="row", scope="layer")
+    assert not hs.masks(layer)
+
+
+def test_wanda_mask_only_score_for_sparsegpt_stats() -> None:
+    """compute_keep_masks(method='sparsegpt') is the mask-only OBS saliency w^2 / [H^-1]_jj^2."""
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 3)
+    xs = [_correlated(20, 6)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stats = calibrate(layer, xs, gram=True)
+    keep = compute_keep_masks(
+        _targets.resolve_targets(layer), 0.5, method="sparsegpt", scope="row", stats=stats
+    )[0]
+    h = torch.cat(xs).double().t() @ torch.cat(xs).double()
+    h += 0.1 * torch.diag(h.diagonal())  # the default dampening
+    d = torch.linalg.cholesky(torch.linalg.inv(h), upper=True).diagonal()
+    sal = layer.weight.detach().double().square() / d.square()
+    ref = torch.ones(3, 6, dtype=torch.bool).scatter_(1, sal.argsort(dim=1)[:, :3], False)
+    assert torch.equal(keep, ref)
+
+
+class _Branchy(nn.Module):
+    """Two projections of the same input (one sparsegpt wave), then a third layer on their sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.c = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.a(x) + self.b(x)))
+
+
+def test_sequential_sparsegpt_equals_layer_by_layer_reference() -> None:
+    torch.manual_seed(0)
+    model = _Branchy()
+    xs = [_correlated(16, 8, s) for s in range(3)]
+    ref = copy.deepcopy(model)
+    hs.sparsify(model, 0.5, method="sparsegpt", calibration=xs)
+    for name in ("a", "b", "c"):  # reference: re-calibrate before each layer, prune it alone
+        stats = calibrate(ref, xs, targets=f"{name}.weight", gram=True)
+        hs.sparsify(ref, 0.5, method="sparsegpt", calibration=stats, include=f"{name}.weight")
+    for name in ("a", "b", "c"):
+        got = getattr(model, name).parametrizations.weight.original
+        want = getattr(ref, name).parametrizations.weight.original
+        torch.testing.assert_close(got, want)
+        assert torch.equal(hs.masks(model)[f"{name}.weight"], hs.masks(ref)[f"{name}.weight"])
