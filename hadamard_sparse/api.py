@@ -309,8 +309,10 @@ def compute_keep_masks(
         scope: ``"global"``, ``"layer"`` or ``"row"`` (per output row, unstructured only).
         seed: base seed; each target gets its own seed drawn from it.
         stats: optional per-qualified-name statistics handed to the score function.
-        value: score the ``"dense"`` value (masks ignored) or the ``"effective"`` one (masked entries
-            score as zero weights, so masks only grow sparser).
+        value: score the ``"dense"`` value (masks ignored) or the ``"effective"`` one. With
+            ``"effective"`` and no structure, entries already masked score ``-inf``, so the new masks
+            are nested in the current ones (masks only grow sparser); with a structure they score as
+            zero weights.
         structure: ``None`` or a structure (see :func:`sparsify`); sparsities then count groups.
 
     Returns:
@@ -324,12 +326,23 @@ def compute_keep_masks(
 
     def thunk(t: Target, sd: int) -> _select.ScoreThunk:
         def scores() -> torch.Tensor:
-            if value == "dense":
-                w = _pre_mask_value(t.module, t.tensor_name)
-            else:
-                w = t.value().detach()
-            st = None if stats is None else stats.get(t.qualified)
-            return entry.fn(ScoreContext(t.qualified, t.module, t.tensor_name, w, sd, st))
+            with torch.no_grad():
+                w = _pre_mask_value(t.module, t.tensor_name) if value == "dense" else t.value().detach()
+                ctx = ScoreContext(
+                    t.qualified,
+                    t.module,
+                    t.tensor_name,
+                    w,
+                    sd,
+                    None if stats is None else stats.get(t.qualified),
+                )
+                sc = entry.fn(ctx)
+                current = _mask_of(t.module, t.tensor_name) if value == "effective" and st is None else None
+                if current is None:
+                    return sc
+                # Masked entries score -inf: they are pruned first, so new masks nest in the old ones.
+                sc = sc if sc.is_floating_point() else sc.float()
+                return sc.masked_fill(~current.mask.expand(w.shape), float("-inf"))
 
         return scores
 

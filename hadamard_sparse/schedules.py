@@ -38,7 +38,7 @@ from ._targets import Target
 from .densities import _check_distribution, _densities
 from .errors import HadamardSparseError, NoTargetsError
 from .parametrizations import HadamardMask
-from .scores import ScoreContext, get_score
+from .scores import get_score
 from .structures import check_sparsity, check_targets, parse_structure
 
 __all__ = ["SET", "GradualPruning", "IterativePruning", "RigL", "cubic", "linear"]
@@ -122,12 +122,12 @@ def _check_int(value: object, arg: str, minimum: int) -> int:
 
 
 def _check_fraction(value: object, arg: str, *, high_open: bool = False) -> float:
-    allowed = "[0, 1)" if high_open else "[0, 1]"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{arg} must be a float in {allowed}, got {value!r}")
-    v = float(value)
-    if math.isnan(v) or v < 0.0 or v > 1.0 or (high_open and v >= 1.0):
-        raise ValueError(f"{arg} must be a float in {allowed}, got {value!r}")
+    """``api._check_sparsity``, optionally refusing 1.0 too (``[0, 1)``)."""
+    from .api import _check_sparsity
+
+    v = _check_sparsity(value, arg)
+    if high_open and v >= 1.0:
+        raise ValueError(f"{arg} must be a float in [0, 1), got {value!r}")
     return v
 
 
@@ -384,50 +384,23 @@ class _Schedule:
 
     def _prune_nested(self, target: float, method: str, scope: str, structure: Any = None) -> None:
         """Prune the masks to ``target`` keeping them nested (masked entries are pruned first)."""
-        seed = _draw_seed(self._gen)
-        if structure is not None:
-            from .api import compute_keep_masks
+        from .api import compute_keep_masks
 
-            keeps = compute_keep_masks(
-                [m.target() for m in self._masked],
-                target,
-                method=method,
-                scope=scope,
-                seed=seed,
-                value="effective",
-                structure=structure,
-            )
-            new = []
-            for m, keep in zip(self._masked, keeps):
-                keep = keep.to(m.mask.device)
-                if keep.shape != m.mask.shape:
-                    keep = keep.expand(m.shape) if m.full_mask else keep
-                new.append(m.mask & keep)
-        else:
-            entry = get_score(method)
-            gen = torch.Generator().manual_seed(seed)
-            seeds = [_draw_seed(gen) for _ in self._masked]
-
-            def thunk(m: _Masked, sd: int) -> _select.ScoreThunk:
-                def scores() -> torch.Tensor:
-                    with torch.no_grad():
-                        w = m.value().detach()
-                        sc = entry.fn(ScoreContext(m.qualified, m.module, m.tensor_name, w, sd, None))
-                        sc = sc.to(torch.float32) if not sc.is_floating_point() else sc
-                        return sc.masked_fill(~m.mask.expand(m.shape), float("-inf"))
-
-                return scores
-
-            thunks = [thunk(m, sd) for m, sd in zip(self._masked, seeds)]
-            if scope == "global":
-                total = sum(m.shape.numel() for m in self._masked)
-                flat = _select.keep_masks(thunks, _select.n_to_prune(target, total))
-            else:
-                flat = [
-                    _select.keep_masks([th], _select.n_to_prune(target, m.shape.numel()))[0]
-                    for m, th in zip(self._masked, thunks)
-                ]
-            new = [m.mask & f.view(m.shape).to(m.mask.device) for m, f in zip(self._masked, flat)]
+        keeps = compute_keep_masks(
+            [m.target() for m in self._masked],
+            target,
+            method=method,
+            scope=scope,
+            seed=_draw_seed(self._gen),
+            value="effective",
+            structure=structure,
+        )
+        new = []
+        for m, keep in zip(self._masked, keeps):
+            keep = keep.to(m.mask.device)
+            if keep.shape != m.mask.shape:
+                keep = keep.expand(m.shape) if m.full_mask else keep
+            new.append(m.mask & keep)
         _write_masks(self._masked, _broadcast_masks(new))
 
 

@@ -346,3 +346,23 @@ def test_gradcheck_through_parametrized_module(case: LayerCase) -> None:
     assert torch.autograd.gradcheck(pm, (w,))
     x.requires_grad_()
     assert torch.autograd.gradcheck(lambda inp: model(inp), (x,))
+
+
+def test_register_score_plugs_a_new_method() -> None:
+    @hs.register_score("largest_first")
+    def _neg_abs(ctx: hs.ScoreContext) -> torch.Tensor:
+        return -ctx.weight.abs()
+
+    assert "largest_first" in hs.available_scores()
+    torch.manual_seed(0)
+    lin = nn.Linear(10, 10)
+    hs.sparsify(lin, 0.3, method="largest_first", scope="layer")
+    w = lin.parametrizations.weight.original.detach().abs().flatten()
+    expected = torch.ones(100, dtype=torch.bool)
+    expected[w.argsort(descending=True)[:30]] = False  # no ties in random weights
+    assert torch.equal(hs.masks(lin)["weight"].flatten(), expected)
+    with pytest.raises(TypeError, match="name must be a non-empty str"):
+        hs.register_score("")
+    from hadamard_sparse import scores
+
+    scores._SCORES.pop("largest_first")  # keep the registry as other tests expect it
