@@ -11,7 +11,7 @@ from torch import nn
 
 from hadamard_sparse.api import register_mask, remove_parametrizations, sparsify
 from hadamard_sparse.errors import UnsupportedGraphError
-from hadamard_sparse.export import SparseLinear, shrink, to_sparse
+from hadamard_sparse.export import SparseLinear, graph, shrink, to_sparse
 
 ATOL = 1e-5
 
@@ -348,6 +348,32 @@ def test_shrink_unsupported_op_on_unpruned_tensor_is_fine() -> None:
     assert shrunk.fc2.out_features == 3
 
 
+class Swish(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x)
+
+
+def test_shrink_new_op_is_one_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module shrink does not know is refused; registering one rule for it is enough."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), Swish(), nn.Linear(16, 3))
+    fx_leaf = torch.fx.Tracer.is_leaf_module
+    monkeypatch.setattr(
+        torch.fx.Tracer, "is_leaf_module", lambda self, m, q: isinstance(m, Swish) or fx_leaf(self, m, q)
+    )
+    prune_rows(model[0], [0, 2, 4])
+    with pytest.raises(UnsupportedGraphError, match="Swish"):
+        shrink(copy.deepcopy(model), torch.randn(2, 8))
+    monkeypatch.setattr(graph, "MODULE_RULES", dict(graph.MODULE_RULES))
+
+    @graph.module_rule(Swish)
+    def swish_rule(flow: graph.ChannelFlow, node: torch.fx.Node, name: str, mod: nn.Module) -> None:
+        flow.passthrough(node, node.args[0], lambda c: mod(c.to(flow.dtype(node))))
+
+    shrunk, _ = check_equal(model, torch.randn(6, 8))
+    assert (shrunk[0].out_features, shrunk[2].in_features) == (13, 13)
+
+
 def test_shrink_untraceable_model_raises() -> None:
     class Branchy(nn.Module):
         def __init__(self) -> None:
@@ -457,6 +483,34 @@ def test_to_sparse_validates_before_changing() -> None:
     with pytest.raises(ValueError, match="semi_structured"):
         to_sparse(baked, "semi_structured", max_density=1.0)
     assert all(type(m) is nn.Linear for m in baked if not isinstance(m, nn.ReLU))
+
+
+@pytest.mark.parametrize("layout", ["csr", "bsr"])
+def test_to_sparse_failure_while_building_leaves_model_unchanged(
+    layout: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = sparse_mlp(0.95)
+    before_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    before_mods = dict(model.named_modules())
+    original = SparseLinear._sparsify
+    calls = []
+
+    def failing(self: SparseLinear, w: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 2:  # the first layer is already built when the second fails
+            raise RuntimeError("simulated kernel failure")
+        return original(self, w)
+
+    monkeypatch.setattr(SparseLinear, "_sparsify", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        to_sparse(model, layout, max_density=1.0, blocksize=(8, 8))
+    assert len(calls) == 2
+    after_mods = dict(model.named_modules())
+    assert after_mods.keys() == before_mods.keys()
+    assert all(after_mods[k] is before_mods[k] for k in before_mods)
+    after_sd = model.state_dict()
+    assert after_sd.keys() == before_sd.keys()
+    assert all(torch.equal(after_sd[k], before_sd[k]) for k in before_sd)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="2:4 semi-structured sparsity needs a CUDA GPU")

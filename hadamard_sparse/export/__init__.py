@@ -1,0 +1,22 @@
+"""Turning masks into speed: ``shrink`` (remove pruned channels) and ``to_sparse`` (sparse weights).
+
+A mask alone saves nothing: the masked model does the same dense work. After
+baking, two exports make the zeros pay:
+
+* :func:`shrink` physically removes output channels/neurons whose weights are all
+  zero, together with the matching inputs of the layers that consume them (and the
+  BatchNorm entries in between), found from the model's ``torch.fx`` graph.
+* :func:`to_sparse` stores the baked weights of ``nn.Linear`` layers as
+  ``torch.sparse`` tensors (CSR or BSR with int32 indices on CPU; 2:4
+  semi-structured on CUDA) in a :class:`SparseLinear` inference module.
+
+Layout: ``graph.py`` (fx capture, module guards, the channel-flow traversal and its
+rule tables), ``rules.py`` (one channel rule per op), ``shrink.py`` (one rebuild rule
+per layer type, and ``shrink``), ``sparse.py`` (formats, ``SparseLinear``, ``to_sparse``).
+See ``docs/speed.md`` for the rules, their reasons and measured speed-ups.
+"""
+
+from .shrink import shrink
+from .sparse import DEFAULT_MAX_DENSITY, SparseLinear, to_sparse
+
+__all__ = ["DEFAULT_MAX_DENSITY", "SparseLinear", "shrink", "to_sparse"]
