@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ._checks import Selector, Selectors, check_selectors
+from .errors import InvalidTypeError
+
 __all__: list[str] = []  # private module
 
 TargetFn = Callable[[nn.Module], list[str]]
-Selector = Union[type, str, Callable[[str, nn.Module], bool]]
-Selectors = Union[Selector, Sequence[Selector], None]
 
 
 @dataclass(frozen=True)
@@ -141,29 +141,6 @@ class Target:
         return getattr(self.module, self.tensor_name)
 
 
-def _as_list(selectors: Selectors, arg: str) -> list[Selector]:
-    if selectors is None:
-        return []
-    items: list[Selector]
-    if isinstance(selectors, (str, type)) or (callable(selectors) and not isinstance(selectors, Sequence)):
-        items = [selectors]  # type: ignore[list-item]
-    elif isinstance(selectors, Sequence):
-        items = list(selectors)
-    else:
-        raise TypeError(
-            f"{arg} must be a module type, a glob pattern, a callable (name, module) -> bool "
-            f"or a list of those, got {selectors!r}"
-        )
-    for s in items:
-        ok = (isinstance(s, type) and issubclass(s, nn.Module)) or isinstance(s, str) or callable(s)
-        if not ok:
-            raise TypeError(
-                f"{arg} entries must be nn.Module subclasses, glob patterns (str) or callables "
-                f"(name, module) -> bool, got {s!r}"
-            )
-    return items
-
-
 def _matches(selectors: list[Selector], module_name: str, module: nn.Module, qualified: str) -> bool:
     cls = parametrize.type_before_parametrizations(module)
     for s in selectors:
@@ -187,7 +164,7 @@ def _is_internal(name: str) -> bool:
     return ".parametrizations." in f".{name}." or name.startswith("parametrizations.")
 
 
-def _shared_parameter_ids(model: nn.Module) -> dict[int, list[str]]:
+def shared_parameter_ids(model: nn.Module) -> dict[int, list[str]]:
     """Map id(Parameter) -> the qualified names under which it is registered, when there are several."""
     owners: dict[int, list[str]] = {}
     for mod_name, mod in model.named_modules(remove_duplicate=False):
@@ -217,9 +194,9 @@ def resolve_targets(
     Returns:
         The list of :class:`Target` in ``model.named_modules()`` order.
     """
-    inc = _as_list(include, "include")
-    exc = _as_list(exclude, "exclude")
-    shared = _shared_parameter_ids(model)
+    inc = check_selectors(include, "include")
+    exc = check_selectors(exclude, "exclude")
+    shared = shared_parameter_ids(model)
     targets: list[Target] = []
     seen_modules: set[int] = set()
     for mod_name, module in model.named_modules():
@@ -261,7 +238,7 @@ def check_not_wrapped(model: nn.Module) -> None:
         for m in model.modules()
     )
     if wrapped:
-        raise TypeError(
+        raise InvalidTypeError(
             f"model is wrapped in {type(model).__name__}; sparsify (or factorize) the plain model "
             "before wrapping it in DistributedDataParallel or FSDP"
         )
@@ -277,3 +254,6 @@ def weight_dims(module: nn.Module, tensor_name: str = "weight") -> tuple[int, in
     if kind in ("conv_transpose", "hf_conv1d"):
         return 1, 0
     return 0, 1
+
+
+_shared_parameter_ids = shared_parameter_ids  # old private name (export), until it switches

@@ -2,78 +2,45 @@
 
 from __future__ import annotations
 
-import math
 import numbers
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import _select
-from ._targets import Selectors, Target, check_not_wrapped, resolve_targets, weight_dims
-from .checkpoint import drop_load_hook, ensure_load_hook
-from .errors import NoTargetsError
-from .parametrizations import HadamardMask, _check_mask, _SparseParametrization
-from .scores import ScoreContext, get_score
-from .sparsegpt import stats_for
-from .structures import (
-    NM,
-    StructureLike,
+from ._checks import (
+    Selectors,
+    check_distribution,
+    check_method,
+    check_module,
+    check_seed,
     check_sparsity,
-    check_targets,
-    parse_structure,
-    structured_keep_masks,
 )
+from ._engine import (
+    broadcasts_to,
+    check_mask_shapes,
+    check_structure,
+    compute_keep_masks,
+    mask_of,
+    pre_mask_value,
+)
+from ._targets import Target, check_not_wrapped, resolve_targets
+from .checkpoint import drop_load_hook, ensure_load_hook
+from .densities import densities_for_shapes
+from .errors import InvalidArgumentError, NoTargetsError
+from .parametrizations import HadamardMask, _check_mask, _SparseParametrization
+from .sparsegpt import stats_for
+from .structures import NM, StructureLike, parse_structure
 
 __all__ = ["masks", "register_mask", "remove_parametrizations", "sparsify"]
 
-_SCOPES = ("global", "layer", "row")
-
-
-def _check_sparsity(sparsity: object, arg: str = "sparsity") -> float:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
-        raise TypeError(f"{arg} must be a float in [0, 1], got {sparsity!r}")
-    s = float(sparsity)
-    if not (0.0 <= s <= 1.0) or math.isnan(s):
-        raise ValueError(f"{arg} must be a float in [0, 1], got {sparsity!r}")
-    return s
-
-
-def _mask_of(module: nn.Module, name: str) -> HadamardMask | None:
-    if not parametrize.is_parametrized(module, name):
-        return None
-    for p in module.parametrizations[name]:  # type: ignore[index, union-attr]
-        if isinstance(p, HadamardMask):
-            return p
-    return None
-
-
-def _pre_mask_value(module: nn.Module, name: str) -> torch.Tensor:
-    """The tensor's value with every HadamardMask in its chain skipped (the dense value)."""
-    with torch.no_grad():
-        if not parametrize.is_parametrized(module, name):
-            return getattr(module, name).detach()
-        plist = module.parametrizations[name]  # type: ignore[index, union-attr]
-        if plist.is_tensor:
-            x = plist.original
-            chain = list(plist)
-        else:
-            originals = [getattr(plist, f"original{i}") for i in range(plist.ntensors)]
-            x = plist[0](*originals)
-            chain = list(plist)[1:]
-        for p in chain:
-            if not isinstance(p, HadamardMask):
-                x = p(x)
-        return x.detach()
-
-
-def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
-    try:
-        return torch.broadcast_shapes(shape, target) == target
-    except RuntimeError:
-        return False
+# Old private names, importable until every caller uses _checks / _engine.
+_check_sparsity = check_sparsity
+_mask_of = mask_of
+_pre_mask_value = pre_mask_value
+_broadcasts_to = broadcasts_to
 
 
 def register_mask(module: nn.Module, name: str = "weight", mask: torch.Tensor | None = None) -> HadamardMask:
@@ -100,23 +67,22 @@ def register_mask(module: nn.Module, name: str = "weight", mask: torch.Tensor | 
         >>> torch.equal(lin.weight, lin.parametrizations.weight.original * m.mask)
         True
     """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    check_module(module, "module")
     if not isinstance(name, str) or not hasattr(module, name):
-        raise ValueError(f"name must name a tensor of {type(module).__name__}, got {name!r}")
+        raise InvalidArgumentError(f"name must name a tensor of {type(module).__name__}, got {name!r}")
     current = getattr(module, name)
     if not isinstance(current, torch.Tensor):
-        raise ValueError(f"module.{name} must be a tensor, got {type(current).__name__}")
+        raise InvalidArgumentError(f"module.{name} must be a tensor, got {type(current).__name__}")
     if mask is None:
         mask = torch.ones(current.shape, dtype=torch.bool, device=current.device)
     _check_mask(mask, current.shape, "mask")
-    existing = _mask_of(module, name)
+    existing = mask_of(module, name)
     if existing is not None:
         with torch.no_grad():
-            if _broadcasts_to(mask.shape, existing.mask.shape):
+            if broadcasts_to(mask.shape, existing.mask.shape):
                 existing.mask.copy_(mask)  # a compact (structured) mask may fill a larger buffer
             else:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"mask has shape {tuple(mask.shape)} but {name} already has a mask of shape "
                     f"{tuple(existing.mask.shape)}; masks are updated in place and keep their shape"
                 )
@@ -127,16 +93,16 @@ def register_mask(module: nn.Module, name: str = "weight", mask: torch.Tensor | 
     return pm
 
 
-def _apply_pruned(t: Target, keep: torch.Tensor, dense: torch.Tensor) -> None:
+def apply_pruned(t: Target, keep: torch.Tensor, dense: torch.Tensor) -> None:
     """Register ``keep`` on ``t`` and write ``dense`` into its original (for weight-editing pruners)."""
     register_mask(t.module, t.tensor_name, keep)
     with torch.no_grad():
         t.module.parametrizations[t.tensor_name].original.copy_(dense)  # type: ignore[index, union-attr]
 
 
-def _targets_or_raise(model: nn.Module, include: Selectors, exclude: Selectors, verb: str) -> list[Target]:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+def targets_or_raise(model: nn.Module, include: Selectors, exclude: Selectors, verb: str) -> list[Target]:
+    """The targeted tensors of ``model`` (checked to be a plain module), or :class:`NoTargetsError`."""
+    check_module(model)
     check_not_wrapped(model)
     targets = resolve_targets(model, include, exclude)
     if not targets:
@@ -223,159 +189,45 @@ def sparsify(
         0.75
     """
     st = parse_structure(structure)
-    if sparsity is None:
-        s = 0.7 if st is None else st.default_sparsity
-    else:
-        s = _check_sparsity(sparsity)
-    entry = get_score(method)
-    if scope is None:
-        scope = entry.scopes[0]  # "global" for magnitude/random, "row" for wanda/sparsegpt
-    if scope not in _SCOPES:
-        raise ValueError(f"scope must be one of {list(_SCOPES)}, got {scope!r}")
-    if scope not in entry.scopes:
-        raise ValueError(f"method {method!r} supports scope in {list(entry.scopes)}, got {scope!r}")
-    if entry.needs_calibration and calibration is None:
-        raise ValueError(
-            f"method {method!r} needs calibration: an iterable of model inputs (tensors, tuples or dicts "
-            "of keyword arguments) or hs.calibrate(model, batches) statistics, got None"
-        )
+    s = (0.7 if st is None else st.default_sparsity) if sparsity is None else check_sparsity(sparsity)
+    entry, scope = check_method(method, scope, calibration=calibration)
     if st is not None and scope == "row" and not isinstance(st, NM):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"scope='row' with a structure needs an 'N:M' structure, got structure={structure!r}"
         )
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {seed!r}")
-    targets = _targets_or_raise(model, include, exclude, "sparsify")
-    if st is not None:
-        check_targets(st, targets)
-        check_sparsity(st, s)
-    for t in targets:
-        m = _mask_of(t.module, t.tensor_name)
-        if m is None:
-            continue
-        shape = t.value().shape
-        new_shape = shape if st is None else st.mask_shape(shape, *weight_dims(t.module, t.tensor_name))
-        if not _broadcasts_to(new_shape, m.mask.shape):
-            raise ValueError(
-                f"{t.qualified} has a mask of shape {tuple(m.mask.shape)} and structure={structure!r} "
-                f"needs one of shape {tuple(new_shape)}; masks are updated in place and keep their shape: "
-                "remove the parametrizations first"
-            )
+    check_seed(seed)
+    dist = None if distribution is None else check_distribution(distribution)
+    if dist is not None and st is not None:
+        raise InvalidArgumentError(
+            f"distribution={distribution!r} needs structure=None, got structure={structure!r}"
+        )
+    if dist is not None and "layer" not in entry.scopes:
+        raise InvalidArgumentError(
+            f"distribution needs a method supporting scope='layer', got method={method!r}"
+        )
+    targets = targets_or_raise(model, include, exclude, "sparsify")
     per: float | list[float] = s
-    if distribution is not None:
-        from .densities import _check_distribution, _densities
-
-        dist = _check_distribution(distribution)
-        if st is not None:
-            raise ValueError(
-                f"distribution={distribution!r} needs structure=None, got structure={structure!r}"
-            )
-        if "layer" not in entry.scopes:
-            raise ValueError(f"distribution needs a method supporting scope='layer', got method={method!r}")
-        dens = _densities({t.qualified: tuple(t.value().shape) for t in targets}, s, dist)
+    if dist is not None:
+        dens = densities_for_shapes({t.qualified: tuple(t.value().shape) for t in targets}, s, dist)
         per, scope = [1.0 - dens[t.qualified] for t in targets], "layer"
+    if st is not None:
+        check_structure(st, targets, [per] if isinstance(per, float) else per)
+    check_mask_shapes(targets, st, structure)
     if entry.pruner is not None:  # e.g. sparsegpt: also rewrites the kept weights
         per_list = [per] * len(targets) if isinstance(per, float) else per
         entry.pruner(
-            model, targets, per_list, scope=scope, structure=st, calibration=calibration, apply=_apply_pruned
+            model, targets, per_list, scope=scope, structure=st, calibration=calibration, apply=apply_pruned
         )
         return model
     stats = None
     if entry.needs_calibration:
         stats = stats_for(model, targets, calibration, method=method, need_gram=entry.needs_gram)
-    keeps = compute_keep_masks(targets, per, method=method, scope=scope, seed=seed, structure=st, stats=stats)
+    keeps = compute_keep_masks(
+        targets, per, method=method, scope=scope, seed=seed, structure=st, stats=stats, checked=True
+    )
     for t, keep in zip(targets, keeps):
         register_mask(t.module, t.tensor_name, keep)
     return model
-
-
-def compute_keep_masks(
-    targets: Sequence[Target],
-    sparsity: float | Sequence[float],
-    *,
-    method: str = "magnitude",
-    scope: str = "global",
-    seed: int = 0,
-    stats: Mapping[str, Any] | None = None,
-    value: str = "dense",
-    structure: StructureLike = None,
-) -> list[torch.Tensor]:
-    """Boolean keep-masks for ``targets``; the shared engine of sparsify and schedules.
-
-    Args:
-        targets: the tensors, in order (the order breaks ties).
-        sparsity: one fraction, or one per target (only with ``scope="layer"``).
-        method: a registered score name.
-        scope: ``"global"``, ``"layer"`` or ``"row"`` (per output row, unstructured only).
-        seed: base seed; each target gets its own seed drawn from it.
-        stats: optional per-qualified-name statistics handed to the score function.
-        value: score the ``"dense"`` value (masks ignored) or the ``"effective"`` one. With
-            ``"effective"`` and no structure, entries already masked score ``-inf``, so the new masks
-            are nested in the current ones (masks only grow sparser); with a structure they score as
-            zero weights.
-        structure: ``None`` or a structure (see :func:`sparsify`); sparsities then count groups.
-
-    Returns:
-        One bool tensor per target, ``True`` where kept: of the target's shape, or with a
-        ``structure`` of its compact shape (broadcastable to the target's shape).
-    """
-    st = parse_structure(structure)
-    entry = get_score(method)
-    gen = torch.Generator().manual_seed(seed)
-    seeds = [int(torch.randint(0, 2**62, (1,), generator=gen)) for _ in targets]
-
-    def thunk(t: Target, sd: int) -> _select.ScoreThunk:
-        def scores() -> torch.Tensor:
-            with torch.no_grad():
-                w = _pre_mask_value(t.module, t.tensor_name) if value == "dense" else t.value().detach()
-                ctx = ScoreContext(
-                    t.qualified,
-                    t.module,
-                    t.tensor_name,
-                    w,
-                    sd,
-                    None if stats is None else stats.get(t.qualified),
-                )
-                sc = entry.fn(ctx)
-                current = _mask_of(t.module, t.tensor_name) if value == "effective" and st is None else None
-                if current is None:
-                    return sc
-                # Masked entries score -inf: they are pruned first, so new masks nest in the old ones.
-                sc = sc if sc.is_floating_point() else sc.float()
-                return sc.masked_fill(~current.mask.expand(w.shape), float("-inf"))
-
-        return scores
-
-    thunks = [thunk(t, sd) for t, sd in zip(targets, seeds)]
-    if isinstance(sparsity, (int, float)):
-        per = [float(sparsity)] * len(targets)
-    else:
-        per = [float(x) for x in sparsity]
-        if scope == "global":
-            raise ValueError("per-tensor sparsities need scope='layer'")
-    if st is not None:
-        if scope not in _SCOPES:
-            raise ValueError(f"scope must be one of {list(_SCOPES)} with a structure, got {scope!r}")
-        keeps = structured_keep_masks(st, targets, thunks, per, scope)
-        return [k.to(t.value().device) for t, k in zip(targets, keeps)]
-    if scope == "row":  # exactly round(sparsity * row_len) in every output row
-        return [
-            _select.row_keep_mask(th(), sp, weight_dims(t.module, t.tensor_name)[0]).to(t.value().device)
-            for t, th, sp in zip(targets, thunks, per)
-        ]
-    if scope == "global":
-        total = sum(t.value().numel() for t in targets)
-        flat = _select.keep_masks(thunks, _select.n_to_prune(per[0], total))
-    else:
-        flat = [
-            _select.keep_masks([th], _select.n_to_prune(sp, t.value().numel()))[0]
-            for t, th, sp in zip(targets, thunks, per)
-        ]
-    out = []
-    for t, keep in zip(targets, flat):
-        w = t.value()
-        out.append(keep.view(w.shape).to(w.device))
-    return out
 
 
 def _iter_masks(model: nn.Module) -> Iterator[tuple[str, HadamardMask]]:
@@ -383,7 +235,7 @@ def _iter_masks(model: nn.Module) -> Iterator[tuple[str, HadamardMask]]:
         if not parametrize.is_parametrized(module):
             continue
         for tname in module.parametrizations:  # type: ignore[union-attr]
-            m = _mask_of(module, tname)
+            m = mask_of(module, tname)
             if m is not None:
                 yield (f"{mod_name}.{tname}" if mod_name else tname), m
 
@@ -464,10 +316,9 @@ def remove_parametrizations(model: nn.Module, threshold: float = 0.0) -> nn.Modu
         >>> type(baked[0]) is torch.nn.Linear
         True
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module(model)
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or threshold < 0:
-        raise ValueError(f"threshold must be a real number >= 0, got {threshold!r}")
+        raise InvalidArgumentError(f"threshold must be a real number >= 0, got {threshold!r}")
     work: list[tuple[nn.Module, str]] = []
     for module in model.modules():
         if not parametrize.is_parametrized(module):

@@ -19,20 +19,13 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ._targets import Selectors, resolve_targets
-from .errors import NoTargetsError
+from ._checks import DISTRIBUTIONS, Selectors, check_distribution, check_sparsity
+from ._targets import resolve_targets
+from .errors import InvalidArgumentError, InvalidTypeError, NoTargetsError
 
-__all__ = ["DISTRIBUTIONS", "layer_densities"]
-
-DISTRIBUTIONS = ("uniform", "er", "erk")
+__all__ = ["DISTRIBUTIONS", "densities_for_shapes", "layer_densities"]
 
 ShapeLike = torch.Size | Sequence[int] | torch.Tensor
-
-
-def _check_distribution(distribution: object, arg: str = "distribution") -> str:
-    if not isinstance(distribution, str) or distribution not in DISTRIBUTIONS:
-        raise ValueError(f"{arg} must be one of {list(DISTRIBUTIONS)}, got {distribution!r}")
-    return distribution
 
 
 def _raw(shape: tuple[int, ...], distribution: str) -> float:
@@ -42,7 +35,9 @@ def _raw(shape: tuple[int, ...], distribution: str) -> float:
     return (n_out + n_in) / max(1, n_out * n_in)
 
 
-def _densities(shapes: Mapping[str, tuple[int, ...]], sparsity: float, distribution: str) -> dict[str, float]:
+def densities_for_shapes(
+    shapes: Mapping[str, tuple[int, ...]], sparsity: float, distribution: str
+) -> dict[str, float]:
     """Densities (fraction kept) per name for a total sparsity; the core of :func:`layer_densities`."""
     numel = {k: math.prod(s) for k, s in shapes.items()}
     total = sum(numel.values())
@@ -99,10 +94,8 @@ def layer_densities(
         >>> round(d["0.weight"] * 784 * 300 + d["1.weight"] * 300 * 10) == round(0.1 * (784 * 300 + 3000))
         True
     """
-    from .api import _check_sparsity
-
-    s = _check_sparsity(sparsity)
-    dist = _check_distribution(distribution)
+    s = check_sparsity(sparsity)
+    dist = check_distribution(distribution)
     shapes: dict[str, tuple[int, ...]] = {}
     if isinstance(model, nn.Module):
         for t in resolve_targets(model, include, exclude):
@@ -113,14 +106,21 @@ def layer_densities(
             )
     elif isinstance(model, Mapping):
         if include is not None or exclude is not None:
-            raise ValueError("include/exclude only apply when model is an nn.Module, got a mapping")
+            raise InvalidArgumentError("include/exclude only apply when model is an nn.Module, got a mapping")
         for k, v in model.items():
             shape = tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v)
             if not isinstance(k, str) or not all(isinstance(d, int) and d >= 0 for d in shape):
-                raise TypeError(
+                raise InvalidTypeError(
                     f"model as a mapping must map str names to shapes (ints >= 0), got {k!r}: {v!r}"
                 )
             shapes[k] = shape
     else:
-        raise TypeError(f"model must be an nn.Module or a mapping name -> shape, got {type(model).__name__}")
-    return _densities(shapes, s, dist)
+        raise InvalidTypeError(
+            f"model must be an nn.Module or a mapping name -> shape, got {type(model).__name__}"
+        )
+    return densities_for_shapes(shapes, s, dist)
+
+
+# Old private names, importable until every caller uses the public ones.
+_check_distribution = check_distribution
+_densities = densities_for_shapes

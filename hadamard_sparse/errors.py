@@ -1,17 +1,37 @@
 """Exception types raised by hadamard_sparse.
 
 Every error a user can trigger with bad input is a :class:`ValueError` or a
-:class:`TypeError` subclass, so ``except ValueError`` keeps working for callers
-that do not know this library.
+:class:`TypeError` subclass, so ``except ValueError`` / ``except TypeError`` keep
+working for callers that do not know this library, and every one of them is a
+:class:`HadamardSparseError`, so ``except hs.HadamardSparseError`` catches them all.
+
+- :class:`InvalidArgumentError`: an argument has an allowed type but a refused value.
+- :class:`InvalidTypeError`: an argument has a refused type (also a :class:`TypeError`).
+- :class:`NoTargetsError`: the model has no tensor the operation can act on.
+- :class:`UnsupportedGraphError`: a model's graph cannot be transformed safely.
 """
 
 from __future__ import annotations
 
-__all__ = ["HadamardSparseError", "NoTargetsError", "UnsupportedGraphError"]
+__all__ = [
+    "HadamardSparseError",
+    "InvalidArgumentError",
+    "InvalidTypeError",
+    "NoTargetsError",
+    "UnsupportedGraphError",
+]
 
 
 class HadamardSparseError(ValueError):
     """Base class of the errors raised for invalid arguments or models."""
+
+
+class InvalidArgumentError(HadamardSparseError):
+    """Raised when an argument has an allowed type but a value outside what is allowed."""
+
+
+class InvalidTypeError(HadamardSparseError, TypeError):
+    """Raised when an argument has a type that is not allowed (a :class:`TypeError` too)."""
 
 
 class NoTargetsError(HadamardSparseError):

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import InvalidArgumentError, InvalidTypeError
+
 __all__ = ["ScoreContext", "available_scores", "get_score", "register_score"]
 
 
@@ -49,7 +51,9 @@ PrunerFn = Callable[..., None]
 
 
 @dataclass(frozen=True)
-class _ScoreEntry:
+class ScoreEntry:
+    """One registered method: its score function and what it needs."""
+
     fn: ScoreFn
     needs_calibration: bool
     scopes: tuple[str, ...]
@@ -57,7 +61,7 @@ class _ScoreEntry:
     pruner: PrunerFn | None = None
 
 
-_SCORES: dict[str, _ScoreEntry] = {}
+_SCORES: dict[str, ScoreEntry] = {}
 
 
 def register_score(
@@ -90,10 +94,10 @@ def register_score(
         ...     return ctx.weight.abs() ** 3
     """
     if not isinstance(name, str) or not name:
-        raise TypeError(f"name must be a non-empty str, got {name!r}")
+        raise InvalidTypeError(f"name must be a non-empty str, got {name!r}")
 
     def decorator(fn: ScoreFn) -> ScoreFn:
-        _SCORES[name] = _ScoreEntry(fn, needs_calibration, tuple(scopes), needs_gram, pruner)
+        _SCORES[name] = ScoreEntry(fn, needs_calibration, tuple(scopes), needs_gram, pruner)
         return fn
 
     return decorator
@@ -104,10 +108,10 @@ def available_scores() -> list[str]:
     return sorted(_SCORES)
 
 
-def get_score(name: str) -> _ScoreEntry:
+def get_score(name: str) -> ScoreEntry:
     """Look up a registered method; raise a ``ValueError`` naming the allowed ones."""
     if not isinstance(name, str) or name not in _SCORES:
-        raise ValueError(f"method must be one of {available_scores()}, got {name!r}")
+        raise InvalidArgumentError(f"method must be one of {available_scores()}, got {name!r}")
     return _SCORES[name]
 
 

@@ -26,8 +26,9 @@ from typing import Union
 
 import torch
 
-from . import _select
+from ._checks import check_norm, check_positive_int
 from ._targets import Target, weight_dims
+from .errors import InvalidArgumentError, InvalidTypeError
 
 __all__ = [
     "NM",
@@ -38,28 +39,12 @@ __all__ = [
     "check_sparsity",
     "check_targets",
     "parse_structure",
-    "structured_keep_masks",
 ]
 
-_NORMS = ("l1", "l2")
 _ROW_NAMES = ("row", "out_channel")
 _COLUMN_NAMES = ("column", "in_channel")
 _NM_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 _DEFAULT_SPARSITY = 0.7
-
-
-def _check_norm(norm: object) -> str:
-    if norm not in _NORMS:
-        raise ValueError(f"norm must be one of {list(_NORMS)}, got {norm!r}")
-    return norm  # type: ignore[return-value]
-
-
-def _check_positive_int(value: object, arg: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{arg} must be a positive int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{arg} must be a positive int, got {value!r}")
-    return value
 
 
 def _normalised_norm(x: torch.Tensor, dims: tuple[int, ...], norm: str) -> torch.Tensor:
@@ -154,8 +139,10 @@ class Channels(Structure):
 
     def __post_init__(self) -> None:
         if self.axis not in _ROW_NAMES + _COLUMN_NAMES:
-            raise ValueError(f"axis must be one of {list(_ROW_NAMES + _COLUMN_NAMES)}, got {self.axis!r}")
-        _check_norm(self.norm)
+            raise InvalidArgumentError(
+                f"axis must be one of {list(_ROW_NAMES + _COLUMN_NAMES)}, got {self.axis!r}"
+            )
+        check_norm(self.norm)
         object.__setattr__(self, "axis", "row" if self.axis in _ROW_NAMES else "column")
 
     def _dim(self, out_dim: int, in_dim: int) -> int:
@@ -215,10 +202,10 @@ class NM(Structure):
     m: int
 
     def __post_init__(self) -> None:
-        _check_positive_int(self.n, "n")
-        _check_positive_int(self.m, "m")
+        check_positive_int(self.n, "n")
+        check_positive_int(self.m, "m")
         if self.n >= self.m:
-            raise ValueError(f"an N:M structure needs 1 <= N < M, got N={self.n}, M={self.m}")
+            raise InvalidArgumentError(f"an N:M structure needs 1 <= N < M, got N={self.n}, M={self.m}")
 
     @property
     def group_fraction(self) -> float:
@@ -304,9 +291,9 @@ class Block(Structure):
     norm: str = "l2"
 
     def __post_init__(self) -> None:
-        _check_positive_int(self.rows, "rows")
-        _check_positive_int(self.cols, "cols")
-        _check_norm(self.norm)
+        check_positive_int(self.rows, "rows")
+        check_positive_int(self.cols, "cols")
+        check_norm(self.norm)
 
     def problem(self, shape: torch.Size, out_dim: int, in_dim: int) -> str | None:
         p = super().problem(shape, out_dim, in_dim)
@@ -369,22 +356,24 @@ def parse_structure(structure: StructureLike) -> Structure | None:
         "hs.Channels(...), hs.NM(n, m) or hs.Block(rows, cols)"
     )
     if not isinstance(structure, str):
-        raise TypeError(f"structure must be one of {allowed}, got {structure!r}")
+        raise InvalidTypeError(f"structure must be one of {allowed}, got {structure!r}")
     if structure in _ROW_NAMES + _COLUMN_NAMES:
         return Channels(structure)
     match = _NM_PATTERN.match(structure)
     if match is None:
-        raise ValueError(f"structure must be one of {allowed}, got {structure!r}")
+        raise InvalidArgumentError(f"structure must be one of {allowed}, got {structure!r}")
     n, m = int(match.group(1)), int(match.group(2))
     if not 1 <= n < m:
-        raise ValueError(f"structure {structure!r}: an 'N:M' structure needs 1 <= N < M, got N={n}, M={m}")
+        raise InvalidArgumentError(
+            f"structure {structure!r}: an 'N:M' structure needs 1 <= N < M, got N={n}, M={m}"
+        )
     return NM(n, m)
 
 
 def check_targets(
     structure: Structure, targets: Sequence[Target], shapes: Sequence[torch.Size] | None = None
 ) -> None:
-    """Raise a ``ValueError`` listing every target that ``structure`` cannot apply to.
+    """Raise an :class:`InvalidArgumentError` (a ``ValueError``) listing every target that ``structure`` cannot apply to.
 
     Args:
         structure: the structure.
@@ -399,7 +388,7 @@ def check_targets(
         if p is not None:
             problems.append(f"{t.qualified} {p}")
     if problems:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"structure {structure} does not fit {len(problems)} tensor(s) "
             "(exclude them with exclude=[...]):\n  " + "\n  ".join(problems)
         )
@@ -408,75 +397,7 @@ def check_targets(
 def check_sparsity(structure: Structure, sparsity: float, arg: str = "sparsity") -> None:
     """Refuse a sparsity above what ``structure`` can reach (``N/M`` for N:M)."""
     if sparsity > structure.max_sparsity + 1e-9:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{arg} must be at most {structure.max_sparsity:g} with structure {structure} "
             f"(N/M: every group of M holds at most N zeros), got {sparsity!r}"
         )
-
-
-def _groups_to_prune(structure: Structure, sparsity: float, n_groups: int) -> int:
-    """Exact count of groups to prune: ``round(sparsity / group_fraction * n_groups)``, clamped."""
-    return min(n_groups, _select.n_to_prune(sparsity / structure.group_fraction, n_groups))
-
-
-def structured_keep_masks(
-    structure: Structure,
-    targets: Sequence[Target],
-    score_thunks: Sequence[_select.ScoreThunk],
-    sparsities: Sequence[float],
-    scope: str,
-) -> list[torch.Tensor]:
-    """Compact keep-masks of ``targets`` under ``structure``; the structured branch of ``compute_keep_masks``.
-
-    Args:
-        structure: the structure.
-        targets: the tensors, in order (the order breaks ties).
-        score_thunks: one callable per target returning its element scores (tensor's shape).
-        sparsities: one fraction per target (all equal for ``scope="global"``).
-        scope: ``"global"``: exactly ``round(s / f * G)`` groups over all ``G`` groups of all
-            targets (``f`` = :attr:`Structure.group_fraction`); ``"layer"``: per tensor; ``"row"``
-            (:class:`NM` only): per output row, over the row's groups.
-
-    Returns:
-        One bool keep-mask per target, of shape ``structure.mask_shape(...)`` (broadcastable to the
-        tensor), on the scores' device.
-    """
-    shapes = [t.value().shape for t in targets]
-    check_targets(structure, targets, shapes)
-    for s in sparsities:
-        check_sparsity(structure, s)
-    dims = [weight_dims(t.module, t.tensor_name) for t in targets]
-    counts = [structure.n_groups(sh, *d) for sh, d in zip(shapes, dims)]
-
-    def group_thunk(i: int) -> _select.ScoreThunk:
-        return lambda: structure.group_scores(score_thunks[i](), *dims[i])
-
-    largest = max((math.prod(sh) for sh in shapes), default=0)
-
-    def select(idx: list[int], n_prune: int) -> list[torch.Tensor]:
-        total = sum(counts[i] for i in idx)
-        if n_prune <= 0 or n_prune >= total:
-            return [torch.full((counts[i],), n_prune <= 0, dtype=torch.bool) for i in idx]
-        thunks = [group_thunk(i) for i in idx]
-        if total <= largest:  # group scores fit the memory bound of one tensor: compute them once
-            cached = [th() for th in thunks]
-            thunks = [lambda c=c: c for c in cached]  # type: ignore[misc]
-        return _select.keep_masks(thunks, n_prune)
-
-    if scope == "row":
-        if not isinstance(structure, NM):
-            raise ValueError(f"scope='row' with a structure needs an 'N:M' structure, got {structure}")
-        keeps = []
-        for i, sp in enumerate(sparsities):
-            # NM groups are laid out with the output dimension first: one row of groups per output.
-            rows = group_thunk(i)().reshape(shapes[i][dims[i][0]], -1)
-            frac = min(1.0, sp / structure.group_fraction)
-            keeps.append(_select.row_keep_mask(rows, frac, 0).reshape(-1))
-    elif scope == "global":
-        idx = list(range(len(targets)))
-        keeps = select(idx, _groups_to_prune(structure, sparsities[0], sum(counts)))
-    else:
-        keeps = [
-            select([i], _groups_to_prune(structure, sparsities[i], counts[i]))[0] for i in range(len(targets))
-        ]
-    return [structure.expand(keep, score_thunks[i], shapes[i], *dims[i]) for i, keep in enumerate(keeps)]

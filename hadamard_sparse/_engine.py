@@ -1,0 +1,252 @@
+"""The pruning engine: keep-masks from method, scope and structure, in one place.
+
+:func:`compute_keep_masks` is what :func:`~hadamard_sparse.sparsify` and every
+schedule call: it resolves the score method, checks the structure once, builds
+one lazy score per target and runs the single scope dispatch (``"global"``,
+``"layer"``, ``"row"``) for unstructured and structured masks alike. An
+unstructured tensor is treated as a structure whose groups are its elements.
+
+Also here: :func:`mask_of` (a tensor's :class:`HadamardMask`) and
+:func:`pre_mask_value` (the value with every mask skipped), shared with
+:mod:`sparsegpt` and the schedules.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from . import _select
+from ._checks import SCOPES
+from ._targets import Target, weight_dims
+from .errors import InvalidArgumentError
+from .parametrizations import HadamardMask
+from .scores import ScoreContext, get_score
+from .structures import NM, Structure, StructureLike, check_sparsity, check_targets, parse_structure
+
+__all__ = [
+    "broadcasts_to",
+    "check_mask_shapes",
+    "check_structure",
+    "compute_keep_masks",
+    "mask_of",
+    "pre_mask_value",
+]
+
+
+def mask_of(module: nn.Module, name: str) -> HadamardMask | None:
+    """The :class:`HadamardMask` in the parametrization chain of ``module.<name>``, or ``None``."""
+    if not parametrize.is_parametrized(module, name):
+        return None
+    for p in module.parametrizations[name]:  # type: ignore[index, union-attr]
+        if isinstance(p, HadamardMask):
+            return p
+    return None
+
+
+def pre_mask_value(module: nn.Module, name: str) -> torch.Tensor:
+    """The tensor's value with every HadamardMask in its chain skipped (the dense value), detached."""
+    with torch.no_grad():
+        if not parametrize.is_parametrized(module, name):
+            return getattr(module, name).detach()
+        plist = module.parametrizations[name]  # type: ignore[index, union-attr]
+        if plist.is_tensor:
+            x = plist.original
+            chain = list(plist)
+        else:
+            originals = [getattr(plist, f"original{i}") for i in range(plist.ntensors)]
+            x = plist[0](*originals)
+            chain = list(plist)[1:]
+        for p in chain:
+            if not isinstance(p, HadamardMask):
+                x = p(x)
+        return x.detach()
+
+
+def broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to exactly ``target``."""
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
+
+
+def check_structure(structure: Structure, targets: Sequence[Target], sparsities: Sequence[float]) -> None:
+    """Refuse targets that ``structure`` does not fit and sparsities above its maximum."""
+    check_targets(structure, targets)
+    for s in sparsities:
+        check_sparsity(structure, s)
+
+
+def check_mask_shapes(targets: Sequence[Target], structure: Structure | None, given: object = None) -> None:
+    """Refuse targets whose existing mask cannot hold the masks ``structure`` produces (masks keep their shape).
+
+    Args:
+        targets: the tensors about to be (re)masked.
+        structure: the parsed structure (``None``: unstructured).
+        given: the structure as the user passed it, for the message.
+    """
+    for t in targets:
+        m = mask_of(t.module, t.tensor_name)
+        if m is None:
+            continue
+        shape = t.value().shape
+        new_shape = (
+            shape if structure is None else structure.mask_shape(shape, *weight_dims(t.module, t.tensor_name))
+        )
+        if not broadcasts_to(new_shape, m.mask.shape):
+            raise InvalidArgumentError(
+                f"{t.qualified} has a mask of shape {tuple(m.mask.shape)} and structure={given!r} "
+                f"needs one of shape {tuple(new_shape)}; masks are updated in place and keep their shape: "
+                "remove the parametrizations first"
+            )
+
+
+def _score_thunk(
+    t: Target, seed: int, method: str, stats: Mapping[str, Any] | None, value: str, nest: bool
+) -> _select.ScoreThunk:
+    entry = get_score(method)
+
+    def scores() -> torch.Tensor:
+        with torch.no_grad():
+            w = pre_mask_value(t.module, t.tensor_name) if value == "dense" else t.value().detach()
+            st = None if stats is None else stats.get(t.qualified)
+            sc = entry.fn(ScoreContext(t.qualified, t.module, t.tensor_name, w, seed, st))
+            current = mask_of(t.module, t.tensor_name) if nest else None
+            if current is None:
+                return sc
+            # Masked entries score -inf: they are pruned first, so new masks nest in the old ones.
+            sc = sc if sc.is_floating_point() else sc.float()
+            return sc.masked_fill(~current.mask.expand(w.shape), float("-inf"))
+
+    return scores
+
+
+def compute_keep_masks(
+    targets: Sequence[Target],
+    sparsity: float | Sequence[float],
+    *,
+    method: str = "magnitude",
+    scope: str = "global",
+    seed: int = 0,
+    stats: Mapping[str, Any] | None = None,
+    value: str = "dense",
+    structure: StructureLike = None,
+    checked: bool = False,
+) -> list[torch.Tensor]:
+    """Boolean keep-masks for ``targets``; the shared engine of sparsify and schedules.
+
+    Args:
+        targets: the tensors, in order (the order breaks ties).
+        sparsity: one fraction, or one per target (only with ``scope="layer"``).
+        method: a registered score name.
+        scope: ``"global"``, ``"layer"`` or ``"row"`` (per output row; with a structure only ``"N:M"``).
+        seed: base seed; each target gets its own seed drawn from it.
+        stats: optional per-qualified-name statistics handed to the score function.
+        value: score the ``"dense"`` value (masks ignored) or the ``"effective"`` one. With
+            ``"effective"`` and no structure, entries already masked score ``-inf``, so the new masks
+            are nested in the current ones (masks only grow sparser); with a structure they score as
+            zero weights.
+        structure: ``None`` or a structure (see :func:`~hadamard_sparse.sparsify`); sparsities then
+            count groups.
+        checked: the caller already ran :func:`check_structure` on these targets and sparsities.
+
+    Returns:
+        One bool tensor per target, ``True`` where kept: of the target's shape, or with a
+        ``structure`` of its compact shape (broadcastable to the target's shape).
+
+    Example::
+
+        >>> targets = resolve_targets(torch.nn.Linear(4, 4))
+        >>> compute_keep_masks(targets, 0.5)[0].sum().item()
+        8
+    """
+    st = parse_structure(structure)
+    get_score(method)  # refuse unknown methods before anything else
+    if scope not in SCOPES:
+        raise InvalidArgumentError(f"scope must be one of {list(SCOPES)}, got {scope!r}")
+    if isinstance(sparsity, (int, float)):
+        per = [float(sparsity)] * len(targets)
+    else:
+        per = [float(x) for x in sparsity]
+        if scope == "global":
+            raise InvalidArgumentError("per-tensor sparsities need scope='layer'")
+    if st is not None and not checked:
+        check_structure(st, targets, per)
+    if st is not None and scope == "row" and not isinstance(st, NM):
+        raise InvalidArgumentError(f"scope='row' with a structure needs an 'N:M' structure, got {st}")
+    gen = torch.Generator().manual_seed(seed)
+    seeds = [int(torch.randint(0, 2**62, (1,), generator=gen)) for _ in targets]
+    nest = value == "effective" and st is None
+    thunks = [_score_thunk(t, sd, method, stats, value, nest) for t, sd in zip(targets, seeds)]
+    keeps = _dispatch(st, targets, thunks, per, scope)
+    return [k.to(t.value().device) for t, k in zip(targets, keeps)]
+
+
+def _dispatch(
+    st: Structure | None,
+    targets: Sequence[Target],
+    thunks: Sequence[_select.ScoreThunk],
+    per: Sequence[float],
+    scope: str,
+) -> list[torch.Tensor]:
+    """The one scope dispatch: groups are the structure's, or the elements when ``st`` is ``None``."""
+    shapes = [t.value().shape for t in targets]
+    dims = [weight_dims(t.module, t.tensor_name) for t in targets]
+    fraction = 1.0 if st is None else st.group_fraction
+    if st is None:
+        counts = [math.prod(sh) for sh in shapes]
+        group: list[Callable[[], torch.Tensor]] = list(thunks)
+    else:
+        counts = [st.n_groups(sh, *d) for sh, d in zip(shapes, dims)]
+        group = [(lambda th=th, d=d: st.group_scores(th(), *d)) for th, d in zip(thunks, dims)]
+
+    structured = st is not None
+    largest = max((math.prod(sh) for sh in shapes), default=0)
+
+    def n_prune(sp: float, n: int) -> int:
+        return min(n, _select.n_to_prune(sp / fraction, n))
+
+    if scope == "row":
+        if st is None:  # exactly round(sparsity * row_len) in every output row
+            keeps = [_select.row_keep_mask(th(), sp, d[0]) for th, sp, d in zip(thunks, per, dims)]
+        else:  # N:M groups are laid out output-first: one row of groups per output
+            keeps = [
+                _select.row_keep_mask(g().reshape(sh[d[0]], -1), min(1.0, sp / fraction), 0).reshape(-1)
+                for g, sp, sh, d in zip(group, per, shapes, dims)
+            ]
+    elif scope == "global":
+        keeps = _select_groups(group, counts, n_prune(per[0], sum(counts)), structured, largest)
+    else:
+        keeps = [
+            _select_groups([g], [c], n_prune(sp, c), structured, largest)[0]
+            for g, c, sp in zip(group, counts, per)
+        ]
+    if st is None:
+        return [k.view(sh) for k, sh in zip(keeps, shapes)]
+    return [st.expand(k, thunks[i], shapes[i], *dims[i]) for i, k in enumerate(keeps)]
+
+
+def _select_groups(
+    group: Sequence[Callable[[], torch.Tensor]],
+    counts: Sequence[int],
+    n_prune: int,
+    structured: bool,
+    largest: int,
+) -> list[torch.Tensor]:
+    """Flat keep decisions over the groups of several tensors, exactly ``n_prune`` pruned in all."""
+    thunks = list(group)
+    if not structured:
+        return _select.keep_masks(thunks, n_prune)
+    total = sum(counts)
+    if n_prune <= 0 or n_prune >= total:
+        return [torch.full((c,), n_prune <= 0, dtype=torch.bool) for c in counts]
+    if total <= largest:  # group scores fit the memory bound of one tensor: compute them once
+        cached = [th() for th in thunks]
+        thunks = [lambda c=c: c for c in cached]
+    return _select.keep_masks(thunks, n_prune)
