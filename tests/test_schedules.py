@@ -384,6 +384,42 @@ def test_rigl_hooks_only_on_update_steps_and_error_without_gradients() -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("n_positional", [1, 2, 3])
+def test_iterative_positional_options_are_deprecated_and_equal_keywords(n_positional: int) -> None:
+    values = {"rounds": 2, "final_sparsity": 0.75, "rewind_to": 1}
+    names = list(values)[:n_positional]
+    torch.manual_seed(0)
+    a, b = mlp(), mlp()
+    b.load_state_dict(a.state_dict())
+    sparsify(a, 0.0)
+    sparsify(b, 0.0)
+    ref = IterativePruning(a, **values, every=3)
+    with pytest.warns(DeprecationWarning, match="positionally is deprecated"):
+        old = IterativePruning(
+            b, *[values[n] for n in names], **{k: v for k, v in values.items() if k not in names}, every=3
+        )
+    for _ in range(7):
+        ref.step()
+        old.step()
+    assert ref.state_dict()["config"] == old.state_dict()["config"]
+    assert all(torch.equal(masks(a)[k], masks(b)[k]) for k in masks(a))
+
+
+def test_iterative_positional_and_keyword_conflict_is_refused() -> None:
+    model = sparsify(mlp(), 0.0)
+    before = copy.deepcopy(model.state_dict())
+    with (
+        pytest.warns(DeprecationWarning),
+        pytest.raises(TypeError, match="multiple values for argument 'rounds'"),
+    ):
+        IterativePruning(model, 3, rounds=4)
+    with pytest.raises(TypeError, match="at most 3"):
+        IterativePruning(model, 3, 0.5, 0, 10)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before if isinstance(before[k], torch.Tensor))
+
+
 @pytest.mark.parametrize("rewind", ["step0", "state_dict"])
 def test_iterative_rounds_and_rewinding(rewind: str) -> None:
     torch.manual_seed(0)

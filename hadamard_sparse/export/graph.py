@@ -25,7 +25,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils import parametrize
 
-from .._targets import _shared_parameter_ids
+from .._targets import shared_parameter_ids
 from ..errors import UnsupportedGraphError
 from ..parametrizations import _SparseParametrization
 
@@ -331,7 +331,7 @@ def frozen_modules(model: nn.Module, gm: fx.GraphModule) -> set[str]:
             for plist in mod.parametrizations.values():  # type: ignore[union-attr]
                 if not any(isinstance(p, _SparseParametrization) for p in plist):
                     frozen.add(name)
-    for qualified in _shared_parameter_ids(model).values():
+    for qualified in shared_parameter_ids(model).values():
         owners = {_owner_module(q) for q in qualified}
         if len(owners) > 1:
             frozen.update(owners)

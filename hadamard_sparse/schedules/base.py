@@ -1,0 +1,316 @@
+"""What every schedule shares: the masked tensors it drives, distributed helpers and the base class.
+
+:func:`masked_tensors` finds the masks a schedule drives (the model may be wrapped in DDP or
+``torch.compile``); each is a :class:`MaskedTensor`, the package's
+:class:`~hadamard_sparse._targets.Target` plus its :class:`~hadamard_sparse.parametrizations.HadamardMask`,
+so it goes straight into the pruning engine. Masks are written only in place
+(:func:`write_masks`: ``mask.copy_`` under ``torch.no_grad()``), after
+:func:`broadcast_masks` made them identical on every rank. :class:`Schedule` holds the
+step counter, the generator, the history and the checkpoint format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .. import _select
+from .._checks import check_choice, check_method, check_seed
+from .._engine import compute_keep_masks, mask_of
+from .._targets import Target
+from ..errors import InvalidArgumentError, InvalidTypeError, NoTargetsError
+from ..parametrizations import HadamardMask
+
+__all__ = [
+    "SCHEDULE_SCOPES",
+    "STATE_VERSION",
+    "MaskedTensor",
+    "Schedule",
+    "achieved",
+    "all_reduce_mean",
+    "broadcast_masks",
+    "check_schedule_method",
+    "check_unstructured",
+    "draw_seed",
+    "is_distributed",
+    "masked_tensors",
+    "top_k",
+    "unwrap",
+    "write_masks",
+]
+
+STATE_VERSION = 1
+#: The scopes schedules prune with.
+SCHEDULE_SCOPES = ("global", "layer")
+
+
+def check_schedule_method(method: str, scope: str) -> None:
+    """A registered score without calibration, and a scope among :data:`SCHEDULE_SCOPES` that it supports."""
+    check_choice(scope, "scope", SCHEDULE_SCOPES)
+    check_method(method, scope, takes_calibration=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# The masked tensors a schedule drives
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MaskedTensor(Target):
+    """A :class:`~hadamard_sparse._targets.Target` whose parametrization chain holds the mask ``pm``."""
+
+    pm: HadamardMask
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.pm.mask
+
+    @property
+    def plist(self) -> parametrize.ParametrizationList:
+        return self.module.parametrizations[self.tensor_name]  # type: ignore[index, union-attr, return-value]
+
+    @property
+    def original(self) -> torch.Tensor | None:
+        """The single ``original`` Parameter, or ``None`` for multi-tensor chains."""
+        plist = self.plist
+        return plist.original if plist.is_tensor else None
+
+    @property
+    def shape(self) -> torch.Size:
+        plist = self.plist
+        if plist.is_tensor:
+            return plist.original.shape
+        with torch.no_grad():
+            return self.value().shape
+
+    @property
+    def full_mask(self) -> bool:
+        return self.mask.shape == self.shape
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP / ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def masked_tensors(model: object, who: str) -> tuple[nn.Module, list[MaskedTensor]]:
+    """The plain model and its masked tensors, in ``named_modules`` order."""
+    if isinstance(model, Mapping):
+        raise InvalidTypeError(
+            f"{who}: model must be the nn.Module whose masks to drive (plain, or wrapped in DDP / "
+            f"torch.compile), got a {type(model).__name__}; schedules need the weights, not only hs.masks(model)"
+        )
+    if not isinstance(model, nn.Module):
+        raise InvalidTypeError(f"{who}: model must be an nn.Module, got {type(model).__name__}")
+    plain = unwrap(model)
+    out: list[MaskedTensor] = []
+    for mod_name, module in plain.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for tname in module.parametrizations:  # type: ignore[union-attr]
+            pm = mask_of(module, tname)
+            if pm is not None:
+                out.append(MaskedTensor(mod_name, module, tname, pm))
+    if not out:
+        raise NoTargetsError(
+            f"{who}: model {type(plain).__name__} has no masks; register them first with "
+            "hs.sparsify(model, 0.0) (all ones) or hs.register_mask, before wrapping the model in DDP"
+        )
+    return plain, out
+
+
+def check_unstructured(masked: list[MaskedTensor], who: str) -> None:
+    """Refuse structured (broadcast-shape) masks."""
+    bad = [m.qualified for m in masked if not m.full_mask]
+    if bad:
+        raise InvalidArgumentError(
+            f"{who}: the masks of {bad} are structured (broadcast shapes); this schedule needs full-shape "
+            "masks (register them with hs.sparsify(model, 0.0) or pass structure= to GradualPruning)"
+        )
+
+
+def _expanded_count(m: MaskedTensor) -> int:
+    mask = m.mask
+    if mask.shape == m.shape:
+        return int(mask.sum())
+    return int(mask.expand(m.shape).sum())
+
+
+def achieved(masked: list[MaskedTensor]) -> float:
+    """The sparsity the masks reach over all masked tensors."""
+    total = sum(m.shape.numel() for m in masked)
+    kept = sum(_expanded_count(m) for m in masked)
+    return 0.0 if total == 0 else 1.0 - kept / total
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.distributed and mask writes
+# ----------------------------------------------------------------------------------------------
+
+
+def is_distributed() -> bool:
+    """Whether a process group with more than one rank is initialised."""
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
+
+
+def broadcast_masks(new: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Under torch.distributed, replace ``new`` by rank 0's version (one broadcast for all)."""
+    if not is_distributed() or not new:
+        return new
+    flat = torch.cat([n.reshape(-1).to(torch.uint8) for n in new])
+    torch.distributed.broadcast(flat, src=0)
+    out = []
+    offset = 0
+    for n in new:
+        out.append(flat[offset : offset + n.numel()].view(n.shape).bool())
+        offset += n.numel()
+    return out
+
+
+def all_reduce_mean(tensors: list[torch.Tensor]) -> None:
+    """Under torch.distributed, average ``tensors`` over ranks in place (one all-reduce for all)."""
+    if not is_distributed() or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view(t.shape))
+        offset += t.numel()
+
+
+def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask (of ``scores``' shape) of the ``k`` largest scores; ties go to the higher flat index."""
+    flat = scores.reshape(-1)
+    keep = _select.keep_masks([lambda: flat], flat.numel() - k)[0]
+    return keep.view(scores.shape).to(scores.device)
+
+
+def write_masks(masked: list[MaskedTensor], new: list[torch.Tensor]) -> None:
+    """Copy ``new`` into the mask buffers, in place."""
+    with torch.no_grad():
+        for m, n in zip(masked, new):
+            m.mask.copy_(n)
+
+
+def draw_seed(gen: torch.Generator) -> int:
+    """A fresh seed from the schedule's generator."""
+    return int(torch.randint(0, 2**62, (1,), generator=gen))
+
+
+class Schedule:
+    """Shared machinery: the step counter, the generator, history and checkpoints."""
+
+    _who = "schedule"
+
+    def __init__(self, model: nn.Module, seed: int) -> None:
+        check_seed(seed)
+        self.model, self._masked = masked_tensors(model, self._who)
+        self.last_step = 0
+        self.history: list[tuple[int, float, float]] = []
+        self._gen = torch.Generator().manual_seed(seed)
+
+    # -- public API --------------------------------------------------------------------------
+
+    @property
+    def sparsity(self) -> float:
+        """The current target sparsity."""
+        raise NotImplementedError
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The schedule's own random generator (its state is part of :meth:`state_dict`)."""
+        return self._gen
+
+    def step(self) -> None:
+        """Advance by one training step; update the masks in place when this is an update step."""
+        self.last_step += 1
+        self._on_step(self.last_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The schedule's state: step counter, generator state, history and config.
+
+        Every value is a tensor, number, string, list or dict, so ``torch.load(..., weights_only=True)``
+        reads it back. The masks themselves live in ``model.state_dict()``.
+        """
+        return {
+            "type": type(self).__name__,
+            "version": STATE_VERSION,
+            "last_step": self.last_step,
+            "generator": self._gen.get_state(),
+            "history": [[int(s), float(t), float(a)] for s, t, a in self.history],
+            "config": self._config(),
+            **self._extra_state(),
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a state saved by :meth:`state_dict` (load the model's state_dict too: masks live there)."""
+        if not isinstance(state_dict, Mapping):
+            raise InvalidTypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+        missing = [k for k in ("type", "last_step", "generator", "history") if k not in state_dict]
+        if missing:
+            raise InvalidArgumentError(
+                f"state_dict is missing the keys {missing}; expected one saved by {type(self).__name__}.state_dict()"
+            )
+        if state_dict["type"] != type(self).__name__:
+            raise InvalidArgumentError(
+                f"state_dict was saved by {state_dict['type']!r}, cannot load it into {type(self).__name__}"
+            )
+        self.last_step = int(state_dict["last_step"])
+        self._gen.set_state(state_dict["generator"])
+        self.history = [(int(s), float(t), float(a)) for s, t, a in state_dict["history"]]
+        self._load_extra_state(state_dict)
+
+    # -- hooks for subclasses ---------------------------------------------------------------
+
+    def _on_step(self, step: int) -> None:
+        raise NotImplementedError
+
+    def _config(self) -> dict[str, Any]:
+        return {}
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state_dict: Mapping[str, Any]) -> None:
+        pass
+
+    def _record(self, step: int, target: float) -> None:
+        self.history.append((step, float(target), achieved(self._masked)))
+
+    # -- pruning to a target with nested masks ----------------------------------------------
+
+    def _prune_nested(self, target: float, method: str, scope: str, structure: Any = None) -> None:
+        """Prune the masks to ``target`` keeping them nested (masked entries are pruned first)."""
+        keeps = compute_keep_masks(
+            self._masked,
+            target,
+            method=method,
+            scope=scope,
+            seed=draw_seed(self._gen),
+            value="effective",
+            structure=structure,
+        )
+        new = []
+        for m, keep in zip(self._masked, keeps):
+            keep = keep.to(m.mask.device)
+            if keep.shape != m.mask.shape:
+                keep = keep.expand(m.shape) if m.full_mask else keep
+            new.append(m.mask & keep)
+        write_masks(self._masked, broadcast_masks(new))
