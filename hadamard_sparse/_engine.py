@@ -23,8 +23,8 @@ from torch.nn.utils import parametrize
 
 from . import _select
 from ._checks import SCOPES
-from ._targets import Target, weight_dims
 from .errors import InvalidArgumentError
+from .layers import Target, weight_dims
 from .parametrizations import HadamardMask
 from .scores import ScoreContext, get_score
 from .structures import NM, Structure, StructureLike, check_sparsity, check_targets, parse_structure

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import sparsegpt
 from ._checks import (
     Selectors,
     check_distribution,
@@ -26,15 +27,23 @@ from ._engine import (
     mask_of,
     pre_mask_value,
 )
-from ._targets import Target, check_not_wrapped, resolve_targets
 from .checkpoint import drop_load_hook, ensure_load_hook
 from .densities import densities_for_shapes
 from .errors import InvalidArgumentError, NoTargetsError
+from .layers import Target, check_not_wrapped, resolve_targets
 from .parametrizations import HadamardMask, _check_mask, _SparseParametrization
+from .scores import register_score
 from .sparsegpt import stats_for
 from .structures import NM, StructureLike, parse_structure
 
 __all__ = ["masks", "register_mask", "remove_parametrizations", "sparsify"]
+
+# Built-in methods that live in their own module are registered here, explicitly (importing them
+# registers nothing). "sparsegpt": the mask-only OBS saliency as its score, and a pruner that also
+# rewrites the kept weights.
+register_score(
+    "sparsegpt", needs_calibration=True, scopes=sparsegpt.SCOPES, needs_gram=True, pruner=sparsegpt.prune
+)(sparsegpt.obs_saliency)
 
 # Old private names, importable until every caller uses _checks / _engine.
 _check_sparsity = check_sparsity
@@ -98,6 +107,61 @@ def apply_pruned(t: Target, keep: torch.Tensor, dense: torch.Tensor) -> None:
     register_mask(t.module, t.tensor_name, keep)
     with torch.no_grad():
         t.module.parametrizations[t.tensor_name].original.copy_(dense)  # type: ignore[index, union-attr]
+
+
+class _Undo:
+    """What ``apply_pruned`` changed on one tensor, to put it back if a pruner raises later."""
+
+    def __init__(self, t: Target) -> None:
+        self.t = t
+        m = mask_of(t.module, t.tensor_name)
+        self.added = m is None
+        self.was_parametrized = parametrize.is_parametrized(t.module, t.tensor_name)
+        self.order = list(t.module._parameters)
+        self.mask = None if m is None else m.mask.clone()
+        with torch.no_grad():
+            if self.was_parametrized:
+                self.original = t.module.parametrizations[t.tensor_name].original.detach().clone()  # type: ignore[index, union-attr]
+            else:
+                self.original = getattr(t.module, t.tensor_name).detach().clone()
+
+    def restore(self) -> None:
+        module, name = self.t.module, self.t.tensor_name
+        with torch.no_grad():
+            if self.added and not self.was_parametrized:
+                parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+                drop_load_hook(module)
+                params = dict(module._parameters)  # put the Parameter back at its place (state_dict order)
+                module._parameters.clear()
+                module._parameters.update({k: params[k] for k in self.order if k in params})
+                module._parameters.update(params)
+                getattr(module, name).copy_(self.original)
+                return
+            plist = module.parametrizations[name]  # type: ignore[index, union-attr]
+            if self.added:  # the chain had other parametrizations: drop only the mask appended to it
+                del plist[-1]
+            plist.original.copy_(self.original)
+            m = mask_of(module, name)
+            if m is not None and self.mask is not None:
+                m.mask.copy_(self.mask)
+
+
+def _run_pruner(
+    pruner: Any, model: nn.Module, targets: list[Target], sparsities: list[float], **kw: Any
+) -> None:
+    """Run a weight-editing pruner; if it raises, undo every tensor it already applied, then re-raise."""
+    journal: list[_Undo] = []
+
+    def apply(t: Target, keep: torch.Tensor, dense: torch.Tensor) -> None:
+        journal.append(_Undo(t))
+        apply_pruned(t, keep, dense)
+
+    try:
+        pruner(model, targets, sparsities, apply=apply, **kw)
+    except BaseException:
+        for undo in reversed(journal):
+            undo.restore()
+        raise
 
 
 def targets_or_raise(model: nn.Module, include: Selectors, exclude: Selectors, verb: str) -> list[Target]:
@@ -215,8 +279,8 @@ def sparsify(
     check_mask_shapes(targets, st, structure)
     if entry.pruner is not None:  # e.g. sparsegpt: also rewrites the kept weights
         per_list = [per] * len(targets) if isinstance(per, float) else per
-        entry.pruner(
-            model, targets, per_list, scope=scope, structure=st, calibration=calibration, apply=apply_pruned
+        _run_pruner(
+            entry.pruner, model, targets, per_list, scope=scope, structure=st, calibration=calibration
         )
         return model
     stats = None

@@ -28,7 +28,6 @@ Each weight is viewed as ``B`` blocks of ``R x F`` matrices (``B`` = conv groups
 
 from __future__ import annotations
 
-import math
 import sys
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -36,15 +35,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ._targets import Selectors, Target, layer_kind, resolve_targets
+from ._checks import Selectors, check_module
+from .errors import InvalidArgumentError, InvalidTypeError, NoTargetsError
+from .layers import LayerRule, Target, layer_rule, resolve_targets, rule_for_kind
 
 __all__ = ["ActivationStats", "LayerStats", "calibrate"]
-
-_SUPPORTED = ("linear", "hf_conv1d", "conv", "conv_transpose", "mha")
-_MHA_INPUT = {"q_proj_weight": 0, "k_proj_weight": 1, "v_proj_weight": 2}
 
 
 @dataclass
@@ -76,11 +73,11 @@ class LayerStats:
 
     def to_blocks(self, w: torch.Tensor) -> torch.Tensor:
         """View a tensor of the weight's shape as ``(B, R, F)``: blocks of outputs x input features."""
-        return _to_blocks(self.kind, self.tensor_name, self.groups, w)
+        return rule_for_kind(self.kind).to_blocks(self.tensor_name, self.groups, w)
 
     def from_blocks(self, b: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`to_blocks`: a ``(B, R, F)`` tensor back to the weight's shape."""
-        return _from_blocks(self.kind, self.tensor_name, self.groups, b, self.shape)
+        return rule_for_kind(self.kind).from_blocks(self.tensor_name, self.groups, b, self.shape)
 
     def norms_like_weight(self) -> torch.Tensor:
         """``||X_j||_2`` of the input feature that multiplies each weight entry, in the weight's shape."""
@@ -101,13 +98,29 @@ class ActivationStats(Mapping[str, LayerStats]):
         n_batches: number of batches run.
     """
 
-    def __init__(self, layers: dict[str, LayerStats], skipped: dict[str, str], n_batches: int) -> None:
+    def __init__(
+        self,
+        layers: dict[str, LayerStats],
+        skipped: dict[str, str],
+        n_batches: int,
+        *,
+        calls: Mapping[str, list[int]] | None = None,
+        inputs: Mapping[str, list[tuple]] | None = None,
+    ) -> None:
         self._layers = dict(layers)
         self.skipped = dict(skipped)
         self.n_batches = n_batches
-        # filled by the engine: calls per batch and input identities in the first batch, per tensor
-        self._calls: dict[str, list[int]] = {}
-        self._inputs: dict[str, list[tuple]] = {}
+        # recorded by the calibration pass: calls per batch and input identities in the first batch
+        self._calls = dict(calls or {})
+        self._inputs = dict(inputs or {})
+
+    def calls_per_batch(self, name: str) -> list[int]:
+        """How many times the module owning ``name`` was called in each batch (``[]`` if unknown)."""
+        return self._calls.get(name, [])
+
+    def input_identities(self, name: str) -> list[tuple]:
+        """Which tensors (storage pointer, shape) each call of ``name``'s module got in the first batch."""
+        return self._inputs.get(name, [])
 
     def __getitem__(self, key: str) -> LayerStats:
         return self._layers[key]
@@ -130,100 +143,10 @@ class ActivationStats(Mapping[str, LayerStats]):
         )
 
 
-# ----------------------------------------------------------------------------- block views
-
-
-def _conv_k(shape: torch.Size) -> int:
-    return math.prod(shape[2:])
-
-
-def _to_blocks(kind: str, tensor_name: str, groups: int, w: torch.Tensor) -> torch.Tensor:
-    if kind == "linear" or (kind == "mha" and tensor_name != "in_proj_weight"):
-        return w.unsqueeze(0)
-    if kind == "hf_conv1d":
-        return w.t().unsqueeze(0)
-    if kind == "mha":
-        return w.reshape(3, w.shape[0] // 3, w.shape[1])
-    if kind == "conv":
-        out, in_g, k = w.shape[0], w.shape[1], _conv_k(w.shape)
-        return (
-            w.reshape(groups, out // groups, in_g, k).transpose(2, 3).reshape(groups, out // groups, k * in_g)
-        )
-    if kind == "conv_transpose":
-        in_c, out_g, k = w.shape[0], w.shape[1], _conv_k(w.shape)
-        return w.reshape(groups, in_c // groups, out_g * k).transpose(1, 2)
-    raise ValueError(f"no block view for layer kind {kind!r}")
-
-
-def _from_blocks(
-    kind: str, tensor_name: str, groups: int, b: torch.Tensor, shape: torch.Size
-) -> torch.Tensor:
-    if kind == "linear" or (kind == "mha" and tensor_name != "in_proj_weight"):
-        return b.reshape(shape)
-    if kind == "hf_conv1d":
-        return b[0].t().reshape(shape)
-    if kind == "mha":
-        return b.reshape(shape)
-    if kind == "conv":
-        out, in_g, k = shape[0], shape[1], _conv_k(shape)
-        return b.reshape(groups, out // groups, k, in_g).transpose(2, 3).reshape(shape)
-    if kind == "conv_transpose":
-        return b.transpose(1, 2).reshape(shape)
-    raise ValueError(f"no block view for layer kind {kind!r}")
-
-
-# ----------------------------------------------------------------------------- input features
-
-
-def _conv_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """im2col of ``x`` for ``module`` as ``(groups, rows, K * in_g)`` in channels-last feature order."""
-    nd = module.weight.dim() - 2  # type: ignore[union-attr]
-    if x.dim() == nd + 1:  # unbatched input
-        x = x.unsqueeze(0)
-    c = x.shape[1]
-    ks = tuple(module.kernel_size)  # type: ignore[arg-type]
-    k = math.prod(ks)
-    onehot = torch.eye(k, dtype=x.dtype, device=x.device).reshape(k, 1, *ks).repeat(c, 1, *([1] * nd))
-    conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
-    padding: Any = module.padding
-    if module.padding_mode != "zeros":  # type: ignore[union-attr]
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)  # type: ignore[union-attr, arg-type]
-        padding = 0
-    cols = conv(x, onehot, None, module.stride, padding, module.dilation, c)  # (N, C*K, *L)
-    g = module.groups  # type: ignore[union-attr]
-    n = cols.shape[0]
-    cols = cols.reshape(n, g, c // g, k, -1)  # (N, G, in_g, K, L)
-    return cols.permute(1, 0, 4, 3, 2).reshape(g, -1, k * (c // g))
-
-
-def _features(
-    kind: str, module: nn.Module, tensor_name: str, args: tuple, kwargs: dict
-) -> list[torch.Tensor]:
-    """One ``(rows, F)`` tensor per block: the input features multiplying ``module.<tensor_name>``."""
-    if kind == "mha":
-        names = ("query", "key", "value")
-        qkv = [args[i] if len(args) > i else kwargs[names[i]] for i in range(3)]
-        if tensor_name == "in_proj_weight":
-            return [t.reshape(-1, t.shape[-1]) for t in qkv]
-        t = qkv[_MHA_INPUT[tensor_name]]
-        return [t.reshape(-1, t.shape[-1])]
-    x = args[0] if args else next(iter(kwargs.values()))
-    if kind in ("linear", "hf_conv1d"):
-        return [x.reshape(-1, x.shape[-1])]
-    if kind == "conv":
-        return list(_conv_columns(module, x).unbind(0))
-    # conv_transpose: every kernel entry of input channel i multiplies every value of channel i
-    nd = module.weight.dim() - 2  # type: ignore[union-attr]
-    if x.dim() == nd + 1:
-        x = x.unsqueeze(0)
-    g = module.groups  # type: ignore[union-attr]
-    return list(x.movedim(1, -1).reshape(-1, g, x.shape[1] // g).unbind(1))
-
-
 @dataclass
 class _Accumulator:
     target: Target
-    kind: str
+    rule: LayerRule
     gram: bool
     n_rows: int = 0
     sq_sum: torch.Tensor | None = None
@@ -247,13 +170,11 @@ class _Accumulator:
         self.n_rows += fs[0].shape[0]
 
 
-def _unsupported_reason(t: Target, kind: str) -> str | None:
-    if kind == "rnn":
-        return "RNN weights see the hidden state and the previous layer's output, not the module's input"
-    if kind == "embedding":
-        return "embeddings are lookups, their input has no per-feature norm"
-    if kind not in _SUPPORTED:
-        return f"layer kind {kind!r} has no calibration rule"
+def _unsupported_reason(rule: LayerRule | None) -> str | None:
+    if rule is None:
+        return "layer kind 'other' has no calibration rule"
+    if rule.no_features is not None:
+        return rule.no_features
     return None
 
 
@@ -265,13 +186,13 @@ def _call(model: nn.Module, batch: Any) -> None:
     elif isinstance(batch, (tuple, list)):
         model(*batch)
     else:
-        raise TypeError(
+        raise InvalidTypeError(
             f"calibration batches must be tensors, tuples/lists of positional arguments or dicts of "
             f"keyword arguments, got {type(batch).__name__}"
         )
 
 
-def _progress(batches: Iterable[Any], show: bool | None, desc: str) -> Iterable[Any]:
+def with_progress(batches: Iterable[Any], show: bool | None, desc: str) -> Iterable[Any]:
     if show is None:
         show = sys.stderr.isatty()
     if not show:
@@ -284,7 +205,7 @@ def _progress(batches: Iterable[Any], show: bool | None, desc: str) -> Iterable[
     return tqdm(batches, total=total, desc=desc, leave=False)
 
 
-def _collect(
+def collect(
     model: nn.Module,
     targets: Sequence[Target],
     batches: Iterable[Any],
@@ -303,12 +224,13 @@ def _collect(
     skipped: dict[str, str] = {}
     by_module: dict[int, tuple[nn.Module, list[_Accumulator]]] = {}
     for t in targets:
-        kind = layer_kind(t.module)
-        reason = _unsupported_reason(t, kind)
+        rule = layer_rule(t.module)
+        reason = _unsupported_reason(rule)
         if reason is not None:
             skipped[t.qualified] = reason
             continue
-        acc = _Accumulator(t, kind, gram)
+        assert rule is not None
+        acc = _Accumulator(t, rule, gram)
         accs[t.qualified] = acc
         by_module.setdefault(id(t.module), (t.module, []))[1].append(acc)
 
@@ -318,7 +240,7 @@ def _collect(
     def make_hook(group: list[_Accumulator]) -> Any:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             for acc in group:
-                acc.add(_features(acc.kind, module, acc.target.tensor_name, args, kwargs))
+                acc.add(acc.rule.features(module, acc.target.tensor_name, args, kwargs))
                 acc.batch_calls += 1
                 if n_batches == 0:
                     acc.inputs.append(_identity(args, kwargs))
@@ -334,7 +256,7 @@ def _collect(
             handles.append(module.register_forward_pre_hook(make_hook(group), with_kwargs=True))
         model.eval()
         with torch.inference_mode():
-            for batch in _progress(batches, progress, "calibrate"):
+            for batch in with_progress(batches, progress, "calibrate"):
                 for acc in accs.values():
                     acc.batch_calls = 0
                 try:
@@ -359,9 +281,10 @@ def _collect(
             )
         else:
             w = acc.target.value()
-            groups = int(getattr(acc.target.module, "groups", 1)) if acc.kind.startswith("conv") else 1
+            kind = acc.rule.kind
+            groups = int(getattr(acc.target.module, "groups", 1)) if kind.startswith("conv") else 1
             layers[name] = LayerStats(
-                name, acc.kind, acc.target.tensor_name, w.shape, acc.n_rows, acc.sq_sum, acc.gram_sum, groups
+                name, kind, acc.target.tensor_name, w.shape, acc.n_rows, acc.sq_sum, acc.gram_sum, groups
             )
     if warn and skipped:
         warnings.warn(
@@ -369,10 +292,13 @@ def _collect(
             "them, exclude them from sparsify:\n  " + "\n  ".join(f"{k}: {v}" for k, v in skipped.items()),
             stacklevel=3,
         )
-    out = ActivationStats(layers, skipped, n_batches)
-    out._calls = {k: a.calls for k, a in accs.items()}
-    out._inputs = {k: a.inputs for k, a in accs.items()}
-    return out
+    return ActivationStats(
+        layers,
+        skipped,
+        n_batches,
+        calls={k: a.calls for k, a in accs.items()},
+        inputs={k: a.inputs for k, a in accs.items()},
+    )
 
 
 class _StopForward(Exception):
@@ -389,9 +315,11 @@ def calibrate(
     model: nn.Module,
     batches: Iterable[Any],
     *,
-    targets: Selectors = None,
+    include: Selectors = None,
+    exclude: Selectors = None,
     gram: bool = False,
     progress: bool | None = None,
+    targets: Selectors = None,
 ) -> ActivationStats:
     r"""Gather per-input-feature statistics of the targeted layers of ``model`` in one pass.
 
@@ -406,11 +334,13 @@ def calibrate(
         batches: an iterable of model inputs: tensors (``model(x)``), tuples or lists of
             positional arguments (``model(*b)``), or dicts of keyword arguments (``model(**b)``,
             e.g. a Hugging Face tokenizer's output).
-        targets: which tensors (same selectors as ``include`` of :func:`~hadamard_sparse.sparsify`:
+        include: which tensors (the same selectors as ``include`` of :func:`~hadamard_sparse.sparsify`:
             types, glob patterns, callables). Default: every targeted tensor.
+        exclude: the same kinds of selectors; matching tensors are skipped.
         gram: also accumulate ``X^T X`` (``(F, F)`` per block, float32), needed by ``"sparsegpt"``.
         progress: show a tqdm progress bar; ``None`` (default): when tqdm is installed and stderr
             is a terminal.
+        targets: deprecated name of ``include`` (a ``DeprecationWarning``).
 
     Returns:
         :class:`ActivationStats`, keyed by qualified tensor name; tensors whose input could not be
@@ -423,19 +353,35 @@ def calibrate(
         torch.Size([1, 16])
         >>> hs.sparsify(model, 0.5, method="wanda", calibration=stats)
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module(model)
     if isinstance(batches, (torch.Tensor, Mapping)) or not isinstance(batches, Iterable):
-        raise TypeError(
+        raise InvalidTypeError(
             "batches must be an iterable of model inputs (e.g. a list of tensors or of dicts), "
             f"got {type(batches).__name__}; wrap a single batch in a list"
         )
     if not isinstance(gram, bool):
-        raise TypeError(f"gram must be a bool, got {gram!r}")
-    resolved = resolve_targets(model, targets, None) if not _is_target_list(targets) else list(targets)  # type: ignore[arg-type]
+        raise InvalidTypeError(f"gram must be a bool, got {gram!r}")
+    if targets is not None:
+        if include is not None:
+            raise InvalidArgumentError(
+                f"targets is the deprecated name of include; pass only include, got include={include!r} "
+                f"and targets={targets!r}"
+            )
+        warnings.warn(
+            "calibrate(targets=...) is deprecated: use include=..., the same selectors as in sparsify",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        include = targets
+    if _is_target_list(include):
+        resolved = list(include)  # type: ignore[arg-type]
+    else:
+        resolved = resolve_targets(model, include, exclude)
     if not resolved:
-        raise ValueError(f"calibrate: targets={targets!r} selects no tensor of {type(model).__name__}")
-    return _collect(model, resolved, batches, gram=gram, progress=progress)
+        raise NoTargetsError(
+            f"calibrate: include={include!r}, exclude={exclude!r} selects no tensor of {type(model).__name__}"
+        )
+    return collect(model, resolved, batches, gram=gram, progress=progress)
 
 
 def _is_target_list(targets: object) -> bool:

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from ._checks import DISTRIBUTIONS, Selectors, check_distribution, check_sparsity
-from ._targets import resolve_targets
 from .errors import InvalidArgumentError, InvalidTypeError, NoTargetsError
+from .layers import resolve_targets
 
 __all__ = ["DISTRIBUTIONS", "densities_for_shapes", "layer_densities"]
 

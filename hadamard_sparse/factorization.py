@@ -45,9 +45,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._targets import Selectors, Target, check_not_wrapped, resolve_targets, weight_dims
 from .checkpoint import ensure_load_hook
 from .errors import NoTargetsError
+from .layers import Selectors, Target, check_not_wrapped, resolve_targets, weight_dims
 from .parametrizations import _SparseParametrization
 
 __all__ = [

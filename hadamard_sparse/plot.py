@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._targets import resolve_targets
+from .layers import resolve_targets
 from .report import SparsityReport, sparsity_report
 
 if TYPE_CHECKING:

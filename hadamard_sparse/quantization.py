@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._targets import Selectors, resolve_targets, weight_dims
 from .checkpoint import ensure_load_hook
 from .errors import NoTargetsError
+from .layers import Selectors, resolve_targets, weight_dims
 from .parametrizations import _SparseParametrization
 
 __all__ = ["FakeQuant", "fake_quantize", "register_fake_quant"]

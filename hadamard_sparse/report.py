@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._targets import resolve_targets
+from .layers import resolve_targets
 
 __all__ = ["SparsityReport", "TensorSparsity", "sparsity_report"]
 

@@ -42,13 +42,19 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import _select
-from ._targets import Target, layer_kind
-from .calibration import ActivationStats, LayerStats, _collect, _progress
-from .scores import ScoreContext, register_score
+from ._engine import pre_mask_value
+from .calibration import ActivationStats, LayerStats, collect, with_progress
+from .errors import InvalidArgumentError, InvalidTypeError
+from .layers import Target, layer_kind, layer_rule
+from .parametrizations import HadamardMask
+from .scores import ScoreContext
+from .structures import NM
 
-__all__: list[str] = []  # registers method "sparsegpt"; no public names
+# No public names for users: the method is registered as "sparsegpt" by api (register_score with
+# obs_saliency as the score and prune as the pruner); importing this module registers nothing.
+__all__ = ["SCOPES", "check_stats", "obs_prune", "obs_saliency", "prune", "stats_for"]
 
-_KINDS = ("linear", "hf_conv1d", "conv", "mha")
+SCOPES = ("row", "layer")
 _BLOCK = 128
 # Dampening of H. The paper adds 0.01 * mean(diag H) * I, tuned for 128 x 2048 calibration tokens
 # of LLMs. Here: H + 0.1 * diag(H) (Levenberg-Marquardt style), which is invariant to the scale of each
@@ -83,7 +89,10 @@ def _hinv_upper(h: torch.Tensor, percdamp: float = _PERCDAMP) -> torch.Tensor:
         if int(info) == 0:
             inv = torch.linalg.solve_triangular(chol, eye, upper=False)
             return inv.flip(0, 1)
-    raise ValueError("sparsegpt: the calibration Gram matrix is not positive definite even after damping")
+    raise InvalidArgumentError(
+        "sparsegpt: the calibration Gram matrix is not positive definite even after damping "
+        "(check the calibration inputs for inf/nan)"
+    )
 
 
 def _block_quota(n: int, i1: int, i2: int, f: int) -> int:
@@ -165,7 +174,7 @@ def _prune_target(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep-mask and new dense value (pruned entries keep their old values) of one target."""
     assert st.gram is not None
-    dense = _dense(t)
+    dense = pre_mask_value(t.module, t.tensor_name)
     blocks = st.to_blocks(dense)
     b, r, f = blocks.shape
     total = _select.n_to_prune(sparsity, b * r * f)
@@ -180,20 +189,12 @@ def _prune_target(
     return keep, torch.where(keep, new, dense)
 
 
-def _dense(t: Target) -> torch.Tensor:
-    if parametrize.is_parametrized(t.module, t.tensor_name):
-        return t.module.parametrizations[t.tensor_name].original.detach()  # type: ignore[index, union-attr]
-    return getattr(t.module, t.tensor_name).detach()
-
-
 def _check(targets: Sequence[Target], structure: Any, sparsities: Sequence[float]) -> tuple[int, int] | None:
-    from .parametrizations import HadamardMask
-    from .structures import NM
-
     problems = []
     for t in targets:
-        kind = layer_kind(t.module)
-        if kind not in _KINDS:
+        rule = layer_rule(t.module)
+        if rule is None or not rule.reconstructable:
+            kind = layer_kind(t.module)
             problems.append(
                 f"{t.qualified}: layer kind {kind!r} (sparsegpt supports Linear, ConvNd, HF Conv1D and "
                 "MultiheadAttention projections)"
@@ -203,18 +204,18 @@ def _check(targets: Sequence[Target], structure: Any, sparsities: Sequence[float
             if not plist.is_tensor or not all(isinstance(p, HadamardMask) for p in plist):
                 problems.append(f"{t.qualified}: has parametrizations other than a HadamardMask")
     if problems:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"method 'sparsegpt' cannot prune {len(problems)} tensor(s); exclude them "
             "(exclude=[...]):\n  " + "\n  ".join(problems)
         )
     if structure is None:
         return None
     if not isinstance(structure, NM):
-        raise ValueError(f"method 'sparsegpt' supports structure None or 'N:M', got {structure!r}")
+        raise InvalidArgumentError(f"method 'sparsegpt' supports structure None or 'N:M', got {structure!r}")
     full = structure.n / structure.m
     bad = [s for s in sparsities if abs(s - full) > 1e-9]
     if bad:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"method 'sparsegpt' with structure {structure} needs sparsity {full:g} (N/M), got {bad[0]!r}"
         )
     return structure.n, structure.m
@@ -232,10 +233,10 @@ def _missing(stats: ActivationStats, targets: Sequence[Target], need_gram: bool)
 
 
 def check_stats(stats: ActivationStats, targets: Sequence[Target], method: str, need_gram: bool) -> None:
-    """Raise a ``ValueError`` listing every target that ``stats`` does not cover."""
+    """Raise an :class:`InvalidArgumentError` (a ``ValueError``) listing every target that ``stats`` does not cover."""
     missing = _missing(stats, targets, need_gram)
     if missing:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"method {method!r} needs input statistics of every targeted tensor; missing for "
             f"{len(missing)} (exclude them with exclude=[...]):\n  " + "\n  ".join(missing)
         )
@@ -248,14 +249,14 @@ def stats_for(
     if isinstance(calibration, ActivationStats):
         stats = calibration
     else:
-        stats = _collect(model, targets, _check_batches(calibration), gram=need_gram, warn=False)
+        stats = collect(model, targets, _check_batches(calibration), gram=need_gram, warn=False)
     check_stats(stats, targets, method, need_gram)
     return stats
 
 
 def _check_batches(calibration: Any) -> Iterable[Any]:
     if isinstance(calibration, (torch.Tensor, dict, str)) or not isinstance(calibration, Iterable):
-        raise TypeError(
+        raise InvalidTypeError(
             "calibration must be an iterable of model inputs (tensors, tuples, or dicts of keyword "
             f"arguments) or hs.calibrate(...) statistics, got {type(calibration).__name__}; "
             "wrap a single batch in a list"
@@ -278,23 +279,27 @@ def prune(
     nm = _check(targets, structure, sparsities)
     if isinstance(calibration, ActivationStats):
         check_stats(calibration, targets, "sparsegpt", need_gram=True)
-        work = [(t, sp, calibration[t.qualified]) for t, sp in zip(targets, sparsities)]
-        for t, sp, st in work:
-            keep, new = _prune_target(t, st, sp, scope, nm)
+        # every layer uses the dense statistics: compute every result first, then apply them all
+        results = [
+            _prune_target(t, calibration[t.qualified], sp, scope, nm) for t, sp in zip(targets, sparsities)
+        ]
+        for t, (keep, new) in zip(targets, results):
             apply(t, keep, new)
         return
     batches = list(_check_batches(calibration))
     # every target must be observable before anything changes
-    probe = _collect(model, targets, batches, gram=False, warn=False)
+    probe = collect(model, targets, batches, gram=False, warn=False)
     check_stats(probe, targets, "sparsegpt", False)
     sparsity_of = {t.qualified: sp for t, sp in zip(targets, sparsities)}
-    for wave in _progress(_waves(targets, probe), progress, "sparsegpt"):
-        calls = [probe._calls[t.qualified] for t in wave]
+    # Each wave's statistics are gathered with the earlier waves already applied (as in the paper),
+    # so this path applies as it goes; sparsify undoes every applied wave if a later one raises.
+    for wave in with_progress(_waves(targets, probe), progress, "sparsegpt"):
+        calls = [probe.calls_per_batch(t.qualified) for t in wave]
         constant = all(len(set(c)) == 1 for c in calls)
         stop = {t.qualified: c[0] for t, c in zip(wave, calls)} if constant else None
-        stats = _collect(model, wave, batches, gram=True, progress=False, warn=False, stop_after=stop)
-        for t in wave:
-            keep, new = _prune_target(t, stats[t.qualified], sparsity_of[t.qualified], scope, nm)
+        stats = collect(model, wave, batches, gram=True, progress=False, warn=False, stop_after=stop)
+        results = [_prune_target(t, stats[t.qualified], sparsity_of[t.qualified], scope, nm) for t in wave]
+        for t, (keep, new) in zip(wave, results):
             apply(t, keep, new)
 
 
@@ -302,25 +307,22 @@ def _waves(targets: Sequence[Target], probe: ActivationStats) -> list[list[Targe
     """Consecutive targets fed the very same input tensors (e.g. q, k, v projections) form one wave."""
     waves: list[list[Target]] = []
     for t in targets:
-        sig = probe._inputs.get(t.qualified)
-        if waves and sig and probe._inputs.get(waves[-1][-1].qualified) == sig:
+        sig = probe.input_identities(t.qualified)
+        if waves and sig and probe.input_identities(waves[-1][-1].qualified) == sig:
             waves[-1].append(t)
         else:
             waves.append([t])
     return waves
 
 
-def _obs_saliency(ctx: ScoreContext) -> torch.Tensor:
+def obs_saliency(ctx: ScoreContext) -> torch.Tensor:
     """Mask-only SparseGPT criterion ``w^2 / [H^-1]_jj^2`` (no weight update), e.g. for schedules."""
     st = ctx.stats
     if not isinstance(st, LayerStats) or st.gram is None:
-        raise ValueError(f"method 'sparsegpt' needs calibration statistics with a Gram matrix for {ctx.name}")
+        raise InvalidArgumentError(
+            f"method 'sparsegpt' needs calibration statistics with a Gram matrix for {ctx.name}"
+        )
     w = st.to_blocks(ctx.weight.to(torch.float64))
     d = torch.stack([torch.diagonal(_hinv_upper(g)) for g in st.gram.to(w.device)])
     sal = w.square() / d[:, None, :].square()
     return st.from_blocks(sal).to(torch.float32)
-
-
-register_score("sparsegpt", needs_calibration=True, scopes=("row", "layer"), needs_gram=True, pruner=prune)(
-    _obs_saliency
-)

@@ -12,7 +12,7 @@ as unstructured pruning, and expands the chosen groups into a keep-mask:
   folded in, so the mask is stored as ``(out, in, 1, 1)`` for a Conv2d.
 
 Where the output and input dimensions of each layer type live comes from
-:func:`hadamard_sparse._targets.weight_dims`. See ``docs/structured.md`` for the
+:func:`hadamard_sparse.layers.weight_dims`. See ``docs/structured.md`` for the
 rules (counts, scopes, normalisation) and the reasons behind them.
 """
 
@@ -27,8 +27,8 @@ from typing import Union
 import torch
 
 from ._checks import check_norm, check_positive_int
-from ._targets import Target, weight_dims
 from .errors import InvalidArgumentError, InvalidTypeError
+from .layers import Target, weight_dims
 
 __all__ = [
     "NM",

@@ -13,8 +13,8 @@ from conftest import LAYER_CASES, Conv1D, LayerCase
 from torch import nn
 
 import hadamard_sparse as hs
-from hadamard_sparse import _targets
-from hadamard_sparse.api import compute_keep_masks
+from hadamard_sparse import layers
+from hadamard_sparse._engine import compute_keep_masks
 from hadamard_sparse.calibration import ActivationStats, calibrate
 from hadamard_sparse.sparsegpt import obs_prune
 
@@ -78,9 +78,9 @@ def test_input_norms_match_jacobian_reference(case: str) -> None:
     ref = _jacobian_sq_sum(lambda x, ww: fn(layer, x.double(), ww), w, xs)
     torch.testing.assert_close(st.norms_like_weight().double(), ref.sqrt(), rtol=1e-5, atol=1e-6)
     # and the wanda score is |W| times that
-    keep = compute_keep_masks(
-        _targets.resolve_targets(layer), 0.5, method="wanda", scope="layer", stats=stats
-    )[0]
+    keep = compute_keep_masks(layers.resolve_targets(layer), 0.5, method="wanda", scope="layer", stats=stats)[
+        0
+    ]
     score = (w.double().abs() * ref.sqrt()).reshape(-1).numpy()
     n = round(0.5 * score.size)
     ref_keep = np.ones(score.size, dtype=bool)
@@ -209,7 +209,7 @@ def test_row_scope_exact_count_per_output_row(case: LayerCase) -> None:
     hs.sparsify(model, 0.37, scope="row")
     for name, mask in hs.masks(model).items():
         mod_name, _, tname = name.rpartition(".")
-        out_dim, _ = _targets.weight_dims(model.get_submodule(mod_name) if mod_name else model, tname)
+        out_dim, _ = layers.weight_dims(model.get_submodule(mod_name) if mod_name else model, tname)
         rows = mask.movedim(out_dim, 0).reshape(mask.shape[out_dim], -1)
         assert ((~rows).sum(1) == round(0.37 * rows.shape[1])).all(), name
 
@@ -258,7 +258,7 @@ def test_calibration_stats_are_reusable_and_checked() -> None:
         assert torch.equal(v, hs.masks(b)[k])
     with pytest.raises(ValueError, match="Gram"):
         hs.sparsify(copy.deepcopy(model), 0.5, method="sparsegpt", calibration=stats)
-    partial = calibrate(model, xs, targets="0.*")
+    partial = calibrate(model, xs, include="0.*")
     with pytest.raises(ValueError, match=r"2\.weight"):
         hs.sparsify(copy.deepcopy(model), 0.5, method="wanda", calibration=partial)
 
@@ -330,7 +330,7 @@ def test_two_four_with_data_aware_methods(method: str, layer_id: str) -> None:
     xs = [make[1]() for _ in range(3)]
     hs.sparsify(layer, method=method, calibration=xs, structure="2:4")
     mask = hs.masks(layer)["weight"]
-    _, in_dim = _targets.weight_dims(layer, "weight")
+    _, in_dim = layers.weight_dims(layer, "weight")
     groups = mask.movedim(in_dim, -1).reshape(-1, 4)
     assert ((~groups).sum(1) == 2).all()
     if method == "wanda" and layer_id == "linear":  # N:M selection uses the wanda scores
@@ -359,7 +359,7 @@ def test_wanda_mask_only_score_for_sparsegpt_stats() -> None:
         warnings.simplefilter("error")
         stats = calibrate(layer, xs, gram=True)
     keep = compute_keep_masks(
-        _targets.resolve_targets(layer), 0.5, method="sparsegpt", scope="row", stats=stats
+        layers.resolve_targets(layer), 0.5, method="sparsegpt", scope="row", stats=stats
     )[0]
     h = torch.cat(xs).double().t() @ torch.cat(xs).double()
     h += 0.1 * torch.diag(h.diagonal())  # the default dampening
@@ -389,10 +389,72 @@ def test_sequential_sparsegpt_equals_layer_by_layer_reference() -> None:
     ref = copy.deepcopy(model)
     hs.sparsify(model, 0.5, method="sparsegpt", calibration=xs)
     for name in ("a", "b", "c"):  # reference: re-calibrate before each layer, prune it alone
-        stats = calibrate(ref, xs, targets=f"{name}.weight", gram=True)
+        stats = calibrate(ref, xs, include=f"{name}.weight", gram=True)
         hs.sparsify(ref, 0.5, method="sparsegpt", calibration=stats, include=f"{name}.weight")
     for name in ("a", "b", "c"):
         got = getattr(model, name).parametrizations.weight.original
         want = getattr(ref, name).parametrizations.weight.original
         torch.testing.assert_close(got, want)
         assert torch.equal(hs.masks(model)[f"{name}.weight"], hs.masks(ref)[f"{name}.weight"])
+
+
+# --------------------------------------------------------------------------- refused calls change nothing
+
+
+class _Overflow(nn.Module):
+    """Scales its input past float32's range, so the next layer's Gram matrix holds inf."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 1e30
+
+
+def _snapshot(model: nn.Module) -> tuple[list[str], dict[str, torch.Tensor], list[type]]:
+    sd = model.state_dict()
+    return list(sd), copy.deepcopy(dict(sd)), [type(m) for m in model.modules()]
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+@pytest.mark.parametrize("given", ["batches", "stats"])
+@pytest.mark.parametrize("masked_before", [False, True])
+def test_sparsegpt_refused_midway_leaves_model_unchanged(given: str, masked_before: bool) -> None:
+    """The last layer's Gram matrix is not positive definite: the earlier layers are put back too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), _Overflow(), nn.Linear(8, 4))
+    if masked_before:
+        hs.sparsify(model, 0.25)
+    keys, before, classes = _snapshot(model)
+    xs = [torch.randn(16, 8) for _ in range(3)]
+    calibration = calibrate(model, xs, gram=True) if given == "stats" else xs
+    with pytest.raises(hs.HadamardSparseError, match="not positive definite"):
+        hs.sparsify(model, 0.5, method="sparsegpt", calibration=calibration)
+    after = model.state_dict()
+    assert list(after) == keys
+    assert all(_same(before[k], after[k]) for k in keys)
+    assert [type(m) for m in model.modules()] == classes
+    n_masks = 3 if masked_before else 0
+    assert len(hs.masks(model)) == n_masks
+    # and the model still prunes normally once the bad layer is excluded
+    hs.sparsify(model, 0.5, method="sparsegpt", calibration=xs, exclude="4")
+    assert hs.masks(model)["0.weight"].float().mean().item() == pytest.approx(0.5)
+
+
+def test_calibrate_include_exclude_and_deprecated_targets() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+    xs = [torch.randn(3, 6)]
+    assert list(calibrate(model, xs, include="0.*")) == ["0.weight"]
+    assert list(calibrate(model, xs, exclude="0.*")) == ["2.weight"]
+    with pytest.warns(DeprecationWarning, match="use include="):
+        old = calibrate(model, xs, targets="0.*")
+    assert list(old) == ["0.weight"]
+    with pytest.raises(ValueError, match="pass only include"):
+        calibrate(model, xs, targets="0.*", include="2.*")
+    with pytest.raises(hs.NoTargetsError, match="selects no tensor"):
+        calibrate(model, xs, include="nothing")

@@ -67,9 +67,9 @@ def test_factorize_keeps_output(layer_case: LayerCase, depth: int, group: str | 
     model.eval()
     x = layer_case.input()
     ref = model(x).detach()
-    dense = {t.qualified: t.value().detach().clone() for t in hs._targets.resolve_targets(model)}
+    dense = {t.qualified: t.value().detach().clone() for t in hs.layers.resolve_targets(model)}
     factorize(model, depth=depth, group=group, init=init)
-    targets = hs._targets.resolve_targets(model)
+    targets = hs.layers.resolve_targets(model)
     assert len(targets) == layer_case.n_targets
     for t in targets:
         plist = t.module.parametrizations[t.tensor_name]
@@ -493,8 +493,8 @@ def test_bake_gives_plain_modules_and_same_outputs(case: LayerCase) -> None:
     assert not any(parametrize.is_parametrized(m) for m in model.modules())
     assert not any("original" in n for n, _ in model.named_parameters())
     torch.testing.assert_close(model(x).detach(), ref, rtol=1e-5, atol=1e-6)
-    for t in hs._targets.resolve_targets(model):
-        out_dim, _ = hs._targets.weight_dims(t.module, t.tensor_name)
+    for t in hs.layers.resolve_targets(model):
+        out_dim, _ = hs.layers.weight_dims(t.module, t.tensor_name)
         assert torch.all(t.value().select(out_dim, 0) == 0)
 
 
@@ -550,7 +550,7 @@ def test_gradual_pruning_drives_a_mask_on_a_factorized_model() -> None:
     assert abs(hs.sparsity_report(model).sparsity - 0.8) < 1e-3
     assert all(
         isinstance(t.module.parametrizations.weight[0], HadamardFactorization)
-        for t in hs._targets.resolve_targets(model)
+        for t in hs.layers.resolve_targets(model)
     )
 
 

@@ -12,10 +12,10 @@ from conftest import LAYER_CASES, LayerCase, mlp, small_cnn
 from torch import nn
 from torch.nn.utils import parametrize
 
-from hadamard_sparse._targets import resolve_targets, weight_dims
 from hadamard_sparse.api import masks, register_mask, remove_parametrizations, sparsify
 from hadamard_sparse.checkpoint import load_sparse_state_dict
 from hadamard_sparse.factorization import register_factorization
+from hadamard_sparse.layers import resolve_targets, weight_dims
 from hadamard_sparse.quantization import FakeQuant, fake_quantize, register_fake_quant
 
 

@@ -18,7 +18,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import hadamard_sparse as hs
-from hadamard_sparse.api import compute_keep_masks, masks, sparsify
+from hadamard_sparse._engine import compute_keep_masks
+from hadamard_sparse.api import masks, sparsify
 from hadamard_sparse.structures import NM, Block, Channels, parse_structure
 
 # ----------------------------------------------------------------------------------------------
@@ -598,7 +599,7 @@ def test_exact_nm_counts(m: int, data: st.DataObject, rows: int, blocks: int, sc
 def test_compute_keep_masks_per_layer_sparsities_and_random_method() -> None:
     torch.manual_seed(0)
     model = mlp()
-    targets = hs._targets.resolve_targets(model)
+    targets = hs.layers.resolve_targets(model)
     keeps = compute_keep_masks(targets, [0.25, 0.5, 0.0], scope="layer", method="random", structure="row")
     assert [tuple(k.shape) for k in keeps] == [(16, 1), (16, 1), (3, 1)]
     assert [int((~k).sum()) for k in keeps] == [4, 8, 0]
