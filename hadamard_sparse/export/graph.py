@@ -25,8 +25,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils import parametrize
 
-from .._targets import shared_parameter_ids
 from ..errors import UnsupportedGraphError
+from ..layers import shared_parameter_ids
 from ..parametrizations import _SparseParametrization
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 :func:`masked_tensors` finds the masks a schedule drives (the model may be wrapped in DDP or
 ``torch.compile``); each is a :class:`MaskedTensor`, the package's
-:class:`~hadamard_sparse._targets.Target` plus its :class:`~hadamard_sparse.parametrizations.HadamardMask`,
+:class:`~hadamard_sparse.layers.Target` plus its :class:`~hadamard_sparse.parametrizations.HadamardMask`,
 so it goes straight into the pruning engine. Masks are written only in place
 (:func:`write_masks`: ``mask.copy_`` under ``torch.no_grad()``), after
 :func:`broadcast_masks` made them identical on every rank. :class:`Schedule` holds the
@@ -22,8 +22,8 @@ from torch.nn.utils import parametrize
 from .. import _select
 from .._checks import check_choice, check_method, check_seed
 from .._engine import compute_keep_masks, mask_of
-from .._targets import Target
 from ..errors import InvalidArgumentError, InvalidTypeError, NoTargetsError
+from ..layers import Target
 from ..parametrizations import HadamardMask
 
 __all__ = [
@@ -62,7 +62,7 @@ def check_schedule_method(method: str, scope: str) -> None:
 
 @dataclass(frozen=True)
 class MaskedTensor(Target):
-    """A :class:`~hadamard_sparse._targets.Target` whose parametrization chain holds the mask ``pm``."""
+    """A :class:`~hadamard_sparse.layers.Target` whose parametrization chain holds the mask ``pm``."""
 
     pm: HadamardMask
 
