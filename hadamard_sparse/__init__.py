@@ -12,7 +12,13 @@ from .api import masks, register_mask, remove_parametrizations, sparsify
 from .calibration import ActivationStats, LayerStats, calibrate
 from .checkpoint import load_sparse_state_dict
 from .densities import layer_densities
-from .errors import HadamardSparseError, NoTargetsError, UnsupportedGraphError
+from .errors import (
+    HadamardSparseError,
+    InvalidArgumentError,
+    InvalidTypeError,
+    NoTargetsError,
+    UnsupportedGraphError,
+)
 from .export import DEFAULT_MAX_DENSITY, SparseLinear, shrink, to_sparse
 from .factorization import (
     HadamardFactorization,
@@ -42,6 +48,8 @@ __all__ = [
     "HadamardFactorization",
     "HadamardMask",
     "HadamardSparseError",
+    "InvalidArgumentError",
+    "InvalidTypeError",
     "IterativePruning",
     "LayerStats",
     "NoTargetsError",

@@ -46,7 +46,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .checkpoint import ensure_load_hook
-from .errors import NoTargetsError
+from .errors import InvalidArgumentError, InvalidTypeError, NoTargetsError
 from .layers import Selectors, Target, check_not_wrapped, resolve_targets, weight_dims
 from .parametrizations import _SparseParametrization
 
@@ -68,32 +68,34 @@ GroupLike = Union[str, torch.Tensor, GroupFn, None]
 
 def _check_depth(depth: object) -> int:
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 2:
-        raise ValueError(f"depth must be an int >= 2, got {depth!r}")
+        raise InvalidArgumentError(f"depth must be an int >= 2, got {depth!r}")
     return depth
 
 
 def _check_init(init: object) -> str:
     if init not in _INITS:
-        raise ValueError(f"init must be one of {list(_INITS)}, got {init!r}")
+        raise InvalidArgumentError(f"init must be one of {list(_INITS)}, got {init!r}")
     return str(init)
 
 
 def _check_index(index: object, shape: torch.Size, what: str) -> torch.Tensor:
     if not isinstance(index, torch.Tensor):
-        raise TypeError(f"{what} must be an integer torch.Tensor of group ids, got {type(index).__name__}")
+        raise InvalidTypeError(
+            f"{what} must be an integer torch.Tensor of group ids, got {type(index).__name__}"
+        )
     if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
-        raise TypeError(f"{what} must have an integer dtype (group ids 0..G-1), got {index.dtype}")
+        raise InvalidTypeError(f"{what} must have an integer dtype (group ids 0..G-1), got {index.dtype}")
     try:
         ok = torch.broadcast_shapes(index.shape, shape) == shape
     except RuntimeError:
         ok = False
     if not ok:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{what} has shape {tuple(index.shape)}, which does not broadcast to the weight's shape "
             f"{tuple(shape)}; allowed: that shape or one broadcastable to it"
         )
     if index.numel() == 0 or int(index.min()) < 0:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{what} must hold group ids >= 0, got min {int(index.min()) if index.numel() else None}"
         )
     return index.detach().to(torch.long).clone()
@@ -168,11 +170,13 @@ class HadamardFactorization(_SparseParametrization):
         elif isinstance(group, str) and group in _ROW_NAMES + _COLUMN_NAMES:
             self.group = "row" if group in _ROW_NAMES else "column"
             if isinstance(group_dim, bool) or not isinstance(group_dim, int) or group_dim < 0:
-                raise ValueError(f"group_dim must be an int >= 0 with group={group!r}, got {group_dim!r}")
+                raise InvalidArgumentError(
+                    f"group_dim must be an int >= 0 with group={group!r}, got {group_dim!r}"
+                )
             self.group_dim = group_dim
             self.group_index = None
         else:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"group must be None, one of {list(_ROW_NAMES + _COLUMN_NAMES)} or an integer index map tensor, "
                 f"got {group!r}"
             )
@@ -185,7 +189,7 @@ class HadamardFactorization(_SparseParametrization):
             return torch.Size([int(self.num_groups)])  # type: ignore[arg-type]
         d = int(self.group_dim)  # type: ignore[arg-type]
         if d >= len(shape):
-            raise ValueError(f"group_dim={d} is out of range for a weight of shape {tuple(shape)}")
+            raise InvalidArgumentError(f"group_dim={d} is out of range for a weight of shape {tuple(shape)}")
         return torch.Size(n if i == d else 1 for i, n in enumerate(shape))
 
     def _group_norms(self, w: torch.Tensor) -> torch.Tensor:
@@ -205,7 +209,9 @@ class HadamardFactorization(_SparseParametrization):
     # -- parametrization ----------------------------------------------------------------------
     def forward(self, *factors: torch.Tensor) -> torch.Tensor:
         if len(factors) != self.depth:
-            raise ValueError(f"HadamardFactorization(depth={self.depth}) got {len(factors)} factors")
+            raise InvalidArgumentError(
+                f"HadamardFactorization(depth={self.depth}) got {len(factors)} factors"
+            )
         if self.group is None:
             out = factors[0]
             for f in factors[1:]:
@@ -266,12 +272,12 @@ class HadamardFactorization(_SparseParametrization):
         if group == "index":
             idx = tensors.get("group_index")
             if idx is None:
-                raise ValueError(
+                raise InvalidArgumentError(
                     "state_dict has an index-grouped HadamardFactorization without its 'group_index'"
                 )
             idx = _check_index(idx, original_shape, "state_dict group_index")
             if int(idx.max()) + 1 != config.get("num_groups"):
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"state_dict group_index has {int(idx.max()) + 1} groups, its record says "
                     f"{config.get('num_groups')!r}"
                 )
@@ -279,7 +285,9 @@ class HadamardFactorization(_SparseParametrization):
         if group in ("row", "column"):
             gd = config.get("group_dim")
             if not isinstance(gd, int) or gd >= len(original_shape):
-                raise ValueError(f"group_dim {gd!r} does not fit a weight of shape {tuple(original_shape)}")
+                raise InvalidArgumentError(
+                    f"group_dim {gd!r} does not fit a weight of shape {tuple(original_shape)}"
+                )
         return cls(
             config["depth"],
             group=group,
@@ -306,7 +314,7 @@ def _check_group_arg(group: object) -> None:
         or (callable(group) and not isinstance(group, (str, torch.Tensor)))
     )
     if not ok:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"group must be None (elementwise), one of {list(_ROW_NAMES + _COLUMN_NAMES)}, an integer "
             f"index map tensor or a callable (module, name) -> index map, got {group!r}"
         )
@@ -318,22 +326,22 @@ def _build(
     """Validate one target and build its parametrization (the module is not touched)."""
     if parametrize.is_parametrized(module, name):
         chain = [type(p).__name__ for p in module.parametrizations[name]]  # type: ignore[index, union-attr]
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{where} is already parametrized ({chain}); a factorization must be the first parametrization "
             "of a tensor: factorize before sparsify/register_mask, or remove_parametrizations first"
         )
     p = module._parameters.get(name)
     if not isinstance(p, nn.Parameter):
-        raise ValueError(f"{where} must be an nn.Parameter, got {type(p).__name__}")
+        raise InvalidArgumentError(f"{where} must be an nn.Parameter, got {type(p).__name__}")
     if not p.dtype.is_floating_point:
-        raise TypeError(f"{where} must have a floating dtype, got {p.dtype}")
+        raise InvalidTypeError(f"{where} must have a floating dtype, got {p.dtype}")
     if group is None:
         return HadamardFactorization(depth, init=init)
     if isinstance(group, str):
         out_dim, in_dim = weight_dims(module, name)
         d = out_dim if group in _ROW_NAMES else in_dim
         if p.dim() <= d:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"group={group!r} needs {where} to have dimension {d}, its shape is {tuple(p.shape)}"
             )
         return HadamardFactorization(depth, group=group, group_dim=d, init=init)
@@ -394,9 +402,9 @@ def register_factorization(
         True
     """
     if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        raise InvalidTypeError(f"module must be an nn.Module, got {type(module).__name__}")
     if not isinstance(name, str) or not hasattr(module, name):
-        raise ValueError(f"name must name a tensor of {type(module).__name__}, got {name!r}")
+        raise InvalidArgumentError(f"name must name a tensor of {type(module).__name__}, got {name!r}")
     _check_depth(depth)
     _check_init(init)
     _check_group_arg(group)
@@ -446,7 +454,7 @@ def factorize(
         Sequential(...)
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        raise InvalidTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _check_depth(depth)
     _check_init(init)
     _check_group_arg(group)
@@ -503,11 +511,11 @@ def factor_param_groups(
         >>> opt = torch.optim.Adam(factor_param_groups(factorize(model), weight_decay=1e-4), lr=1e-3)
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        raise InvalidTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real) or not weight_decay >= 0:
-        raise ValueError(f"weight_decay must be a real number >= 0, got {weight_decay!r}")
+        raise InvalidArgumentError(f"weight_decay must be a real number >= 0, got {weight_decay!r}")
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0):
-        raise ValueError(f"lr must be None or a real number > 0, got {lr!r}")
+        raise InvalidArgumentError(f"lr must be None or a real number > 0, got {lr!r}")
     factors: list[nn.Parameter] = []
     seen: set[int] = set()
     for _, plist, fact in _iter_factorizations(model):
@@ -555,7 +563,7 @@ def l1_penalty(model: nn.Module) -> torch.Tensor:
         >>> print(f"penalty {l1_penalty(model).item():.3f}")
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        raise InvalidTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     total: torch.Tensor | None = None
     for _, plist, fact in _iter_factorizations(model):
         w = fact(*(getattr(plist, f"original{i}") for i in range(fact.depth)))

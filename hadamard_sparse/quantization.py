@@ -11,6 +11,7 @@ scale is read from the masked weights and masked entries stay exactly zero. Baki
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .checkpoint import ensure_load_hook
-from .errors import NoTargetsError
+from .errors import InvalidArgumentError, InvalidTypeError, NoTargetsError
 from .layers import Selectors, resolve_targets, weight_dims
 from .parametrizations import _SparseParametrization
 
@@ -30,15 +31,15 @@ _MAX_BITS = 16
 
 def _check_bits(bits: object) -> int:
     if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
-        raise TypeError(f"bits must be an int in [{_MIN_BITS}, {_MAX_BITS}], got {bits!r}")
+        raise InvalidTypeError(f"bits must be an int in [{_MIN_BITS}, {_MAX_BITS}], got {bits!r}")
     if not (_MIN_BITS <= int(bits) <= _MAX_BITS):
-        raise ValueError(f"bits must be an int in [{_MIN_BITS}, {_MAX_BITS}], got {bits!r}")
+        raise InvalidArgumentError(f"bits must be an int in [{_MIN_BITS}, {_MAX_BITS}], got {bits!r}")
     return int(bits)
 
 
 def _check_bool(value: object, arg: str) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f"{arg} must be a bool, got {value!r}")
+        raise InvalidTypeError(f"{arg} must be a bool, got {value!r}")
     return value
 
 
@@ -46,7 +47,7 @@ def _check_channel_dim(channel_dim: object) -> int | None:
     if channel_dim is None:
         return None
     if isinstance(channel_dim, bool) or not isinstance(channel_dim, numbers.Integral) or channel_dim < 0:
-        raise ValueError(f"channel_dim must be None or an int >= 0, got {channel_dim!r}")
+        raise InvalidArgumentError(f"channel_dim must be None or an int >= 0, got {channel_dim!r}")
     return int(channel_dim)
 
 
@@ -106,7 +107,7 @@ class FakeQuant(_SparseParametrization):
                 amax = a.amax() if a.numel() else a.new_zeros(())
             else:
                 if self.channel_dim >= x.dim():
-                    raise ValueError(
+                    raise InvalidArgumentError(
                         f"channel_dim={self.channel_dim} is out of range for a tensor with {x.dim()} dims"
                     )
                 dims = tuple(d for d in range(x.dim()) if d != self.channel_dim)
@@ -131,7 +132,7 @@ class FakeQuant(_SparseParametrization):
         cls, config: dict[str, Any], tensors: dict[str, torch.Tensor], original_shape: torch.Size
     ) -> FakeQuant:
         if "bits" not in config:
-            raise ValueError("state_dict has a FakeQuant entry without its 'bits'")
+            raise InvalidArgumentError("state_dict has a FakeQuant entry without its 'bits'")
         return cls(bits=config["bits"], channel_dim=config.get("channel_dim"))
 
 
@@ -146,26 +147,49 @@ def _fake_quant_of(module: nn.Module, name: str) -> FakeQuant | None:
 
 def _check_tensor(module: nn.Module, name: object) -> torch.Tensor:
     if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        raise InvalidTypeError(f"module must be an nn.Module, got {type(module).__name__}")
     if not isinstance(name, str) or not hasattr(module, name):
-        raise ValueError(f"name must name a tensor of {type(module).__name__}, got {name!r}")
+        raise InvalidArgumentError(f"name must name a tensor of {type(module).__name__}, got {name!r}")
     current = getattr(module, name)
     if not isinstance(current, torch.Tensor) or not current.is_floating_point():
         got = current.dtype if isinstance(current, torch.Tensor) else type(current).__name__
-        raise ValueError(f"module.{name} must be a floating-point tensor, got {got}")
+        raise InvalidArgumentError(f"module.{name} must be a floating-point tensor, got {got}")
     if not parametrize.is_parametrized(module, name) and not isinstance(
         module._parameters.get(name), nn.Parameter
     ):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"module.{name} must be a Parameter or a parametrized tensor, got a buffer or attribute"
         )
     if _fake_quant_of(module, name) is not None:
-        raise ValueError(f"module.{name} already has a FakeQuant parametrization; register it only once")
+        raise InvalidArgumentError(
+            f"module.{name} already has a FakeQuant parametrization; register it only once"
+        )
     return current
 
 
+def _deprecated_positional(positional: tuple, bits: int, per_channel: bool) -> tuple[int, bool]:
+    """``register_fake_quant(module, name, bits, per_channel)``, the old positional form."""
+    if len(positional) > 2:
+        raise InvalidTypeError(
+            f"register_fake_quant takes at most 4 positional arguments (module, name, bits, per_channel), "
+            f"got {2 + len(positional)}"
+        )
+    warnings.warn(
+        "register_fake_quant(module, name, bits, per_channel) with bits/per_channel by position is "
+        "deprecated: pass them by keyword, register_fake_quant(module, name, bits=..., per_channel=...)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    bits = positional[0]
+    return bits, (positional[1] if len(positional) > 1 else per_channel)
+
+
 def register_fake_quant(
-    module: nn.Module, name: str = "weight", bits: int = 8, per_channel: bool = True
+    module: nn.Module,
+    name: str = "weight",
+    *positional: Any,
+    bits: int = 8,
+    per_channel: bool = True,
 ) -> FakeQuant:
     r"""Append symmetric fake quantization to ``module.<name>``'s parametrization chain.
 
@@ -183,6 +207,8 @@ def register_fake_quant(
             ``Linear``/``ConvNd``/RNN weights, dim 1 for ``ConvTransposeNd`` and HF ``Conv1D``);
             ``False``: one scale for the whole tensor. 1-D tensors always use one scale.
             Default: ``True``.
+        positional: deprecated: ``bits`` and ``per_channel`` given by position still work, with a
+            ``DeprecationWarning``; pass them by keyword.
 
     Returns:
         The registered :class:`FakeQuant`.
@@ -196,6 +222,8 @@ def register_fake_quant(
         >>> int((baked.weight == 0).sum()) >= 32
         True
     """
+    if positional:
+        bits, per_channel = _deprecated_positional(positional, bits, per_channel)
     current = _check_tensor(module, name)
     bits = _check_bits(bits)
     per_channel = _check_bool(per_channel, "per_channel")
@@ -235,7 +263,7 @@ def fake_quantize(
         >>> model = fake_quantize(model, bits=4)
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        raise InvalidTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _check_bits(bits)
     _check_bool(per_channel, "per_channel")
     targets = resolve_targets(model, include, exclude)

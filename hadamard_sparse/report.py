@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .errors import InvalidTypeError
 from .layers import resolve_targets
 
 __all__ = ["SparsityReport", "TensorSparsity", "sparsity_report"]
@@ -102,7 +103,7 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
         ...
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        raise InvalidTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     seen: set[str] = set()
     rows: list[TensorSparsity] = []
 

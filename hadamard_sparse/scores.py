@@ -138,6 +138,8 @@ def _wanda(ctx: ScoreContext) -> torch.Tensor:
     """
     stats = ctx.stats
     if stats is None or not hasattr(stats, "norms_like_weight"):
-        raise ValueError(f"method 'wanda' needs calibration statistics for {ctx.name}, got {stats!r}")
+        raise InvalidArgumentError(
+            f"method 'wanda' needs calibration statistics for {ctx.name}, got {stats!r}"
+        )
     norms = stats.norms_like_weight().to(device=ctx.weight.device, dtype=torch.float32)
     return ctx.weight.abs().to(torch.float32) * norms

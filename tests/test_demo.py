@@ -11,7 +11,7 @@ pytest.importorskip("sklearn")
 
 
 def test_demo_reaches_sparsity_and_keeps_accuracy() -> None:
-    from hadamard_sparse.__main__ import demo
+    from hadamard_sparse.cli import demo
 
     out = demo(sparsity=0.8, epochs=4, finetune_epochs=2)
     assert out["sparsity"] == pytest.approx(0.8, abs=1e-4)
