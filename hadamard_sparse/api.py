@@ -25,7 +25,6 @@ from ._engine import (
     check_structure,
     compute_keep_masks,
     mask_of,
-    pre_mask_value,
 )
 from .checkpoint import drop_load_hook, ensure_load_hook
 from .densities import densities_for_shapes
@@ -44,12 +43,6 @@ __all__ = ["masks", "register_mask", "remove_parametrizations", "sparsify"]
 register_score(
     "sparsegpt", needs_calibration=True, scopes=sparsegpt.SCOPES, needs_gram=True, pruner=sparsegpt.prune
 )(sparsegpt.obs_saliency)
-
-# Old private names, importable until every caller uses _checks / _engine.
-_check_sparsity = check_sparsity
-_mask_of = mask_of
-_pre_mask_value = pre_mask_value
-_broadcasts_to = broadcasts_to
 
 
 def register_mask(module: nn.Module, name: str = "weight", mask: torch.Tensor | None = None) -> HadamardMask:

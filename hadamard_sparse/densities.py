@@ -119,8 +119,3 @@ def layer_densities(
             f"model must be an nn.Module or a mapping name -> shape, got {type(model).__name__}"
         )
     return densities_for_shapes(shapes, s, dist)
-
-
-# Old private names, importable until every caller uses the public ones.
-_check_distribution = check_distribution
-_densities = densities_for_shapes
