@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__: list[str] = []  # private module
+__all__ = ["ScoreThunk", "keep_masks", "layer_keep_mask", "n_to_prune", "order_keys", "row_keep_mask"]
 
 ScoreThunk = Callable[[], torch.Tensor]
 
@@ -26,7 +26,7 @@ def n_to_prune(sparsity: float, numel: int) -> int:
     return int(round(sparsity * numel))
 
 
-def _keys(scores: torch.Tensor) -> torch.Tensor:
+def order_keys(scores: torch.Tensor) -> torch.Tensor:
     """int32 keys whose signed order equals the float order of ``scores`` (flattened)."""
     s = scores.detach().reshape(-1)
     if s.dtype != torch.float32:
@@ -51,7 +51,7 @@ def _bucket(thunks: Sequence[ScoreThunk], k: int) -> tuple[int, int]:
     """Radix pass 1: the high 16 bits of the k-th smallest key, and its rank within that bucket."""
     counts = torch.zeros(65536, dtype=torch.int64)
     for thunk in thunks:
-        counts += _high_hist(_keys(thunk()))
+        counts += _high_hist(order_keys(thunk()))
     cum = counts.cumsum(0)
     high = int(torch.searchsorted(cum, torch.tensor(k)))
     return high - 32768, k - (int(cum[high - 1]) if high > 0 else 0)
@@ -83,7 +83,7 @@ def keep_masks(thunks: Sequence[ScoreThunk], n_prune: int) -> list[torch.Tensor]
     out: list[torch.Tensor] = []
     cands: list[tuple[torch.Tensor, torch.Tensor] | None] = []
     for thunk in thunks:
-        keys = _keys(thunk())
+        keys = order_keys(thunk())
         out.append(keys > (lo_key | 0xFFFF))
         idx = ((keys >> 16) == high).nonzero().flatten()
         ck = keys[idx]
@@ -95,7 +95,7 @@ def keep_masks(thunks: Sequence[ScoreThunk], n_prune: int) -> list[torch.Tensor]
     key = lo_key | low
     for i, (keep, cand) in enumerate(zip(out, cands)):
         if cand is None:
-            keys = _keys(thunks[i]())
+            keys = order_keys(thunks[i]())
             idx = ((keys >> 16) == high).nonzero().flatten()
             ck = keys[idx]
         else:
@@ -127,6 +127,6 @@ def row_keep_mask(scores: torch.Tensor, sparsity: float, out_dim: int = 0) -> to
     k = n_to_prune(sparsity, r.shape[1])
     keep = torch.ones(r.shape, dtype=torch.bool, device=scores.device)
     if k > 0 and r.numel() > 0:
-        order = _keys(r).view(r.shape).argsort(dim=1, stable=True)[:, :k]
+        order = order_keys(r).view(r.shape).argsort(dim=1, stable=True)[:, :k]
         keep.scatter_(1, order, False)
     return keep.reshape(moved_shape).movedim(0, out_dim)

@@ -147,7 +147,7 @@ def obs_prune(
             if scope == "row":
                 k = _block_quota(row_n, i1, i2, f)
                 if k:
-                    order = _select._keys(sal).view(sal.shape).argsort(dim=1, stable=True)[:, :k]
+                    order = _select.order_keys(sal).view(sal.shape).argsort(dim=1, stable=True)[:, :k]
                     prune1.scatter_(1, order, True)
             else:
                 k = _block_quota(total_n, i1, i2, f)
