@@ -1,4 +1,7 @@
-"""Shared helpers for the accuracy benchmarks: data loading, two LeNets, a training loop.
+"""Shared helpers for the benchmarks and the notebooks: data loading, two LeNets, training loops, timing.
+
+The notebooks import this module too (``notebooks/_src/*.py`` put ``benchmarks/`` on ``sys.path``):
+it is the one place for the Fashion-MNIST loader, the training loops and the accuracy.
 
 Data: Fashion-MNIST from Debian's ``dataset-fashion-mnist`` package (IDX gz files under
 ``/usr/share/datasets/fashion-mnist``), parsed with gzip + numpy (no torchvision, no download).
@@ -9,6 +12,8 @@ says which ran.
 from __future__ import annotations
 
 import gzip
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +29,10 @@ __all__ = [
     "lenet5",
     "lenet_300_100",
     "load_data",
+    "steps_per_epoch",
+    "time_interleaved",
     "train",
+    "train_steps",
 ]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -271,3 +279,101 @@ def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, *, batch_size: 
         correct += int((model(X[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
     model.train(was_training)
     return correct / max(1, X.shape[0])
+
+
+class _Steppable:  # a pruning schedule or anything else with step()
+    def step(self) -> None: ...
+
+
+def train_steps(
+    model: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    *,
+    lr: float,
+    batch_size: int = 128,
+    seed: int = 1,
+    cosine: bool = True,
+    optimizer: torch.optim.Optimizer | None = None,
+    schedule: _Steppable | None = None,
+    log_every: int = 0,
+    X_eval: torch.Tensor | None = None,
+    y_eval: torch.Tensor | None = None,
+) -> list[tuple[int, float]]:
+    """Train ``model`` for ``steps`` minibatches drawn with replacement (the notebooks' loop).
+
+    Each step: ``model.train()``, a cross-entropy step of Adam (or ``optimizer``), the cosine
+    learning-rate step (``cosine=True``), then ``schedule.step()`` when a pruning schedule is given.
+
+    Args:
+        model: the network.
+        X: training inputs; ``y``: their labels.
+        steps: number of optimizer steps.
+        lr: Adam's learning rate (ignored when ``optimizer`` is given).
+        batch_size: minibatch size.
+        seed: seeds the minibatch draws (a private generator).
+        cosine: anneal the learning rate to 0 over ``steps`` with ``CosineAnnealingLR``.
+        optimizer: an optimizer already built on ``model`` (e.g. the one a RigL schedule holds).
+        schedule: called as ``schedule.step()`` after every optimizer step.
+        log_every: every ``log_every`` steps, record ``(step, evaluate(model, X_eval, y_eval))``.
+        X_eval: evaluation inputs for the log; ``y_eval``: their labels.
+
+    Returns:
+        The logged ``(step, accuracy)`` pairs (empty when ``log_every`` is 0).
+    """
+    opt = optimizer if optimizer is not None else torch.optim.Adam(model.parameters(), lr=lr)
+    lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if cosine else None
+    gen = torch.Generator().manual_seed(seed)
+    log: list[tuple[int, float]] = []
+    for t in range(1, steps + 1):
+        model.train()
+        idx = torch.randint(len(X), (batch_size,), generator=gen)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
+        opt.step()
+        if lr_sched is not None:
+            lr_sched.step()
+        if schedule is not None:
+            schedule.step()
+        if log_every and t % log_every == 0:
+            if X_eval is None or y_eval is None:
+                raise ValueError("log_every needs X_eval and y_eval")
+            log.append((t, evaluate(model, X_eval, y_eval)))
+    return log
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    *,
+    budget_s: float = 1.5,
+    min_rounds: int = 7,
+    max_rounds: int = 60,
+    sample_s: float = 0.02,
+) -> dict[str, float]:
+    """Median seconds per call of each function, timed in interleaved rounds.
+
+    Each round takes one sample of every function, in order; a sample times enough back-to-back
+    calls to last about ``sample_s`` (timeit-style), so that a preemption by another process is
+    averaged over many calls instead of landing whole on one. Rounds continue until ``budget_s``
+    of total time has been spent (at least ``min_rounds``, at most ``max_rounds``).
+    """
+    inner: dict[str, int] = {}
+    for k, fn in fns.items():  # warm-up (allocations, MKL handles, caches) and calibration
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        one = max(time.perf_counter() - t0, 1e-6)
+        inner[k] = max(1, min(1000, int(sample_s / one)))
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_rounds or (time.perf_counter() - start < budget_s and rounds < max_rounds):
+        for k, fn in fns.items():
+            n = inner[k]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            times[k].append((time.perf_counter() - t0) / n)
+        rounds += 1
+    return {k: statistics.median(v) for k, v in times.items()}

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
-import statistics
-import time
 import warnings
 from collections.abc import Callable
 from functools import partial
@@ -25,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import time_interleaved  # type: ignore[import-not-found]
 from torch import nn
 
 from hadamard_sparse.api import register_mask, remove_parametrizations, sparsify
@@ -37,42 +36,6 @@ warnings.filterwarnings("ignore", message="TF32 acceleration")
 RESULTS = Path(__file__).resolve().parent / "results"
 SPARSITIES = (0.5, 0.7, 0.9, 0.95, 0.98)
 LINEAR_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)  # 0.8 locates the break-even (density threshold)
-
-
-def time_interleaved(
-    fns: dict[str, Callable[[], object]],
-    *,
-    budget_s: float = 1.5,
-    min_rounds: int = 7,
-    max_rounds: int = 60,
-    sample_s: float = 0.02,
-) -> dict[str, float]:
-    """Median seconds per call of each function, timed in interleaved rounds.
-
-    Each round takes one sample of every function, in order; a sample times enough back-to-back
-    calls to last about ``sample_s`` (timeit-style), so that a preemption by another process is
-    averaged over many calls instead of landing whole on one. Rounds continue until ``budget_s``
-    of total time has been spent (at least ``min_rounds``, at most ``max_rounds``).
-    """
-    inner: dict[str, int] = {}
-    for k, fn in fns.items():  # warm-up (allocations, MKL handles, caches) and calibration
-        fn()
-        t0 = time.perf_counter()
-        fn()
-        one = max(time.perf_counter() - t0, 1e-6)
-        inner[k] = max(1, min(1000, int(sample_s / one)))
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    start = time.perf_counter()
-    rounds = 0
-    while rounds < min_rounds or (time.perf_counter() - start < budget_s and rounds < max_rounds):
-        for k, fn in fns.items():
-            n = inner[k]
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            times[k].append((time.perf_counter() - t0) / n)
-        rounds += 1
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def random_sparse_linear(n_in: int, n_out: int, sparsity: float, seed: int) -> nn.Linear:

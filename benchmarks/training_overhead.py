@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from inference_speed import time_interleaved  # type: ignore[import-not-found]
+from _common import time_interleaved  # type: ignore[import-not-found]
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
