@@ -17,6 +17,7 @@
 
 # %%
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -29,6 +30,9 @@ from torch import nn
 
 import hadamard_sparse as hs
 from hadamard_sparse import plot
+
+sys.path.insert(0, str(Path.cwd().parent / "benchmarks"))  # benchmarks/_common.py: data and training loops
+from _common import evaluate, train_steps
 
 FAST = os.environ.get("FAST") == "1"  # CI runs the notebooks with FAST=1 (shorter training)
 torch.manual_seed(0)
@@ -53,20 +57,11 @@ def make_model() -> nn.Module:
 
 
 def train(model: nn.Module, steps: int, lr: float = 3e-3) -> None:
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(len(Xtr), (128,), generator=gen)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(Xtr[idx]), ytr[idx]).backward()
-        opt.step()
+    train_steps(model, Xtr, ytr, steps, lr=lr, seed=0, cosine=False)
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module) -> float:
-    model.eval()
-    return (model(Xte).argmax(1) == yte).float().mean().item()
+    return evaluate(model, Xte, yte)
 
 
 model = make_model()

@@ -21,6 +21,8 @@
 # %%
 import copy
 import os
+import sys
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -33,6 +35,9 @@ from torch import nn
 
 import hadamard_sparse as hs
 from hadamard_sparse import plot
+
+sys.path.insert(0, str(Path.cwd().parent / "benchmarks"))  # benchmarks/_common.py: data and training loops
+from _common import evaluate
 
 FAST = os.environ.get("FAST") == "1"  # CI runs the notebooks with FAST=1 (fewer steps)
 torch.manual_seed(0)
@@ -119,10 +124,8 @@ yd = torch.tensor(digits.target)
 Xtr, Xte, ytr, yte = (torch.as_tensor(a) for a in train_test_split(Xd, yd, test_size=0.25, random_state=0, stratify=yd))
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module) -> float:
-    model.eval()
-    return (model(Xte).argmax(1) == yte).float().mean().item()
+    return evaluate(model, Xte, yte)
 
 
 torch.manual_seed(0)

@@ -20,14 +20,13 @@
 
 # %%
 import copy
-import gzip
 import os
+import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 
 import hadamard_sparse as hs
@@ -37,49 +36,17 @@ FAST = os.environ.get("FAST") == "1"  # CI runs the notebooks with FAST=1 (less 
 torch.manual_seed(0)
 plt.rcParams["figure.dpi"] = 80
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
+sys.path.insert(0, str(Path.cwd().parent / "benchmarks"))  # benchmarks/_common.py: data and training loops
+from _common import evaluate, load_data, train_steps
 
-
-def read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
-    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def load_data(n_train: int, n_test: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str]:
-    """Fashion-MNIST (Debian's dataset-fashion-mnist) or, when absent, scikit-learn's 8x8 digits."""
-    if (FASHION / "train-images-idx3-ubyte.gz").exists():
-        xtr, ytr = read_idx(FASHION / "train-images-idx3-ubyte.gz"), read_idx(FASHION / "train-labels-idx1-ubyte.gz")
-        xte, yte = read_idx(FASHION / "t10k-images-idx3-ubyte.gz"), read_idx(FASHION / "t10k-labels-idx1-ubyte.gz")
-        name = "Fashion-MNIST"
-    else:
-        d = load_digits()
-        perm = np.random.default_rng(0).permutation(len(d.target))
-        x, t = d.images[perm], d.target[perm]
-        xtr, ytr, xte, yte = x[:1347], t[:1347], x[1347:], t[1347:]
-        name = "digits (dataset-fashion-mnist not installed)"
-    xtr, ytr, xte, yte = xtr[:n_train], ytr[:n_train], xte[:n_test], yte[:n_test]
-    xtr = torch.tensor(np.asarray(xtr), dtype=torch.float32).unsqueeze(1)
-    xte = torch.tensor(np.asarray(xte), dtype=torch.float32).unsqueeze(1)
-    mean, std = xtr.mean(), xtr.std()
-    return (xtr - mean) / std, torch.tensor(np.asarray(ytr), dtype=torch.long), (xte - mean) / std, torch.tensor(np.asarray(yte), dtype=torch.long), name
-
-
-Xtr, ytr, Xte, yte, data_name = load_data(4000 if FAST else 20000, 2000 if FAST else 10000)
+data = load_data(train_subset=4000 if FAST else 20000, test_subset=2000 if FAST else 10000)
+Xtr, ytr, Xte, yte, data_name = data.Xtr, data.ytr, data.Xte, data.yte, data.name
 print(f"{data_name}: train {tuple(Xtr.shape)}, test {tuple(Xte.shape)}")
 
 # %%
 def lenet_300_100() -> nn.Module:
     torch.manual_seed(0)  # the same initial weights for every method
     return nn.Sequential(nn.Flatten(), nn.Linear(Xtr[0].numel(), 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module) -> float:
-    model.eval()
-    return (model(Xte).argmax(1) == yte).float().mean().item()
 
 
 BATCH, EPOCHS = 128, 2 if FAST else 6
@@ -97,26 +64,14 @@ def run(method: str) -> tuple[nn.Module, list[float], dict[str, torch.Tensor]]:
     elif method != "dense":
         hs.sparsify(model, 0.0)  # all-ones masks for the schedule to drive
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, STEPS)
     schedule = None
     if method == "SET":
         schedule = hs.SET(model, SPARSITY, every=EVERY, drop_fraction=0.3, end_step=END, distribution="erk", optimizer=opt)
     elif method == "RigL":
         schedule = hs.RigL(model, opt, SPARSITY, every=EVERY, drop_fraction=0.3, end_step=END, distribution="erk")
     initial_masks = {k: m.clone() for k, m in hs.masks(model).items()}
-    gen = torch.Generator().manual_seed(1)
-    curve = []
-    for t in range(1, STEPS + 1):
-        model.train()
-        idx = torch.randint(len(Xtr), (BATCH,), generator=gen)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(Xtr[idx]), ytr[idx]).backward()
-        opt.step()
-        lr_sched.step()
-        if schedule is not None:
-            schedule.step()
-        if t % (STEPS // 10) == 0:
-            curve.append(accuracy(model))
+    log = train_steps(model, Xtr, ytr, STEPS, lr=1e-3, batch_size=BATCH, optimizer=opt, schedule=schedule, log_every=STEPS // 10, X_eval=Xte, y_eval=yte)
+    curve = [acc for _, acc in log]
     return model, curve, initial_masks
 
 

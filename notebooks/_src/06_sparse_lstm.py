@@ -12,6 +12,8 @@
 # %%
 import copy
 import os
+import sys
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
@@ -21,6 +23,9 @@ from torch import nn
 
 import hadamard_sparse as hs
 from hadamard_sparse import plot
+
+sys.path.insert(0, str(Path.cwd().parent / "benchmarks"))  # benchmarks/_common.py: data and training loops
+from _common import evaluate, train_steps
 
 FAST = os.environ.get("FAST") == "1"  # CI runs the notebooks with FAST=1 (shorter training)
 torch.manual_seed(0)
@@ -45,22 +50,11 @@ class RowLSTM(nn.Module):
 
 
 def train(model: nn.Module, steps: int, lr: float = 1e-2) -> None:
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    gen = torch.Generator().manual_seed(1)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(len(Xtr), (128,), generator=gen)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(Xtr[idx]), ytr[idx]).backward()
-        opt.step()
-        sched.step()
+    train_steps(model, Xtr, ytr, steps, lr=lr)
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module) -> float:
-    model.eval()
-    return (model(Xte).argmax(1) == yte).float().mean().item()
+    return evaluate(model, Xte, yte)
 
 
 dense = RowLSTM()

@@ -17,14 +17,12 @@
 
 # %%
 import copy
-import gzip
 import os
+import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import numpy as np
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 
 import hadamard_sparse as hs
@@ -33,37 +31,11 @@ from hadamard_sparse import plot
 FAST = os.environ.get("FAST") == "1"  # CI runs the notebooks with FAST=1 (less data, shorter training)
 torch.manual_seed(0)
 plt.rcParams["figure.dpi"] = 80
-FASHION = Path("/usr/share/datasets/fashion-mnist")
+sys.path.insert(0, str(Path.cwd().parent / "benchmarks"))  # benchmarks/_common.py: data and training loops
+from _common import evaluate, load_data, train_steps
 
-
-def read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
-    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def load_data(n_train: int, n_test: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str]:
-    """Fashion-MNIST (Debian's dataset-fashion-mnist) or, when absent, scikit-learn's 8x8 digits."""
-    if (FASHION / "train-images-idx3-ubyte.gz").exists():
-        xtr, ytr = read_idx(FASHION / "train-images-idx3-ubyte.gz"), read_idx(FASHION / "train-labels-idx1-ubyte.gz")
-        xte, yte = read_idx(FASHION / "t10k-images-idx3-ubyte.gz"), read_idx(FASHION / "t10k-labels-idx1-ubyte.gz")
-        name = "Fashion-MNIST"
-    else:
-        d = load_digits()
-        perm = np.random.default_rng(0).permutation(len(d.target))
-        x, t = d.images[perm], d.target[perm]
-        xtr, ytr, xte, yte = x[:1347], t[:1347], x[1347:], t[1347:]
-        name = "digits (dataset-fashion-mnist not installed)"
-    xtr, ytr, xte, yte = xtr[:n_train], ytr[:n_train], xte[:n_test], yte[:n_test]
-    xtr = torch.tensor(np.asarray(xtr), dtype=torch.float32).unsqueeze(1)
-    xte = torch.tensor(np.asarray(xte), dtype=torch.float32).unsqueeze(1)
-    mean, std = xtr.mean(), xtr.std()
-    return (xtr - mean) / std, torch.tensor(np.asarray(ytr), dtype=torch.long), (xte - mean) / std, torch.tensor(np.asarray(yte), dtype=torch.long), name
-
-
-Xtr, ytr, Xte, yte, data_name = load_data(4000 if FAST else 20000, 2000 if FAST else 10000)
+data = load_data(train_subset=4000 if FAST else 20000, test_subset=2000 if FAST else 10000)
+Xtr, ytr, Xte, yte, data_name = data.Xtr, data.ytr, data.Xte, data.yte, data.name
 print(f"{data_name}: train {tuple(Xtr.shape)}, test {tuple(Xte.shape)}")
 
 # %%
@@ -72,23 +44,11 @@ def lenet_300_100() -> nn.Module:
 
 
 def train(model: nn.Module, epochs: float, lr: float = 1e-3, batch: int = 128) -> None:
-    steps = int(epochs * len(Xtr) / batch)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    gen = torch.Generator().manual_seed(1)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(len(Xtr), (batch,), generator=gen)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(Xtr[idx]), ytr[idx]).backward()
-        opt.step()
-        sched.step()
+    train_steps(model, Xtr, ytr, int(epochs * len(Xtr) / batch), lr=lr, batch_size=batch)
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module) -> float:
-    model.eval()
-    return (model(Xte).argmax(1) == yte).float().mean().item()
+    return evaluate(model, Xte, yte)
 
 
 dense = lenet_300_100()
