@@ -26,11 +26,11 @@ from ._engine import (
     compute_keep_masks,
     mask_of,
 )
-from .checkpoint import drop_load_hook, ensure_load_hook
+from .checkpoint import bake, drop_load_hook, ensure_load_hook
 from .densities import densities_for_shapes
 from .errors import InvalidArgumentError, NoTargetsError
 from .layers import Target, check_not_wrapped, resolve_targets
-from .parametrizations import HadamardMask, _check_mask, _SparseParametrization
+from .parametrizations import HadamardMask, _check_mask
 from .scores import register_score
 from .sparsegpt import stats_for
 from .structures import NM, StructureLike, parse_structure
@@ -336,18 +336,6 @@ def masks(model: nn.Module, *, compact: bool = False) -> dict[str, torch.Tensor]
     return out
 
 
-def _fresh_class(module: nn.Module) -> None:
-    """Give ``module`` its own copy of parametrize's injected class.
-
-    ``copy.deepcopy`` shares the injected class between a model and its copy,
-    and ``parametrize.remove_parametrizations`` deletes the property from that
-    class, which would break the other copy.
-    """
-    cls = module.__class__
-    ns = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-    module.__class__ = type(cls.__name__, cls.__bases__, ns)
-
-
 def remove_parametrizations(model: nn.Module, threshold: float = 0.0) -> nn.Module:
     r"""Bake: replace every parametrization of this library by its current value, in place.
 
@@ -356,16 +344,29 @@ def remove_parametrizations(model: nn.Module, threshold: float = 0.0) -> nn.Modu
     has a single original), holding exactly the effective sparse weight.
     Modules get their original classes back, so ``pickle``, ``torch.save``,
     ``torch.jit.script`` and ``torch.export`` work. Baking a ``copy.deepcopy``
-    leaves the source model untouched. Parametrizations of other libraries on
-    other tensors are left alone.
+    leaves the source model untouched.
+
+    Parametrizations of other libraries stay in place with the same outputs:
+    on other tensors they are not touched; in the same chain as ours (a mask
+    stacked on ``weight_norm``, as in wav2vec2's positional convolution) the
+    value after our last parametrization is assigned through their
+    ``right_inverse`` (their originals become new Parameters), and the ones
+    after ours keep it as their input. A chain whose foreign parametrizations
+    cannot represent that value (``orthogonal`` or ``spectral_norm`` before a
+    mask, ``weight_norm`` with an entirely pruned slice) is refused before
+    anything changes.
 
     Args:
         model: the parametrized model.
-        threshold: after baking, entries with ``|w| <= threshold`` become exactly 0.
-            Default ``0.0`` leaves values untouched.
+        threshold: after baking, entries with ``|w| <= threshold`` become exactly 0 (a real number
+            ``>= 0``, not NaN). Default ``0.0`` leaves values untouched.
 
     Returns:
         ``model``, baked.
+
+    Raises:
+        HadamardSparseError: listing the chains that cannot be baked with their foreign
+            parametrizations kept; the model is then unchanged.
 
     Example::
 
@@ -374,24 +375,6 @@ def remove_parametrizations(model: nn.Module, threshold: float = 0.0) -> nn.Modu
         True
     """
     check_module(model)
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or threshold < 0:
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not threshold >= 0:
         raise InvalidArgumentError(f"threshold must be a real number >= 0, got {threshold!r}")
-    work: list[tuple[nn.Module, str]] = []
-    for module in model.modules():
-        if not parametrize.is_parametrized(module):
-            continue
-        for tname, plist in module.parametrizations.items():  # type: ignore[union-attr]
-            if any(isinstance(p, _SparseParametrization) for p in plist):
-                work.append((module, tname))
-    done: set[int] = set()
-    for module, tname in work:
-        if id(module) not in done:
-            _fresh_class(module)
-            done.add(id(module))
-        parametrize.remove_parametrizations(module, tname, leave_parametrized=True)
-        if threshold > 0:
-            with torch.no_grad():
-                t = getattr(module, tname)
-                t.masked_fill_(t.abs() <= threshold, 0.0)
-        drop_load_hook(module)
-    return model
+    return bake(model, float(threshold))

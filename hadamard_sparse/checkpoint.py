@@ -1,33 +1,207 @@
-"""Checkpoints: dense state_dicts into parametrized models, sparse state_dicts into plain ones.
+r"""Checkpoints: a ``state_dict`` of plain tensors that every loader understands.
 
-A load pre-hook on every module we parametrize maps a dense entry
-(``"fc.weight"``) to the parametrization's original(s) (``"fc.parametrizations.weight.original"``),
-through the chain's ``right_inverse``, and keeps the current masks, so a dense
-pretrained checkpoint loads into a sparsified model with ``strict=True``.
+A module parametrized by this library carries two hooks. Its ``state_dict``
+post-hook rewrites the entries of each parametrized tensor ``fc.weight`` so
+that the checkpoint looks like the baked model's plus a few extra tensors:
+
+=============================  ====================================================================
+key                            value
+=============================  ====================================================================
+``fc.weight``                  the effective tensor (``w ⊙ m``, ``u ⊙ v``, fake-quantized, ...)
+``fc.weight_mask``             the ``torch.bool`` mask as stored (full or broadcastable shape)
+``fc.weight_fake_quant``       ``int64 [bits, channel_dim or -1, position in the chain]``
+``fc.weight_factorization``    ``int64 [depth, group code, group_dim or -1, init code]``
+``fc.weight_factor0``, ...     the factors of a factorization (``fc.weight_group_index``: its map)
+=============================  ====================================================================
+
+So ``from_pretrained`` or ``load_state_dict`` of a plain model (this library
+not imported) loads the sparse model's outputs (the extra keys are merely
+unexpected), and :func:`load_sparse_state_dict` rebuilds the parametrizations
+on a fresh model bitwise. The dense values at pruned positions are *not*
+saved: ``original`` is restored as the effective tensor, zero where masked.
+``fc.weight_mask`` is the name :mod:`torch.nn.utils.prune` uses, and its
+checkpoints (``fc.weight_orig`` + a 0/1 float ``fc.weight_mask``) load too,
+dense values included.
+
+When the tensor also carries parametrizations of other libraries (``weight_norm``
+on wav2vec2's positional convolution, ``spectral_norm``, ``orthogonal``, ...),
+those stay in the checkpoint under their own keys (renumbered without ours) with
+their originals computed by their ``right_inverse`` from the effective value,
+exactly as in the baked model.
+
+The load pre-hook maps all of this back (``original ← right_inverse(effective)``,
+``mask ← fc.weight_mask``), so ``model.load_state_dict(model.state_dict())``
+round-trips and a dense pretrained checkpoint loads into a sparsified model with
+``strict=True``, keeping its masks.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .errors import HadamardSparseError
 from .parametrizations import _SparseParametrization
 
 __all__ = ["load_sparse_state_dict"]
 
-_HOOK_ATTR = "_hadamard_sparse_load_hook"
+_HOOK_ATTR = "_hadamard_sparse_hooks"
 
 
 def _is_ours(plist: nn.Module) -> bool:
     return any(isinstance(p, _SparseParametrization) for p in plist)
 
 
-def _dense_to_parametrized_hook(
+def _split_chain(
+    plist: nn.Module,
+) -> tuple[list[tuple[int, _SparseParametrization]], list[tuple[int, nn.Module]]]:
+    ours: list[tuple[int, _SparseParametrization]] = []
+    foreign: list[tuple[int, nn.Module]] = []
+    for j, p in enumerate(plist):
+        (ours if isinstance(p, _SparseParametrization) else foreign).append((j, p))  # type: ignore[arg-type]
+    return ours, foreign
+
+
+@contextmanager
+def _eval_mode(modules: list[nn.Module]) -> Iterator[None]:
+    """Temporarily put ``modules`` in eval mode, so that computing a value has no side effect.
+
+    (``spectral_norm`` runs a power iteration, updating its buffers, at every forward in training mode.)
+    """
+    flags = [(m, m.training) for p in modules for m in p.modules()]
+    try:
+        for m, _ in flags:
+            m.training = False
+        yield
+    finally:
+        for m, t in flags:
+            m.training = t
+
+
+def _right_inverse(chain: list[nn.Module], value: torch.Tensor) -> Any:
+    """``right_inverse`` through ``chain`` in reverse, as ``ParametrizationList`` does (identity when absent)."""
+    x: Any = value
+    for p in reversed(chain):
+        if hasattr(p, "right_inverse"):
+            x = p.right_inverse(x)
+    return x
+
+
+def _forward(chain: list[nn.Module], originals: Any) -> torch.Tensor:
+    x = chain[0](*originals) if isinstance(originals, (tuple, list)) else chain[0](originals)
+    for p in chain[1:]:
+        x = p(x)
+    return x
+
+
+def _original_keys(base: str, plist: nn.Module) -> list[str]:
+    return [base + "original"] if plist.is_tensor else [f"{base}original{i}" for i in range(plist.ntensors)]
+
+
+def _put_originals(state_dict: dict[str, Any], base: str, originals: Any) -> None:
+    if isinstance(originals, torch.Tensor):
+        state_dict[base + "original"] = originals
+    else:
+        for i, t in enumerate(originals):
+            state_dict[f"{base}original{i}"] = t
+
+
+def _tensor_shape(module: nn.Module, name: str) -> torch.Size:
+    plist = module.parametrizations[name]  # type: ignore[index, union-attr]
+    if plist.is_tensor and all(isinstance(p, _SparseParametrization) for p in plist):
+        return plist.original.shape  # ours keep the shape
+    with torch.no_grad(), _eval_mode(list(plist)):
+        return getattr(module, name).shape
+
+
+_MISSING = object()
+
+
+# ----------------------------------------------------------------------------------------------
+# state_dict: write the plain view
+# ----------------------------------------------------------------------------------------------
+
+
+def _state_dict_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    if not parametrize.is_parametrized(module):
+        return
+    for name, plist in module.parametrizations.items():  # type: ignore[union-attr]
+        ours, foreign = _split_chain(plist)
+        if ours:
+            _write_plain_view(module, name, plist, ours, foreign, state_dict, prefix)
+
+
+def _current_originals(plist: nn.Module) -> Any:
+    if plist.is_tensor:
+        return plist.original
+    return tuple(getattr(plist, f"original{i}") for i in range(plist.ntensors))
+
+
+def _split_at_ours(
+    plist: nn.Module, ours: list[tuple[int, _SparseParametrization]], foreign: list[tuple[int, nn.Module]]
+) -> tuple[list[nn.Module], list[nn.Module], list[nn.Module]]:
+    """``(head, theirs_in_head, tail)``: the chain up to our last parametrization, the foreign ones in it, the rest."""
+    last = ours[-1][0]
+    head = list(plist)[: last + 1]
+    return head, [p for j, p in foreign if j < last], list(plist)[last + 1 :]
+
+
+def _write_plain_view(
+    module: nn.Module,
+    name: str,
+    plist: nn.Module,
+    ours: list[tuple[int, _SparseParametrization]],
+    foreign: list[tuple[int, nn.Module]],
+    state_dict: dict[str, Any],
+    prefix: str,
+) -> None:
+    base = f"{prefix}parametrizations.{name}."
+    originals = [state_dict.pop(k, None) for k in _original_keys(base, plist)]
+    keep_vars = isinstance(originals[0], nn.Parameter)
+    own_state: dict[int, dict[str, Any]] = {}
+    for j, p in enumerate(plist):
+        local = {}
+        for k in p.state_dict(keep_vars=True):
+            v = state_dict.pop(f"{base}{j}.{k}", _MISSING)
+            if v is not _MISSING:
+                local[k] = v
+        own_state[j] = local
+    with torch.no_grad():
+        if not foreign:
+            state_dict[prefix + name] = getattr(module, name).detach()
+        else:
+            # The baked model's view: their chain (ours removed) holding the value after our last one.
+            head_chain, theirs_in_head, _ = _split_at_ours(plist, ours, foreign)
+            with _eval_mode([p for _, p in foreign]):
+                value = _forward(head_chain, _current_originals(plist)).detach()
+                _put_originals(
+                    state_dict, base, _right_inverse(theirs_in_head, value) if theirs_in_head else value
+                )
+            for new, (j, _) in enumerate(foreign):
+                for k, v in own_state[j].items():
+                    state_dict[f"{base}{new}.{k}"] = v
+    head = f"{prefix}{name}_"
+    for position, (_, p) in enumerate(ours):
+        for suffix, t in p._record(position).items():
+            state_dict[head + suffix] = t if keep_vars else t.detach()
+    first = ours[0][1]
+    if ours[0][0] == 0 and first._ORIGINALS is not None:
+        for i, t in enumerate(originals):
+            state_dict[f"{head}{first._ORIGINALS}{i}"] = t
+
+
+# ----------------------------------------------------------------------------------------------
+# load_state_dict: map the plain view (or a dense checkpoint) back into the parametrizations
+# ----------------------------------------------------------------------------------------------
+
+
+def _load_hook(
     module: nn.Module,
     state_dict: dict[str, Any],
     prefix: str,
@@ -40,53 +214,252 @@ def _dense_to_parametrized_hook(
     if not parametrize.is_parametrized(module):
         return
     for name, plist in module.parametrizations.items():  # type: ignore[union-attr]
-        key = prefix + name
-        if key not in state_dict or not _is_ours(plist):
-            continue
-        value = state_dict.pop(key)
-        base = f"{prefix}parametrizations.{name}."
+        ours, foreign = _split_chain(plist)
+        if ours:
+            _read_plain_view(module, name, plist, ours, foreign, state_dict, prefix)
+
+
+def _read_plain_view(
+    module: nn.Module,
+    name: str,
+    plist: nn.Module,
+    ours: list[tuple[int, _SparseParametrization]],
+    foreign: list[tuple[int, nn.Module]],
+    state_dict: dict[str, Any],
+    prefix: str,
+) -> None:
+    base = f"{prefix}parametrizations.{name}."
+    head = f"{prefix}{name}_"
+    # Checkpoints of hadamard_sparse 0.1 stored a dict per parametrization under "_extra_state";
+    # their other keys are the internal ones, which load as they are.
+    legacy = False
+    for j, _ in ours:
+        legacy |= state_dict.pop(f"{base}{j}._extra_state", _MISSING) is not _MISSING
+    # 1. records of ours -> their own state (masks, group maps), checked against the live configuration
+    for position, (j, p) in enumerate(ours):
+        record = {s: state_dict.pop(head + s) for s in p._SUFFIXES if head + s in state_dict}
+        try:
+            local = p._record_to_state(record, position, head + p._SUFFIXES[0])
+        except (ValueError, TypeError) as e:
+            raise HadamardSparseError(f"state_dict does not fit {prefix}{name}: {e}") from None
+        for k, v in local.items():
+            state_dict[f"{base}{j}.{k}"] = v
+    # 2. originals
+    first = ours[0][1] if ours[0][0] == 0 else None
+    factor_keys = []
+    if first is not None and first._ORIGINALS is not None:
+        factor_keys = [f"{head}{first._ORIGINALS}{i}" for i in range(plist.ntensors)]
+    value_key = prefix + name
+    dense = state_dict.pop(head + "orig", _MISSING)  # torch.nn.utils.prune's dense values
+    effective = state_dict.pop(value_key, _MISSING)
+    source = dense if dense is not _MISSING else effective
+    if factor_keys and all(k in state_dict for k in factor_keys):
+        for k in [base + "original", *(f"{base}original{i}" for i in range(plist.ntensors))]:
+            state_dict.pop(k, None)  # a foreign view's originals, computed from the product
+        _put_originals(state_dict, base, [state_dict.pop(k) for k in factor_keys])
+    elif source is not _MISSING:
+        shape = _tensor_shape(module, name)
+        if not isinstance(source, torch.Tensor) or source.shape != shape:
+            got = tuple(source.shape) if isinstance(source, torch.Tensor) else type(source).__name__
+            raise HadamardSparseError(
+                f"state_dict entry {value_key!r} does not fit: expected a tensor of shape {tuple(shape)}, got {got}"
+            )
         with torch.no_grad():
-            originals: Any = value
-            for p in reversed(plist):
-                if hasattr(p, "right_inverse"):
-                    originals = p.right_inverse(originals)
-        if plist.is_tensor:
-            state_dict[base + "original"] = originals
-        else:
-            for i, t in enumerate(originals):
-                state_dict[f"{base}original{i}"] = t
-        # Keep the current masks and other parametrization state.
-        for k, v in plist.state_dict(prefix=base, keep_vars=False).items():
-            if k.split(".")[-1].startswith("original"):
-                continue
-            state_dict.setdefault(k, v)
+            _put_originals(state_dict, base, _right_inverse(list(plist), source))
+    # else: the originals are under their internal keys (a foreign view: ours have identity right_inverse,
+    # so their chain's originals are the whole chain's)
+    if foreign and not legacy:
+        # Their state was numbered without ours: move it to the chain's indices.
+        moved = {}
+        for new, (j, p) in enumerate(foreign):
+            if new != j:
+                for k in p.state_dict(keep_vars=True):
+                    v = state_dict.pop(f"{base}{new}.{k}", _MISSING)
+                    if v is not _MISSING:
+                        moved[f"{base}{j}.{k}"] = v
+        state_dict.update(moved)
+    # 3. keep the current state of ours where the checkpoint has none (a dense checkpoint keeps the masks)
+    for j, p in ours:
+        for k, v in p.state_dict().items():
+            state_dict.setdefault(f"{base}{j}.{k}", v)
+
+
+# ----------------------------------------------------------------------------------------------
+# hooks
+# ----------------------------------------------------------------------------------------------
 
 
 def ensure_load_hook(module: nn.Module) -> None:
-    """Register the dense-checkpoint pre-hook on ``module`` once."""
+    """Register the checkpoint hooks (``state_dict`` post-hook, load pre-hook) on ``module`` once."""
     if getattr(module, _HOOK_ATTR, None) is not None:
         return
-    handle = module.register_load_state_dict_pre_hook(_dense_to_parametrized_hook)
-    object.__setattr__(module, _HOOK_ATTR, handle.id)
+    save = module.register_state_dict_post_hook(_state_dict_hook)
+    load = module.register_load_state_dict_pre_hook(_load_hook)
+    object.__setattr__(module, _HOOK_ATTR, (save.id, load.id))
 
 
 def drop_load_hook(module: nn.Module) -> None:
-    """Remove the pre-hook once ``module`` has no parametrization of ours left."""
-    hook_id = getattr(module, _HOOK_ATTR, None)
-    if hook_id is None:
+    """Remove the checkpoint hooks once ``module`` has no parametrization of ours left."""
+    ids = getattr(module, _HOOK_ATTR, None)
+    if ids is None:
         return
     if parametrize.is_parametrized(module) and any(
         _is_ours(pl)
         for pl in module.parametrizations.values()  # type: ignore[union-attr]
     ):
         return
-    module._load_state_dict_pre_hooks.pop(hook_id, None)
+    module._state_dict_hooks.pop(ids[0], None)
+    module._load_state_dict_pre_hooks.pop(ids[1], None)
     del module.__dict__[_HOOK_ATTR]
 
 
-_PARAM_KEY = re.compile(
-    r"^(?:(?P<mod>.*)\.)?parametrizations\.(?P<tensor>[^.]+)\.(?P<idx>\d+)\._extra_state$"
-)
+# ----------------------------------------------------------------------------------------------
+# bake
+# ----------------------------------------------------------------------------------------------
+
+
+def _fresh_class(module: nn.Module) -> None:
+    """Give ``module`` its own copy of parametrize's injected class.
+
+    ``copy.deepcopy`` shares the injected class between a model and its copy,
+    and ``parametrize.remove_parametrizations`` deletes the property from that
+    class, which would break the other copy.
+    """
+    cls = module.__class__
+    ns = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, ns)
+
+
+class _Keep(nn.Module):
+    """Identity with an identity ``right_inverse``: registers a given value as a chain's original."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def right_inverse(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def bake(model: nn.Module, threshold: float) -> nn.Module:
+    """Replace every parametrization of ours by its value, leaving other libraries' in place.
+
+    A chain ``[head..., tail...]`` split after our last parametrization is baked into the value
+    ``Y`` of its head. Foreign parametrizations of the head are registered again with ``Y``
+    assigned through their ``right_inverse`` (checked to reproduce ``Y`` before anything
+    changes); the tail is appended unchanged with ``Y`` as its input, so outputs are kept.
+    """
+    work: list[tuple[nn.Module, str, list[nn.Module], list[nn.Module], torch.Tensor | None]] = []
+    problems: list[str] = []
+    for mod_name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for tname, plist in module.parametrizations.items():  # type: ignore[union-attr]
+            ours, foreign = _split_chain(plist)
+            if not ours:
+                continue
+            if not foreign:
+                work.append((module, tname, [], [], None))
+                continue
+            head_chain, theirs_in_head, tail = _split_at_ours(plist, ours, foreign)
+            with torch.no_grad(), _eval_mode([p for _, p in foreign]):
+                value = _forward(head_chain, _current_originals(plist)).detach().clone()
+                if threshold > 0:
+                    value.masked_fill_(value.abs() <= threshold, 0.0)
+                lacking = [type(p).__name__ for p in theirs_in_head if not hasattr(p, "right_inverse")]
+                ok = not lacking
+                if theirs_in_head and ok:
+                    again = _forward(theirs_in_head, _right_inverse(theirs_in_head, value))
+                    ok = again.shape == value.shape and bool(torch.allclose(again, value))
+            if not ok:
+                qualified = f"{mod_name}.{tname}" if mod_name else tname
+                why = (
+                    f"{lacking} have no right_inverse"
+                    if lacking
+                    else "their right_inverse cannot reproduce the masked value (e.g. weight_norm with an "
+                    "entirely pruned slice, spectral_norm or orthogonal before a mask)"
+                )
+                problems.append(
+                    f"{qualified}: its chain {[type(p).__name__ for p in plist]} also holds parametrizations of "
+                    f"another library before ours and {why}; remove theirs first "
+                    f"(torch.nn.utils.parametrize.remove_parametrizations(module, {tname!r}, leave_parametrized=True))"
+                )
+                continue
+            work.append((module, tname, theirs_in_head, tail, value))
+    if problems:
+        raise HadamardSparseError("cannot bake:\n  " + "\n  ".join(problems))
+    done: set[int] = set()
+    for module, tname, theirs_in_head, tail, value in work:
+        if id(module) not in done:
+            _fresh_class(module)
+            done.add(id(module))
+        if value is None:
+            parametrize.remove_parametrizations(module, tname, leave_parametrized=True)
+            if threshold > 0:
+                with torch.no_grad():
+                    t = getattr(module, tname)
+                    t.masked_fill_(t.abs() <= threshold, 0.0)
+            drop_load_hook(module)
+            continue
+        with _eval_mode(theirs_in_head + tail):
+            parametrize.remove_parametrizations(module, tname, leave_parametrized=True)
+        first = theirs_in_head or [_Keep()]
+        for p in first:
+            parametrize.register_parametrization(module, tname, p, unsafe=True)
+        with torch.no_grad():
+            setattr(
+                module, tname, value
+            )  # their right_inverse receives the value of our last parametrization
+        for p in tail:
+            parametrize.register_parametrization(module, tname, p, unsafe=True)
+        if not theirs_in_head:
+            del module.parametrizations[tname][0]  # type: ignore[index, union-attr]  # the _Keep
+        drop_load_hook(module)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# load_sparse_state_dict
+# ----------------------------------------------------------------------------------------------
+
+
+def _tensor_names(module: nn.Module) -> set[str]:
+    names = {k for k, v in module._parameters.items() if v is not None}
+    if parametrize.is_parametrized(module):
+        names |= set(module.parametrizations.keys())  # type: ignore[union-attr]
+    return names
+
+
+def _record_key() -> re.Pattern[str]:
+    """``"<tensor>_<suffix>"`` for the suffixes of our records, their originals and torch prune's ``"orig"``."""
+    types = _SparseParametrization._TYPES.values()
+    alts = sorted({re.escape(s) for cls in types for s in cls._SUFFIXES} | {"orig"}, key=len, reverse=True)
+    alts += [rf"{re.escape(cls._ORIGINALS)}\d+" for cls in types if cls._ORIGINALS]
+    return re.compile(rf"^(?P<tensor>.+)_(?P<suffix>{'|'.join(alts)})$")
+
+
+def _records(
+    model: nn.Module, state_dict: Mapping[str, Any], modules: dict[str, nn.Module]
+) -> dict[tuple[str, str], dict[str, str]]:
+    """``{(module name, tensor name): {suffix: key}}`` for every record key of ``state_dict`` (one pass)."""
+    record_key = _record_key()
+    tensors: dict[int, set[str]] = {}
+    out: dict[tuple[str, str], dict[str, str]] = {}
+    for key in state_dict:
+        mod_name, _, leaf = key.rpartition(".")
+        m = record_key.match(leaf)
+        if m is None:
+            continue
+        suffix = m.group("suffix")
+        module = modules.get(mod_name)
+        if module is None or leaf in module._parameters or leaf in module._buffers or leaf in module._modules:
+            continue
+        names = tensors.get(id(module))
+        if names is None:
+            names = tensors[id(module)] = _tensor_names(module)
+        if m.group("tensor") not in names:
+            continue
+        out.setdefault((mod_name, m.group("tensor")), {})[suffix] = key
+    return out
 
 
 def load_sparse_state_dict(
@@ -94,18 +467,30 @@ def load_sparse_state_dict(
 ) -> nn.Module:
     r"""Load a state_dict saved from a sparsified model into a fresh, unmodified model.
 
-    The parametrizations recorded in ``state_dict`` (masks, factorizations, ...)
-    are registered on ``model`` first, then the state_dict is loaded. Tensors
-    that are already parametrized the same way are reused. Every entry is
-    checked before ``model`` is touched.
+    The parametrizations recorded in ``state_dict`` (``"<tensor>_mask"``,
+    ``"<tensor>_factorization"``, ``"<tensor>_fake_quant"`` entries, see
+    :mod:`hadamard_sparse.checkpoint`) are registered on ``model`` first, then
+    the state_dict is loaded: masks are restored bitwise (kept weights that are
+    exactly zero stay kept) and the weights hold the effective values. Tensors
+    that are already parametrized the same way are reused. A
+    :mod:`torch.nn.utils.prune` checkpoint (``"<tensor>_orig"`` and a 0/1
+    ``"<tensor>_mask"``) loads too, dense values included.
+
+    Every key, shape and dtype is checked before ``model`` is touched: a refused
+    state_dict leaves the model exactly as it was. Time is linear in the number
+    of entries.
 
     Args:
         model: a model with the same architecture as the one that was saved.
-        state_dict: the output of ``sparsified_model.state_dict()``.
-        strict: passed to :meth:`torch.nn.Module.load_state_dict`.
+        state_dict: the output of ``sparsified_model.state_dict()``, e.g. read back with
+            ``torch.load`` or ``safetensors.torch.load_file``.
+        strict: refuse missing and unexpected keys, as :meth:`torch.nn.Module.load_state_dict` does.
 
     Returns:
         ``model``, parametrized and loaded.
+
+    Raises:
+        HadamardSparseError: listing every entry that does not fit.
 
     Example::
 
@@ -116,42 +501,111 @@ def load_sparse_state_dict(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
-    plan: dict[tuple[str, str], list[tuple[int, _SparseParametrization]]] = {}
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be a bool, got {strict!r}")
+    modules = dict(model.named_modules(remove_duplicate=False))
     problems: list[str] = []
-    modules = dict(model.named_modules())
-    for key, extra in state_dict.items():
-        m = _PARAM_KEY.match(key)
-        if m is None:
-            continue
-        mod_name, tensor, idx = m.group("mod") or "", m.group("tensor"), int(m.group("idx"))
-        module = modules.get(mod_name)
-        if module is None:
-            problems.append(f"{key}: model has no submodule {mod_name!r}")
-            continue
-        if parametrize.is_parametrized(module, tensor):
-            continue  # already parametrized: load_state_dict handles (and checks) it
-        current = module._parameters.get(tensor)
-        if current is None:
-            problems.append(f"{key}: {mod_name or 'model'} has no Parameter {tensor!r}")
-            continue
-        if not isinstance(extra, dict) or extra.get("type") not in _SparseParametrization._TYPES:
-            problems.append(f"{key}: unknown parametrization record {extra!r}")
-            continue
-        local = f"{mod_name + '.' if mod_name else ''}parametrizations.{tensor}.{idx}."
-        tensors = {k[len(local) :]: v for k, v in state_dict.items() if k.startswith(local)}
-        cls = _SparseParametrization._TYPES[extra["type"]]
-        try:
-            p = cls._from_state(extra, tensors, current.shape)
-        except (ValueError, TypeError) as e:
-            problems.append(f"{key}: {e}")
-            continue
-        plan.setdefault((mod_name, tensor), []).append((idx, p))
-    if problems:
-        raise ValueError("state_dict does not fit the model:\n  " + "\n  ".join(problems))
-    for (mod_name, tensor), items in plan.items():
+    legacy = [k for k in state_dict if k.endswith("._extra_state") and ".parametrizations." in k]
+    if legacy:
+        problems.append(
+            f"{legacy[0]}: a checkpoint of hadamard_sparse 0.1 (records in '_extra_state'); load it into a "
+            "model sparsified the same way with model.load_state_dict(...), then save it again"
+        )
+    plan: list[tuple[nn.Module, str, list[_SparseParametrization], bool]] = []
+    consumed: set[str] = set()
+    optional: set[str] = set()  # record keys of tensors already parametrized: a dense checkpoint keeps them
+    for (mod_name, tname), keys in _records(model, state_dict, modules).items():
         module = modules[mod_name]
-        for _, p in sorted(items, key=lambda t: t[0]):
-            parametrize.register_parametrization(module, tensor, p, unsafe=True)
+        qualified = f"{mod_name}.{tname}" if mod_name else tname
+        head = f"{qualified}_"
+        types = [cls for s, cls in _SparseParametrization._TYPES.items() if s in keys]
+        if not types:
+            if "orig" in keys and "mask" not in keys:
+                problems.append(f"{head}orig: torch.nn.utils.prune's dense values without {head}mask")
+            elif "orig" not in keys:
+                problems.append(f"{sorted(keys.values())}: records without their declaring entry")
+            continue
+        consumed.update(keys.values())
+        if "orig" in keys:
+            consumed.add(qualified)  # prune's checkpoint has no plain entry
+        chain = module.parametrizations[tname] if parametrize.is_parametrized(module, tname) else None  # type: ignore[index, union-attr]
+        ours = [] if chain is None else [p for p in chain if isinstance(p, _SparseParametrization)]
+        if ours:
+            if sorted(type(p).__name__ for p in ours) != sorted(c.__name__ for c in types):
+                problems.append(
+                    f"{qualified}: already parametrized with {[type(p).__name__ for p in ours]}, the state_dict "
+                    f"records {[c.__name__ for c in types]}"
+                )
+            continue  # the load hook checks and loads the records
+        if chain is None and not isinstance(module._parameters.get(tname), nn.Parameter):
+            problems.append(f"{qualified}: not an nn.Parameter of {type(module).__name__}")
+            continue
+        shape = module._parameters[tname].shape if chain is None else _tensor_shape(module, tname)
+        built: list[tuple[int | None, _SparseParametrization]] = []
+        for cls in types:
+            record = {s: state_dict[keys[s]] for s in cls._SUFFIXES if s in keys}
+            try:
+                p, pos = cls._from_record(record, shape, keys[cls._SUFFIXES[0]])
+                built.append((pos, p))
+            except (ValueError, TypeError) as e:
+                problems.append(str(e))
+        if len(built) != len(types):
+            continue
+        if chain is not None and any(c._ORIGINALS for c in types):
+            problems.append(
+                f"{qualified}: a factorization must be first in its chain, the tensor is already parametrized"
+            )
+            continue
+        plan.append((module, tname, _ordered(built), chain is not None))
+    # keys, shapes and dtypes of everything, against the model's own plain view
+    current = model.state_dict(keep_vars=True)
+    for keys in _records(model, current, modules).values():
+        optional.update(keys.values())
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            problems.append(f"{key}: a {type(value).__name__}, state_dicts hold tensors")
+            continue
+        if key in consumed:
+            continue
+        ref = current.get(key)
+        if ref is None:
+            if strict:
+                problems.append(f"{key}: unexpected (the model has no such entry)")
+            continue
+        if value.shape != ref.shape:
+            problems.append(f"{key}: shape {tuple(value.shape)}, the model's is {tuple(ref.shape)}")
+        elif (value.dtype == torch.bool) != (ref.dtype == torch.bool) or (
+            value.is_floating_point() and not (ref.is_floating_point() or ref.is_complex())
+        ):
+            problems.append(f"{key}: dtype {value.dtype}, the model's is {ref.dtype}")
+    if strict:
+        missing = [
+            k
+            for k in current
+            if k not in state_dict
+            and k not in optional
+            and k not in consumed
+            and not k.endswith("num_batches_tracked")  # BatchNorm fills it in
+        ]
+        problems.extend(f"{k}: missing" for k in missing)
+    if problems:
+        raise HadamardSparseError("state_dict does not fit the model:\n  " + "\n  ".join(problems))
+    for module, tname, chain, _ in plan:
+        for p in chain:
+            parametrize.register_parametrization(module, tname, p, unsafe=True)
         ensure_load_hook(module)
     model.load_state_dict(state_dict, strict=strict)
     return model
+
+
+def _ordered(built: list[tuple[int | None, _SparseParametrization]]) -> list[_SparseParametrization]:
+    """Place the parametrizations with a recorded position there, the others in the free slots."""
+    slots: list[_SparseParametrization | None] = [None] * len(built)
+    free = []
+    for pos, p in built:
+        if pos is not None and pos < len(slots) and slots[pos] is None:
+            slots[pos] = p
+        else:
+            free.append(p)
+    it = iter(free)
+    return [s if s is not None else next(it) for s in slots]

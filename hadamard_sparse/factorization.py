@@ -39,7 +39,7 @@ from __future__ import annotations
 import numbers
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
 import torch
 from torch import nn
@@ -144,6 +144,8 @@ class HadamardFactorization(_SparseParametrization):
         ['bias', 'parametrizations.weight.original0', 'parametrizations.weight.original1']
     """
 
+    _SUFFIXES: ClassVar[tuple[str, ...]] = ("factorization", "group_index")
+    _ORIGINALS: ClassVar[str | None] = "factor"
     group_index: torch.Tensor | None
 
     def __init__(
@@ -255,45 +257,66 @@ class HadamardFactorization(_SparseParametrization):
         return v.sum() if d == 2 else (d / 2) * v.pow(2.0 / d).sum()
 
     # -- state --------------------------------------------------------------------------------
-    def _config(self) -> dict[str, Any]:
-        return {
-            "depth": self.depth,
-            "group": self.group,
-            "group_dim": self.group_dim,
-            "num_groups": self.num_groups,
-            "init": self.init,
-        }
+    # Checkpoint record: "<tensor>_factorization" = int64 [depth, group code, group_dim or -1, init code],
+    # "<tensor>_group_index" (index maps only), the factors as "<tensor>_factor0", ...
+    _GROUP_CODES: ClassVar[tuple[str | None, ...]] = (None, "row", "column", "index")
+
+    def _record(self, position: int) -> dict[str, torch.Tensor]:
+        gd = -1 if self.group_dim is None else self.group_dim
+        code = [self.depth, self._GROUP_CODES.index(self.group), gd, _INITS.index(self.init)]
+        out = {"factorization": torch.tensor(code, dtype=torch.int64)}
+        if self.group == "index":
+            out["group_index"] = self.group_index  # type: ignore[assignment]
+        return out
 
     @classmethod
-    def _from_state(
-        cls, config: dict[str, Any], tensors: dict[str, torch.Tensor], original_shape: torch.Size
-    ) -> HadamardFactorization:
-        group = config.get("group")
+    def _parse_record(cls, record: dict[str, Any], what: str) -> tuple[int, str | None, int | None, str]:
+        t = record["factorization"]
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.shape != (4,):
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise InvalidTypeError(
+                f"{what} must be an int64 tensor [depth, group, group_dim, init], got {got}"
+            )
+        depth, g, gd, init = (int(v) for v in t.tolist())
+        if not (0 <= g < len(cls._GROUP_CODES) and 0 <= init < len(_INITS) and gd >= -1):
+            raise InvalidArgumentError(
+                f"{what} holds [depth, group, group_dim, init] = {[depth, g, gd, init]}, not a valid code"
+            )
+        return _check_depth(depth), cls._GROUP_CODES[g], (None if gd == -1 else gd), _INITS[init]
+
+    @classmethod
+    def _from_record(
+        cls, record: dict[str, Any], shape: torch.Size, what: str
+    ) -> tuple[HadamardFactorization, int | None]:
+        depth, group, gd, init = cls._parse_record(record, what)
         if group == "index":
-            idx = tensors.get("group_index")
+            idx = record.get("group_index")
             if idx is None:
                 raise InvalidArgumentError(
-                    "state_dict has an index-grouped HadamardFactorization without its 'group_index'"
+                    f"{what} records an index-grouped factorization but its '_group_index' is missing"
                 )
-            idx = _check_index(idx, original_shape, "state_dict group_index")
-            if int(idx.max()) + 1 != config.get("num_groups"):
+            return cls(
+                depth,
+                group=_check_index(idx, shape, f"{what[: -len('factorization')]}group_index"),
+                init=init,
+            ), 0
+        if group is not None and (gd is None or gd >= len(shape)):
+            raise InvalidArgumentError(
+                f"{what} has group_dim={gd}, which does not fit a weight of shape {tuple(shape)}"
+            )
+        return cls(depth, group=group, group_dim=gd, init=init), 0
+
+    def _record_to_state(self, record: dict[str, Any], position: int, what: str) -> dict[str, Any]:
+        if "factorization" in record:
+            got = self._parse_record(record, what)
+            if got != (self.depth, self.group, self.group_dim, self.init):
                 raise InvalidArgumentError(
-                    f"state_dict group_index has {int(idx.max()) + 1} groups, its record says "
-                    f"{config.get('num_groups')!r}"
+                    f"{what} records a factorization (depth, group, group_dim, init) = {got}, the model has "
+                    f"{(self.depth, self.group, self.group_dim, self.init)}"
                 )
-            return cls(config["depth"], group=idx, init=config.get("init", "unbalanced"))
-        if group in ("row", "column"):
-            gd = config.get("group_dim")
-            if not isinstance(gd, int) or gd >= len(original_shape):
-                raise InvalidArgumentError(
-                    f"group_dim {gd!r} does not fit a weight of shape {tuple(original_shape)}"
-                )
-        return cls(
-            config["depth"],
-            group=group,
-            group_dim=config.get("group_dim"),
-            init=config.get("init", "unbalanced"),
-        )
+        if self.group == "index" and "group_index" in record:
+            return {"group_index": record["group_index"]}
+        return {}
 
     def extra_repr(self) -> str:
         g = "elementwise" if self.group is None else self.group

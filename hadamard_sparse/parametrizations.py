@@ -19,35 +19,67 @@ class _SparseParametrization(nn.Module):
     """Base of every parametrization this library owns.
 
     ``remove_parametrizations`` bakes a tensor whose parametrization chain holds
-    at least one of these; ``load_sparse_state_dict`` rebuilds them from the
-    ``_extra_state`` entry each one saves (a plain dict with a ``"type"`` key).
+    at least one of these. In a ``state_dict`` (see :mod:`hadamard_sparse.checkpoint`)
+    each one is recorded as plain tensors beside the tensor it parametrizes:
+    ``"<tensor>_<suffix>"`` for each suffix of ``_SUFFIXES`` (the first one is always
+    written and declares the parametrization), so that a fresh model can rebuild it.
+
+    Subclasses define:
+
+    - ``_SUFFIXES``: the record's key suffixes, the declaring one first.
+    - ``_ORIGINALS``: for a parametrization that must be first in its chain and owns the
+      chain's originals (the factors of a factorization), the prefix of their keys
+      (``"<tensor>_<prefix>0"``, ...); ``None`` otherwise.
+    - :meth:`_record`, :meth:`_from_record` and :meth:`_record_to_state`.
     """
 
     _TYPES: ClassVar[dict[str, type[_SparseParametrization]]] = {}
+    _SUFFIXES: ClassVar[tuple[str, ...]] = ()
+    _ORIGINALS: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        _SparseParametrization._TYPES[cls.__name__] = cls
+        if cls._SUFFIXES:
+            _SparseParametrization._TYPES[cls._SUFFIXES[0]] = cls
 
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"type": type(self).__name__, "version": 1, **self._config()}
-
-    def set_extra_state(self, state: Any) -> None:
-        if not isinstance(state, dict) or state.get("type") != type(self).__name__:
-            raise ValueError(
-                f"cannot load a {state.get('type') if isinstance(state, dict) else state!r} "
-                f"parametrization state into {type(self).__name__}"
-            )
-
-    def _config(self) -> dict[str, Any]:
-        return {}
+    def _record(self, position: int) -> dict[str, torch.Tensor]:
+        """The checkpoint record: ``{suffix: tensor}``; ``position`` is the index among ours in the chain."""
+        raise NotImplementedError
 
     @classmethod
-    def _from_state(
-        cls, config: dict[str, Any], tensors: dict[str, torch.Tensor], original_shape: torch.Size
-    ) -> _SparseParametrization:
-        """Rebuild from a saved ``_extra_state`` and the module's own tensors (names local to it)."""
+    def _from_record(
+        cls, record: dict[str, Any], shape: torch.Size, what: str
+    ) -> tuple[_SparseParametrization, int | None]:
+        """Rebuild from a record (the suffixes present) for a tensor of ``shape``.
+
+        Returns the parametrization and its position among ours in the chain (``None``: any free
+        slot). Raises ``ValueError``/``TypeError`` naming ``what`` (the record's key) when the
+        record does not fit.
+        """
         raise NotImplementedError
+
+    def _record_to_state(self, record: dict[str, Any], position: int, what: str) -> dict[str, Any]:
+        """Check a record against this (already registered) parametrization.
+
+        Returns its own ``state_dict`` entries (local names) taken from the record. Raises
+        ``ValueError``/``TypeError`` naming ``what`` when the record describes another configuration.
+        """
+        raise NotImplementedError
+
+
+def _mask_from_record(value: Any, shape: torch.Size, what: str) -> torch.Tensor:
+    """A checkpoint's mask as a bool tensor: bool, or 0/1 numbers (``torch.nn.utils.prune``'s float masks)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype != torch.bool:
+        if value.is_complex() or not bool(((value == 0) | (value == 1)).all()):
+            raise TypeError(
+                f"{what} must be a torch.bool tensor (or hold only 0 and 1, as torch.nn.utils.prune's "
+                f"masks do), got {value.dtype} with other values"
+            )
+        value = value != 0
+    _check_mask(value, shape, what)
+    return value
 
 
 def _check_mask(mask: torch.Tensor, shape: torch.Size, what: str) -> None:
@@ -95,6 +127,7 @@ class HadamardMask(_SparseParametrization):
         ParametrizedLinear(...)
     """
 
+    _SUFFIXES: ClassVar[tuple[str, ...]] = ("mask",)
     mask: torch.Tensor
 
     def __init__(self, mask: torch.Tensor) -> None:
@@ -142,12 +175,22 @@ class HadamardMask(_SparseParametrization):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
+    def _record(self, position: int) -> dict[str, torch.Tensor]:
+        return {"mask": self.mask}
+
     @classmethod
-    def _from_state(
-        cls, config: dict[str, Any], tensors: dict[str, torch.Tensor], original_shape: torch.Size
-    ) -> HadamardMask:
-        mask = tensors.get("mask")
-        if mask is None:
-            raise ValueError("state_dict has a HadamardMask entry without its 'mask' buffer")
-        _check_mask(mask, original_shape, "state_dict mask")
-        return cls(mask)
+    def _from_record(
+        cls, record: dict[str, Any], shape: torch.Size, what: str
+    ) -> tuple[HadamardMask, int | None]:
+        return cls(_mask_from_record(record["mask"], shape, what)), None
+
+    def _record_to_state(self, record: dict[str, Any], position: int, what: str) -> dict[str, Any]:
+        if "mask" not in record:
+            return {}
+        mask = _mask_from_record(record["mask"], self.mask.shape, what)
+        if mask.shape != self.mask.shape:
+            raise ValueError(
+                f"{what} has shape {tuple(mask.shape)}, the model's mask has shape {tuple(self.mask.shape)}; "
+                "masks are loaded in place and keep their shape"
+            )
+        return {"mask": mask}

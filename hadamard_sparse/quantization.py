@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -89,6 +89,8 @@ class FakeQuant(_SparseParametrization):
         True
     """
 
+    _SUFFIXES: ClassVar[tuple[str, ...]] = ("fake_quant",)
+
     def __init__(self, bits: int = 8, channel_dim: int | None = None) -> None:
         super().__init__()
         self.bits = _check_bits(bits)
@@ -124,16 +126,46 @@ class FakeQuant(_SparseParametrization):
     def extra_repr(self) -> str:
         return f"bits={self.bits}, channel_dim={self.channel_dim}"
 
-    def _config(self) -> dict[str, Any]:
-        return {"bits": self.bits, "channel_dim": self.channel_dim}
+    def _record(self, position: int) -> dict[str, torch.Tensor]:
+        cd = -1 if self.channel_dim is None else self.channel_dim
+        return {"fake_quant": torch.tensor([self.bits, cd, position], dtype=torch.int64)}
+
+    @staticmethod
+    def _parse_record(record: dict[str, Any], what: str) -> tuple[int, int | None, int]:
+        t = record["fake_quant"]
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.shape != (3,):
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise InvalidTypeError(
+                f"{what} must be an int64 tensor [bits, channel_dim or -1, position], got {got}"
+            )
+        bits, cd, pos = (int(v) for v in t.tolist())
+        if cd < -1 or pos < 0:
+            raise InvalidArgumentError(
+                f"{what} holds [bits, channel_dim, position] = {[bits, cd, pos]}; allowed: >= 0 (-1: no channel_dim)"
+            )
+        return _check_bits(bits), (None if cd == -1 else cd), pos
 
     @classmethod
-    def _from_state(
-        cls, config: dict[str, Any], tensors: dict[str, torch.Tensor], original_shape: torch.Size
-    ) -> FakeQuant:
-        if "bits" not in config:
-            raise InvalidArgumentError("state_dict has a FakeQuant entry without its 'bits'")
-        return cls(bits=config["bits"], channel_dim=config.get("channel_dim"))
+    def _from_record(
+        cls, record: dict[str, Any], shape: torch.Size, what: str
+    ) -> tuple[FakeQuant, int | None]:
+        bits, cd, pos = cls._parse_record(record, what)
+        if cd is not None and cd >= len(shape):
+            raise InvalidArgumentError(
+                f"{what} has channel_dim={cd}, out of range for a tensor of shape {tuple(shape)}"
+            )
+        return cls(bits=bits, channel_dim=cd), pos
+
+    def _record_to_state(self, record: dict[str, Any], position: int, what: str) -> dict[str, Any]:
+        if "fake_quant" not in record:
+            return {}
+        got = self._parse_record(record, what)
+        if got != (self.bits, self.channel_dim, position):
+            raise InvalidArgumentError(
+                f"{what} records FakeQuant(bits, channel_dim, position) = {got}, the model has "
+                f"{(self.bits, self.channel_dim, position)}"
+            )
+        return {}
 
 
 def _fake_quant_of(module: nn.Module, name: str) -> FakeQuant | None:

@@ -159,19 +159,19 @@ def test_bad_state_dicts_are_refused_clearly() -> None:
     model = hs.sparsify(mlp(), 0.5)
     sd = model.state_dict()
     bad = dict(sd)
-    bad["0.parametrizations.weight.0.mask"] = torch.ones(3, 3, dtype=torch.bool)
-    with pytest.raises(ValueError, match=r"0.parametrizations.weight.0.mask.*shape \(16, 8\)"):
+    bad["0.weight_mask"] = torch.ones(3, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"0.weight_mask.*shape \(3, 3\).*\(16, 8\)"):
         hs.sparsify(mlp(), 0.5).load_state_dict(bad)
-    bad["0.parametrizations.weight.0.mask"] = torch.ones(16, 8)
+    bad["0.weight_mask"] = torch.full((16, 8), 0.5)
     with pytest.raises(ValueError, match="torch.bool"):
         hs.sparsify(mlp(), 0.5).load_state_dict(bad)
     plain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
     bad2 = dict(sd)
-    bad2["0.parametrizations.weight.0.mask"] = torch.ones(3, 3, dtype=torch.bool)
+    bad2["0.weight_mask"] = torch.ones(3, 3, dtype=torch.bool)
     with pytest.raises(ValueError, match="does not fit"):
         hs.load_sparse_state_dict(plain, bad2)
     assert not any(parametrize.is_parametrized(m) for m in plain.modules())  # untouched
-    with pytest.raises(ValueError, match="no submodule"):
+    with pytest.raises(ValueError, match="unexpected"):
         hs.load_sparse_state_dict(nn.Sequential(nn.Linear(8, 16)), sd)
 
 
