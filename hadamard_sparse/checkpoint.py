@@ -37,6 +37,7 @@ round-trips and a dense pretrained checkpoint loads into a sparsified model with
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -180,11 +181,13 @@ def _write_plain_view(
             head_chain, theirs_in_head, _ = _split_at_ours(plist, ours, foreign)
             with _eval_mode([p for _, p in foreign]):
                 value = _forward(head_chain, _current_originals(plist)).detach()
-                _put_originals(
-                    state_dict, base, _right_inverse(theirs_in_head, value) if theirs_in_head else value
-                )
-            for new, (j, _) in enumerate(foreign):
-                for k, v in own_state[j].items():
+            # Their right_inverse may update their own state (orthogonal does): run it on copies.
+            copies = {id(p): copy.deepcopy(p) for p in theirs_in_head}
+            chain = [copies[id(p)] for p in theirs_in_head]
+            _put_originals(state_dict, base, _right_inverse(chain, value) if chain else value)
+            for new, (j, p) in enumerate(foreign):
+                local = copies[id(p)].state_dict() if id(p) in copies else own_state[j]
+                for k, v in local.items():
                     state_dict[f"{base}{new}.{k}"] = v
     head = f"{prefix}{name}_"
     for position, (_, p) in enumerate(ours):
@@ -368,7 +371,8 @@ def bake(model: nn.Module, threshold: float) -> nn.Module:
                 lacking = [type(p).__name__ for p in theirs_in_head if not hasattr(p, "right_inverse")]
                 ok = not lacking
                 if theirs_in_head and ok:
-                    again = _forward(theirs_in_head, _right_inverse(theirs_in_head, value))
+                    chain = copy.deepcopy(theirs_in_head)  # right_inverse may update their state
+                    again = _forward(chain, _right_inverse(chain, value))
                     ok = again.shape == value.shape and bool(torch.allclose(again, value))
             if not ok:
                 qualified = f"{mod_name}.{tname}" if mod_name else tname
@@ -579,12 +583,14 @@ def load_sparse_state_dict(
         ):
             problems.append(f"{key}: dtype {value.dtype}, the model's is {ref.dtype}")
     if strict:
+        present = {id(current[k]) for k in state_dict if k in current}
         missing = [
             k
             for k in current
             if k not in state_dict
             and k not in optional
             and k not in consumed
+            and id(current[k]) not in present  # tied to a loaded tensor (save_pretrained keeps one name)
             and not k.endswith("num_batches_tracked")  # BatchNorm fills it in
         ]
         problems.extend(f"{k}: missing" for k in missing)
@@ -594,7 +600,9 @@ def load_sparse_state_dict(
         for p in chain:
             parametrize.register_parametrization(module, tname, p, unsafe=True)
         ensure_load_hook(module)
-    model.load_state_dict(state_dict, strict=strict)
+    # Everything was checked above, including what torch's strict mode would refuse except tied
+    # tensors saved once (which it would report missing although they are loaded).
+    model.load_state_dict(state_dict, strict=False)
     return model
 
 
