@@ -38,7 +38,9 @@ round-trips and a dense pretrained checkpoint loads into a sparsified model with
 from __future__ import annotations
 
 import copy
+import importlib
 import re
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -466,6 +468,39 @@ def _records(
     return out
 
 
+def _hf_saved_names(model: nn.Module, current: Mapping[str, Any]) -> dict[str, str]:
+    """``{name in the file: name in the model}`` where Hugging Face ``save_pretrained`` renames keys.
+
+    transformers 5 saves some models (ViT, ...) in their original key format and renames on load.
+    The renaming is read off transformers' own reverse conversion, matching tensors by identity;
+    empty for other models, or when transformers does not offer it.
+    """
+    tf = sys.modules.get("transformers")
+    if tf is None or not isinstance(model, getattr(tf, "PreTrainedModel", ())):
+        return {}
+    try:
+        revert = importlib.import_module("transformers.core_model_loading").revert_weight_conversion
+        saved = revert(model, dict(current))
+    except Exception:  # an internal API of transformers: absent or changed means no renaming
+        return {}
+    by_id = {id(v): k for k, v in current.items()}
+    return {k: by_id[id(v)] for k, v in saved.items() if by_id.get(id(v), k) != k}
+
+
+def _renamed(state_dict: Mapping[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """``state_dict`` with the model's names: a tensor's key and its record keys (``"<tensor>_mask"``...)."""
+    record_key = _record_key()
+    out = {}
+    for key, value in state_dict.items():
+        new = names.get(key)
+        if new is None:
+            m = record_key.match(key)
+            if m is not None and m.group("tensor") in names:
+                new = f"{names[m.group('tensor')]}_{m.group('suffix')}"
+        out[new or key] = value
+    return out
+
+
 def load_sparse_state_dict(
     model: nn.Module, state_dict: Mapping[str, Any], *, strict: bool = True
 ) -> nn.Module:
@@ -482,7 +517,9 @@ def load_sparse_state_dict(
 
     Every key, shape and dtype is checked before ``model`` is touched: a refused
     state_dict leaves the model exactly as it was. Time is linear in the number
-    of entries.
+    of entries. A Hugging Face model whose ``save_pretrained`` writes another key
+    format (transformers 5 saves ViT and others in their original format) gets
+    the file's keys renamed the way ``from_pretrained`` renames them.
 
     Args:
         model: a model with the same architecture as the one that was saved.
@@ -508,6 +545,11 @@ def load_sparse_state_dict(
     if not isinstance(strict, bool):
         raise TypeError(f"strict must be a bool, got {strict!r}")
     modules = dict(model.named_modules(remove_duplicate=False))
+    current = model.state_dict(keep_vars=True)
+    if any(k not in current for k in state_dict):
+        names = _hf_saved_names(model, current)
+        if names:
+            state_dict = _renamed(state_dict, names)
     problems: list[str] = []
     legacy = [k for k in state_dict if k.endswith("._extra_state") and ".parametrizations." in k]
     if legacy:
@@ -562,7 +604,6 @@ def load_sparse_state_dict(
             continue
         plan.append((module, tname, _ordered(built), chain is not None))
     # keys, shapes and dtypes of everything, against the model's own plain view
-    current = model.state_dict(keep_vars=True)
     for keys in _records(model, current, modules).values():
         optional.update(keys.values())
     for key, value in state_dict.items():
