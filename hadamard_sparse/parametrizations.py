@@ -90,6 +90,8 @@ def _check_mask(mask: torch.Tensor, shape: torch.Size, what: str) -> None:
             f"{what} must have dtype torch.bool, got {mask.dtype}; "
             "convert a 0/1 tensor with mask.bool() (a float mask would drift under optimizers)"
         )
+    if mask.shape == shape:
+        return  # the common case, without the (slow) general broadcast check
     try:
         out = torch.broadcast_shapes(mask.shape, shape)
     except RuntimeError:

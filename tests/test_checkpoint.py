@@ -200,22 +200,24 @@ def _deep(blocks: int, per_block: int) -> nn.Module:
     )
 
 
-def test_loading_5000_layers_is_linear() -> None:
+@pytest.mark.parametrize("blocks", [20, pytest.param(100, marks=pytest.mark.slow)], ids=["1000", "5000"])
+def test_loading_many_layers_is_linear(blocks: int) -> None:
     torch.manual_seed(0)
-    source = _deep(100, 50)
-    for m in source.modules():
-        if isinstance(m, nn.Linear):
-            hs.register_mask(m, "weight", torch.rand(2, 2) > 0.5)
-    sd = source.state_dict()
-    fresh = _deep(100, 50)
+    sd = dict(_deep(blocks, 50).state_dict())
+    for k in [k for k in sd if k.endswith(".weight")]:
+        sd[f"{k}_mask"] = torch.rand(2, 2) > 0.5
+    fresh = _deep(blocks, 50)
     t0 = time.perf_counter()
     hs.load_sparse_state_dict(fresh, sd)
     took = time.perf_counter() - t0
     t0 = time.perf_counter()
-    fresh.load_state_dict(sd)  # torch's own load of the same entries, for scale
+    fresh.load_state_dict(sd)  # torch's own load of the same entries into the parametrized model, for scale
     plain = time.perf_counter() - t0
-    assert len(hs.masks(fresh)) == 5000
-    assert took < 10 * plain + 3.0, (took, plain)
+    got = hs.masks(fresh)
+    last = f"{blocks - 1}.49.weight"
+    assert len(got) == 50 * blocks and torch.equal(got[last], sd[f"{last}_mask"])
+    # Was quadratic (58 s for 5,000 layers); now registration + checks + torch's load: a small multiple of the load.
+    assert took < 5 * plain + 2.0, (took, plain)
 
 
 # ---------------------------------------------------------------------------------------------
