@@ -319,3 +319,56 @@ def test_tied_lm_head_is_skipped_and_stays_tied(tmp_path: Path) -> None:
     x = {"input_ids": _ids()}
     torch.testing.assert_close(_out(again, x), _out(model, x), rtol=1e-5, atol=1e-6)
     copy.deepcopy(model)  # still copyable
+
+
+class _LMData(torch.utils.data.Dataset):
+    def __init__(self, n: int = 16) -> None:
+        self.ids = torch.randint(3, 64, (n, 8), generator=torch.Generator().manual_seed(7))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _trainer(model: nn.Module, out: Path) -> Any:
+    args = transformers.TrainingArguments(
+        output_dir=str(out),
+        max_steps=6,
+        save_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        logging_steps=100,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    return transformers.Trainer(model=model, args=args, train_dataset=_LMData())
+
+
+def test_trainer_checkpoints_and_resumes_identically(tmp_path: Path) -> None:
+    pytest.importorskip("accelerate", reason="the HF Trainer needs accelerate ('examples' extra)")
+    torch.manual_seed(0)
+    model = hs.sparsify(_gpt2(), 0.5, scope="layer", exclude="lm_head")
+    masks = {k: v.clone() for k, v in hs.masks(model).items()}
+    init = copy.deepcopy(model.state_dict())
+    _trainer(model, tmp_path / "a").train()  # uninterrupted, checkpoints at steps 3 and 6
+    ckpt = tmp_path / "a" / "checkpoint-3"
+    assert {f"{k}_mask" for k in masks} <= set(safetensors_torch.load_file(ckpt / "model.safetensors"))
+    assert all(torch.equal(v, masks[k]) for k, v in hs.masks(model).items())  # masks are not trained
+    # a second process: the same architecture with other masks and weights, resumed from step 3
+    torch.manual_seed(1)
+    other = hs.sparsify(_gpt2(), 0.5, method="random", scope="layer", exclude="lm_head", seed=1)
+    assert not all(torch.equal(v, masks[k]) for k, v in hs.masks(other).items())
+    _trainer(other, tmp_path / "b").train(resume_from_checkpoint=str(ckpt))
+    got = hs.masks(other)
+    assert got.keys() == masks.keys() and all(torch.equal(got[k], masks[k]) for k in masks)
+    a, b = model.state_dict(), other.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7, msg=k)  # effective weights
+    assert not torch.equal(a["transformer.h.0.mlp.c_fc.weight"], init["transformer.h.0.mlp.c_fc.weight"])
