@@ -41,86 +41,33 @@ import copy
 import importlib
 import re
 import sys
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .errors import HadamardSparseError
+from ._chains import (
+    _current_originals,
+    _eval_mode,
+    _forward,
+    _fresh_class,
+    _is_ours,
+    _Keep,
+    _original_keys,
+    _put_originals,
+    _right_inverse,
+    _split_at_ours,
+    _split_chain,
+    _tensor_shape,
+)
+from .errors import InvalidArgumentError, InvalidTypeError
 from .parametrizations import _SparseParametrization
 
 __all__ = ["load_sparse_state_dict"]
 
 _HOOK_ATTR = "_hadamard_sparse_hooks"
-
-
-def _is_ours(plist: nn.Module) -> bool:
-    return any(isinstance(p, _SparseParametrization) for p in plist)
-
-
-def _split_chain(
-    plist: nn.Module,
-) -> tuple[list[tuple[int, _SparseParametrization]], list[tuple[int, nn.Module]]]:
-    ours: list[tuple[int, _SparseParametrization]] = []
-    foreign: list[tuple[int, nn.Module]] = []
-    for j, p in enumerate(plist):
-        (ours if isinstance(p, _SparseParametrization) else foreign).append((j, p))  # type: ignore[arg-type]
-    return ours, foreign
-
-
-@contextmanager
-def _eval_mode(modules: list[nn.Module]) -> Iterator[None]:
-    """Temporarily put ``modules`` in eval mode, so that computing a value has no side effect.
-
-    (``spectral_norm`` runs a power iteration, updating its buffers, at every forward in training mode.)
-    """
-    flags = [(m, m.training) for p in modules for m in p.modules()]
-    try:
-        for m, _ in flags:
-            m.training = False
-        yield
-    finally:
-        for m, t in flags:
-            m.training = t
-
-
-def _right_inverse(chain: list[nn.Module], value: torch.Tensor) -> Any:
-    """``right_inverse`` through ``chain`` in reverse, as ``ParametrizationList`` does (identity when absent)."""
-    x: Any = value
-    for p in reversed(chain):
-        if hasattr(p, "right_inverse"):
-            x = p.right_inverse(x)
-    return x
-
-
-def _forward(chain: list[nn.Module], originals: Any) -> torch.Tensor:
-    x = chain[0](*originals) if isinstance(originals, (tuple, list)) else chain[0](originals)
-    for p in chain[1:]:
-        x = p(x)
-    return x
-
-
-def _original_keys(base: str, plist: nn.Module) -> list[str]:
-    return [base + "original"] if plist.is_tensor else [f"{base}original{i}" for i in range(plist.ntensors)]
-
-
-def _put_originals(state_dict: dict[str, Any], base: str, originals: Any) -> None:
-    if isinstance(originals, torch.Tensor):
-        state_dict[base + "original"] = originals
-    else:
-        for i, t in enumerate(originals):
-            state_dict[f"{base}original{i}"] = t
-
-
-def _tensor_shape(module: nn.Module, name: str) -> torch.Size:
-    plist = module.parametrizations[name]  # type: ignore[index, union-attr]
-    if plist.is_tensor and all(isinstance(p, _SparseParametrization) for p in plist):
-        return plist.original.shape  # ours keep the shape
-    with torch.no_grad(), _eval_mode(list(plist)):
-        return getattr(module, name).shape
 
 
 _MISSING = object()
@@ -138,21 +85,6 @@ def _state_dict_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str,
         ours, foreign = _split_chain(plist)
         if ours:
             _write_plain_view(module, name, plist, ours, foreign, state_dict, prefix)
-
-
-def _current_originals(plist: nn.Module) -> Any:
-    if plist.is_tensor:
-        return plist.original
-    return tuple(getattr(plist, f"original{i}") for i in range(plist.ntensors))
-
-
-def _split_at_ours(
-    plist: nn.Module, ours: list[tuple[int, _SparseParametrization]], foreign: list[tuple[int, nn.Module]]
-) -> tuple[list[nn.Module], list[nn.Module], list[nn.Module]]:
-    """``(head, theirs_in_head, tail)``: the chain up to our last parametrization, the foreign ones in it, the rest."""
-    last = ours[-1][0]
-    head = list(plist)[: last + 1]
-    return head, [p for j, p in foreign if j < last], list(plist)[last + 1 :]
 
 
 def _write_plain_view(
@@ -246,7 +178,7 @@ def _read_plain_view(
         try:
             local = p._record_to_state(record, position, head + p._SUFFIXES[0])
         except (ValueError, TypeError) as e:
-            raise HadamardSparseError(f"state_dict does not fit {prefix}{name}: {e}") from None
+            raise InvalidArgumentError(f"state_dict does not fit {prefix}{name}: {e}") from None
         for k, v in local.items():
             state_dict[f"{base}{j}.{k}"] = v
     # 2. originals
@@ -266,7 +198,7 @@ def _read_plain_view(
         shape = _tensor_shape(module, name)
         if not isinstance(source, torch.Tensor) or source.shape != shape:
             got = tuple(source.shape) if isinstance(source, torch.Tensor) else type(source).__name__
-            raise HadamardSparseError(
+            raise InvalidArgumentError(
                 f"state_dict entry {value_key!r} does not fit: expected a tensor of shape {tuple(shape)}, got {got}"
             )
         with torch.no_grad():
@@ -323,28 +255,6 @@ def drop_load_hook(module: nn.Module) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _fresh_class(module: nn.Module) -> None:
-    """Give ``module`` its own copy of parametrize's injected class.
-
-    ``copy.deepcopy`` shares the injected class between a model and its copy,
-    and ``parametrize.remove_parametrizations`` deletes the property from that
-    class, which would break the other copy.
-    """
-    cls = module.__class__
-    ns = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-    module.__class__ = type(cls.__name__, cls.__bases__, ns)
-
-
-class _Keep(nn.Module):
-    """Identity with an identity ``right_inverse``: registers a given value as a chain's original."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def right_inverse(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
 def bake(model: nn.Module, threshold: float) -> nn.Module:
     """Replace every parametrization of ours by its value, leaving other libraries' in place.
 
@@ -392,7 +302,7 @@ def bake(model: nn.Module, threshold: float) -> nn.Module:
                 continue
             work.append((module, tname, theirs_in_head, tail, value))
     if problems:
-        raise HadamardSparseError("cannot bake:\n  " + "\n  ".join(problems))
+        raise InvalidArgumentError("cannot bake:\n  " + "\n  ".join(problems))
     done: set[int] = set()
     for module, tname, theirs_in_head, tail, value in work:
         if id(module) not in done:
@@ -539,11 +449,11 @@ def load_sparse_state_dict(
         >>> fresh = hs.load_sparse_state_dict(make_model(), sd)
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        raise InvalidTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(state_dict, Mapping):
-        raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+        raise InvalidTypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
     if not isinstance(strict, bool):
-        raise TypeError(f"strict must be a bool, got {strict!r}")
+        raise InvalidTypeError(f"strict must be a bool, got {strict!r}")
     modules = dict(model.named_modules(remove_duplicate=False))
     current = model.state_dict(keep_vars=True)
     if any(k not in current for k in state_dict):
@@ -636,7 +546,7 @@ def load_sparse_state_dict(
         ]
         problems.extend(f"{k}: missing" for k in missing)
     if problems:
-        raise HadamardSparseError("state_dict does not fit the model:\n  " + "\n  ".join(problems))
+        raise InvalidArgumentError("state_dict does not fit the model:\n  " + "\n  ".join(problems))
     for module, tname, chain, _ in plan:
         for p in chain:
             parametrize.register_parametrization(module, tname, p, unsafe=True)

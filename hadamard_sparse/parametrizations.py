@@ -12,6 +12,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .errors import InvalidArgumentError, InvalidTypeError
+
 __all__ = ["HadamardMask"]
 
 
@@ -70,10 +72,10 @@ class _SparseParametrization(nn.Module):
 def _mask_from_record(value: Any, shape: torch.Size, what: str) -> torch.Tensor:
     """A checkpoint's mask as a bool tensor: bool, or 0/1 numbers (``torch.nn.utils.prune``'s float masks)."""
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{what} must be a torch.Tensor, got {type(value).__name__}")
+        raise InvalidTypeError(f"{what} must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype != torch.bool:
         if value.is_complex() or not bool(((value == 0) | (value == 1)).all()):
-            raise TypeError(
+            raise InvalidTypeError(
                 f"{what} must be a torch.bool tensor (or hold only 0 and 1, as torch.nn.utils.prune's "
                 f"masks do), got {value.dtype} with other values"
             )
@@ -84,9 +86,9 @@ def _mask_from_record(value: Any, shape: torch.Size, what: str) -> torch.Tensor:
 
 def _check_mask(mask: torch.Tensor, shape: torch.Size, what: str) -> None:
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{what} must be a torch.Tensor, got {type(mask).__name__}")
+        raise InvalidTypeError(f"{what} must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
-        raise TypeError(
+        raise InvalidTypeError(
             f"{what} must have dtype torch.bool, got {mask.dtype}; "
             "convert a 0/1 tensor with mask.bool() (a float mask would drift under optimizers)"
         )
@@ -97,7 +99,7 @@ def _check_mask(mask: torch.Tensor, shape: torch.Size, what: str) -> None:
     except RuntimeError:
         out = None
     if out != shape:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{what} has shape {tuple(mask.shape)}, which does not broadcast to the "
             f"tensor's shape {tuple(shape)}; allowed: that shape or one broadcastable to it"
         )
@@ -169,7 +171,7 @@ class HadamardMask(_SparseParametrization):
             m = state_dict[key]
             if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or m.shape != self.mask.shape:
                 got = f"{m.dtype} {tuple(m.shape)}" if isinstance(m, torch.Tensor) else repr(type(m))
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"state_dict entry {key!r} does not fit: expected a torch.bool tensor of shape "
                     f"{tuple(self.mask.shape)}, got {got}"
                 )
@@ -191,7 +193,7 @@ class HadamardMask(_SparseParametrization):
             return {}
         mask = _mask_from_record(record["mask"], self.mask.shape, what)
         if mask.shape != self.mask.shape:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{what} has shape {tuple(mask.shape)}, the model's mask has shape {tuple(self.mask.shape)}; "
                 "masks are loaded in place and keep their shape"
             )

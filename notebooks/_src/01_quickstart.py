@@ -136,9 +136,11 @@ print(f"back to {hs.sparsity_report(model).sparsity:.2%}, accuracy {accuracy(mod
 # %% [markdown]
 # ## 4. Save and load
 #
-# The masks are buffers, so `model.state_dict()` holds everything: the dense originals, the masks,
-# and a small `_extra_state` record per parametrization. `hs.load_sparse_state_dict` rebuilds the
-# parametrizations on a freshly constructed (dense) model and loads the values.
+# `model.state_dict()` holds only tensors: each weight under its plain name holds the *effective*
+# (masked) values, and `<name>_mask` holds the boolean mask (the name `torch.nn.utils.prune` uses).
+# A plain model loads it as is (the masks are merely unexpected keys); `hs.load_sparse_state_dict`
+# also rebuilds the masks on a freshly constructed (dense) model, bitwise. The dense values at
+# pruned positions are not saved (see `docs/pretrained.md`).
 
 # %%
 sd = model.state_dict()

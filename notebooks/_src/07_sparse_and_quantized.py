@@ -143,7 +143,9 @@ for k, bits_total in sizes.items():
 # %% [markdown]
 # ## 5. Checkpoints keep the chain
 #
-# The quantizer saves its configuration (`bits`, channel dimension) in its `_extra_state`, so
+# The checkpoint holds only tensors: the effective (masked, quantized) weight under its plain name,
+# the mask as `<name>_mask` and the quantizer's configuration as a small int64 tensor
+# `<name>_fake_quant` (`[bits, channel_dim, position in the chain]`), so
 # `hs.load_sparse_state_dict` rebuilds mask + quantizer on a fresh dense model.
 
 # %%
