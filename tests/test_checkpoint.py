@@ -339,3 +339,22 @@ def test_foreign_parametrization_after_the_mask_keeps_its_input() -> None:
         assert int((lin.parametrizations.weight.original == 0).sum()) >= int(
             (~hs.masks(fresh)["weight"]).sum()
         )
+
+
+def test_ddp_state_dict_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    dist = torch.distributed
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    torch.manual_seed(0)
+    model = hs.sparsify(mlp(), 0.5)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(model)
+        sd = ddp.state_dict()
+        assert "module.0.weight_mask" in sd and "module.0.weight" in sd
+        ddp.load_state_dict(sd, strict=True)
+        fresh = hs.load_sparse_state_dict(mlp(), {k.removeprefix("module."): v for k, v in sd.items()})
+        x = torch.randn(3, 8)
+        assert torch.equal(fresh(x), ddp(x))
+    finally:
+        dist.destroy_process_group()
