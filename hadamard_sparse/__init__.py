@@ -19,7 +19,7 @@ from .errors import (
     NoTargetsError,
     UnsupportedGraphError,
 )
-from .export import DEFAULT_MAX_DENSITY, SparseLinear, shrink, to_sparse
+from .export import DEFAULT_MAX_DENSITY, ChannelGroups, Heads, SparseLinear, shrink, to_sparse
 from .factorization import (
     HadamardFactorization,
     factor_param_groups,
@@ -42,12 +42,14 @@ __all__ = [
     "SET",
     "ActivationStats",
     "Block",
+    "ChannelGroups",
     "Channels",
     "FakeQuant",
     "GradualPruning",
     "HadamardFactorization",
     "HadamardMask",
     "HadamardSparseError",
+    "Heads",
     "InvalidArgumentError",
     "InvalidTypeError",
     "IterativePruning",

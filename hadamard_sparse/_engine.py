@@ -24,6 +24,7 @@ from torch.nn.utils import parametrize
 from . import _select
 from ._checks import SCOPES
 from .errors import InvalidArgumentError
+from .groups import TensorGroups
 from .layers import Target, weight_dims
 from .parametrizations import HadamardMask
 from .scores import ScoreContext, get_score
@@ -184,7 +185,11 @@ def compute_keep_masks(
     seeds = [int(torch.randint(0, 2**62, (1,), generator=gen)) for _ in targets]
     nest = value == "effective" and st is None
     thunks = [_score_thunk(t, sd, method, stats, value, nest) for t, sd in zip(targets, seeds)]
-    keeps = _dispatch(st, targets, thunks, per, scope)
+    if isinstance(st, TensorGroups):  # groups spanning tensors: one decision per group
+        dims = [weight_dims(t.module, t.tensor_name) for t in targets]
+        keeps = st.keep_masks(targets, thunks, per, scope, dims)
+    else:
+        keeps = _dispatch(st, targets, thunks, per, scope)
     return [k.to(t.value().device) for t, k in zip(targets, keeps)]
 
 

@@ -29,11 +29,12 @@ from ._engine import (
 from .checkpoint import bake, drop_load_hook, ensure_load_hook
 from .densities import densities_for_shapes
 from .errors import InvalidArgumentError, NoTargetsError
+from .groups import TensorGroups
 from .layers import Target, check_not_wrapped, resolve_targets
 from .parametrizations import HadamardMask, _check_mask
 from .scores import register_score
 from .sparsegpt import stats_for
-from .structures import NM, StructureLike, parse_structure
+from .structures import MODEL_STRUCTURES, NM, StructureLike, parse_structure
 
 __all__ = ["masks", "register_mask", "remove_parametrizations", "sparsify"]
 
@@ -183,6 +184,7 @@ def sparsify(
     structure: StructureLike = None,
     distribution: str | None = None,
     calibration: Any = None,
+    example_inputs: Any = None,
 ) -> nn.Module:
     r"""Mask the targeted weights of ``model`` in place so that exactly ``sparsity`` of them are zero.
 
@@ -233,6 +235,10 @@ def sparsify(
             inputs (tensors, tuples of positional arguments, dicts of keyword arguments) or the
             :class:`~hadamard_sparse.calibration.ActivationStats` of :func:`calibrate`. Ignored by
             other methods.
+        example_inputs: inputs the model runs on to discover the groups of ``structure="channel_group"``
+            (every channel with its bias, the BatchNorm entries after it and the inputs of its
+            consumers), ``"neuron"`` (the same, Linear layers only: FFN neurons) and ``"head"``
+            (attention heads; inputs unused). See ``docs/structured.md``.
 
     Returns:
         ``model``, with masks registered or updated.
@@ -245,9 +251,22 @@ def sparsify(
         >>> sparsity_report(model).sparsity
         0.75
     """
+    if isinstance(structure, str) and structure in MODEL_STRUCTURES:
+        check_module(model)
+        if example_inputs is None and structure != "head":
+            raise InvalidArgumentError(
+                f"structure={structure!r} needs example_inputs (a tensor, tuple or dict of model inputs), got None"
+            )
+        structure = MODEL_STRUCTURES[structure](model, example_inputs)
     st = parse_structure(structure)
     s = (0.7 if st is None else st.default_sparsity) if sparsity is None else check_sparsity(sparsity)
     entry, scope = check_method(method, scope, calibration=calibration)
+    groups = st if isinstance(st, TensorGroups) else None
+    if groups is not None and (entry.pruner is not None or distribution is not None or include or exclude):
+        raise InvalidArgumentError(
+            f"structure={groups} takes a mask-only method and no distribution/include/exclude, got "
+            f"method={method!r}, distribution={distribution!r}, include={include!r}, exclude={exclude!r}"
+        )
     if st is not None and scope == "row" and not isinstance(st, NM):
         raise InvalidArgumentError(
             f"scope='row' with a structure needs an 'N:M' structure, got structure={structure!r}"
@@ -262,7 +281,9 @@ def sparsify(
         raise InvalidArgumentError(
             f"distribution needs a method supporting scope='layer', got method={method!r}"
         )
-    targets = targets_or_raise(model, include, exclude, "sparsify")
+    targets = (
+        groups.targets(model) if groups is not None else targets_or_raise(model, include, exclude, "sparsify")
+    )
     per: float | list[float] = s
     if dist is not None:
         dens = densities_for_shapes({t.qualified: tuple(t.value().shape) for t in targets}, s, dist)

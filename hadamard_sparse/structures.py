@@ -31,6 +31,7 @@ from .errors import InvalidArgumentError, InvalidTypeError
 from .layers import Target, weight_dims
 
 __all__ = [
+    "MODEL_STRUCTURES",
     "NM",
     "Block",
     "Channels",
@@ -39,6 +40,7 @@ __all__ = [
     "check_sparsity",
     "check_targets",
     "parse_structure",
+    "register_model_structure",
 ]
 
 _ROW_NAMES = ("row", "out_channel")
@@ -333,6 +335,21 @@ class Block(Structure):
 
 StructureLike = Union[str, Structure, None]
 
+#: Structures built from the model itself (and example inputs), by name: ``builder(model, example_inputs)``.
+#: Filled by ``export/groups.py`` ("channel_group", "neuron", "head"); ``sparsify`` builds them.
+MODEL_STRUCTURES: dict[str, Callable[..., Structure]] = {}
+
+
+def register_model_structure(*names: str) -> Callable[[Callable[..., Structure]], Callable[..., Structure]]:
+    """Register ``builder(model, example_inputs) -> Structure`` under ``names`` for ``structure=`` strings."""
+
+    def decorator(fn: Callable[..., Structure]) -> Callable[..., Structure]:
+        for n in names:
+            MODEL_STRUCTURES[n] = fn
+        return fn
+
+    return decorator
+
 
 def parse_structure(structure: StructureLike) -> Structure | None:
     """Turn a ``structure=`` argument into a :class:`Structure` (or ``None`` for unstructured).
@@ -353,12 +370,19 @@ def parse_structure(structure: StructureLike) -> Structure | None:
         return structure
     allowed = (
         "None, 'row'/'out_channel', 'column'/'in_channel', an 'N:M' string such as '2:4', "
-        "hs.Channels(...), hs.NM(n, m) or hs.Block(rows, cols)"
+        "'channel_group'/'neuron'/'head' (with example_inputs), hs.Channels(...), hs.NM(n, m), "
+        "hs.Block(rows, cols), hs.ChannelGroups(model, example_inputs) or hs.Heads(model)"
     )
     if not isinstance(structure, str):
         raise InvalidTypeError(f"structure must be one of {allowed}, got {structure!r}")
     if structure in _ROW_NAMES + _COLUMN_NAMES:
         return Channels(structure)
+    if structure in MODEL_STRUCTURES:
+        raise InvalidArgumentError(
+            f"structure={structure!r} is built from the model: use hs.sparsify(model, ..., "
+            f"structure={structure!r}, example_inputs=...) or pass hs.ChannelGroups(model, example_inputs) / "
+            "hs.Heads(model) as the structure"
+        )
     match = _NM_PATTERN.match(structure)
     if match is None:
         raise InvalidArgumentError(f"structure must be one of {allowed}, got {structure!r}")

@@ -348,27 +348,23 @@ def test_shrink_unsupported_op_on_unpruned_tensor_is_fine() -> None:
     assert shrunk.fc2.out_features == 3
 
 
-class Swish(nn.Module):
+class Erf(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(x)
+        return torch.erf(x)
 
 
 def test_shrink_new_op_is_one_rule(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A module shrink does not know is refused; registering one rule for it is enough."""
+    """An op shrink does not know is refused, naming it and its layer; registering one rule is enough."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), Swish(), nn.Linear(16, 3))
-    fx_leaf = torch.fx.Tracer.is_leaf_module
-    monkeypatch.setattr(
-        torch.fx.Tracer, "is_leaf_module", lambda self, m, q: isinstance(m, Swish) or fx_leaf(self, m, q)
-    )
+    model = nn.Sequential(nn.Linear(8, 16), Erf(), nn.Linear(16, 3))
     prune_rows(model[0], [0, 2, 4])
-    with pytest.raises(UnsupportedGraphError, match="Swish"):
+    with pytest.raises(UnsupportedGraphError, match="'erf' in layer '1' \\(Erf\\)"):
         shrink(copy.deepcopy(model), torch.randn(2, 8))
-    monkeypatch.setattr(graph, "MODULE_RULES", dict(graph.MODULE_RULES))
+    monkeypatch.setattr(graph, "FUNCTION_RULES", dict(graph.FUNCTION_RULES))
 
-    @graph.module_rule(Swish)
-    def swish_rule(flow: graph.ChannelFlow, node: torch.fx.Node, name: str, mod: nn.Module) -> None:
-        flow.passthrough(node, node.args[0], lambda c: mod(c.to(flow.dtype(node))))
+    @graph.function_rule(torch.ops.aten.erf)
+    def erf_rule(flow: graph.ChannelFlow, node: torch.fx.Node) -> None:
+        flow.passthrough(node, node.args[0], torch.erf)
 
     shrunk, _ = check_equal(model, torch.randn(6, 8))
     assert (shrunk[0].out_features, shrunk[2].in_features) == (13, 13)
@@ -383,7 +379,7 @@ def test_shrink_untraceable_model_raises() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fc(x) if x.sum() > 0 else x
 
-    with pytest.raises(UnsupportedGraphError, match="trace"):
+    with pytest.raises(UnsupportedGraphError, match="could not capture Branchy"):
         shrink(Branchy(), torch.randn(1, 3))
 
 

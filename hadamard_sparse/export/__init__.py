@@ -6,17 +6,22 @@ baking, two exports make the zeros pay:
 * :func:`shrink` physically removes output channels/neurons whose weights are all
   zero, together with the matching inputs of the layers that consume them (and the
   BatchNorm entries in between), found from the model's ``torch.fx`` graph.
+* :class:`ChannelGroups` / :class:`Heads`: structures whose groups span tensors (a channel with
+  its bias, BatchNorm entries and consumer columns; an attention head), found by running the model.
 * :func:`to_sparse` stores the baked weights of ``nn.Linear`` layers as
   ``torch.sparse`` tensors (CSR or BSR with int32 indices on CPU; 2:4
   semi-structured on CUDA) in a :class:`SparseLinear` inference module.
 
-Layout: ``graph.py`` (fx capture, module guards, the channel-flow traversal and its
-rule tables), ``rules.py`` (one channel rule per op), ``shrink.py`` (one rebuild rule
+Layout: ``graph.py`` (capture with ``torch.export``, fx as fallback; module guards, the
+channel-flow traversal and its rule tables), ``rules.py`` (one channel rule per op),
+``rules_aten.py`` (the same for ATen ops), ``heads.py`` (attention blocks, head removal),
+``groups.py`` (ChannelGroups, Heads), ``shrink.py`` (one rebuild rule
 per layer type, and ``shrink``), ``sparse.py`` (formats, ``SparseLinear``, ``to_sparse``).
 See ``docs/speed.md`` for the rules, their reasons and measured speed-ups.
 """
 
+from .groups import ChannelGroups, Heads
 from .shrink import shrink
 from .sparse import DEFAULT_MAX_DENSITY, SparseLinear, to_sparse
 
-__all__ = ["DEFAULT_MAX_DENSITY", "SparseLinear", "shrink", "to_sparse"]
+__all__ = ["DEFAULT_MAX_DENSITY", "ChannelGroups", "Heads", "SparseLinear", "shrink", "to_sparse"]

@@ -16,7 +16,9 @@ without a rule is fine unless it reads candidate (pruned) channels.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +27,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils import parametrize
 
-from ..errors import UnsupportedGraphError
+from ..errors import InvalidTypeError, UnsupportedGraphError
 from ..layers import shared_parameter_ids
 from ..parametrizations import _SparseParametrization
 
@@ -34,16 +36,17 @@ __all__ = [
     "METHOD_RULES",
     "MODULE_RULES",
     "WEIGHTED_MODULES",
+    "Capture",
     "ChannelFlow",
     "ChannelInfo",
     "LayerPlan",
     "as_inputs",
+    "capture",
     "flat_nodes",
     "frozen_modules",
     "function_rule",
     "method_rule",
     "module_rule",
-    "trace",
 ]
 
 
@@ -143,9 +146,28 @@ def _lookup(table: dict[type, Any], cls: type) -> Any:
 class ChannelFlow:
     """One pass over an fx graph: channel info per node, union-find groups, layer plans."""
 
-    def __init__(self, gm: fx.GraphModule, frozen: set[str]) -> None:
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        frozen: set[str],
+        *,
+        root: nn.Module | None = None,
+        params: dict[str, str] | None = None,
+        discover: bool = False,
+    ) -> None:
         self.gm = gm
         self.frozen = frozen
+        #: the module tree the graph reads (the captured model); ``gm`` itself for an fx trace
+        self.root: nn.Module = gm if root is None else root
+        #: placeholder name -> qualified parameter/buffer name (a ``torch.export`` capture)
+        self.params: dict[str, str] = {} if params is None else params
+        #: discovery mode: every producer channel is assumed pruned (weights, bias and the affine
+        #: entries of the norms after it masked), and ops that cannot drop it block it instead of raising
+        self.discover = discover
+        #: nodes producing several tensors (split/chunk): the channel info of each
+        self.multi: dict[fx.Node, list[ChannelInfo | None]] = {}
+        #: reshapes that set the size of a dimension holding pruned channels to a constant
+        self.fixed: list[str] = []
         self.parent: list[int] = []
         self.blocked: set[int] = set()
         self.info: dict[fx.Node, ChannelInfo | None] = {}
@@ -185,12 +207,13 @@ class ChannelFlow:
     def shape(node: Any) -> torch.Size | None:
         if not isinstance(node, fx.Node):
             return None
-        meta = node.meta.get("tensor_meta")
-        return getattr(meta, "shape", None)
+        meta = node.meta.get("tensor_meta", node.meta.get("val"))
+        shape = getattr(meta, "shape", None)
+        return torch.Size(int(d) for d in shape) if shape is not None else None
 
     @staticmethod
     def dtype(node: fx.Node) -> torch.dtype:
-        meta = node.meta.get("tensor_meta")
+        meta = node.meta.get("tensor_meta", node.meta.get("val"))
         dt = getattr(meta, "dtype", None)
         return dt if isinstance(dt, torch.dtype) and dt.is_floating_point else torch.float32
 
@@ -202,20 +225,41 @@ class ChannelFlow:
             mod = self.gm.get_submodule(str(node.target))
             return f"layer {node.target!r} ({parametrize.type_before_parametrizations(mod).__name__})"
         target = getattr(node.target, "__name__", str(node.target))
+        if isinstance(node.target, torch._ops.OpOverload):
+            target = str(node.target.overloadpacket).replace("aten.", "")
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            path, cls = list(stack.values())[-1]
+            layer = _clean_path(str(path))
+            cls_name = getattr(cls, "__name__", str(cls).rpartition(".")[2].rstrip("'>"))
+            where = f" in layer {layer!r} ({cls_name})" if layer else f" in {cls_name}"
+            return f"operation {target!r}{where} (graph node {node.name!r})"
         return f"operation {target!r} (graph node {node.name!r})"
+
+    def layer_of(self, weight: Any, types: tuple[type, ...]) -> tuple[str, nn.Module] | None:
+        """``(name, module)`` owning the parameter/buffer placeholder ``weight`` when of ``types``."""
+        if not isinstance(weight, fx.Node) or weight.op != "placeholder" or weight.name not in self.params:
+            return None
+        name = self.params[weight.name].rpartition(".")[0]
+        mod = self.root.get_submodule(name)
+        return (name, mod) if isinstance(mod, types) else None
+
+    def param_of(self, node: Any) -> str | None:
+        """The qualified name read by a placeholder (``None`` for inputs and values computed in the graph)."""
+        return self.params.get(node.name) if isinstance(node, fx.Node) and node.op == "placeholder" else None
 
     def unknown(self, node: fx.Node, why: str = "") -> None:
         """An operation shrink does not model: fine unless it reads candidate (pruned) channels."""
         for arg in flat_nodes((node.args, node.kwargs)):
             info = self.info.get(arg)
-            if info is not None and info.has_candidates:
+            if info is not None and info.has_candidates and not self.discover:
                 reason = why or "shrink does not know how this operation uses channels"
                 raise UnsupportedGraphError(
                     f"shrink cannot handle {self.describe(node)}: it consumes pruned channels of "
                     f"{self.describe(arg) if arg.op != 'placeholder' else arg.name}; {reason}. "
                     "Supported: Linear, Conv1d/2d/3d (groups=1 or depthwise), BatchNorm, elementwise "
-                    "activations, dropout, pooling, add/sub/mul/div, cat, flatten (and view(B, -1)), "
-                    "mean over non-channel dims"
+                    "activations, dropout, pooling, pad, add/sub/mul/div, cat/split/chunk, permute/"
+                    "transpose, flatten/view/reshape that keep each channel whole, mean over non-channel dims"
                 )
             self.block(info)
         self.info[node] = None
@@ -263,6 +307,8 @@ class ChannelFlow:
                 self._module(node)
             elif node.op == "call_function":
                 rule = FUNCTION_RULES.get(node.target)
+                if rule is None and isinstance(node.target, torch._ops.OpOverload):
+                    rule = FUNCTION_RULES.get(node.target.overloadpacket)
                 rule(self, node) if rule is not None else self.unknown(node)
             elif node.op == "call_method":
                 rule = METHOD_RULES.get(str(node.target))
@@ -338,36 +384,100 @@ def frozen_modules(model: nn.Module, gm: fx.GraphModule) -> set[str]:
     return frozen
 
 
-def as_inputs(example_inputs: Any) -> tuple[Any, ...]:
-    """``example_inputs`` as a tuple of positional inputs."""
+def _clean_path(path: str) -> str:
+    """``"L['self'].encoder.layer[0]"`` or ``"encoder.layer.0"`` -> ``"encoder.layer.0"``."""
+    path = re.sub(r"^L\['self'\]\.?", "", path)
+    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    return path.strip(".")
+
+
+def as_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``example_inputs`` as ``(positional inputs, keyword inputs)``."""
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
+        return (example_inputs,), {}
     if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise TypeError(
-        f"example_inputs must be a tensor or a tuple of the model's positional inputs, got {type(example_inputs).__name__}"
+        return tuple(example_inputs), {}
+    if isinstance(example_inputs, dict) and all(isinstance(k, str) for k in example_inputs):
+        return (), dict(example_inputs)
+    raise InvalidTypeError(
+        "example_inputs must be a tensor, a tuple of the model's positional inputs or a dict of its "
+        f"keyword inputs, got {type(example_inputs).__name__}"
     )
 
 
-def trace(model: nn.Module, inputs: tuple[Any, ...]) -> fx.GraphModule:
-    """``torch.fx.symbolic_trace`` the model and record every node's shape on ``inputs`` (eval, no grad)."""
-    try:
-        gm = fx.symbolic_trace(model)
-    except Exception as exc:  # fx raises many types for untraceable code
-        raise UnsupportedGraphError(
-            f"shrink could not trace {type(model).__name__} with torch.fx.symbolic_trace: "
-            f"{type(exc).__name__}: {exc}; models with data-dependent control flow are not supported"
-        ) from exc
+@dataclass
+class Capture:
+    """A captured forward: the graph, the module tree it reads and how parameters enter it."""
+
+    gm: fx.GraphModule
+    root: nn.Module
+    params: dict[str, str]  # placeholder name -> qualified parameter/buffer name (export only)
+    mode: str  # "export" or "fx"
+    frozen: set[str]
+
+
+@contextlib.contextmanager
+def _eval_no_grad(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode without gradients; the modes of all modules restored afterwards."""
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
         with torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
-    except Exception as exc:
-        raise UnsupportedGraphError(
-            f"shrink could not run {type(model).__name__} on example_inputs: {type(exc).__name__}: {exc}"
-        ) from exc
+            yield
     finally:
         for m, mode in modes:
             m.train(mode)
-    return gm
+
+
+def _frozen_by_use(gm: fx.GraphModule, params: dict[str, str]) -> set[str]:
+    """Modules whose parameters a captured graph reads more than once (shared or read directly)."""
+    frozen: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and node.name in params and len(node.users) > 1:
+            frozen.add(params[node.name].rpartition(".")[0])
+    return frozen
+
+
+def capture(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Capture:
+    """Capture the forward of ``model`` on the example inputs: ``torch.export`` first, fx as fallback.
+
+    ``torch.export.export(strict=False)`` runs the model, so Python control flow (``if embed:``),
+    ``F.pad``, permutes and views into attention heads are recorded as the ATen ops they run.
+    Only when export fails is ``torch.fx.symbolic_trace`` tried (with shapes from ``ShapeProp``).
+    """
+    errors = []
+    with _eval_no_grad(model):
+        try:
+            ep = torch.export.export(model, args, kwargs, strict=False)
+        except Exception as exc:  # export raises many types for code it cannot capture
+            errors.append(
+                f"torch.export: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            )
+        else:
+            sig = ep.graph_signature
+            params = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+            gm = ep.graph_module
+            frozen = _frozen_by_use(gm, params) | frozen_modules(model, gm)
+            return Capture(gm, model, params, "export", frozen)
+        try:
+            gm = fx.symbolic_trace(model)
+        except Exception as exc:
+            errors.append(f"torch.fx: {type(exc).__name__}: {exc}")
+            raise UnsupportedGraphError(
+                f"shrink could not capture {type(model).__name__} on example_inputs ("
+                + "; ".join(errors)
+                + ")"
+            ) from exc
+        if kwargs:
+            raise UnsupportedGraphError(
+                f"shrink could not capture {type(model).__name__} with torch.export ({errors[0]}), and the "
+                "fx fallback takes positional example_inputs only"
+            )
+        try:
+            ShapeProp(gm).propagate(*args)
+        except Exception as exc:
+            raise UnsupportedGraphError(
+                f"shrink could not run {type(model).__name__} on example_inputs: {type(exc).__name__}: {exc}"
+            ) from exc
+    return Capture(gm, gm, {}, "fx", frozen_modules(model, gm))

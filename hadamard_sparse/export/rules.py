@@ -185,6 +185,8 @@ def _linear_or_conv(flow: ChannelFlow, node: fx.Node, name: str, mod: nn.Module,
         if mod.bias is not None
         else torch.zeros(weight.shape[0], dtype=torch.float64)
     )
+    if flow.discover:  # every row a candidate, its bias masked with it
+        zero_rows, bias = torch.ones_like(zero_rows), torch.zeros_like(bias)
     plan.out_ids = ids
     flow.producer_order.append(name)
     flow.info[node] = ChannelInfo(cdim_out, ids, torch.where(zero_rows, bias.cpu(), 0.0), ~zero_rows.cpu())
@@ -226,6 +228,8 @@ def _depthwise(flow: ChannelFlow, node: fx.Node, name: str, mod: nn.Module) -> N
     zero = ~info.var & (info.const == 0)
     const_ok = ~info.var & (zero | foldable)
     const = torch.where(const_ok, info.const * w.sum(dim=1) + b, 0.0)
+    if flow.discover:  # weight and bias of the channel masked with it
+        const, const_ok = torch.zeros_like(const), ~info.var
     flow.plans[name] = LayerPlan("depthwise", out_ids=info.ids)
     flow.info[node] = ChannelInfo(info.cdim, info.ids, const, ~const_ok)
 
@@ -254,6 +258,8 @@ def _batchnorm(flow: ChannelFlow, node: fx.Node, name: str, mod: nn.Module) -> N
                 + mod.bias.detach().to(torch.float64).cpu()
             )
         var = info.var
+    if flow.discover and mod.weight is not None:  # the affine entries are masked with the channel
+        const, var = torch.zeros_like(info.const), info.var
     flow.plans[name] = LayerPlan("bn", out_ids=info.ids)
     flow.info[node] = ChannelInfo(info.cdim, info.ids, torch.where(var, 0.0, const), var)
 
@@ -545,19 +551,6 @@ def _flatten_method(flow: ChannelFlow, node: fx.Node) -> None:
     start = _arg(node.args, node.kwargs, 1, "start_dim", 0)
     end = _arg(node.args, node.kwargs, 2, "end_dim", -1)
     _flatten(flow, node, node.args[0], start, end)
-
-
-@method_rule("view", "reshape")
-def _view(flow: ChannelFlow, node: fx.Node) -> None:
-    args, src = node.args, node.args[0]
-    shape = list(args[1]) if len(args) == 2 and isinstance(args[1], (tuple, list)) else list(args[1:])
-    in_shape = flow.shape(src)
-    if flow.tensor_info(src) is None:
-        flow.info[node] = None
-    elif len(shape) == 2 and shape[1] == -1 and in_shape is not None and len(in_shape) >= 2:
-        _flatten(flow, node, src, 1, -1)  # x.view(x.size(0), -1) is flatten(1)
-    else:
-        flow.unknown(node, "view/reshape other than x.view(batch, -1) is not supported")
 
 
 @method_rule("size")

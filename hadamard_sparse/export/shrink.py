@@ -17,8 +17,13 @@ import torch
 from torch import nn
 
 from ..api import remove_parametrizations
-from . import rules  # noqa: F401  (registers the op rules)
-from .graph import ChannelFlow, LayerPlan, as_inputs, frozen_modules, trace
+from ..errors import InvalidTypeError, UnsupportedGraphError
+from . import (
+    rules,  # noqa: F401  (registers the op rules)
+    rules_aten,  # noqa: F401  (registers the ATen op rules)
+)
+from .graph import ChannelFlow, LayerPlan, as_inputs, capture
+from .heads import _set, prune_zero_heads
 from .rules import CONV_DIMS
 
 __all__ = ["REBUILD_RULES", "rebuild", "rebuild_rule", "shrink"]
@@ -119,58 +124,57 @@ def _rebuild_batchnorm(new: nn.Module, mod: nn.Module, plan: LayerPlan, removed:
     new.num_features = len(keep)
 
 
-def shrink(model: nn.Module, example_inputs: torch.Tensor | Sequence[Any]) -> nn.Module:
-    r"""Physically remove pruned output channels/neurons and the inputs that read them, in place.
+def _run(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensors ``model`` returns on the inputs (eval mode, no gradients), flattened."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(*args, **kwargs)
+    finally:
+        for m, mode in modes:
+            m.train(mode)
+    leaves: list[torch.Tensor] = []
 
-    The model is traced with :func:`torch.fx.symbolic_trace` and run once on
-    ``example_inputs`` (in eval mode, without gradients) to know every tensor's
-    shape. A channel is *pruned* when its producer's weights for it are all zero
-    (an all-zero row of a Linear, an all-zero filter of a Conv): it then carries a
-    constant (its bias, or zero), which is followed through elementwise
-    activations, dropout, BatchNorm (running statistics), pooling, ``add``/``sub``/
-    ``mul``/``div``, ``cat`` along channels, ``flatten`` and ``mean`` over other
-    dimensions. A channel is removed (from its producers, from BatchNorm and
-    depthwise convolutions in between, and from the inputs of its consumers) only
-    when every layer that reads it either sees zero, or sees a constant that can be
-    folded exactly into its bias: a Linear with a bias, or a Conv with a bias and no
-    zero padding. Channels added together (residual connections) form one group,
-    removed only if every branch allows it. Channels reaching the model's outputs,
-    LayerNorm/GroupNorm over the channel dimension, a shared module or a module
-    whose tensors the forward reads directly are kept. The result equals the
-    masked model's output in eval mode up to float rounding.
+    def visit(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            leaves.append(x)
+        elif isinstance(x, dict):
+            for y in x.values():
+                visit(y)
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                visit(y)
+        elif hasattr(x, "to_tuple"):  # transformers ModelOutput
+            visit(x.to_tuple())
 
-    Parametrizations of this library are baked first (:func:`remove_parametrizations`);
-    ``copy.deepcopy`` the model beforehand to keep the masked one. Changed layers
-    are replaced by shallow copies of the same class with the kept slices (so
-    ``isinstance``, hooks and extra attributes hold); their ``in_features``/
-    ``out_features``/``in_channels``/``out_channels``/``num_features``/``groups`` are
-    updated. An optimizer built before must be rebuilt.
+    visit(out)
+    return leaves
 
-    Args:
-        model: the model, masked (parametrized) or baked. It must be traceable by ``torch.fx``.
-        example_inputs: a tensor, or a tuple of the model's positional inputs, used only for
-            shapes (e.g. to map each channel to its ``H*W`` inputs after ``flatten``).
 
-    Returns:
-        ``model``, baked and shrunk in place.
+def _same(ref: list[torch.Tensor], got: list[torch.Tensor]) -> str | None:
+    """Why ``got`` differs from ``ref`` (``None`` when every tensor matches up to float rounding)."""
+    if len(ref) != len(got):
+        return f"it returns {len(got)} tensors instead of {len(ref)}"
+    for i, (r, g) in enumerate(zip(ref, got)):
+        if r.shape != g.shape:
+            return f"output {i} has shape {tuple(g.shape)} instead of {tuple(r.shape)}"
+        if r.is_floating_point():
+            scale = float(r.abs().max()) if r.numel() else 0.0
+            if not torch.allclose(g, r, rtol=1e-4, atol=1e-5 * max(1.0, scale), equal_nan=True):
+                err = float((g - r).abs().max())
+                return f"output {i} differs by up to {err:.3g}"
+        elif not torch.equal(r, g):
+            return f"output {i} differs"
+    return None
 
-    Raises:
-        UnsupportedGraphError: the model cannot be traced, or an operation it does not model
-            (a reshape other than ``x.view(batch, -1)``, a grouped non-depthwise conv, an
-            unknown module or function, ...) reads pruned channels. The model is unchanged.
 
-    Example::
-
-        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
-        >>> hs.register_mask(model[0], "weight", torch.arange(16).unsqueeze(1) < 4)  # keep 4 neurons
-        >>> shrink(model, torch.randn(1, 8))[0].out_features
-        4
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    inputs = as_inputs(example_inputs)
-    gm = trace(model, inputs)
-    analysis = ChannelFlow(gm, frozen_modules(model, gm))
+def _plan(
+    work: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[dict[str, LayerPlan], Removed, list[str]]:
+    """Capture ``work`` and find the removable channels; returns the plans of the layers to rebuild."""
+    cap = capture(work, args, kwargs)
+    analysis = ChannelFlow(cap.gm, cap.frozen, root=None if cap.mode == "fx" else cap.root, params=cap.params)
     analysis.run()
     # Never empty a layer: keep one channel of a producer that would lose all of them.
     for name in analysis.producer_order:
@@ -189,9 +193,98 @@ def shrink(model: nn.Module, example_inputs: torch.Tensor | Sequence[Any]) -> nn
         gone = gone or any(bool(removed(ids).any()) for ids, _, _ in plan.in_cols)
         if gone:
             todo[name] = plan
+    return todo, removed, analysis.fixed
+
+
+def shrink(model: nn.Module, example_inputs: torch.Tensor | Sequence[Any] | dict[str, Any]) -> nn.Module:
+    r"""Physically remove pruned channels, neurons and attention heads, and the inputs that read them, in place.
+
+    The model is captured by *running* it once on ``example_inputs`` (eval mode, no
+    gradients) with ``torch.export.export(strict=False)``, so Python branches such as
+    ``if embed:`` take the path the inputs take and ``F.pad``, permutes, reshapes, splits
+    and views are seen as the ATen ops they run; ``torch.fx.symbolic_trace`` is the
+    fallback when export fails. A channel is *pruned* when its producer's weights for it
+    are all zero (an all-zero row of a Linear, an all-zero filter of a Conv): it then
+    carries a constant (its bias, or zero), which is followed through elementwise
+    activations, dropout, BatchNorm (running statistics), pooling, ``pad`` (constant only if
+    padded with the same value), ``add``/``sub``/``mul``/``div``, ``cat``/``split``/``chunk``,
+    ``permute``/``transpose`` and reshapes/flattens that keep each channel whole (e.g.
+    ``x.permute(0, 2, 1, 3).reshape(B, -1)`` into a Linear). A channel is removed (from
+    its producers, from BatchNorm and depthwise convolutions in between, and from the
+    inputs of its consumers) only when every layer that reads it either sees zero, or sees
+    a constant that folds exactly into its bias. Channels added together (residual
+    connections) form one group, removed only if every branch allows it. Channels reaching
+    the model's outputs, LayerNorm/GroupNorm over the channel dimension, a shared module or a
+    module whose tensors the forward reads directly are kept.
+
+    Attention heads (BERT, ViT, Llama-style blocks; see ``export/heads.py``) whose value
+    rows are all zero are removed with their query/key rows and the output projection's
+    columns (grouped-query attention: a key/value head goes with all its query heads), and
+    the block's ``num_heads``-like attributes are updated.
+
+    The work is done on a baked deep copy; the copy's output is checked against the masked
+    model's (up to float rounding) before the changed layers are swapped into ``model``, so
+    a refused call leaves ``model`` unchanged. Parametrizations of this library are then
+    baked into ``model`` (:func:`remove_parametrizations`); ``copy.deepcopy`` it beforehand
+    to keep the masked one. Changed layers are shallow copies of the same class with the
+    kept slices (``isinstance``, hooks and extra attributes hold) and updated
+    ``in_features``/``out_features``/``in_channels``/``out_channels``/``num_features``/
+    ``groups``. An optimizer built before must be rebuilt.
+
+    Args:
+        model: the model, masked (parametrized) or baked.
+        example_inputs: a tensor, a tuple of the model's positional inputs or a dict of its
+            keyword inputs; the forward runs on them (shapes, and the branch to follow).
+
+    Returns:
+        ``model``, baked and shrunk in place.
+
+    Raises:
+        UnsupportedGraphError: the model cannot be captured, an operation it does not model
+            (a view splitting pruned channels, a grouped non-depthwise conv, an unknown
+            function, ...) reads pruned channels, naming the layer and the operation; or the
+            shrunk copy computes something else (e.g. a reshape to a hard-coded width). The
+            model is unchanged.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        >>> hs.register_mask(model[0], "weight", torch.arange(16).unsqueeze(1) < 4)  # keep 4 neurons
+        >>> shrink(model, torch.randn(1, 8))[0].out_features
+        4
+    """
+    if not isinstance(model, nn.Module):
+        raise InvalidTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    args, kwargs = as_inputs(example_inputs)
+    work = remove_parametrizations(copy.deepcopy(model))
+    try:
+        ref = _run(work, args, kwargs)
+    except Exception as exc:
+        raise UnsupportedGraphError(
+            f"shrink could not run {type(model).__name__} on example_inputs: {type(exc).__name__}: {exc}"
+        ) from exc
+    changed = prune_zero_heads(work)
+    todo, removed, fixed = _plan(work, args, kwargs)
+    for name, plan in todo.items():
+        _set(work, name, rebuild(work.get_submodule(name), plan, removed))
+    changed += list(todo)
+    if changed:
+        try:
+            why = _same(ref, _run(work, args, kwargs))
+        except Exception as exc:
+            why = f"it raises {type(exc).__name__}: {exc}"
+        if why is not None:
+            hint = ("; " + "; ".join(fixed)) if fixed else ""
+            raise UnsupportedGraphError(
+                f"shrink refused {type(model).__name__}: the shrunk copy does not compute what the masked "
+                f"model computes ({why}){hint}. Compute sizes from the layers (e.g. "
+                "self.classifier.in_features) or use -1 in reshapes"
+            )
     remove_parametrizations(model)
-    new_modules = {name: rebuild(model.get_submodule(name), plan, removed) for name, plan in todo.items()}
-    for name, new in new_modules.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, new)
+    done: list[str] = []
+    for name in sorted(set(changed), key=lambda n: n.count(".")):
+        if any(name == d or name.startswith(d + ".") for d in done):
+            continue
+        _set(model, name, work.get_submodule(name))
+        done.append(name)
     return model

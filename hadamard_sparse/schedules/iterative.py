@@ -13,6 +13,7 @@ from torch import nn
 from .._checks import check_fraction, check_int, check_optimizer
 from .._names import dense_key, original_key
 from ..errors import InvalidArgumentError, InvalidTypeError
+from ..structures import check_sparsity, check_targets, parse_structure
 from .base import Schedule, check_schedule_method, check_unstructured
 
 __all__ = ["IterativePruning"]
@@ -65,6 +66,8 @@ class IterativePruning(Schedule):
         method: a registered score. Default: ``"magnitude"``.
         scope: ``"global"`` or ``"layer"``. Default: ``"global"``.
         optimizer: optional optimizer whose state is zeroed at each rewind.
+        structure: passed to the pruning engine for structured sparsity (``None``: unstructured; e.g.
+            ``hs.ChannelGroups(model, x)``, whose masks ``hs.sparsify(model, 0.0, structure=...)`` registers).
         seed: seeds the schedule's own generator. Default: ``0``.
 
     Example::
@@ -91,6 +94,7 @@ class IterativePruning(Schedule):
         scope: str = "global",
         optimizer: torch.optim.Optimizer | None = None,
         seed: int = 0,
+        structure: Any = None,
     ) -> None:
         if args:
             rounds, final_sparsity, rewind_to = _positional_options(
@@ -113,8 +117,15 @@ class IterativePruning(Schedule):
             )
         else:
             self.rewind_step = int(rewind_to)
+        parsed = parse_structure(structure)
+        if parsed is not None:
+            check_sparsity(parsed, self.final_sparsity, "final_sparsity")
         super().__init__(model, seed)
-        check_unstructured(self._masked, self._who)
+        if parsed is None:
+            check_unstructured(self._masked, self._who)
+        else:
+            check_targets(parsed, self._masked)
+        self.structure = structure
         self.method = method
         self.scope = scope
         self.round = 0
@@ -172,7 +183,7 @@ class IterativePruning(Schedule):
         if step % self.every == 0 and self.round < self.rounds:
             self.round += 1
             target = self.target_of_round(self.round)
-            self._prune_nested(target, self.method, self.scope)
+            self._prune_nested(target, self.method, self.scope, self.structure)
             self._rewind()
             self._record(step, target)
 

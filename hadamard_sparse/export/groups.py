@@ -1,0 +1,203 @@
+"""Model-level structures: channel groups found by running the model, and attention heads.
+
+:class:`ChannelGroups` captures the model on example inputs (as :func:`shrink` does) and runs
+the channel-flow analysis in *discovery* mode: every output channel of every Linear/Conv is
+assumed pruned together with its bias and the affine entries of the BatchNorm after it (even
+after a ReLU), and followed to every layer that reads it. Channels tied by residual additions
+or concatenations share one group; a channel that reaches the output, a LayerNorm over
+channels, an op shrink does not model (a view into attention heads, a softmax...) or a shared
+module is in no group. Each group's members are the producer rows, the bias and norm entries,
+and the consumer columns: scored together, masked together, so the masked model and the
+shrunk model compute the same function.
+
+:class:`Heads` finds attention blocks (``export/heads.py``): one group per key/value head with
+its query heads, the output projection's columns and the q/k/v biases.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._checks import check_norm
+from ..api import remove_parametrizations
+from ..errors import InvalidArgumentError
+from ..groups import Member, TensorGroups
+from ..structures import register_model_structure
+from .graph import ChannelFlow, as_inputs, capture
+from .heads import attention_blocks
+
+__all__ = ["ChannelGroups", "Heads"]
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+class ChannelGroups(TensorGroups):
+    r"""Channel groups of ``model``, discovered by running it on ``example_inputs``.
+
+    A group is one channel slot: the filters/neurons producing it (several when residual
+    additions tie channels together), their bias entries, the BatchNorm/depthwise-conv entries
+    on its way, and the input columns of every layer reading it. ``sparsify`` and the schedules
+    prune whole groups (``sparsity`` = the fraction of groups; ``scope="layer"``: of each
+    producer layer's groups) and mask every member, so BatchNorm's constant ``β − μγ/σ`` is gone
+    and :func:`~hadamard_sparse.shrink` removes exactly what is masked.
+
+    Args:
+        model: the model (masked or not; it is not changed).
+        example_inputs: a tensor, tuple of positional inputs or dict of keyword inputs.
+        norm: ``"l2"`` (root mean square of the members' weight scores) or ``"l1"`` (mean).
+        layers: ``"all"`` or ``"linear"`` (only groups produced by Linear layers: FFN neurons).
+
+    Example::
+
+        >>> groups = hs.ChannelGroups(model, torch.randn(1, 3, 32, 32))
+        >>> hs.sparsify(model, 0.5, structure=groups, scope="layer")
+        >>> hs.shrink(model, torch.randn(1, 3, 32, 32))
+    """
+
+    def __init__(
+        self, model: nn.Module, example_inputs: Any, *, norm: str = "l2", layers: str = "all"
+    ) -> None:
+        check_norm(norm)
+        if layers not in ("all", "linear"):
+            raise InvalidArgumentError(f"layers must be 'all' or 'linear', got {layers!r}")
+        args, kwargs = as_inputs(example_inputs)
+        work = remove_parametrizations(copy.deepcopy(model))
+        cap = capture(work, args, kwargs)
+        flow = ChannelFlow(
+            cap.gm, cap.frozen, root=None if cap.mode == "fx" else cap.root, params=cap.params, discover=True
+        )
+        flow.run()
+        blocked = {flow.find(b) for b in flow.blocked}
+        if layers == "linear":
+            for name in flow.producer_order:
+                plan = flow.plans[name]
+                if plan.kind != "linear" and plan.out_ids is not None:
+                    blocked.update(flow.find(i) for i in plan.out_ids.tolist())
+        group_of: dict[int, int] = {}
+        labels: list[str] = []
+        names: list[str] = []
+
+        def gid(ids: torch.Tensor, name: str, new: bool, ok: torch.Tensor | None = None) -> torch.Tensor:
+            out = []
+            for j, i in enumerate(ids.tolist()):
+                r = flow.find(i)
+                if r in blocked or (ok is not None and not bool(ok[j])):
+                    out.append(-1)
+                    continue
+                if r not in group_of:
+                    if not new:  # pragma: no cover - consumers come after their producers
+                        out.append(-1)
+                        continue
+                    group_of[r] = len(labels)
+                    labels.append(name)
+                    names.append(f"{name}[{j}]")
+                out.append(group_of[r])
+            return torch.tensor(out, dtype=torch.long)
+
+        members: dict[str, Member] = {}
+
+        def add(name: str, tensor: str, m: Member) -> None:
+            if any(x is not None and bool((x >= 0).any()) for x in (m.rows, m.cols)):
+                members[_join(name, tensor)] = m
+
+        for name in flow.producer_order:  # producers first, so groups are numbered by producer
+            gid(flow.plans[name].out_ids, name, True)  # type: ignore[arg-type]
+        for name, plan in flow.plans.items():
+            mod = work.get_submodule(name)
+            rows = gid(plan.out_ids, name, True) if plan.out_ids is not None else None
+            if plan.kind in ("linear", "conv"):
+                cols = None
+                for ids, _, droppable in plan.in_cols:
+                    cols = gid(ids, name, False, droppable)
+                add(name, "weight", Member(rows, cols, True))
+            elif plan.kind == "depthwise":
+                add(name, "weight", Member(rows, None, True))
+            if getattr(mod, "weight", None) is not None and plan.kind == "bn":
+                add(name, "weight", Member(rows, None, False))
+            if getattr(mod, "bias", None) is not None:
+                add(name, "bias", Member(rows, None, False))
+        order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+        members = dict(
+            sorted(members.items(), key=lambda kv: (order.get(kv[0].rpartition(".")[0], 0), kv[0]))
+        )
+        super().__init__(members, labels, names, norm)
+
+
+class Heads(TensorGroups):
+    r"""Attention heads of ``model`` as groups: q/k/v rows (and biases) of a head and the output projection's columns.
+
+    Blocks are found by ``export/heads.py``: Hugging Face BERT/RoBERTa/ViT/Llama-style attention and
+    ``nn.MultiheadAttention``. With grouped-query attention (fewer key/value heads, Llama) a group is
+    one key/value head with all the query heads that read it, so a pruned group leaves the
+    ``num_key_value_groups`` ratio unchanged. ``sparsity`` is the fraction of groups pruned
+    (``scope="layer"``: in every block). :func:`~hadamard_sparse.shrink` removes pruned heads from
+    HF blocks (``nn.MultiheadAttention`` is kept whole: masked heads are exact but not removed).
+
+    Args:
+        model: the model (not changed).
+        example_inputs: unused (accepted so that every model structure is built the same way).
+        norm: ``"l2"`` or ``"l1"``.
+
+    Example::
+
+        >>> hs.sparsify(bert, 0.25, structure=hs.Heads(bert), scope="layer")  # a quarter of each layer's heads
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any = None, *, norm: str = "l2") -> None:
+        check_norm(norm)
+        members: dict[str, Member] = {}
+        labels: list[str] = []
+        names: list[str] = []
+
+        def rows_of(n: int, parts: Sequence[tuple[int, torch.Tensor]]) -> torch.Tensor:
+            out = torch.full((n,), -1, dtype=torch.long)
+            for g, idx in parts:
+                out[idx] = g
+            return out
+
+        for b in attention_blocks(model):
+            first = len(labels)
+            for g in range(b.n_kv):
+                labels.append(b.name)
+                names.append(f"{b.name}.head{g}")
+            groups = range(first, first + b.n_kv)
+            q_parts = [(gi, b.q_rows(g)) for g, gi in enumerate(groups)]
+            kv_parts = [(gi, b.kv_rows(g)) for g, gi in enumerate(groups)]
+            o = model.get_submodule(b.o)
+            if b.packed:
+                e = b.n_heads * b.head_dim
+                parts = q_parts + [(g, r + e) for g, r in kv_parts] + [(g, r + 2 * e) for g, r in kv_parts]
+                members[_join(b.name, "in_proj_weight")] = Member(rows_of(3 * e, parts), None, True)
+                if getattr(model.get_submodule(b.name), "in_proj_bias", None) is not None:
+                    members[_join(b.name, "in_proj_bias")] = Member(rows_of(3 * e, parts), None, False)
+            else:
+                for proj, parts in ((b.q, q_parts), (b.k, kv_parts), (b.v, kv_parts)):
+                    mod = model.get_submodule(proj)
+                    n = mod.weight.shape[0]
+                    members[_join(proj, "weight")] = Member(rows_of(n, parts), None, True)
+                    if getattr(mod, "bias", None) is not None:
+                        members[_join(proj, "bias")] = Member(rows_of(n, parts), None, False)
+            members[_join(b.o, "weight")] = Member(None, rows_of(o.weight.shape[1], q_parts), True)
+        super().__init__(members, labels, names, norm)
+
+
+@register_model_structure("channel_group", "channel_groups")
+def _channel_groups(model: nn.Module, example_inputs: Any) -> ChannelGroups:
+    return ChannelGroups(model, example_inputs)
+
+
+@register_model_structure("neuron", "neurons")
+def _neurons(model: nn.Module, example_inputs: Any) -> ChannelGroups:
+    return ChannelGroups(model, example_inputs, layers="linear")
+
+
+@register_model_structure("head", "heads")
+def _heads(model: nn.Module, example_inputs: Any) -> Heads:
+    return Heads(model, example_inputs)

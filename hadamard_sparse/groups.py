@@ -1,0 +1,158 @@
+"""Structures whose groups span several tensors: channel groups, FFN neurons, attention heads.
+
+A :class:`TensorGroups` knows, for each member tensor (by qualified name), which group each
+of its output rows and input columns belongs to (``-1``: none). It is built from a model by
+``export/groups.py`` (:class:`~hadamard_sparse.export.groups.ChannelGroups` from the model's
+captured graph, :class:`~hadamard_sparse.export.groups.Heads` from its attention blocks) and
+used by the pruning engine like any :class:`~hadamard_sparse.structures.Structure`: one
+decision per group, scored from all its members' weights, expanded into a mask per tensor.
+Biases and normalisation entries are members too (masked, not scored), so a pruned group
+outputs exactly zero and :func:`~hadamard_sparse.shrink` removes it without changing the function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import _select
+from .layers import Target
+from .structures import Structure
+
+__all__ = ["Member", "TensorGroups"]
+
+
+@dataclass
+class Member:
+    """Group index (``-1``: none) of each output row / input column of one tensor.
+
+    ``rows`` indexes dimension ``out_dim`` (a 1-D tensor: its entries), ``cols`` dimension
+    ``in_dim``; ``scored``: the tensor's element scores count towards its groups' scores.
+    """
+
+    rows: torch.Tensor | None = None
+    cols: torch.Tensor | None = None
+    scored: bool = True
+
+
+class TensorGroups(Structure):
+    """Groups of rows and columns across tensors, pruned together (base of ChannelGroups and Heads).
+
+    Args:
+        members: ``{qualified tensor name: Member}``.
+        labels: a layer label per group (``scope="layer"`` prunes each label's groups on its own).
+        names: a readable name per group, e.g. ``"conv1[3]"`` (for reports and errors).
+        norm: group score: ``"l2"`` (root mean square of the members' element scores) or ``"l1"`` (mean).
+    """
+
+    def __init__(
+        self, members: dict[str, Member], labels: Sequence[str], names: Sequence[str], norm: str = "l2"
+    ) -> None:
+        self.members = members
+        self.labels = list(labels)
+        self.names = list(names)
+        self.norm = norm
+
+    @property
+    def n(self) -> int:
+        """The number of groups."""
+        return len(self.labels)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.n} groups over {len(self.members)} tensors)"
+
+    __str__ = __repr__
+
+    def problem(self, shape: torch.Size, out_dim: int, in_dim: int) -> str | None:
+        return None
+
+    def mask_shape(self, shape: torch.Size, out_dim: int, in_dim: int) -> torch.Size:
+        if len(shape) < 2:
+            return torch.Size(shape)
+        return torch.Size(n if i in (out_dim, in_dim) else 1 for i, n in enumerate(shape))
+
+    def n_groups(self, shape: torch.Size, out_dim: int, in_dim: int) -> int:
+        return self.n
+
+    def targets(self, model: torch.nn.Module) -> list[Target]:
+        """The member tensors of ``model`` as targets, in module order."""
+        out = []
+        for qualified in self.members:
+            mod_name, _, tname = qualified.rpartition(".")
+            out.append(Target(mod_name, model.get_submodule(mod_name), tname))
+        return out
+
+    def _scores(
+        self,
+        targets: Sequence[Target],
+        thunks: Sequence[Callable[[], torch.Tensor]],
+        dims: Sequence[tuple[int, int]],
+    ) -> torch.Tensor:
+        total = torch.zeros(self.n, dtype=torch.float64)
+        count = torch.zeros(self.n, dtype=torch.float64)
+        for t, th, (od, id_) in zip(targets, thunks, dims):
+            m = self.members.get(t.qualified)
+            if m is None or not m.scored:
+                continue
+            s = th().detach().to(torch.float64).cpu()
+            s = s.abs() if self.norm == "l1" else s.square()
+            s = torch.nan_to_num(s, nan=0.0, posinf=0.0, neginf=0.0)
+            pairs = [(m.rows, od), (m.cols, id_)] if s.dim() > 1 else [(m.rows, 0)]
+            for idx, d in pairs:
+                if idx is None:
+                    continue
+                per = s.movedim(d, 0).reshape(s.shape[d], -1)
+                sel = idx >= 0
+                total.index_add_(0, idx[sel], per.sum(1)[sel])
+                count.index_add_(
+                    0, idx[sel], torch.full((int(sel.sum()),), float(per.shape[1]), dtype=torch.float64)
+                )
+        score = total / count.clamp_min(1)
+        return (score if self.norm == "l1" else score.sqrt()).to(torch.float32)
+
+    def keep_masks(
+        self,
+        targets: Sequence[Target],
+        thunks: Sequence[Callable[[], torch.Tensor]],
+        per: Sequence[float],
+        scope: str,
+        dims: Sequence[tuple[int, int]],
+    ) -> list[torch.Tensor]:
+        """Keep-masks of ``targets`` (compact shapes): ``round(sparsity * G)`` groups pruned per scope."""
+        score = self._scores(targets, thunks, dims)
+        keep = torch.ones(self.n, dtype=torch.bool)
+        if scope == "layer":
+            buckets: dict[str, list[int]] = {}
+            for i, lab in enumerate(self.labels):
+                buckets.setdefault(lab, []).append(i)
+            for idx in buckets.values():
+                ix = torch.tensor(idx)
+                k = _select.n_to_prune(per[0], len(idx))
+                keep[ix] = _select.keep_masks([lambda ix=ix: score[ix]], k)[0].reshape(-1)
+        else:
+            keep = _select.keep_masks([lambda: score], _select.n_to_prune(per[0], self.n))[0].reshape(-1)
+        return [self.expand_for(t, keep, d) for t, d in zip(targets, dims)]
+
+    def expand_for(self, t: Target, keep: torch.Tensor, dims: tuple[int, int]) -> torch.Tensor:
+        """The compact keep-mask of one tensor from the per-group decisions ``keep``."""
+        shape = t.value().shape
+        out_dim, in_dim = dims
+        mshape = self.mask_shape(shape, out_dim, in_dim)
+        mask = torch.ones(mshape, dtype=torch.bool)
+        m = self.members.get(t.qualified)
+        if m is None:
+            return mask
+        if len(shape) < 2:
+            if m.rows is not None:
+                mask &= torch.where(m.rows >= 0, keep[m.rows.clamp_min(0)], True)
+            return mask
+        for idx, d in ((m.rows, out_dim), (m.cols, in_dim)):
+            if idx is None:
+                continue
+            k = torch.where(idx >= 0, keep[idx.clamp_min(0)], True)
+            view = [1] * len(shape)
+            view[d] = shape[d]
+            mask &= k.reshape(view)
+        return mask

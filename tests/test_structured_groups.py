@@ -1,0 +1,332 @@
+"""Channel groups, FFN neurons and attention heads on real-style networks: masked == shrunk, refusals named.
+
+Networks: a CREPE-style pitch CNN (F.pad, (k, 1) convs, ReLU then BatchNorm, max-pool, permute +
+reshape into a Linear, an ``if embed:`` argument branch), a ResNet basic-block net (residual adds,
+downsample shortcut), Hugging Face BERT / ViT / Llama (GQA) from tiny configs, and torch's
+``nn.MultiheadAttention``. Each test compares the shrunk model with the masked model (the reference).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hadamard_sparse as hs
+from hadamard_sparse.errors import UnsupportedGraphError
+
+ATOL = 1e-5
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def randomize_bn(model: nn.Module, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.randn(m.num_features, generator=g))
+                m.bias.copy_(torch.randn(m.num_features, generator=g))
+
+
+def outputs(model: nn.Module, x: object) -> list[torch.Tensor]:
+    model.eval()
+    with torch.no_grad():
+        out = model(**x) if isinstance(x, dict) else model(*x) if isinstance(x, tuple) else model(x)
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    return [o for o in out if isinstance(o, torch.Tensor)]
+
+
+def shrink_matches_masked(model: nn.Module, x: object, example: object = None) -> nn.Module:
+    """Shrink a deepcopy of the masked ``model``; assert it computes the masked model's outputs."""
+    ref = outputs(model, x)
+    shrunk = hs.shrink(copy.deepcopy(model), x if example is None else example)
+    got = outputs(shrunk, x)
+    assert len(got) == len(ref)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, atol=ATOL, rtol=1e-4)
+    return shrunk
+
+
+# ---------------------------------------------------------------------------------------------
+# networks written like published ones
+# ---------------------------------------------------------------------------------------------
+
+
+class CrepeLike(nn.Module):
+    """torchcrepe's ``Crepe`` at a small capacity: frame -> 6 x (pad, conv (k,1), relu, BN, pool) -> Linear."""
+
+    def __init__(self, capacity: int = 2, frame: int = 256) -> None:
+        super().__init__()
+        in_ch = [1, 32 * capacity, 4 * capacity, 4 * capacity, 4 * capacity, 8 * capacity]
+        out_ch = [32 * capacity, 4 * capacity, 4 * capacity, 4 * capacity, 8 * capacity, 16 * capacity]
+        kernels = [frame // 2] + 5 * [16]
+        strides = [4] + 5 * [1]
+        self.pads = [(0, 0, frame // 4 - 2, frame // 4 - 2)] + 5 * [(0, 0, 7, 8)]
+        for i in range(6):
+            setattr(self, f"conv{i + 1}", nn.Conv2d(in_ch[i], out_ch[i], (kernels[i], 1), (strides[i], 1)))
+            setattr(self, f"conv{i + 1}_BN", nn.BatchNorm2d(out_ch[i], eps=0.0010000000474974513, momentum=0.0))
+        self.classifier = nn.Linear(out_ch[-1] * (frame // 256), 360)
+
+    def layer(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        x = F.pad(x, self.pads[i])
+        x = F.relu(getattr(self, f"conv{i + 1}")(x))
+        x = getattr(self, f"conv{i + 1}_BN")(x)  # BatchNorm after ReLU, as in CREPE
+        return F.max_pool2d(x, (2, 1), (2, 1))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, None, :, None]
+        for i in range(5):
+            x = self.layer(x, i)
+        return x
+
+    def forward(self, x: torch.Tensor, embed: bool = False) -> torch.Tensor:
+        x = self.embed(x)
+        if embed:
+            return x
+        x = self.layer(x, 5)
+        x = x.permute(0, 2, 1, 3).reshape(-1, self.classifier.in_features)
+        return torch.sigmoid(self.classifier(x))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class TinyResNet(nn.Module):
+    """torchvision's ResNet layout with two basic blocks per stage (residual adds, downsample shortcut)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1 = nn.Sequential(BasicBlock(16, 16), BasicBlock(16, 16))
+        self.layer2 = nn.Sequential(BasicBlock(16, 32, 2), BasicBlock(32, 32))
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer2(self.layer1(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def crepe() -> CrepeLike:
+    torch.manual_seed(0)
+    model = CrepeLike()
+    randomize_bn(model)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# channel groups on CNNs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_crepe_channel_groups_discover_every_conv_and_shrink_exactly() -> None:
+    model = crepe()
+    x = torch.randn(4, 256)
+    groups = hs.ChannelGroups(model, x[:1])
+    # every conv channel is a group (CREPE has no residuals); the classifier's outputs are not
+    assert groups.n == sum(getattr(model, f"conv{i}").out_channels for i in range(1, 7))
+    assert {"conv1.weight", "conv1.bias", "conv1_BN.weight", "conv1_BN.bias", "classifier.weight"} <= set(
+        groups.members
+    )
+    hs.sparsify(model, 0.5, structure=groups, scope="layer")
+    m = hs.masks(model)
+    # a pruned channel is masked everywhere it lives: filter, bias, BN affine, next layer's inputs
+    dead = ~m["conv2.bias"]
+    assert int(dead.sum()) == model.conv2.out_channels // 2
+    assert not m["conv2_BN.weight"][dead].any() and not m["conv2_BN.bias"][dead].any()
+    assert not m["conv3.weight"][:, dead].any()
+    before = n_params(model)
+    shrunk = shrink_matches_masked(model, x, x[:1])
+    assert shrunk.conv2.out_channels == shrunk.conv2_BN.num_features == shrunk.conv3.in_channels
+    assert shrunk.conv2.out_channels == model.conv2.out_channels // 2
+    assert n_params(shrunk) <= 0.40 * before
+    # the argument branch: the embedding path still works on the shrunk model
+    assert outputs(shrunk, (x, True))[0].shape[1] == shrunk.conv5.out_channels
+
+
+def test_crepe_string_structure_and_example_inputs() -> None:
+    model = crepe()
+    x = torch.randn(2, 256)
+    hs.sparsify(model, 0.25, structure="channel_group", example_inputs=x, scope="layer")
+    shrink_matches_masked(model, x)
+
+
+def test_crepe_hardcoded_width_is_refused_naming_the_reshape() -> None:
+    class Hardcoded(CrepeLike):
+        def forward(self, x: torch.Tensor, embed: bool = False) -> torch.Tensor:
+            x = self.layer(self.embed(x), 5)
+            return torch.sigmoid(self.classifier(x.permute(0, 2, 1, 3).reshape(-1, 32)))  # 32: hard-coded
+
+    torch.manual_seed(0)
+    model = Hardcoded()
+    randomize_bn(model)
+    x = torch.randn(2, 256)
+    hs.sparsify(model, 0.5, structure="channel_group", example_inputs=x, scope="layer")
+    state = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(UnsupportedGraphError, match="reshape.*constant 32"):
+        hs.shrink(model, x)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # unchanged
+    assert hs.masks(model)
+
+
+def test_resnet_groups_tie_residual_branches() -> None:
+    torch.manual_seed(0)
+    model = TinyResNet()
+    randomize_bn(model)
+    x = torch.randn(2, 3, 16, 16)
+    groups = hs.ChannelGroups(model, x)
+    stage1 = {"conv1.weight", "layer1.0.conv2.weight", "layer1.1.conv2.weight"}
+    rows = [groups.members[n].rows for n in sorted(stage1)]
+    assert all(torch.equal(rows[0], r) for r in rows)  # one group per residual channel
+    hs.sparsify(model, 0.5, structure=groups, scope="layer")
+    before = n_params(model)
+    shrunk = shrink_matches_masked(model, x)
+    assert shrunk.layer1[0].conv1.out_channels == 8
+    assert shrunk.conv1.out_channels == shrunk.layer1[1].conv2.out_channels < 16
+    assert n_params(shrunk) < 0.5 * before
+
+
+@pytest.mark.parametrize("schedule", ["gradual", "iterative"])
+def test_schedules_prune_channel_groups_with_bias_and_batchnorm(schedule: str) -> None:
+    model = crepe()
+    x = torch.randn(2, 256)
+    groups = hs.ChannelGroups(model, x)
+    hs.sparsify(model, 0.0, structure=groups)  # all-ones masks on every member
+    if schedule == "gradual":
+        sched = hs.GradualPruning(model, 0.5, end_step=4, every=2, structure=groups, scope="layer")
+    else:
+        sched = hs.IterativePruning(model, rounds=2, final_sparsity=0.5, every=2, structure=groups, scope="layer")
+    for _ in range(6):
+        sched.step()
+    m = hs.masks(model)
+    assert int((~m["conv2.bias"]).sum()) == model.conv2.out_channels // 2
+    shrink_matches_masked(model, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers: FFN neurons and heads
+# ---------------------------------------------------------------------------------------------
+
+transformers = pytest.importorskip("transformers")
+
+
+def bert() -> nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=32, attn_implementation="eager",
+    )  # fmt: skip
+    return transformers.BertModel(cfg).eval()
+
+
+def bert_inputs() -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_bert_ffn_neurons_and_heads_shrink_exactly() -> None:
+    model = bert()
+    x = bert_inputs()
+    neurons = hs.ChannelGroups(model, x, layers="linear")
+    assert neurons.n == 2 * 64  # the intermediate neurons only: q/k/v go into heads, the rest into LayerNorm
+    hs.sparsify(model, 0.75, structure=neurons, scope="layer")
+    heads = hs.Heads(model)
+    assert heads.n == 2 * 4
+    hs.sparsify(model, 0.5, structure=heads, scope="layer")
+    before = n_params(model)
+    shrunk = shrink_matches_masked(model, x)
+    layer = shrunk.encoder.layer[0]
+    assert layer.intermediate.dense.out_features == layer.output.dense.in_features == 16
+    att = layer.attention
+    assert att.self.num_attention_heads == 2 and att.self.all_head_size == 16
+    assert att.self.query.out_features == att.output.dense.in_features == 16
+    assert n_params(shrunk) < before
+
+
+def test_vit_heads_and_neurons() -> None:
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
+        patch_size=8, attn_implementation="eager",
+    )  # fmt: skip
+    model = transformers.ViTModel(cfg).eval()
+    x = torch.randn(2, 3, 16, 16)
+    hs.sparsify(model, 0.5, structure="neuron", example_inputs=x, scope="layer")
+    hs.sparsify(model, 0.25, structure="head", scope="layer")
+    shrunk = shrink_matches_masked(model, x)
+    att = shrunk.layers[0].attention
+    assert att.q_proj.out_features == att.o_proj.in_features == 24
+    assert shrunk.layers[0].mlp.fc1.out_features == 32
+
+
+def test_llama_gqa_heads_go_with_their_kv_head() -> None:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=48, attn_implementation="eager", use_cache=False,
+    )  # fmt: skip
+    model = transformers.LlamaModel(cfg).eval()
+    ids = torch.randint(0, 64, (2, 6))
+    heads = hs.Heads(model)
+    assert heads.n == 2  # one group per kv head (2 query heads each)
+    hs.sparsify(model, 0.5, structure=heads)
+    shrunk = shrink_matches_masked(model, {"input_ids": ids})
+    att = shrunk.layers[0].self_attn
+    assert (att.q_proj.out_features, att.k_proj.out_features, att.o_proj.in_features) == (16, 8, 16)
+    assert att.num_key_value_groups == 2
+
+
+def test_multihead_attention_heads_are_masked_exactly() -> None:
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True)
+    model = nn.Sequential()
+    model.add_module("attn", mha)
+    heads = hs.Heads(model)
+    assert heads.n == 4
+    hs.sparsify(model, 0.5, structure=heads)
+    q = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        out, _ = mha(q, q, q)
+        # reference: the same attention with the two pruned heads' q/k/v rows zeroed and out columns dropped
+        w = mha.in_proj_weight.reshape(3, 4, 4, 16)
+        kept = w.abs().sum(dim=(0, 2, 3)) > 0
+    assert int(kept.sum()) == 2
+    assert torch.isfinite(out).all()
+
+
+def test_head_string_structure_needs_no_inputs_but_channel_group_does() -> None:
+    model = bert()
+    with pytest.raises(ValueError, match="example_inputs"):
+        hs.sparsify(model, 0.5, structure="channel_group")
+    with pytest.raises(ValueError, match="built from the model"):
+        hs.GradualPruning(model, 0.5, structure="head")
