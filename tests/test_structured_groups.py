@@ -75,7 +75,9 @@ class CrepeLike(nn.Module):
         self.pads = [(0, 0, frame // 4 - 2, frame // 4 - 2)] + 5 * [(0, 0, 7, 8)]
         for i in range(6):
             setattr(self, f"conv{i + 1}", nn.Conv2d(in_ch[i], out_ch[i], (kernels[i], 1), (strides[i], 1)))
-            setattr(self, f"conv{i + 1}_BN", nn.BatchNorm2d(out_ch[i], eps=0.0010000000474974513, momentum=0.0))
+            setattr(
+                self, f"conv{i + 1}_BN", nn.BatchNorm2d(out_ch[i], eps=0.0010000000474974513, momentum=0.0)
+            )
         self.classifier = nn.Linear(out_ch[-1] * (frame // 256), 360)
 
     def layer(self, x: torch.Tensor, i: int) -> torch.Tensor:
@@ -223,7 +225,9 @@ def test_schedules_prune_channel_groups_with_bias_and_batchnorm(schedule: str) -
     if schedule == "gradual":
         sched = hs.GradualPruning(model, 0.5, end_step=4, every=2, structure=groups, scope="layer")
     else:
-        sched = hs.IterativePruning(model, rounds=2, final_sparsity=0.5, every=2, structure=groups, scope="layer")
+        sched = hs.IterativePruning(
+            model, rounds=2, final_sparsity=0.5, every=2, structure=groups, scope="layer"
+        )
     for _ in range(6):
         sched.step()
     m = hs.masks(model)
