@@ -29,6 +29,11 @@ from torch import nn
 from hadamard_sparse.api import register_mask, remove_parametrizations, sparsify
 from hadamard_sparse.export import DEFAULT_MAX_DENSITY, SparseLinear, shrink, to_sparse
 
+try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.inference_speed
+    from structured_speed import bench_structured
+except ImportError:  # pragma: no cover
+    from benchmarks.structured_speed import bench_structured
+
 warnings.filterwarnings("ignore", message="Sparse (CSR|BSR).*beta")
 warnings.filterwarnings("ignore", message="Sparse invariant checks")
 warnings.filterwarnings("ignore", message="TF32 acceleration")
@@ -318,7 +323,7 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--budget", type=float, default=1.5, help="seconds of timing per configuration")
-    parser.add_argument("--only", choices=("linear", "mlp", "cnn"), default=None)
+    parser.add_argument("--only", choices=("linear", "mlp", "cnn", "structured"), default=None)
     parser.add_argument("--out", type=Path, default=RESULTS / "inference_speed.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -336,6 +341,8 @@ def main() -> None:
         bench_mlp(rows, args.budget)
     if args.only in (None, "cnn"):
         bench_cnn(rows, args.budget, batch=32)
+    if args.only in (None, "structured"):  # issue 13: CREPE-style CNN, BERT neurons and heads
+        bench_structured(rows, args.budget)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(rows) + "\n")
     print(f"wrote {args.out}")

@@ -310,22 +310,46 @@ def test_llama_gqa_heads_go_with_their_kv_head() -> None:
     assert att.num_key_value_groups == 2
 
 
+def _mha_reference(mha: nn.MultiheadAttention, x: torch.Tensor, heads: list[int]) -> torch.Tensor:
+    """Self-attention computed head by head from the dense weights, summing only ``heads`` (plus out bias)."""
+    e, d = mha.embed_dim, mha.head_dim
+    w = mha.in_proj_weight.detach()  # baked effective weights are not used: dense weights, kept heads only
+    b = mha.in_proj_bias.detach()
+    wo, bo = mha.out_proj.weight.detach(), mha.out_proj.bias.detach()
+    out = bo.expand(x.shape[0], x.shape[1], e).clone()
+    for h in heads:
+        rows = slice(h * d, (h + 1) * d)
+        q = x @ w[:e][rows].t() + b[:e][rows]
+        k = x @ w[e : 2 * e][rows].t() + b[e : 2 * e][rows]
+        v = x @ w[2 * e :][rows].t() + b[2 * e :][rows]
+        att = torch.softmax(q @ k.transpose(1, 2) / d**0.5, dim=-1)
+        out = out + (att @ v) @ wo[:, rows].t()
+    return out
+
+
 def test_multihead_attention_heads_are_masked_exactly() -> None:
     torch.manual_seed(0)
-    mha = nn.MultiheadAttention(16, 4, batch_first=True)
     model = nn.Sequential()
-    model.add_module("attn", mha)
+    model.add_module("attn", nn.MultiheadAttention(16, 4, batch_first=True))
+    dense = copy.deepcopy(model[0])
     heads = hs.Heads(model)
     assert heads.n == 4
     hs.sparsify(model, 0.5, structure=heads)
-    q = torch.randn(2, 5, 16)
+    kept = [h for h in range(4) if bool(hs.masks(model)["attn.in_proj_weight"][h * 4].any())]
+    assert len(kept) == 2
+    x = torch.randn(2, 5, 16)
     with torch.no_grad():
-        out, _ = mha(q, q, q)
-        # reference: the same attention with the two pruned heads' q/k/v rows zeroed and out columns dropped
-        w = mha.in_proj_weight.reshape(3, 4, 4, 16)
-        kept = w.abs().sum(dim=(0, 2, 3)) > 0
-    assert int(kept.sum()) == 2
-    assert torch.isfinite(out).all()
+        out, _ = model[0](x, x, x)
+        torch.testing.assert_close(out, _mha_reference(dense, x, kept), atol=ATOL, rtol=1e-4)
+
+
+def test_bert_pruned_query_rows_are_refused_naming_the_view_and_layer() -> None:
+    model = bert()
+    x = bert_inputs()
+    hs.sparsify(model, 0.25, structure="row", include=["encoder.layer.0.attention.self.query"], scope="layer")
+    with pytest.raises(UnsupportedGraphError, match="'view' in layer 'encoder.layer.0.attention.self'"):
+        hs.shrink(model, x)
+    assert hs.masks(model)  # unchanged: still masked
 
 
 def test_head_string_structure_needs_no_inputs_but_channel_group_does() -> None:

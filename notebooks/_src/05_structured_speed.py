@@ -76,10 +76,12 @@ plot.mask(masked[2], ax=ax)  # whole filters (rows of kernels) are off
 plt.show()
 
 # %% [markdown]
-# Bake, then shrink. `shrink` traces the model with `torch.fx`, finds the consumers of each pruned
-# channel (the next conv's input channels here; also BatchNorm, residual additions, concatenation
-# and flatten→Linear in other models) and rebuilds the layers without them. The shrunk model
-# computes the same outputs:
+# Bake, then shrink. `shrink` runs the model once on the example inputs (`torch.export`), finds the
+# consumers of each pruned channel (the next conv's input channels here; also BatchNorm, residual
+# additions, concatenation, `F.pad` and permute/reshape→Linear in other models) and rebuilds the
+# layers without them. The shrunk model computes the same outputs. (With BatchNorm or biases, use
+# `structure="channel_group"` with `example_inputs=`: it masks each channel's bias, BatchNorm entries
+# and the next layer's inputs with its filter, so nothing is left that keeps the channel alive.)
 
 # %%
 baked = hs.remove_parametrizations(masked)
@@ -142,7 +144,53 @@ t_dense, t_sparse = median_ms(mlp, x1), median_ms(sparse_mlp, x1)
 print(f"live, batch 1: dense {t_dense:.2f} ms, CSR {t_sparse:.2f} ms ({t_dense / t_sparse:.1f}x)")
 
 # %% [markdown]
-# ## 4. Reference numbers from the benchmark
+# ## 4. A transformer: attention heads and FFN neurons
+#
+# `structure="neuron"` prunes FFN neurons (a row of the intermediate Linear, its bias and the
+# matching column of the output Linear, found by running the model on `example_inputs`);
+# `structure="head"` prunes attention heads (q/k/v rows and biases of a head and the output
+# projection's columns; with grouped-query attention a key/value head goes with all its query
+# heads). `shrink` then rebuilds the Linear layers smaller and updates `num_attention_heads`.
+# Here a small BERT (random weights, built from a config): 75% of the FFN neurons and half of the
+# heads of every layer.
+
+# %%
+from transformers import BertConfig, BertModel
+
+cfg = BertConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
+                 intermediate_size=1024, attn_implementation="eager")
+bert = BertModel(cfg).eval()
+batch = {"input_ids": torch.randint(0, 1000, (8, 128)), "attention_mask": torch.ones(8, 128, dtype=torch.long)}
+masked_bert = copy.deepcopy(bert)
+hs.sparsify(masked_bert, 0.75, structure="neuron", example_inputs=batch, scope="layer")
+hs.sparsify(masked_bert, 0.5, structure="head", scope="layer")
+with torch.no_grad():
+    h_masked = masked_bert(**batch).last_hidden_state
+small_bert = hs.shrink(copy.deepcopy(masked_bert), batch)
+layer = small_bert.encoder.layer[0]
+print("FFN:", layer.intermediate.dense, "| heads:", layer.attention.self.num_attention_heads,
+      "| query:", layer.attention.self.query)
+with torch.no_grad():
+    diff = (small_bert(**batch).last_hidden_state - h_masked).abs().max().item()
+print(f"parameters {n_params(bert):,} -> {n_params(small_bert):,}; max |output difference| {diff:.1e}")
+
+
+@torch.inference_mode()
+def median_ms_kw(model: nn.Module, kw: dict, repeats: int = 3 if FAST else 10) -> float:
+    model(**kw)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(**kw)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+t_dense, t_small = median_ms_kw(bert, batch), median_ms_kw(small_bert, batch)
+print(f"live, 8 x 128 tokens: dense {t_dense:.0f} ms, shrunk {t_small:.0f} ms ({t_dense / t_small:.1f}x)")
+
+# %% [markdown]
+# ## 5. Reference numbers from the benchmark
 #
 # `benchmarks/inference_speed.py` measures these cases with interleaved repetitions on one
 # machine, as ratios to the dense model (higher is faster). Its tables, when the results file is
@@ -158,6 +206,9 @@ if results.exists():
     for sec in sections[1:]:
         if sec.startswith(("MLP", "CNN")):
             keep.append("### " + sec.strip())
+    structured = Path("..") / "benchmarks" / "results" / "structured_speed.md"
+    if structured.exists():
+        keep += ["### " + sec.strip() for sec in structured.read_text().split("\n## ")[1:]]
     display(Markdown("\n\n".join(keep)))
 else:
     print("benchmarks/results/inference_speed.md not found: run `python benchmarks/inference_speed.py`")
