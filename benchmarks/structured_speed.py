@@ -64,8 +64,8 @@ class Crepe(nn.Module):
         if embed:
             return x
         x = self.layer(x, self.conv6, self.conv6_BN)
-        # torchcrepe reshapes to self.in_features; reading the classifier keeps it right after shrink
-        x = x.permute(0, 2, 1, 3).reshape(-1, self.classifier.in_features)
+        # as torchcrepe: a width stored on the model (shrink updates it, then checks the outputs)
+        x = x.permute(0, 2, 1, 3).reshape(-1, self.in_features)
         return torch.sigmoid(self.classifier(x))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:

@@ -78,7 +78,8 @@ class CrepeLike(nn.Module):
             setattr(
                 self, f"conv{i + 1}_BN", nn.BatchNorm2d(out_ch[i], eps=0.0010000000474974513, momentum=0.0)
             )
-        self.classifier = nn.Linear(out_ch[-1] * (frame // 256), 360)
+        self.in_features = out_ch[-1] * (frame // 256)
+        self.classifier = nn.Linear(self.in_features, 360)
 
     def layer(self, x: torch.Tensor, i: int) -> torch.Tensor:
         x = F.pad(x, self.pads[i])
@@ -97,7 +98,7 @@ class CrepeLike(nn.Module):
         if embed:
             return x
         x = self.layer(x, 5)
-        x = x.permute(0, 2, 1, 3).reshape(-1, self.classifier.in_features)
+        x = x.permute(0, 2, 1, 3).reshape(-1, self.in_features)  # torchcrepe: a width stored on the model
         return torch.sigmoid(self.classifier(x))
 
 
@@ -169,6 +170,7 @@ def test_crepe_channel_groups_discover_every_conv_and_shrink_exactly() -> None:
     shrunk = shrink_matches_masked(model, x, x[:1])
     assert shrunk.conv2.out_channels == shrunk.conv2_BN.num_features == shrunk.conv3.in_channels
     assert shrunk.conv2.out_channels == model.conv2.out_channels // 2
+    assert shrunk.in_features == shrunk.classifier.in_features == model.classifier.in_features // 2
     assert n_params(shrunk) <= 0.40 * before
     # the argument branch: the embedding path still works on the shrunk model
     assert outputs(shrunk, (x, True))[0].shape[1] == shrunk.conv5.out_channels

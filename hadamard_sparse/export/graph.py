@@ -39,6 +39,7 @@ __all__ = [
     "Capture",
     "ChannelFlow",
     "ChannelInfo",
+    "FixedSize",
     "LayerPlan",
     "as_inputs",
     "capture",
@@ -77,6 +78,16 @@ class LayerPlan:
     kind: str  # "linear", "conv", "depthwise", "bn"
     out_ids: torch.Tensor | None = None  # ids of output channels (rows); depthwise/bn: the channels
     in_cols: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+@dataclass
+class FixedSize:
+    """A reshape that sets the size of a dimension holding channels to the constant ``value``."""
+
+    where: str  # the operation and its layer, for messages
+    module: str  # qualified name of the module whose forward runs the reshape ("" for the model)
+    value: int
+    ids: torch.Tensor  # the channel ids along that dimension (its new size: how many are kept)
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,7 +178,7 @@ class ChannelFlow:
         #: nodes producing several tensors (split/chunk): the channel info of each
         self.multi: dict[fx.Node, list[ChannelInfo | None]] = {}
         #: reshapes that set the size of a dimension holding pruned channels to a constant
-        self.fixed: list[str] = []
+        self.fixed: list[FixedSize] = []
         self.parent: list[int] = []
         self.blocked: set[int] = set()
         self.info: dict[fx.Node, ChannelInfo | None] = {}
@@ -235,6 +246,11 @@ class ChannelFlow:
             where = f" in layer {layer!r} ({cls_name})" if layer else f" in {cls_name}"
             return f"operation {target!r}{where} (graph node {node.name!r})"
         return f"operation {target!r} (graph node {node.name!r})"
+
+    def module_path(self, node: fx.Node) -> str:
+        """Qualified name of the module whose forward runs ``node`` (``""``: the model itself)."""
+        stack = node.meta.get("nn_module_stack")
+        return _clean_path(str(list(stack.values())[-1][0])) if stack else ""
 
     def layer_of(self, weight: Any, types: tuple[type, ...]) -> tuple[str, nn.Module] | None:
         """``(name, module)`` owning the parameter/buffer placeholder ``weight`` when of ``types``."""

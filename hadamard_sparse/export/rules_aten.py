@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .graph import ChannelFlow, ChannelInfo, flat_nodes, function_rule, method_rule
+from .graph import ChannelFlow, ChannelInfo, FixedSize, flat_nodes, function_rule, method_rule
 from .rules import (
     _BINARY_FNS,
     CONV_DIMS,
@@ -186,7 +186,9 @@ def reshape_channels(flow: ChannelFlow, node: fx.Node, src: Any, sizes: Any = No
             if isinstance(sizes, (list, tuple)) and len(sizes) == len(out_shape):
                 lit = sizes[j]
                 if isinstance(lit, int) and lit != -1 and info.has_candidates:
-                    flow.fixed.append(f"{flow.describe(node)} sets that size to the constant {lit}")
+                    where = f"{flow.describe(node)} sets that size to the constant {lit}"
+                    ids = info.ids.repeat_interleave(m).repeat(rep)
+                    flow.fixed.append(FixedSize(where, flow.module_path(node), lit, ids))
             flow.info[node] = ChannelInfo(
                 j,
                 info.ids.repeat_interleave(m).repeat(rep),

@@ -22,7 +22,7 @@ from . import (
     rules,  # noqa: F401  (registers the op rules)
     rules_aten,  # noqa: F401  (registers the ATen op rules)
 )
-from .graph import ChannelFlow, LayerPlan, as_inputs, capture
+from .graph import ChannelFlow, FixedSize, LayerPlan, as_inputs, capture
 from .heads import _set, prune_zero_heads
 from .rules import CONV_DIMS
 
@@ -268,13 +268,16 @@ def shrink(model: nn.Module, example_inputs: torch.Tensor | Sequence[Any] | dict
     for name, plan in todo.items():
         _set(work, name, rebuild(work.get_submodule(name), plan, removed))
     changed += list(todo)
+    updates: list[tuple[str, str, int]] = []
     if changed:
-        try:
-            why = _same(ref, _run(work, args, kwargs))
-        except Exception as exc:
-            why = f"it raises {type(exc).__name__}: {exc}"
+        why = _check(work, ref, args, kwargs)
+        if why is not None and fixed:  # a reshape to a width stored in an attribute: update it, check again
+            updates = _width_attributes(work, fixed, removed)
+            for mod_name, attr, value in updates:
+                setattr(work.get_submodule(mod_name), attr, value)
+            why = _check(work, ref, args, kwargs) if updates else why
         if why is not None:
-            hint = ("; " + "; ".join(fixed)) if fixed else ""
+            hint = ("; " + "; ".join(f.where for f in fixed)) if fixed else ""
             raise UnsupportedGraphError(
                 f"shrink refused {type(model).__name__}: the shrunk copy does not compute what the masked "
                 f"model computes ({why}){hint}. Compute sizes from the layers (e.g. "
@@ -287,4 +290,34 @@ def shrink(model: nn.Module, example_inputs: torch.Tensor | Sequence[Any] | dict
             continue
         _set(model, name, work.get_submodule(name))
         done.append(name)
+    for mod_name, attr, value in updates:
+        setattr(model.get_submodule(mod_name), attr, value)
     return model
+
+
+def _check(
+    work: nn.Module, ref: list[torch.Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> str | None:
+    try:
+        return _same(ref, _run(work, args, kwargs))
+    except Exception as exc:
+        return f"it raises {type(exc).__name__}: {exc}"
+
+
+def _width_attributes(
+    work: nn.Module, fixed: list[FixedSize], removed: Removed
+) -> list[tuple[str, str, int]]:
+    """``(module, attribute, new value)`` for int attributes of the module running a fixed-size reshape.
+
+    torchcrepe reshapes with ``reshape(-1, self.in_features)``: the attribute equal to the constant,
+    on the module whose forward runs the reshape, is set to the dimension's new size. Only kept when
+    the shrunk copy then reproduces the masked outputs.
+    """
+    out = []
+    for f in fixed:
+        mod = work.get_submodule(f.module)
+        new = int((~removed(f.ids)).sum())
+        for attr, value in vars(mod).items():
+            if type(value) is int and value == f.value and not attr.startswith("_"):
+                out.append((f.module, attr, new))
+    return out
