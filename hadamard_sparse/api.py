@@ -227,7 +227,12 @@ def sparsify(
         seed: seed for methods that draw random numbers (``"random"``).
         structure: ``None`` (unstructured), ``"row"``/``"out_channel"``, ``"column"``/``"in_channel"``,
             an ``"N:M"`` string such as ``"2:4"``, or a :class:`~hadamard_sparse.structures.Structure`
-            (``Channels(axis, norm=...)``, ``NM(n, m)``, ``Block(rows, cols, norm=...)``).
+            (``Channels(axis, norm=...)``, ``NM(n, m)``, ``Block(rows, cols, norm=...)``). Groups that
+            span tensors, built from the model: ``"channel_group"`` (a channel with its bias,
+            BatchNorm entries and consumer inputs; needs ``example_inputs``), ``"neuron"`` (the same
+            for Linear layers: FFN neurons), ``"head"`` (attention heads), or the objects
+            :class:`~hadamard_sparse.export.groups.ChannelGroups` / ``Heads``; ``sparsity`` is then
+            the fraction of groups.
         distribution: ``None``, or ``"uniform"``/``"er"``/``"erk"``: per-tensor sparsities from
             :func:`~hadamard_sparse.densities.layer_densities` (their total is ``sparsity``), each tensor
             pruned on its own (``scope`` is then ``"layer"``). Unstructured only.

@@ -84,7 +84,10 @@ class Structure:
     def problem(self, shape: torch.Size, out_dim: int, in_dim: int) -> str | None:
         """Why this structure cannot apply to a tensor of ``shape`` (``None`` when it can)."""
         if len(shape) < 2:
-            return f"has shape {tuple(shape)}; structures need a tensor with at least 2 dimensions"
+            return (
+                f"has shape {tuple(shape)}; structures need a tensor with at least 2 dimensions (to prune "
+                "a channel with its bias and BatchNorm entries use structure=hs.ChannelGroups(model, x))"
+            )
         return None
 
     def mask_shape(self, shape: torch.Size, out_dim: int, in_dim: int) -> torch.Size:

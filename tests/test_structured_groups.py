@@ -360,3 +360,51 @@ def test_head_string_structure_needs_no_inputs_but_channel_group_does() -> None:
         hs.sparsify(model, 0.5, structure="channel_group")
     with pytest.raises(ValueError, match="built from the model"):
         hs.GradualPruning(model, 0.5, structure="head")
+
+
+class SeparableCat(nn.Module):
+    """MobileNet-style depthwise-separable block and an Inception-style concatenation of two branches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.stem_bn = nn.BatchNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.dw_bn = nn.BatchNorm2d(16)
+        self.pw = nn.Conv2d(16, 24, 1)
+        self.branch_a = nn.Conv2d(24, 8, 1)
+        self.branch_b = nn.Conv2d(24, 8, 3, padding=1)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem_bn(self.stem(x)))
+        x = F.relu6(self.dw_bn(self.dw(x)))
+        x = F.relu(self.pw(x))
+        x = torch.cat([F.relu(self.branch_a(x)), F.relu(self.branch_b(x))], dim=1)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_depthwise_and_concatenation_groups() -> None:
+    torch.manual_seed(0)
+    model = SeparableCat()
+    randomize_bn(model)
+    x = torch.randn(2, 3, 8, 8)
+    groups = hs.ChannelGroups(model, x)
+    # the stem's channel runs through its BN, the depthwise conv and its BN: one group each
+    assert groups.members["stem.weight"].rows.tolist() == groups.members["dw.weight"].rows.tolist()
+    assert groups.n == 16 + 24 + 8 + 8
+    hs.sparsify(model, 0.5, structure=groups, scope="layer")
+    shrunk = shrink_matches_masked(model, x)
+    assert shrunk.dw.groups == shrunk.dw.in_channels == shrunk.dw.out_channels == 8
+    assert shrunk.head.in_features == 8
+
+
+def test_channel_group_masks_round_trip_through_a_checkpoint() -> None:
+    model = crepe()
+    x = torch.randn(2, 256)
+    hs.sparsify(model, 0.5, structure="channel_group", example_inputs=x, scope="layer")
+    fresh = CrepeLike()
+    hs.load_sparse_state_dict(fresh, model.state_dict())
+    for name, mask in hs.masks(model, compact=True).items():
+        assert torch.equal(hs.masks(fresh, compact=True)[name], mask)
+    torch.testing.assert_close(outputs(fresh, x)[0], outputs(model, x)[0])
