@@ -24,15 +24,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from _common import time_interleaved  # type: ignore[import-not-found]
+from structured_speed import bench_structured  # type: ignore[import-not-found]
 from torch import nn
 
 from hadamard_sparse.api import register_mask, remove_parametrizations, sparsify
 from hadamard_sparse.export import DEFAULT_MAX_DENSITY, SparseLinear, shrink, to_sparse
-
-try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.inference_speed
-    from structured_speed import bench_structured
-except ImportError:  # pragma: no cover
-    from benchmarks.structured_speed import bench_structured
 
 warnings.filterwarnings("ignore", message="Sparse (CSR|BSR).*beta")
 warnings.filterwarnings("ignore", message="Sparse invariant checks")

@@ -26,14 +26,13 @@ import argparse
 import copy
 import os
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _common import time_interleaved  # type: ignore[import-not-found]
 from torch import nn
 
 import hadamard_sparse as hs
@@ -86,26 +85,6 @@ class Crepe(nn.Module):
         return F.max_pool2d(x, (2, 1), (2, 1))
 
 
-def time_interleaved(
-    fns: dict[str, Callable[[], Any]], budget_s: float, min_rounds: int = 5
-) -> dict[str, float]:
-    """Median seconds per call of each function over interleaved rounds."""
-    for fn in fns.values():
-        fn()
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    start = time.perf_counter()
-    rounds = 0
-    while rounds < min_rounds or time.perf_counter() - start < budget_s:
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[k].append(time.perf_counter() - t0)
-        rounds += 1
-        if rounds >= 60:
-            break
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -140,7 +119,7 @@ def bench_crepe(rows: list[str], budget: float, batch: int = 16) -> None:
         ref = masked(x)
     shrunk = hs.shrink(copy.deepcopy(masked), x[:2]).eval()
     diff = _max_diff(shrunk(x).detach(), ref)
-    t = time_interleaved({"dense": _call(dense, x), "shrunk": _call(shrunk, x)}, budget)
+    t = time_interleaved({"dense": _call(dense, x), "shrunk": _call(shrunk, x)}, budget_s=budget)
     ratio = n_params(shrunk) / n_params(dense)
     rows += [
         "## CREPE-style CNN (torchcrepe architecture, capacity 8), 50% of channel groups per layer\n",
@@ -203,7 +182,7 @@ def bench_bert(rows: list[str], budget: float, batch: int = 8, seq: int = 128) -
             diffs[label] = _max_diff(shrunk(**x).last_hidden_state, ref)
         variants[label] = shrunk
     fns = {"dense": _call(dense, x), **{k: _call(m, x) for k, m in variants.items()}}
-    t = time_interleaved(fns, budget * len(fns) / 2)
+    t = time_interleaved(fns, budget_s=budget * len(fns) / 2)
     rows += [
         f"## BERT encoder: {what}, FFN neurons and attention heads removed\n",
         f"Batch {batch} x {seq} tokens. Target: 75% of FFN neurons removed >= 1.4x faster, exact. "
