@@ -115,10 +115,11 @@ def _aten_norm(flow: ChannelFlow, node: fx.Node) -> None:
 # elementwise
 # --------------------------------------------------------------------------------------------
 
-_UNARY = _packets(
+_UNARY_NAMES = (
     "relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardtanh", "leaky_relu", "elu", "selu",
     "celu", "mish", "softplus", "hardswish", "hardsigmoid", "neg", "abs", "square", "exp", "log_sigmoid",
 )  # fmt: skip
+_UNARY = _packets(*_UNARY_NAMES, *(n + "_" for n in _UNARY_NAMES))  # in-place variants (ReLU(inplace=True))
 _PASS = _packets("dropout", "feature_dropout", "alpha_dropout", "contiguous", "clone", "alias", "detach")
 
 
@@ -139,7 +140,7 @@ def _aten_pass(flow: ChannelFlow, node: fx.Node) -> None:
         flow.unknown(node)
 
 
-@function_rule(A.add, A.sub, A.mul, A.div, A.rsub)
+@function_rule(A.add, A.sub, A.mul, A.div, A.rsub, A.add_, A.sub_, A.mul_, A.div_)
 def _aten_binary(flow: ChannelFlow, node: fx.Node) -> None:
     packet = node.target.overloadpacket
     alpha = node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1)
@@ -150,7 +151,7 @@ def _aten_binary(flow: ChannelFlow, node: fx.Node) -> None:
     a, b = node.args[0], node.args[1]
     if packet is A.rsub:
         a, b = b, a
-    op = str(packet).rpartition(".")[2].replace("rsub", "sub")
+    op = str(packet).rpartition(".")[2].rstrip("_").replace("rsub", "sub")
     if op in _BINARY_FNS:
         _binary(flow, node, op, a, b)
     else:  # pragma: no cover - every packet above maps to a binary op
