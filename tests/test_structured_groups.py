@@ -183,13 +183,6 @@ def test_crepe_channel_groups_discover_every_conv_and_shrink_exactly() -> None:
     assert outputs(shrunk, (x, True))[0].shape[1] == shrunk.conv5.out_channels
 
 
-def test_crepe_string_structure_and_example_inputs() -> None:
-    model = crepe()
-    x = torch.randn(2, 256)
-    hs.sparsify(model, 0.25, structure="channel_group", example_inputs=x, scope="layer")
-    shrink_matches_masked(model, x)
-
-
 def test_crepe_hardcoded_width_is_refused_naming_the_reshape() -> None:
     class Hardcoded(CrepeLike):
         def forward(self, x: torch.Tensor, embed: bool = False) -> torch.Tensor:
