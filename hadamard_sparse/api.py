@@ -223,7 +223,9 @@ def sparsify(
         include: module types, glob patterns on qualified names, or a callable
             ``(module_name, module) -> bool``; only matching tensors are targeted.
             ``nn.Embedding``/``nn.EmbeddingBag`` are targeted only when listed here by type.
-        exclude: same kinds of selectors; matching tensors are skipped.
+        exclude: same kinds of selectors; matching tensors are skipped. With a group structure
+            (``"channel_group"``, ``"neuron"``, ``"head"``), ``include`` selects groups by their producing
+            layer and ``exclude`` drops every group with a member in a matching layer.
         seed: seed for methods that draw random numbers (``"random"``).
         structure: ``None`` (unstructured), ``"row"``/``"out_channel"``, ``"column"``/``"in_channel"``,
             an ``"N:M"`` string such as ``"2:4"``, or a :class:`~hadamard_sparse.structures.Structure`
@@ -267,11 +269,18 @@ def sparsify(
     s = (0.7 if st is None else st.default_sparsity) if sparsity is None else check_sparsity(sparsity)
     entry, scope = check_method(method, scope, calibration=calibration)
     groups = st if isinstance(st, TensorGroups) else None
-    if groups is not None and (entry.pruner is not None or distribution is not None or include or exclude):
+    if groups is not None and (entry.pruner is not None or distribution is not None):
         raise InvalidArgumentError(
-            f"structure={groups} takes a mask-only method and no distribution/include/exclude, got "
-            f"method={method!r}, distribution={distribution!r}, include={include!r}, exclude={exclude!r}"
+            f"structure={groups} takes a mask-only method and no distribution, got "
+            f"method={method!r}, distribution={distribution!r}"
         )
+    if groups is not None:  # include/exclude select groups: by producing layer / by any member
+        groups = groups.restricted(model, include, exclude)
+        st = groups
+        if groups.n == 0:
+            raise NoTargetsError(
+                f"sparsify: structure {structure} has no group left after include={include!r}, exclude={exclude!r}"
+            )
     if st is not None and scope == "row" and not isinstance(st, NM):
         raise InvalidArgumentError(
             f"scope='row' with a structure needs an 'N:M' structure, got structure={structure!r}"

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from . import _select
-from .layers import Target
+from ._checks import Selectors, check_selectors
+from .layers import Target, _matches
 from .structures import Structure
 
 __all__ = ["Member", "TensorGroups"]
@@ -83,6 +84,49 @@ class TensorGroups(Structure):
             mod_name, _, tname = qualified.rpartition(".")
             out.append(Target(mod_name, model.get_submodule(mod_name), tname))
         return out
+
+    def restricted(
+        self, model: torch.nn.Module, include: Selectors = None, exclude: Selectors = None
+    ) -> TensorGroups:
+        """The groups ``include``/``exclude`` allow: a group stays when one of its producing layers (a
+        scored member with rows) matches ``include`` (if given) and none of its members matches ``exclude``.
+
+        Args:
+            model: the model the groups were built from.
+            include: selectors (types, globs, callables) of the producing layers to prune.
+            exclude: selectors of layers whose groups are never pruned.
+
+        Returns:
+            ``self`` when both are empty, else a :class:`TensorGroups` with the other groups removed.
+        """
+        inc, exc = check_selectors(include, "include"), check_selectors(exclude, "exclude")
+        if not inc and not exc:
+            return self
+        included = torch.zeros(self.n, dtype=torch.bool) if inc else torch.ones(self.n, dtype=torch.bool)
+        excluded = torch.zeros(self.n, dtype=torch.bool)
+        for q, m in self.members.items():
+            mod_name = q.rpartition(".")[0]
+            mod = model.get_submodule(mod_name)
+            if exc and _matches(exc, mod_name, mod, q):
+                for idx in (m.rows, m.cols):
+                    if idx is not None:
+                        excluded[idx[idx >= 0]] = True
+            if inc and m.scored and m.rows is not None and _matches(inc, mod_name, mod, q):
+                included[m.rows[m.rows >= 0]] = True
+        kept = (included & ~excluded).nonzero().squeeze(1)
+        remap = torch.full((self.n + 1,), -1, dtype=torch.long)
+        remap[kept] = torch.arange(len(kept))
+
+        def new(idx: torch.Tensor | None) -> torch.Tensor | None:
+            return None if idx is None else remap[torch.where(idx >= 0, idx, self.n)]
+
+        members = {q: Member(new(m.rows), new(m.cols), m.scored) for q, m in self.members.items()}
+        members = {
+            q: m
+            for q, m in members.items()
+            if any(x is not None and bool((x >= 0).any()) for x in (m.rows, m.cols))
+        }
+        return TensorGroups(members, [self.labels[i] for i in kept], [self.names[i] for i in kept], self.norm)
 
     def _scores(
         self,

@@ -408,3 +408,17 @@ def test_channel_group_masks_round_trip_through_a_checkpoint() -> None:
     for name, mask in hs.masks(model, compact=True).items():
         assert torch.equal(hs.masks(fresh, compact=True)[name], mask)
     torch.testing.assert_close(outputs(fresh, x)[0], outputs(model, x)[0])
+
+
+def test_include_and_exclude_select_groups() -> None:
+    model = crepe()
+    x = torch.randn(2, 256)
+    hs.sparsify(model, 0.5, structure="channel_group", example_inputs=x, scope="layer", exclude="conv1*")
+    m = hs.masks(model)
+    assert "conv1.weight" not in m and "conv1_BN.bias" not in m  # conv1's channels are never pruned
+    assert int((~m["conv2.bias"]).sum()) == model.conv2.out_channels // 2
+    fresh = crepe()
+    hs.sparsify(fresh, 0.5, structure="channel_group", example_inputs=x, scope="layer", include="conv3")
+    assert {k.rpartition(".")[0] for k in hs.masks(fresh)} == {"conv3", "conv3_BN", "conv4"}
+    with pytest.raises(hs.NoTargetsError, match="no group left"):
+        hs.sparsify(crepe(), 0.5, structure="channel_group", example_inputs=x, include="nothing")
