@@ -19,7 +19,8 @@ import torch
 
 from . import _select
 from ._checks import Selectors, check_selectors
-from .layers import Target, _matches
+from .errors import InvalidArgumentError
+from .layers import Target, _matches, weight_dims
 from .structures import Structure
 
 __all__ = ["Member", "TensorGroups"]
@@ -79,10 +80,26 @@ class TensorGroups(Structure):
 
     def targets(self, model: torch.nn.Module) -> list[Target]:
         """The member tensors of ``model`` as targets, in module order."""
-        out = []
-        for qualified in self.members:
+        out, problems = [], []
+        for qualified, m in self.members.items():
             mod_name, _, tname = qualified.rpartition(".")
-            out.append(Target(mod_name, model.get_submodule(mod_name), tname))
+            try:
+                t = Target(mod_name, model.get_submodule(mod_name), tname)
+                shape = t.value().shape
+            except AttributeError:
+                problems.append(f"{qualified} does not exist")
+                continue
+            od, id_ = weight_dims(t.module, tname) if len(shape) > 1 else (0, 0)
+            if (m.rows is not None and len(m.rows) != shape[od]) or (
+                m.cols is not None and len(m.cols) != shape[id_]
+            ):
+                problems.append(f"{qualified} has shape {tuple(shape)}")
+            out.append(t)
+        if problems:
+            raise InvalidArgumentError(
+                f"structure {self} does not fit this model ({'; '.join(problems)}): it was built from another "
+                "model or before shrink; build it again from this model"
+            )
         return out
 
     def restricted(

@@ -422,3 +422,14 @@ def test_include_and_exclude_select_groups() -> None:
     assert {k.rpartition(".")[0] for k in hs.masks(fresh)} == {"conv3", "conv3_BN", "conv4"}
     with pytest.raises(hs.NoTargetsError, match="no group left"):
         hs.sparsify(crepe(), 0.5, structure="channel_group", example_inputs=x, include="nothing")
+
+
+def test_groups_built_for_another_model_are_refused() -> None:
+    model = crepe()
+    x = torch.randn(2, 256)
+    groups = hs.ChannelGroups(model, x)
+    hs.sparsify(model, 0.5, structure=groups, scope="layer")
+    small = hs.shrink(copy.deepcopy(model), x)
+    with pytest.raises(ValueError, match="build it again"):
+        hs.sparsify(small, 0.5, structure=groups)
+    assert not hs.masks(small)
