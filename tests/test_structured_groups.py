@@ -306,10 +306,16 @@ def test_llama_gqa_heads_go_with_their_kv_head() -> None:
     heads = hs.Heads(model)
     assert heads.n == 2  # one group per kv head (2 query heads each)
     hs.sparsify(model, 0.5, structure=heads)
+    neurons = hs.ChannelGroups(model, {"input_ids": ids}, layers="linear")
+    gate, up = neurons.members["layers.0.mlp.gate_proj.weight"], neurons.members["layers.0.mlp.up_proj.weight"]
+    assert neurons.n == 48 and torch.equal(gate.rows, up.rows)  # SwiGLU: act(gate) * up ties the two rows
+    hs.sparsify(model, 0.5, structure=neurons)
     shrunk = shrink_matches_masked(model, {"input_ids": ids})
     att = shrunk.layers[0].self_attn
     assert (att.q_proj.out_features, att.k_proj.out_features, att.o_proj.in_features) == (16, 8, 16)
     assert att.num_key_value_groups == 2
+    mlp = shrunk.layers[0].mlp
+    assert mlp.gate_proj.out_features == mlp.up_proj.out_features == mlp.down_proj.in_features == 24
 
 
 def _mha_reference(mha: nn.MultiheadAttention, x: torch.Tensor, heads: list[int]) -> torch.Tensor:
