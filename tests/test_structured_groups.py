@@ -307,7 +307,10 @@ def test_llama_gqa_heads_go_with_their_kv_head() -> None:
     assert heads.n == 2  # one group per kv head (2 query heads each)
     hs.sparsify(model, 0.5, structure=heads)
     neurons = hs.ChannelGroups(model, {"input_ids": ids}, layers="linear")
-    gate, up = neurons.members["layers.0.mlp.gate_proj.weight"], neurons.members["layers.0.mlp.up_proj.weight"]
+    gate, up = (
+        neurons.members["layers.0.mlp.gate_proj.weight"],
+        neurons.members["layers.0.mlp.up_proj.weight"],
+    )
     assert neurons.n == 48 and torch.equal(gate.rows, up.rows)  # SwiGLU: act(gate) * up ties the two rows
     hs.sparsify(model, 0.5, structure=neurons)
     shrunk = shrink_matches_masked(model, {"input_ids": ids})
