@@ -19,7 +19,7 @@ from .errors import (
     NoTargetsError,
     UnsupportedGraphError,
 )
-from .export import DEFAULT_MAX_DENSITY, ChannelGroups, Heads, SparseLinear, shrink, to_sparse
+from .export import DEFAULT_MAX_DENSITY, ChannelGroups, Heads, LayerChoice, SparseLinear, shrink, to_sparse
 from .factorization import (
     HadamardFactorization,
     factor_param_groups,
@@ -53,6 +53,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidTypeError",
     "IterativePruning",
+    "LayerChoice",
     "LayerStats",
     "NoTargetsError",
     "RigL",

@@ -8,20 +8,30 @@ baking, two exports make the zeros pay:
   BatchNorm entries in between), found from the model's ``torch.fx`` graph.
 * :class:`ChannelGroups` / :class:`Heads`: structures whose groups span tensors (a channel with
   its bias, BatchNorm entries and consumer columns; an attention head), found by running the model.
-* :func:`to_sparse` stores the baked weights of ``nn.Linear`` layers as
-  ``torch.sparse`` tensors (CSR or BSR with int32 indices on CPU; 2:4
-  semi-structured on CUDA) in a :class:`SparseLinear` inference module.
+* :func:`to_sparse` stores the baked weights of linear-like layers sparse in a
+  :class:`SparseLinear` inference module (CSR run by the compiled kernel of
+  ``kernels.py`` on CPU, ``torch.sparse`` CSR/BSR, 2:4 semi-structured on CUDA), keeping
+  per layer whichever is fastest on example inputs.
 
 Layout: ``graph.py`` (capture with ``torch.export``, fx as fallback; module guards, the
 channel-flow traversal and its rule tables), ``rules.py`` (one channel rule per op),
 ``rules_aten.py`` (the same for ATen ops), ``heads.py`` (attention blocks, head removal),
 ``groups.py`` (ChannelGroups, Heads), ``shrink.py`` (one rebuild rule
-per layer type, and ``shrink``), ``sparse.py`` (formats, ``SparseLinear``, ``to_sparse``).
+per layer type, and ``shrink``), ``sparse.py`` (formats, ``SparseLinear``, ``to_sparse``),
+``kernels.py`` + ``_kernels.c`` (the compiled CPU kernel, built at first use).
 See ``docs/speed.md`` for the rules, their reasons and measured speed-ups.
 """
 
 from .groups import ChannelGroups, Heads
 from .shrink import shrink
-from .sparse import DEFAULT_MAX_DENSITY, SparseLinear, to_sparse
+from .sparse import DEFAULT_MAX_DENSITY, LayerChoice, SparseLinear, to_sparse
 
-__all__ = ["DEFAULT_MAX_DENSITY", "ChannelGroups", "Heads", "SparseLinear", "shrink", "to_sparse"]
+__all__ = [
+    "DEFAULT_MAX_DENSITY",
+    "ChannelGroups",
+    "Heads",
+    "LayerChoice",
+    "SparseLinear",
+    "shrink",
+    "to_sparse",
+]

@@ -1,28 +1,47 @@
-"""``to_sparse``: store baked ``nn.Linear`` weights as ``torch.sparse`` tensors in :class:`SparseLinear`.
+"""``to_sparse``: run baked linear-like layers with sparse weights, in :class:`SparseLinear`.
 
-Formats: CSR and BSR with int32 indices (the MKL kernels on CPU) and 2:4
-semi-structured on CUDA. See ``docs/speed.md`` for when each pays.
+Formats: ``csr_kernel`` (CSR with narrow indices, run by the compiled kernel of
+:mod:`.kernels` on CPU), CSR and BSR with int32 indices (``torch.sparse``, the MKL kernels
+on CPU) and 2:4 semi-structured on CUDA. With ``example_inputs``, :func:`to_sparse` times
+every candidate per layer on the real input shapes and keeps the fastest (dense
+included); without, a density rule applies. See ``docs/speed.md`` for measured speed.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import numbers
+import statistics
+import time
 import warnings
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, overload
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["DEFAULT_MAX_DENSITY", "SparseLinear", "to_sparse"]
+from .._targets import _is_hf_conv1d
+from ..errors import InvalidArgumentError, InvalidTypeError
+from . import kernels
 
-#: Largest weight density (fraction of nonzeros) at which a layer is converted by default, per
-#: layout; denser layers stay dense. Measured with ``benchmarks/inference_speed.py`` (docs/speed.md).
-DEFAULT_MAX_DENSITY: dict[str, float] = {"csr": 0.2, "bsr": 0.2, "semi_structured": 0.5}
-_LAYOUTS = ("csr", "bsr", "semi_structured")
+__all__ = ["DEFAULT_MAX_DENSITY", "LayerChoice", "SparseLinear", "to_sparse"]
+
+_log = logging.getLogger("hadamard_sparse")
+
+#: Largest weight density (fraction of nonzeros) at which a layer is converted without
+#: ``example_inputs``, per layout; denser layers stay dense. Measured with
+#: ``benchmarks/inference_speed.py`` (docs/speed.md): the compiled kernel breaks even with
+#: dense near 35-40% density at 64 tokens (it is faster at batch 1), torch's CSR near 20%.
+DEFAULT_MAX_DENSITY: dict[str, float] = {"csr_kernel": 0.3, "csr": 0.2, "bsr": 0.2, "semi_structured": 0.5}
+_LAYOUTS = ("csr_kernel", "csr", "bsr", "semi_structured")
+#: With ``example_inputs`` and no ``max_density``, denser layers are not even timed.
+_TIMED_MAX_DENSITY = 0.6
+#: A sparse layout replaces dense only when it is at least this much faster (timing noise).
+_MIN_SPEEDUP = 1.05
 
 
 def _csr32(w: torch.Tensor) -> torch.Tensor:
@@ -48,32 +67,40 @@ def _bsr32(w: torch.Tensor, blocksize: tuple[int, int]) -> torch.Tensor:
 
 
 class SparseLinear(nn.Module):
-    r"""Inference replacement of a baked ``nn.Linear`` whose weight is a ``torch.sparse`` tensor.
+    r"""Inference replacement of a baked linear-like layer, holding its weight sparse.
 
-    ``forward(x) = x @ W.T + b`` like ``nn.Linear`` (any leading dimensions). The weight
-    is held as a non-persistent buffer (CSR or BSR with int32 indices, which use the
-    MKL kernels on CPU, or a 2:4 ``SparseSemiStructuredTensor`` on CUDA) and is never
-    a Parameter, so the module runs under ``torch.inference_mode()`` as well as
-    ``torch.no_grad()``. ``state_dict`` stores the dense ``weight`` and ``bias`` under
-    the names ``nn.Linear`` uses, so it loads into the dense model, and a dense
-    ``nn.Linear`` state_dict loads back into this module (re-sparsified).
+    ``forward(x) = x @ W.T + b`` like ``nn.Linear`` (any leading dimensions). Layouts:
+
+    * ``"csr_kernel"``: CSR with ``int32`` row pointers, ``uint16`` column indices (``int32``
+      above 65,536 inputs) and the values, as the buffers ``crow``, ``col`` and ``values``,
+      run by the compiled kernel of :mod:`hadamard_sparse.export.kernels` (float32 on CPU;
+      other dtypes and devices, or a machine without a C compiler, use ``torch.sparse``);
+    * ``"csr"`` / ``"bsr"``: a ``torch.sparse`` tensor with int32 indices in ``weight``
+      (the MKL kernels on CPU);
+    * ``"semi_structured"``: a 2:4 ``SparseSemiStructuredTensor`` in ``weight`` (CUDA).
+
+    The sparse data are non-persistent buffers, never Parameters, so the module runs under
+    ``torch.inference_mode()`` as well as ``torch.no_grad()``. ``state_dict`` stores the dense
+    ``weight`` and ``bias`` under the names the original layer used (transposed back for a
+    Hugging Face ``Conv1D``), so it loads into the dense model, and a dense state_dict loads
+    back into this module (re-sparsified).
 
     It is an export format for inference, not for training: the weight gets no gradient.
 
     Args:
-        linear: the (baked) layer to convert.
-        layout: ``"csr"``, ``"bsr"`` or ``"semi_structured"``.
+        linear: the (baked) ``nn.Linear`` to convert.
+        layout: ``"csr_kernel"``, ``"csr"``, ``"bsr"`` or ``"semi_structured"``.
         blocksize: BSR block shape.
 
     Attributes:
         in_features, out_features: as in ``nn.Linear``.
-        weight: the sparse weight tensor.
+        weight: the ``torch.sparse`` weight (not for ``"csr_kernel"``, see :meth:`dense_weight`).
         bias: the dense bias Parameter, or ``None``.
 
     Example::
 
         >>> lin = nn.Linear(64, 32)
-        >>> sl = SparseLinear(lin, "csr")
+        >>> sl = SparseLinear(lin, "csr_kernel")
         >>> sl(torch.randn(3, 64)).shape
         torch.Size([3, 32])
     """
@@ -81,24 +108,75 @@ class SparseLinear(nn.Module):
     weight: torch.Tensor
 
     def __init__(
-        self, linear: nn.Linear, layout: str = "csr", *, blocksize: tuple[int, int] = (16, 16)
+        self, linear: nn.Linear, layout: str = "csr_kernel", *, blocksize: tuple[int, int] = (16, 16)
+    ) -> None:
+        if not isinstance(linear, nn.Linear):
+            raise InvalidTypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        self._setup(linear.weight.detach(), linear.bias, layout, blocksize, transposed=False)
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        layout: str = "csr_kernel",
+        *,
+        blocksize: tuple[int, int] = (16, 16),
+        transposed: bool = False,
+    ) -> SparseLinear:
+        """Build from a dense weight ``(out_features, in_features)`` and an optional bias.
+
+        Args:
+            weight: the dense weight; ``(in_features, out_features)`` when ``transposed``.
+            bias: ``(out_features,)`` or ``None``.
+            layout: as for the constructor.
+            blocksize: BSR block shape.
+            transposed: the weight is stored ``(in, out)`` (Hugging Face ``Conv1D``); the
+                state_dict keeps that orientation.
+
+        Returns:
+            The module.
+        """
+        new = cls.__new__(cls)
+        w = weight.detach()
+        new._setup(w.t() if transposed else w, bias, layout, blocksize, transposed=transposed)
+        return new
+
+    def _setup(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        layout: str,
+        blocksize: tuple[int, int],
+        *,
+        transposed: bool,
     ) -> None:
         super().__init__()
         if layout not in _LAYOUTS:
-            raise ValueError(f"layout must be one of {list(_LAYOUTS)}, got {layout!r}")
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
+            raise InvalidArgumentError(f"layout must be one of {list(_LAYOUTS)}, got {layout!r}")
+        self.out_features, self.in_features = (int(d) for d in weight.shape)
         self.layout = layout
         self.blocksize = tuple(blocksize)
-        self.register_buffer("weight", self._sparsify(linear.weight.detach()), persistent=False)
-        self.bias = (
-            None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        )
+        self.transposed = transposed
+        self._set_dense(weight)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
-    def _sparsify(self, w: torch.Tensor) -> torch.Tensor:
+    def _set_dense(self, w: torch.Tensor) -> None:
+        if self.layout == "csr_kernel":
+            packed = self._sparsify(w)
+            assert isinstance(packed, kernels.CSRWeight)
+            self.register_buffer("crow", packed.crow, persistent=False)
+            self.register_buffer("col", packed.col, persistent=False)
+            self.register_buffer("values", packed.values, persistent=False)
+        else:
+            self.register_buffer("weight", self._sparsify(w), persistent=False)
+
+    def _sparsify(self, w: torch.Tensor) -> torch.Tensor | kernels.CSRWeight:
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse (CSR|BSR).*beta", category=UserWarning)
             w = w.detach().clone()
+            if self.layout == "csr_kernel":
+                return kernels.pack_csr(w)
             if self.layout == "csr":
                 return _csr32(w)
             if self.layout == "bsr":
@@ -106,6 +184,10 @@ class SparseLinear(nn.Module):
             from torch.sparse import to_sparse_semi_structured
 
             return to_sparse_semi_structured(w)
+
+    def _packed(self) -> kernels.CSRWeight:
+        b = self._buffers  # direct access: this runs on every forward
+        return kernels.CSRWeight(b["crow"], b["col"], b["values"], (self.out_features, self.in_features))  # type: ignore[arg-type]
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SparseLinear:
         # Sparse compressed tensors have no storage for copy.deepcopy: clone the weight instead.
@@ -122,7 +204,9 @@ class SparseLinear(nn.Module):
         return new
 
     def dense_weight(self) -> torch.Tensor:
-        """The weight as a dense (strided) tensor."""
+        """The weight as a dense (strided) ``(out_features, in_features)`` tensor."""
+        if self.layout == "csr_kernel":
+            return self._packed().to_dense()
         return self.weight.to_dense()
 
     @property
@@ -131,9 +215,12 @@ class SparseLinear(nn.Module):
         n = self.out_features * self.in_features
         if self.layout == "semi_structured":
             return 0.5
-        return float(self.weight.values().numel()) / n if n else 0.0
+        stored = self.values.numel() if self.layout == "csr_kernel" else self.weight.values().numel()
+        return float(stored) / n if n else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "csr_kernel":
+            return kernels.csr_linear(x, self._packed(), self.bias)
         if self.layout == "semi_structured":
             return F.linear(x, self.weight, self.bias)
         lead = x.shape[:-1]
@@ -147,7 +234,8 @@ class SparseLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        destination[prefix + "weight"] = self.dense_weight()
+        w = self.dense_weight()
+        destination[prefix + "weight"] = w.t().contiguous() if self.transposed else w
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
@@ -165,6 +253,8 @@ class SparseLinear(nn.Module):
         if key in state_dict:
             w = state_dict[key]
             expected = (self.out_features, self.in_features)
+            if self.transposed:
+                expected = expected[::-1]
             if not isinstance(w, torch.Tensor) or tuple(w.shape) != expected:
                 got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
                 error_msgs.append(
@@ -172,7 +262,10 @@ class SparseLinear(nn.Module):
                 )
             else:
                 dense = w.to_dense() if w.layout != torch.strided else w
-                self.weight = self._sparsify(dense.to(self.weight.device, self.weight.dtype))
+                if self.transposed:
+                    dense = dense.t()
+                ref = self.values if self.layout == "csr_kernel" else self.weight
+                self._set_dense(dense.to(ref.device, ref.dtype))
         elif strict:
             missing_keys.append(key)
         bkey = prefix + "bias"
@@ -193,37 +286,282 @@ class SparseLinear(nn.Module):
         )
 
 
+# --------------------------------------------------------------------------------------------
+# Which layers convert, and how: one rule per layer family.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Rule:
+    kind: str
+    #: the layer's ``(out, in)`` weight and bias, or a reason it stays as it is
+    weight_bias: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor | None] | str]
+    transposed: bool = False
+
+
+def _linear_rule(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | str:
+    assert isinstance(mod, nn.Linear)
+    if type(mod).forward is not nn.Linear.forward:
+        return f"{type(mod).__name__} overrides nn.Linear.forward"
+    return mod.weight.detach(), mod.bias
+
+
+def _hf_conv1d_rule(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | str:
+    return mod.weight.detach().t(), mod.bias  # type: ignore[union-attr,operator]
+
+
+def _rule_for(mod: nn.Module) -> _Rule | None:
+    if isinstance(mod, nn.Linear):
+        return _Rule("Linear" if type(mod) is nn.Linear else type(mod).__name__, _linear_rule)
+    if _is_hf_conv1d(mod):
+        return _Rule("Conv1D", _hf_conv1d_rule, transposed=True)
+    return None
+
+
+@dataclass
+class LayerChoice:
+    """What :func:`to_sparse` did with one layer.
+
+    Attributes:
+        name: the layer's qualified name.
+        kind: its type (``"Linear"``, ``"Conv1D"``, a Linear subclass's name).
+        density: nonzeros over weight size.
+        layout: the layout it now runs with: ``"dense"`` (unchanged) or one of ``SparseLinear``'s.
+        reason: why (``"timed"``, the density rule applied, or why it was skipped).
+        seconds: median time per call of each candidate on the example input (empty
+            when not timed).
+        input_shape: the input shape the layer was timed on, or ``None``.
+    """
+
+    name: str
+    kind: str
+    density: float
+    layout: str
+    reason: str
+    seconds: dict[str, float] = field(default_factory=dict)
+    input_shape: tuple[int, ...] | None = None
+
+    @property
+    def speedup(self) -> float | None:
+        """Dense time over the chosen layout's time (timed layers only)."""
+        if "dense" not in self.seconds or self.layout not in self.seconds:
+            return None
+        return self.seconds["dense"] / self.seconds[self.layout]
+
+    def __str__(self) -> str:
+        timed = "" if self.speedup is None else f", {self.speedup:.2f}x dense on {self.input_shape}"
+        return f"{self.name} ({self.kind}, density {self.density:.3f}): {self.layout} [{self.reason}{timed}]"
+
+
+#: ``timer(layer_name, {candidate: fn}) -> {candidate: seconds}``.
+Timer = Callable[[str, dict[str, Callable[[], object]]], dict[str, float]]
+
+
+def measure(
+    name: str, candidates: dict[str, Callable[[], object]], *, rounds: int = 7, min_sample_s: float = 2e-3
+) -> dict[str, float]:
+    """The default timer of :func:`to_sparse`: median seconds per call of each candidate.
+
+    Candidates run interleaved (round-robin) so that machine noise hits all alike; each
+    sample repeats a call until it lasts ``min_sample_s``.
+
+    Args:
+        name: the layer's name (unused; part of the timer signature).
+        candidates: ``{label: zero-argument callable}``.
+        rounds: samples per candidate.
+        min_sample_s: the shortest sample.
+
+    Returns:
+        ``{label: seconds per call}``.
+    """
+    del name
+    reps: dict[str, int] = {}
+    for label, fn in candidates.items():
+        fn()  # warm-up (and first-use compilation)
+        t0 = time.perf_counter()
+        fn()
+        one = max(time.perf_counter() - t0, 1e-7)
+        reps[label] = max(1, min(1000, int(min_sample_s / one)))
+    samples: dict[str, list[float]] = {label: [] for label in candidates}
+    for _ in range(rounds):
+        for label, fn in candidates.items():
+            t0 = time.perf_counter()
+            for _ in range(reps[label]):
+                fn()
+            samples[label].append((time.perf_counter() - t0) / reps[label])
+    return {label: statistics.median(v) for label, v in samples.items()}
+
+
 def _check_blocksize(blocksize: object) -> tuple[int, int]:
     if (
         not isinstance(blocksize, (tuple, list))
         or len(blocksize) != 2
         or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in blocksize)
     ):
-        raise ValueError(f"blocksize must be a pair of positive ints, got {blocksize!r}")
+        raise InvalidArgumentError(f"blocksize must be a pair of positive ints, got {blocksize!r}")
     return int(blocksize[0]), int(blocksize[1])
+
+
+def _split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    if isinstance(example_inputs, Mapping) and all(isinstance(k, str) for k in example_inputs):
+        return (), dict(example_inputs)
+    raise InvalidTypeError(
+        "example_inputs must be a tensor, a tuple of the model's positional inputs or a dict of its "
+        f"keyword inputs, got {type(example_inputs).__name__}"
+    )
+
+
+def _capture_inputs(
+    model: nn.Module, mods: dict[str, nn.Module], example_inputs: Any
+) -> dict[str, torch.Tensor]:
+    """Each layer's first input when ``model`` runs on ``example_inputs``."""
+    args, kwargs = _split_inputs(example_inputs)
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, mod in mods.items():
+
+        def hook(_m: nn.Module, a: tuple[Any, ...], name: str = name) -> None:
+            if name not in seen and a and isinstance(a[0], torch.Tensor):
+                seen[name] = a[0].detach().clone()
+
+        handles.append(mod.register_forward_pre_hook(hook))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.inference_mode():
+            model(*args, **kwargs)
+    except Exception as exc:
+        raise InvalidArgumentError(
+            f"to_sparse could not run {type(model).__name__} on example_inputs: {type(exc).__name__}: {exc}"
+        ) from exc
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return seen
+
+
+def _block_density(w: torch.Tensor, bs: tuple[int, int]) -> float:
+    r, c = w.shape
+    blocks = (w != 0).reshape(r // bs[0], bs[0], c // bs[1], bs[1]).any(3).any(1)
+    return float(blocks.float().mean()) if blocks.numel() else 0.0
+
+
+def _candidates(
+    layout: str, w: torch.Tensor, density: float, cap: float, bs: tuple[int, int]
+) -> tuple[list[str], str]:
+    """Sparse layouts worth trying for weight ``w``, and why none when the list is empty."""
+    if density > cap:
+        return [], f"density {density:.3f} > max_density {cap:.3f}"
+    if layout != "auto":
+        if layout == "bsr" and (w.shape[0] % bs[0] or w.shape[1] % bs[1]):
+            return [], f"shape {tuple(w.shape)} is not divisible into {bs} blocks"
+        return [layout], ""
+    out = []
+    if w.device.type == "cpu" and w.dtype == torch.float32 and kernels.kernel_status()[0]:
+        out.append("csr_kernel")
+    out.append("csr")
+    if not (w.shape[0] % bs[0] or w.shape[1] % bs[1]) and _block_density(w, bs) <= cap:
+        out.append("bsr")
+    return out, ""
+
+
+def _rule_choice(layout: str, w: torch.Tensor, density: float, max_density: float | None) -> tuple[str, str]:
+    """The layout chosen without timing, and why."""
+    if layout == "auto":
+        if w.device.type == "cpu" and w.dtype == torch.float32 and kernels.kernel_status()[0]:
+            layout = "csr_kernel"
+        else:
+            layout = "csr"
+    cap = DEFAULT_MAX_DENSITY[layout] if max_density is None else float(max_density)
+    if density <= cap:
+        return layout, f"rule: density {density:.3f} <= {cap:.3f} for {layout}"
+    return "dense", f"rule: density {density:.3f} > {cap:.3f} for {layout}"
+
+
+def _check_semi_structured(name: str, w: torch.Tensor) -> None:
+    if w.device.type != "cuda":
+        raise InvalidArgumentError(
+            f"layout='semi_structured' needs CUDA weights, but {name!r} is on {w.device}; "
+            "move the model to a GPU first, or use layout='csr'"
+        )
+    if w.dtype not in (torch.float16, torch.bfloat16):
+        raise InvalidArgumentError(
+            f"layout='semi_structured' needs float16/bfloat16 weights, {name!r} is {w.dtype}"
+        )
+    groups = w.reshape(w.shape[0], -1, 4) if w.shape[1] % 4 == 0 else None
+    if groups is None or bool((groups.ne(0).sum(-1) > 2).any()):
+        raise InvalidArgumentError(
+            f"layout='semi_structured' needs a 2:4 pattern; {name!r} does not have one"
+        )
+
+
+@overload
+def to_sparse(
+    model: nn.Module,
+    layout: str = ...,
+    *,
+    example_inputs: Any = ...,
+    max_density: float | None = ...,
+    blocksize: tuple[int, int] = ...,
+    include: Iterable[str] | None = ...,
+    timer: Timer | None = ...,
+    return_report: Literal[False] = ...,
+) -> nn.Module: ...
+
+
+@overload
+def to_sparse(
+    model: nn.Module,
+    layout: str = ...,
+    *,
+    example_inputs: Any = ...,
+    max_density: float | None = ...,
+    blocksize: tuple[int, int] = ...,
+    include: Iterable[str] | None = ...,
+    timer: Timer | None = ...,
+    return_report: Literal[True],
+) -> tuple[nn.Module, list[LayerChoice]]: ...
 
 
 def to_sparse(
     model: nn.Module,
-    layout: str = "csr",
+    layout: str = "auto",
     *,
+    example_inputs: Any = None,
     max_density: float | None = None,
     blocksize: tuple[int, int] = (16, 16),
     include: Iterable[str] | None = None,
-) -> nn.Module:
-    r"""Replace the baked ``nn.Linear`` layers of ``model`` by :class:`SparseLinear`, in place.
+    timer: Timer | None = None,
+    return_report: bool = False,
+) -> nn.Module | tuple[nn.Module, list[LayerChoice]]:
+    r"""Replace the baked linear-like layers of ``model`` by :class:`SparseLinear` where it pays, in place.
 
-    Only layers sparse enough to profit are converted: those whose weight density
-    (nonzeros / numel) is at most ``max_density``; denser ones stay dense
-    ``nn.Linear``. The default thresholds (:data:`DEFAULT_MAX_DENSITY`) come from
-    ``benchmarks/inference_speed.py`` (single thread): CSR with int32 indices was
-    slower than dense at batch 64 at 70% sparsity and broke even or won from 80%, so
-    layers with more than 20% nonzeros stay dense. Convolutions stay dense (use :func:`shrink` for
-    channel sparsity). The model must be baked (no parametrization of this library
+    Layers: ``nn.Linear`` and its subclasses that keep ``nn.Linear.forward``, and Hugging
+    Face ``Conv1D`` (GPT-2). Linear layers inside ``nn.MultiheadAttention`` (which reads
+    ``out_proj.weight`` itself), convolutions (use :func:`shrink` for channel sparsity) and
+    other layers stay dense. The model must be baked (no parametrization of this library
     left); run :func:`remove_parametrizations` first.
 
+    **With** ``example_inputs`` the model runs once on them, and each candidate layer is timed
+    on the input it received there: dense against every sparse layout that applies
+    (``layout="auto"``: ``csr_kernel`` for float32 CPU weights when the kernel builds,
+    ``csr``, and ``bsr`` when the weight's nonzero blocks are sparse enough), and the fastest
+    is kept; a sparse layout must beat dense by 5% to replace it. **Without**, the rule is:
+    ``layout="auto"`` means ``csr_kernel`` (float32 CPU weights and a working kernel; else
+    ``csr``), and a layer converts when its density is at most ``max_density``
+    (default :data:`DEFAULT_MAX_DENSITY` of that layout: 0.3 for ``csr_kernel``, 0.2 for
+    ``csr``/``bsr``, measured break-even points at 64 tokens).
+
     Layouts:
-        * ``"csr"``: compressed sparse rows, int32 indices (CPU or CUDA).
+        * ``"auto"``: as above.
+        * ``"csr_kernel"``: CSR with narrow indices, hadamard_sparse's compiled CPU kernel
+          (falls back to ``torch.sparse`` with a warning where it cannot be built).
+        * ``"csr"``: compressed sparse rows, int32 indices (``torch.sparse``; CPU or CUDA).
         * ``"bsr"``: blocks of ``blocksize``; a layer whose shape is not divisible by it stays dense.
         * ``"semi_structured"``: 2:4 sparsity with :func:`torch.sparse.to_sparse_semi_structured`
           on CUDA (fp16/bf16 weights, every group of 4 weights along a row holding at most 2
@@ -231,78 +569,141 @@ def to_sparse(
 
     Args:
         model: a baked model.
-        layout: ``"csr"``, ``"bsr"`` or ``"semi_structured"``.
-        max_density: convert layers whose density is at most this (in ``[0, 1]``);
-            ``None``: ``DEFAULT_MAX_DENSITY[layout]``.
+        layout: ``"auto"``, ``"csr_kernel"``, ``"csr"``, ``"bsr"`` or ``"semi_structured"``.
+        example_inputs: the model's input (a tensor, a tuple of positional inputs or a dict of
+            keyword inputs) with the real shapes; ``None``: use the density rule.
+        max_density: layers denser than this (in ``[0, 1]``) stay dense; ``None``: the
+            layout's default without ``example_inputs``, 0.6 with.
         blocksize: BSR block shape ``(rows, cols)``.
-        include: qualified module names to consider (``None``: every ``nn.Linear``).
+        include: qualified module names to consider (``None``: every linear-like layer).
+        timer: ``timer(layer_name, {candidate: fn}) -> {candidate: seconds}`` replacing the
+            default :func:`measure` (for tests, or another clock).
+        return_report: also return the per-layer :class:`LayerChoice` list.
 
     Returns:
-        ``model``, with sparse layers.
+        ``model`` with sparse layers, or ``(model, report)`` when ``return_report``. The
+        choices are also logged at INFO level on the ``"hadamard_sparse"`` logger.
 
     Example::
 
-        >>> model = hs.remove_parametrizations(hs.sparsify(model, 0.95))
-        >>> to_sparse(model, "csr")
+        >>> model = hs.remove_parametrizations(hs.sparsify(model, 0.9))
+        >>> model, report = hs.to_sparse(model, example_inputs=x, return_report=True)
+        >>> print("\n".join(map(str, report)))
         >>> with torch.inference_mode():
         ...     y = model(x)
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if layout not in _LAYOUTS:
-        raise ValueError(f"layout must be one of {list(_LAYOUTS)}, got {layout!r}")
-    if max_density is None:
-        max_density = DEFAULT_MAX_DENSITY[layout]
-    if (
+        raise InvalidTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if layout != "auto" and layout not in _LAYOUTS:
+        raise InvalidArgumentError(f"layout must be 'auto' or one of {list(_LAYOUTS)}, got {layout!r}")
+    if max_density is not None and (
         isinstance(max_density, bool)
         or not isinstance(max_density, numbers.Real)
         or not 0.0 <= float(max_density) <= 1.0
     ):
-        raise ValueError(f"max_density must be a float in [0, 1] or None, got {max_density!r}")
+        raise InvalidArgumentError(f"max_density must be a float in [0, 1] or None, got {max_density!r}")
     bs = _check_blocksize(blocksize)
+    if timer is not None and not callable(timer):
+        raise InvalidTypeError(f"timer must be callable or None, got {type(timer).__name__}")
+    if example_inputs is not None:
+        _split_inputs(example_inputs)  # type check before anything runs
     wanted = None if include is None else set(include)
     names = {n for n, _ in model.named_modules()}
     if wanted is not None and not wanted <= names:
-        raise ValueError(f"include names modules that do not exist: {sorted(wanted - names)}")
+        raise InvalidArgumentError(f"include names modules that do not exist: {sorted(wanted - names)}")
     for name, mod in model.named_modules():
         if parametrize.is_parametrized(mod):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"to_sparse needs a baked model, but {name or type(model).__name__!r} is still parametrized; "
                 "run hs.remove_parametrizations(model) first"
             )
-    todo: list[tuple[str, nn.Linear]] = []
+
+    report: list[LayerChoice] = []
+    todo: dict[str, tuple[_Rule, nn.Module, torch.Tensor, torch.Tensor | None, float]] = {}
+    inside_mha = {
+        f"{n}.{c}" if n else c
+        for n, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+        for c, _ in m.named_children()
+    }
     for name, mod in model.named_modules():
-        if type(mod) is not nn.Linear or (wanted is not None and name not in wanted):
+        rule = _rule_for(mod)
+        if rule is None or (wanted is not None and name not in wanted):
             continue
         if name == "":
-            raise ValueError("to_sparse cannot replace the root module; wrap the Linear in an nn.Sequential")
-        w = mod.weight.detach()
+            raise InvalidArgumentError(
+                "to_sparse cannot replace the root module; wrap the layer in an nn.Sequential"
+            )
+        got = rule.weight_bias(mod)
+        if isinstance(got, str) or name in inside_mha:
+            why = (
+                "inside nn.MultiheadAttention, which reads its weight directly" if name in inside_mha else got
+            )
+            report.append(LayerChoice(name, rule.kind, float("nan"), "dense", f"skipped: {why}"))
+            continue
+        w, b = got
         density = float(w.count_nonzero()) / max(1, w.numel())
-        if density > max_density:
-            continue
-        if layout == "bsr" and (w.shape[0] % bs[0] or w.shape[1] % bs[1]):
-            continue
         if layout == "semi_structured":
-            if w.device.type != "cuda":
-                raise ValueError(
-                    f"layout='semi_structured' needs CUDA weights, but {name!r} is on {w.device}; "
-                    "move the model to a GPU first, or use layout='csr'"
-                )
-            if w.dtype not in (torch.float16, torch.bfloat16):
-                raise ValueError(
-                    f"layout='semi_structured' needs float16/bfloat16 weights, {name!r} is {w.dtype}"
-                )
-            groups = w.reshape(w.shape[0], -1, 4) if w.shape[1] % 4 == 0 else None
-            if groups is None or bool((groups.ne(0).sum(-1) > 2).any()):
-                raise ValueError(f"layout='semi_structured' needs a 2:4 pattern; {name!r} does not have one")
-        todo.append((name, mod))
-    # Build every SparseLinear before swapping any: a failure leaves the model as it was.
-    built: list[tuple[str, SparseLinear]] = []
-    for name, mod in todo:
-        new = SparseLinear(mod, layout, blocksize=bs)
+            _check_semi_structured(name, w)
+        todo[name] = (rule, mod, w, b, density)
+
+    def build(name: str, chosen: str) -> SparseLinear:
+        rule, mod, w, b, _ = todo[name]
+        new = SparseLinear.from_weight(
+            w.t() if rule.transposed else w, b, chosen, blocksize=bs, transposed=rule.transposed
+        )
         new.train(mod.training)
-        built.append((name, new))
-    for name, new in built:
+        return new
+
+    # Build every SparseLinear before swapping any: a failure leaves the model as it was.
+    built: dict[str, SparseLinear] = {}
+    if example_inputs is not None and todo:
+        cap = _TIMED_MAX_DENSITY if max_density is None else float(max_density)
+        inputs = _capture_inputs(model, {n: t[1] for n, t in todo.items()}, example_inputs)
+        run = timer or measure
+        for name, (rule, mod, w, _, density) in todo.items():
+            sparse, why = _candidates(layout, w, density, cap, bs)
+            if name not in inputs:
+                chosen, why = _rule_choice(layout, w, density, max_density)
+                report.append(
+                    LayerChoice(name, rule.kind, density, chosen, f"not run by example_inputs; {why}")
+                )
+                if chosen != "dense":
+                    built[name] = build(name, chosen)
+                continue
+            x = inputs[name]
+            if not sparse:
+                report.append(LayerChoice(name, rule.kind, density, "dense", why, input_shape=tuple(x.shape)))
+                continue
+            mods: dict[str, nn.Module] = {"dense": mod}
+            for cand in sparse:
+                mods[cand] = build(name, cand).eval()
+            fns = {c: (lambda m=m, x=x: m(x)) for c, m in mods.items()}
+            with torch.inference_mode():
+                seconds = run(name, fns)
+            best = min(sparse, key=lambda c: seconds[c])
+            chosen = best if seconds[best] * _MIN_SPEEDUP < seconds["dense"] else "dense"
+            report.append(LayerChoice(name, rule.kind, density, chosen, "timed", seconds, tuple(x.shape)))
+            if chosen != "dense":
+                built[name] = mods[chosen]  # type: ignore[assignment]
+                built[name].train(mod.training)
+    else:
+        for name, (rule, _, w, _, density) in todo.items():
+            if layout == "auto":
+                chosen, why = _rule_choice(layout, w, density, max_density)
+            else:
+                cap = DEFAULT_MAX_DENSITY[layout] if max_density is None else float(max_density)
+                sparse, why = _candidates(layout, w, density, cap, bs)
+                chosen = sparse[0] if sparse else "dense"
+                why = why or f"rule: density {density:.3f} <= {cap:.3f} for {layout}"
+            report.append(LayerChoice(name, rule.kind, density, chosen, why))
+            if chosen != "dense":
+                built[name] = build(name, chosen)
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    report.sort(key=lambda c: order[c.name])
+    for name, new in built.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
-    return model
+    for choice in report:
+        _log.info("to_sparse: %s", choice)
+    return (model, report) if return_report else model

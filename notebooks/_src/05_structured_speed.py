@@ -144,6 +144,47 @@ t_dense, t_sparse = median_ms(mlp, x1), median_ms(sparse_mlp, x1)
 print(f"live, batch 1: dense {t_dense:.2f} ms, CSR {t_sparse:.2f} ms ({t_dense / t_sparse:.1f}x)")
 
 # %% [markdown]
+# ## 3b. The compiled kernel, and `to_sparse` choosing per layer by measurement
+#
+# `layout="auto"` (the default) adds `csr_kernel`: CSR with 16-bit column indices, run by a small
+# C kernel that hadamard_sparse compiles with the system C compiler the first time it is needed
+# (a weight-stationary loop over token tiles, after XNNPACK's sparse kernels; `torch.sparse` is the
+# fallback, with a warning, where no compiler exists). Given `example_inputs`, `to_sparse` runs the
+# model once, times every layer dense and in each sparse layout on the input it really receives,
+# keeps the fastest, and reports why. Without them, a density rule decides (≤ 30% nonzeros for the
+# kernel).
+
+# %%
+from hadamard_sparse.export import kernels
+
+print("kernel:", kernels.kernel_status())
+for n_tokens in (1, 64):
+    xb = torch.randn(n_tokens, 1024)
+    auto, report = hs.to_sparse(copy.deepcopy(mlp), example_inputs=xb, return_report=True)
+    print(f"\nbatch {n_tokens}:")
+    for choice in report:
+        print(" ", choice)
+    with torch.inference_mode():
+        assert torch.allclose(auto(xb), mlp(xb), atol=1e-4)
+    t_dense, t_auto = median_ms(mlp, xb), median_ms(auto, xb)
+    print(f"  live: dense {t_dense:.2f} ms, to_sparse(example_inputs) {t_auto:.2f} ms ({t_dense / t_auto:.1f}x)")
+
+# %% [markdown]
+# The benchmark's figures for the kernel (Linear 4096², the never-slower sweep and the real
+# all-MiniLM-L6-v2 end to end), when its results file is present:
+
+# %%
+kernel_results = Path("..") / "benchmarks" / "results" / "inference_speed_t2.md"
+if kernel_results.exists():
+    text = kernel_results.read_text()
+    parts = text.split("\n## ")
+    keep = [line for line in parts[0].splitlines() if line.startswith(("Command", "torch"))]
+    keep += ["### " + sec.strip() for sec in parts[1:] if sec.startswith(("Linear", "Sweep", "all-MiniLM"))]
+    display(Markdown("\n\n".join(keep)))
+else:
+    print("benchmarks/results/inference_speed_t2.md not found: run `python benchmarks/inference_speed.py --threads 2`")
+
+# %% [markdown]
 # ## 4. A transformer: attention heads and FFN neurons
 #
 # `structure="neuron"` prunes FFN neurons (a row of the intermediate Linear, its bias and the
