@@ -18,7 +18,8 @@ channel-flow traversal and its rule tables), ``rules.py`` (one channel rule per 
 ``rules_aten.py`` (the same for ATen ops), ``heads.py`` (attention blocks, head removal),
 ``groups.py`` (ChannelGroups, Heads), ``shrink.py`` (one rebuild rule
 per layer type, and ``shrink``), ``sparse.py`` (formats, ``SparseLinear``, ``to_sparse``),
-``kernels.py`` + ``_kernels.c`` (the compiled CPU kernel, built at first use).
+``choice.py`` (the per-layer choice: density rule, timing, report), ``kernels.py`` +
+``_kernels.c`` (the compiled CPU kernel, built at first use).
 See ``docs/speed.md`` for the rules, their reasons and measured speed-ups.
 """
 

@@ -12,11 +12,9 @@ from __future__ import annotations
 import copy
 import logging
 import numbers
-import statistics
-import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Literal, overload
 
 import torch
@@ -24,24 +22,26 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .._targets import _is_hf_conv1d
 from ..errors import InvalidArgumentError, InvalidTypeError
+from ..layers import layer_kind
 from . import kernels
+from .choice import (
+    _LAYOUTS,
+    _MIN_SPEEDUP,
+    _TIMED_MAX_DENSITY,
+    DEFAULT_MAX_DENSITY,
+    LayerChoice,
+    Timer,
+    _candidates,
+    _capture_inputs,
+    _rule_choice,
+    _split_inputs,
+    measure,
+)
 
 __all__ = ["DEFAULT_MAX_DENSITY", "LayerChoice", "SparseLinear", "to_sparse"]
 
 _log = logging.getLogger("hadamard_sparse")
-
-#: Largest weight density (fraction of nonzeros) at which a layer is converted without
-#: ``example_inputs``, per layout; denser layers stay dense. Measured with
-#: ``benchmarks/inference_speed.py`` (docs/speed.md): the compiled kernel breaks even with
-#: dense near 35-40% density at 64 tokens (it is faster at batch 1), torch's CSR near 20%.
-DEFAULT_MAX_DENSITY: dict[str, float] = {"csr_kernel": 0.3, "csr": 0.2, "bsr": 0.2, "semi_structured": 0.5}
-_LAYOUTS = ("csr_kernel", "csr", "bsr", "semi_structured")
-#: With ``example_inputs`` and no ``max_density``, denser layers are not even timed.
-_TIMED_MAX_DENSITY = 0.6
-#: A sparse layout replaces dense only when it is at least this much faster (timing noise).
-_MIN_SPEEDUP = 1.05
 
 
 def _csr32(w: torch.Tensor) -> torch.Tensor:
@@ -313,83 +313,9 @@ def _hf_conv1d_rule(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] 
 def _rule_for(mod: nn.Module) -> _Rule | None:
     if isinstance(mod, nn.Linear):
         return _Rule("Linear" if type(mod) is nn.Linear else type(mod).__name__, _linear_rule)
-    if _is_hf_conv1d(mod):
+    if layer_kind(mod) == "hf_conv1d":
         return _Rule("Conv1D", _hf_conv1d_rule, transposed=True)
     return None
-
-
-@dataclass
-class LayerChoice:
-    """What :func:`to_sparse` did with one layer.
-
-    Attributes:
-        name: the layer's qualified name.
-        kind: its type (``"Linear"``, ``"Conv1D"``, a Linear subclass's name).
-        density: nonzeros over weight size.
-        layout: the layout it now runs with: ``"dense"`` (unchanged) or one of ``SparseLinear``'s.
-        reason: why (``"timed"``, the density rule applied, or why it was skipped).
-        seconds: median time per call of each candidate on the example input (empty
-            when not timed).
-        input_shape: the input shape the layer was timed on, or ``None``.
-    """
-
-    name: str
-    kind: str
-    density: float
-    layout: str
-    reason: str
-    seconds: dict[str, float] = field(default_factory=dict)
-    input_shape: tuple[int, ...] | None = None
-
-    @property
-    def speedup(self) -> float | None:
-        """Dense time over the chosen layout's time (timed layers only)."""
-        if "dense" not in self.seconds or self.layout not in self.seconds:
-            return None
-        return self.seconds["dense"] / self.seconds[self.layout]
-
-    def __str__(self) -> str:
-        timed = "" if self.speedup is None else f", {self.speedup:.2f}x dense on {self.input_shape}"
-        return f"{self.name} ({self.kind}, density {self.density:.3f}): {self.layout} [{self.reason}{timed}]"
-
-
-#: ``timer(layer_name, {candidate: fn}) -> {candidate: seconds}``.
-Timer = Callable[[str, dict[str, Callable[[], object]]], dict[str, float]]
-
-
-def measure(
-    name: str, candidates: dict[str, Callable[[], object]], *, rounds: int = 7, min_sample_s: float = 2e-3
-) -> dict[str, float]:
-    """The default timer of :func:`to_sparse`: median seconds per call of each candidate.
-
-    Candidates run interleaved (round-robin) so that machine noise hits all alike; each
-    sample repeats a call until it lasts ``min_sample_s``.
-
-    Args:
-        name: the layer's name (unused; part of the timer signature).
-        candidates: ``{label: zero-argument callable}``.
-        rounds: samples per candidate.
-        min_sample_s: the shortest sample.
-
-    Returns:
-        ``{label: seconds per call}``.
-    """
-    del name
-    reps: dict[str, int] = {}
-    for label, fn in candidates.items():
-        fn()  # warm-up (and first-use compilation)
-        t0 = time.perf_counter()
-        fn()
-        one = max(time.perf_counter() - t0, 1e-7)
-        reps[label] = max(1, min(1000, int(min_sample_s / one)))
-    samples: dict[str, list[float]] = {label: [] for label in candidates}
-    for _ in range(rounds):
-        for label, fn in candidates.items():
-            t0 = time.perf_counter()
-            for _ in range(reps[label]):
-                fn()
-            samples[label].append((time.perf_counter() - t0) / reps[label])
-    return {label: statistics.median(v) for label, v in samples.items()}
 
 
 def _check_blocksize(blocksize: object) -> tuple[int, int]:
@@ -400,87 +326,6 @@ def _check_blocksize(blocksize: object) -> tuple[int, int]:
     ):
         raise InvalidArgumentError(f"blocksize must be a pair of positive ints, got {blocksize!r}")
     return int(blocksize[0]), int(blocksize[1])
-
-
-def _split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    if isinstance(example_inputs, Mapping) and all(isinstance(k, str) for k in example_inputs):
-        return (), dict(example_inputs)
-    raise InvalidTypeError(
-        "example_inputs must be a tensor, a tuple of the model's positional inputs or a dict of its "
-        f"keyword inputs, got {type(example_inputs).__name__}"
-    )
-
-
-def _capture_inputs(
-    model: nn.Module, mods: dict[str, nn.Module], example_inputs: Any
-) -> dict[str, torch.Tensor]:
-    """Each layer's first input when ``model`` runs on ``example_inputs``."""
-    args, kwargs = _split_inputs(example_inputs)
-    seen: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, mod in mods.items():
-
-        def hook(_m: nn.Module, a: tuple[Any, ...], name: str = name) -> None:
-            if name not in seen and a and isinstance(a[0], torch.Tensor):
-                seen[name] = a[0].detach().clone()
-
-        handles.append(mod.register_forward_pre_hook(hook))
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.inference_mode():
-            model(*args, **kwargs)
-    except Exception as exc:
-        raise InvalidArgumentError(
-            f"to_sparse could not run {type(model).__name__} on example_inputs: {type(exc).__name__}: {exc}"
-        ) from exc
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return seen
-
-
-def _block_density(w: torch.Tensor, bs: tuple[int, int]) -> float:
-    r, c = w.shape
-    blocks = (w != 0).reshape(r // bs[0], bs[0], c // bs[1], bs[1]).any(3).any(1)
-    return float(blocks.float().mean()) if blocks.numel() else 0.0
-
-
-def _candidates(
-    layout: str, w: torch.Tensor, density: float, cap: float, bs: tuple[int, int]
-) -> tuple[list[str], str]:
-    """Sparse layouts worth trying for weight ``w``, and why none when the list is empty."""
-    if density > cap:
-        return [], f"density {density:.3f} > max_density {cap:.3f}"
-    if layout != "auto":
-        if layout == "bsr" and (w.shape[0] % bs[0] or w.shape[1] % bs[1]):
-            return [], f"shape {tuple(w.shape)} is not divisible into {bs} blocks"
-        return [layout], ""
-    out = []
-    if w.device.type == "cpu" and w.dtype == torch.float32 and kernels.kernel_status()[0]:
-        out.append("csr_kernel")
-    out.append("csr")
-    if not (w.shape[0] % bs[0] or w.shape[1] % bs[1]) and _block_density(w, bs) <= cap:
-        out.append("bsr")
-    return out, ""
-
-
-def _rule_choice(layout: str, w: torch.Tensor, density: float, max_density: float | None) -> tuple[str, str]:
-    """The layout chosen without timing, and why."""
-    if layout == "auto":
-        if w.device.type == "cpu" and w.dtype == torch.float32 and kernels.kernel_status()[0]:
-            layout = "csr_kernel"
-        else:
-            layout = "csr"
-    cap = DEFAULT_MAX_DENSITY[layout] if max_density is None else float(max_density)
-    if density <= cap:
-        return layout, f"rule: density {density:.3f} <= {cap:.3f} for {layout}"
-    return "dense", f"rule: density {density:.3f} > {cap:.3f} for {layout}"
 
 
 def _check_semi_structured(name: str, w: torch.Tensor) -> None:
