@@ -82,14 +82,16 @@ def _compiler() -> str | None:
 
 def _cpu_signature() -> str:
     # -march=native output depends on the CPU: key the cache on its feature flags.
+    found: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith(("flags", "Features", "model name")):
-                    return line
+                key = line.split(":", 1)[0].strip()
+                if key in ("flags", "Features", "model name", "CPU part") and key not in found:
+                    found[key] = line
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return "".join(found.values()) or platform.processor() or platform.machine()
 
 
 def _flag_sets() -> list[list[str]]:
