@@ -294,3 +294,13 @@ def test_bert_with_keyword_example_inputs() -> None:
     _same_output(dense, model, **batch)
     sd = model.state_dict()
     assert sd.keys() == dense.state_dict().keys()
+
+
+def test_example_run_restores_each_module_mode() -> None:
+    model = _mlp()
+    model.train()
+    model[1].eval()
+    timer = FakeTimer({n: {} for n in ("0", "2", "4")})  # every candidate 1 s: dense kept everywhere
+    _, report = to_sparse(model, example_inputs=torch.randn(2, 32), timer=timer, return_report=True)
+    assert model.training and not model[1].training and model[3].training
+    assert [c.layout for c in report] == ["dense", "dense", "dense"]

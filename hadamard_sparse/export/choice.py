@@ -133,7 +133,7 @@ def _capture_inputs(
                 seen[name] = a[0].detach().clone()
 
         handles.append(mod.register_forward_pre_hook(hook))
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
         with torch.inference_mode():
@@ -145,7 +145,8 @@ def _capture_inputs(
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
     return seen
 
 
