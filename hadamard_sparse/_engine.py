@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import _select
-from ._checks import SCOPES
+from ._checks import SCOPES, check_int
 from .errors import InvalidArgumentError
 from .groups import TensorGroups
 from .layers import Target, weight_dims
@@ -35,6 +35,7 @@ __all__ = [
     "check_mask_shapes",
     "check_structure",
     "compute_keep_masks",
+    "floor_count",
     "mask_of",
     "pre_mask_value",
 ]
@@ -139,6 +140,7 @@ def compute_keep_masks(
     value: str = "dense",
     structure: StructureLike = None,
     checked: bool = False,
+    min_keep: int = 0,
 ) -> list[torch.Tensor]:
     """Boolean keep-masks for ``targets``; the shared engine of sparsify and schedules.
 
@@ -156,6 +158,12 @@ def compute_keep_masks(
         structure: ``None`` or a structure (see :func:`~hadamard_sparse.sparsify`); sparsities then
             count groups.
         checked: the caller already ran :func:`check_structure` on these targets and sparsities.
+        min_keep: with ``scope="global"``, the best ``min_keep`` entries (groups, with a structure)
+            of every output unit are never pruned, and the exact total is reached by pruning the
+            next-lowest entries elsewhere (see :func:`~hadamard_sparse.sparsify`). ``0``: no floor.
+
+    Raises:
+        InvalidArgumentError: the floor leaves fewer prunable entries than the sparsity asks for.
 
     Returns:
         One bool tensor per target, ``True`` where kept: of the target's shape, or with a
@@ -185,12 +193,61 @@ def compute_keep_masks(
     seeds = [int(torch.randint(0, 2**62, (1,), generator=gen)) for _ in targets]
     nest = value == "effective" and st is None
     thunks = [_score_thunk(t, sd, method, stats, value, nest) for t, sd in zip(targets, seeds)]
-    if isinstance(st, TensorGroups):  # groups spanning tensors: one decision per group
+    if isinstance(st, TensorGroups):  # groups spanning tensors: one decision per group (no min_keep floor)
         dims = [weight_dims(t.module, t.tensor_name) for t in targets]
         keeps = st.keep_masks(targets, thunks, per, scope, dims)
     else:
-        keeps = _dispatch(st, targets, thunks, per, scope)
+        keeps = _dispatch(st, targets, thunks, per, scope, check_int(min_keep, "min_keep", 0))
     return [k.to(t.value().device) for t, k in zip(targets, keeps)]
+
+
+def _units(st: Structure | None, shape: torch.Size, dims: tuple[int, int]) -> tuple[int, int] | None:
+    """``(units, axis)``: how the scores of one tensor split into output units for the global floor.
+
+    Unstructured: the element scores, one unit per index of the output dimension ``axis``.
+    Structured: the flat group scores in :meth:`~hadamard_sparse.structures.Structure.n_units`
+    equal runs (``axis`` 0). When every unit is a single entry (a ``Linear(1, n)`` weight, blocks
+    as wide as the layer), the floor protects the tensor as a whole instead, as it does for rows.
+    ``None``: nothing to protect.
+    """
+    if st is None:
+        units, axis = (shape[dims[0]], dims[0]) if len(shape) > dims[0] else (1, 0)
+        n = math.prod(shape)
+    else:
+        u = st.n_units(shape, *dims)
+        if u is None:
+            return None
+        units, axis, n = u, 0, st.n_groups(shape, *dims)
+    if units == 0 or n == 0:
+        return None
+    return (1, 0) if n // units == 1 else (units, axis)
+
+
+def floor_count(
+    st: Structure | None, shapes: Sequence[torch.Size], dims: Sequence[tuple[int, int]], min_keep: int
+) -> int:
+    """How many entries (groups) the ``min_keep`` floor protects over tensors of ``shapes``."""
+    total = 0
+    for sh, d in zip(shapes, dims):
+        u = _units(st, sh, d)
+        n = math.prod(sh) if st is None else st.n_groups(sh, *d)
+        if u is not None:
+            total += u[0] * min(min_keep, n // u[0])
+    return total
+
+
+def _protect(scores: torch.Tensor, units: int, axis: int, k: int) -> torch.Tensor:
+    """A copy of ``scores`` in which the ``k`` best entries of each unit (not already ``-inf``) are ``+inf``."""
+    x = scores if scores.is_floating_point() else scores.float()
+    moved = x.movedim(axis, 0)
+    rows = moved.reshape(units, -1).clone()
+    k = min(k, rows.shape[1])
+    if k == 0:
+        return x
+    idx = rows.topk(k, dim=1).indices
+    vals = rows.gather(1, idx)
+    rows.scatter_(1, idx, torch.where(vals > float("-inf"), float("inf"), vals))
+    return rows.reshape(moved.shape).movedim(0, axis)
 
 
 def _dispatch(
@@ -199,6 +256,7 @@ def _dispatch(
     thunks: Sequence[_select.ScoreThunk],
     per: Sequence[float],
     scope: str,
+    min_keep: int = 0,
 ) -> list[torch.Tensor]:
     """The one scope dispatch: groups are the structure's, or the elements when ``st`` is ``None``."""
     shapes = [t.value().shape for t in targets]
@@ -210,6 +268,8 @@ def _dispatch(
     else:
         counts = [st.n_groups(sh, *d) for sh, d in zip(shapes, dims)]
         group = [(lambda th=th, d=d: st.group_scores(th(), *d)) for th, d in zip(thunks, dims)]
+    if scope == "global" and min_keep > 0:
+        group = _floored(st, group, shapes, dims, counts, per[0], min_keep)
 
     structured = st is not None
     largest = max((math.prod(sh) for sh in shapes), default=0)
@@ -235,6 +295,37 @@ def _dispatch(
     if st is None:
         return [k.view(sh) for k, sh in zip(keeps, shapes)]
     return [st.expand(k, thunks[i], shapes[i], *dims[i]) for i, k in enumerate(keeps)]
+
+
+def _floored(
+    st: Structure | None,
+    group: list[Callable[[], torch.Tensor]],
+    shapes: Sequence[torch.Size],
+    dims: Sequence[tuple[int, int]],
+    counts: Sequence[int],
+    sparsity: float,
+    min_keep: int,
+) -> list[Callable[[], torch.Tensor]]:
+    """Group thunks whose protected entries score ``+inf``, after checking the total can still be met."""
+    total = sum(counts)
+    wanted = min(total, _select.n_to_prune(sparsity / (1.0 if st is None else st.group_fraction), total))
+    protected = floor_count(st, shapes, dims, min_keep)
+    if wanted > total - protected:
+        what = "weights" if st is None else "groups"
+        raise InvalidArgumentError(
+            f"sparsity={sparsity:g} with scope='global' prunes "
+            f"{wanted:,} of {total:,} {what}, but min_keep={min_keep} keeps the best {min_keep} of every "
+            f"output unit ({protected:,} {what}), so at most {total - protected:,} can be pruned; lower the "
+            "sparsity, or pass min_keep=0 to allow emptying whole output units and tensors"
+        )
+    out: list[Callable[[], torch.Tensor]] = []
+    for g, sh, d in zip(group, shapes, dims):
+        u = _units(st, sh, d)
+        if u is None:
+            out.append(g)
+        else:
+            out.append(lambda g=g, u=u: _protect(g(), u[0], u[1], min_keep))
+    return out
 
 
 def _select_groups(

@@ -14,6 +14,7 @@ from . import sparsegpt
 from ._checks import (
     Selectors,
     check_distribution,
+    check_int,
     check_method,
     check_module,
     check_seed,
@@ -25,10 +26,11 @@ from ._engine import (
     check_structure,
     compute_keep_masks,
     mask_of,
+    pre_mask_value,
 )
 from .checkpoint import bake, drop_load_hook, ensure_load_hook
 from .densities import densities_for_shapes
-from .errors import InvalidArgumentError, NoTargetsError
+from .errors import InvalidArgumentError, InvalidTypeError, NoTargetsError
 from .groups import TensorGroups
 from .layers import Target, check_not_wrapped, resolve_targets
 from .parametrizations import HadamardMask, _check_mask
@@ -36,7 +38,7 @@ from .scores import register_score
 from .sparsegpt import stats_for
 from .structures import MODEL_STRUCTURES, NM, StructureLike, parse_structure
 
-__all__ = ["masks", "register_mask", "remove_parametrizations", "sparsify"]
+__all__ = ["check_finite", "masks", "register_mask", "remove_parametrizations", "sparsify"]
 
 # Built-in methods that live in their own module are registered here, explicitly (importing them
 # registers nothing). "sparsegpt": the mask-only OBS saliency as its score, and a pruner that also
@@ -63,6 +65,13 @@ def register_mask(module: nn.Module, name: str = "weight", mask: torch.Tensor | 
     Returns:
         The (new or existing) :class:`HadamardMask`.
 
+    Raises:
+        InvalidArgumentError: ``module.<name>`` is a buffer or a plain attribute (not a Parameter),
+            holds NaN/inf values, or ``mask`` does not fit it.
+        InvalidTypeError: the tensor is not floating point, or ``mask`` is not a bool tensor.
+
+    A tensor on the meta device can be masked (big models are built on meta, then loaded).
+
     Example::
 
         >>> lin = torch.nn.Linear(4, 3)
@@ -76,9 +85,39 @@ def register_mask(module: nn.Module, name: str = "weight", mask: torch.Tensor | 
     current = getattr(module, name)
     if not isinstance(current, torch.Tensor):
         raise InvalidArgumentError(f"module.{name} must be a tensor, got {type(current).__name__}")
+    if not parametrize.is_parametrized(module, name) and name not in module._parameters:
+        what = "a buffer" if name in module._buffers else "a plain tensor attribute"
+        raise InvalidArgumentError(
+            f"module.{name} of {type(module).__name__} is {what}, not a Parameter; masks go on Parameters "
+            "(a masked buffer such as BatchNorm's running_mean would silently stop being updated)"
+        )
+    if not current.is_floating_point():
+        raise InvalidTypeError(
+            f"module.{name} has dtype {current.dtype}; masks go on floating-point tensors (float32, "
+            "float16, bfloat16, float64)"
+        )
     if mask is None:
         mask = torch.ones(current.shape, dtype=torch.bool, device=current.device)
     _check_mask(mask, current.shape, "mask")
+    check_finite(current, f"module.{name}")
+    return _attach_mask(module, name, mask)
+
+
+def check_finite(value: torch.Tensor, what: str) -> None:
+    """Refuse NaN/inf values (a masked NaN stays NaN, and magnitudes of NaN or inf rank arbitrarily)."""
+    if value.is_meta:
+        return
+    bad = value.numel() - int(torch.isfinite(value).sum())
+    if bad:
+        raise InvalidArgumentError(
+            f"{what} has {bad} non-finite value(s) (NaN or inf); they are refused because a masked NaN "
+            "is still NaN (NaN * 0) and non-finite scores rank arbitrarily: replace them first, e.g. "
+            "with torch.nan_to_num_ under torch.no_grad()"
+        )
+
+
+def _attach_mask(module: nn.Module, name: str, mask: torch.Tensor) -> HadamardMask:
+    """:func:`register_mask` after its checks (the mask has been checked against the tensor)."""
     existing = mask_of(module, name)
     if existing is not None:
         with torch.no_grad():
@@ -90,7 +129,7 @@ def register_mask(module: nn.Module, name: str = "weight", mask: torch.Tensor | 
                     f"{tuple(existing.mask.shape)}; masks are updated in place and keep their shape"
                 )
         return existing
-    pm = HadamardMask(mask.to(current.device))
+    pm = HadamardMask(mask.to(getattr(module, name).device))
     parametrize.register_parametrization(module, name, pm)
     ensure_load_hook(module)
     return pm
@@ -98,7 +137,7 @@ def register_mask(module: nn.Module, name: str = "weight", mask: torch.Tensor | 
 
 def apply_pruned(t: Target, keep: torch.Tensor, dense: torch.Tensor) -> None:
     """Register ``keep`` on ``t`` and write ``dense`` into its original (for weight-editing pruners)."""
-    register_mask(t.module, t.tensor_name, keep)
+    _attach_mask(t.module, t.tensor_name, keep)
     with torch.no_grad():
         t.module.parametrizations[t.tensor_name].original.copy_(dense)  # type: ignore[index, union-attr]
 
@@ -172,6 +211,19 @@ def targets_or_raise(model: nn.Module, include: Selectors, exclude: Selectors, v
     return targets
 
 
+def _check_values(targets: list[Target], needs_values: bool) -> None:
+    """Refuse meta-device weights when values are needed, and non-finite weights (by name)."""
+    for t in targets:
+        w = pre_mask_value(t.module, t.tensor_name)
+        if w.is_meta and needs_values:
+            raise InvalidArgumentError(
+                f"{t.qualified} is on the meta device: it has no values to score; load the weights first "
+                "(model.to_empty(device=...) then load_state_dict), or register all-ones masks now with "
+                "sparsify(model, 0.0) and prune once the weights are loaded"
+            )
+        check_finite(w, t.qualified)
+
+
 def sparsify(
     model: nn.Module,
     sparsity: float | None = None,
@@ -185,6 +237,7 @@ def sparsify(
     distribution: str | None = None,
     calibration: Any = None,
     example_inputs: Any = None,
+    min_keep: int = 1,
 ) -> nn.Module:
     r"""Mask the targeted weights of ``model`` in place so that exactly ``sparsity`` of them are zero.
 
@@ -207,6 +260,31 @@ def sparsify(
     ``N/M`` (a smaller one N:M-prunes only a fraction of the groups). Compact
     masks are stored broadcastable (e.g. ``(out, 1)`` for rows). See
     :mod:`hadamard_sparse.structures` and ``docs/structured.md``.
+
+    Safe global selection: with ``scope="global"`` the best ``min_keep`` weights
+    (default 1) of every output unit — a neuron's row, a conv filter, a gate row,
+    indexed by the output dimension of the layer registry — are never pruned, so
+    no tensor and no output unit is silently emptied (one global threshold would
+    otherwise remove whole layers whose weights are small, such as an output
+    head). The exact total still holds: the entries protected this way are made
+    up for by pruning the next-lowest entries elsewhere. With a structure the floor
+    counts groups: at least ``min_keep`` rows/columns of every tensor, blocks of
+    every block row (N:M never empties a unit). A sparsity the floor cannot reach
+    is refused; ``min_keep=0`` turns the floor off. ``scope="layer"`` and
+    ``"row"`` apply exactly the per-tensor or per-row counts asked for.
+
+    Refused before anything changes: NaN/inf weights (named), weights on the
+    meta device when values are needed (``sparsity > 0`` or a data-aware method;
+    ``sparsify(model, 0.0)`` registers all-ones masks on a meta model), and
+    ``include``/``exclude`` entries that match no targetable tensor.
+
+    Undoing: ``sparsify(model, 0.0)`` restores the dense model only as long as
+    nothing wrote to the dense values at pruned positions. Training does: the
+    masked positions get zero gradient, but an optimizer with momentum keeps moving
+    them with its stale velocity, and AdamW's decoupled weight decay shrinks them
+    every step; they stay invisible while masked, but re-enabling them later brings
+    back changed values, not the pretrained ones. Keep a copy of the state_dict
+    before fine-tuning if you may want to undo.
 
     Args:
         model: any ``nn.Module``; not wrapped in DDP/FSDP yet.
@@ -246,6 +324,15 @@ def sparsify(
             (every channel with its bias, the BatchNorm entries after it and the inputs of its
             consumers), ``"neuron"`` (the same, Linear layers only: FFN neurons) and ``"head"``
             (attention heads; inputs unused). See ``docs/structured.md``.
+        min_keep: with ``scope="global"``, how many of the best weights (groups, with a structure)
+            of every output unit are always kept. Default: ``1``. ``0``: none, whole units and
+            tensors may be pruned. Not applied to groups that span tensors (``"channel_group"``,
+            ``"neuron"``, ``"head"``).
+
+    Raises:
+        InvalidArgumentError: a bad argument, a sparsity the ``min_keep`` floor cannot reach,
+            non-finite weights, meta-device weights when values are needed, or an
+            ``include``/``exclude`` entry that matches nothing (the model is left unchanged).
 
     Returns:
         ``model``, with masks registered or updated.
@@ -286,6 +373,7 @@ def sparsify(
             f"scope='row' with a structure needs an 'N:M' structure, got structure={structure!r}"
         )
     check_seed(seed)
+    min_keep = check_int(min_keep, "min_keep", 0)
     dist = None if distribution is None else check_distribution(distribution)
     if dist is not None and st is not None:
         raise InvalidArgumentError(
@@ -298,6 +386,7 @@ def sparsify(
     targets = (
         groups.targets(model) if groups is not None else targets_or_raise(model, include, exclude, "sparsify")
     )
+    _check_values(targets, needs_values=s > 0 or entry.needs_calibration or entry.pruner is not None)
     per: float | list[float] = s
     if dist is not None:
         dens = densities_for_shapes({t.qualified: tuple(t.value().shape) for t in targets}, s, dist)
@@ -315,10 +404,18 @@ def sparsify(
     if entry.needs_calibration:
         stats = stats_for(model, targets, calibration, method=method, need_gram=entry.needs_gram)
     keeps = compute_keep_masks(
-        targets, per, method=method, scope=scope, seed=seed, structure=st, stats=stats, checked=True
+        targets,
+        per,
+        method=method,
+        scope=scope,
+        seed=seed,
+        structure=st,
+        stats=stats,
+        checked=True,
+        min_keep=min_keep,
     )
     for t, keep in zip(targets, keeps):
-        register_mask(t.module, t.tensor_name, keep)
+        _attach_mask(t.module, t.tensor_name, keep)
     return model
 
 

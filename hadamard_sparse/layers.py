@@ -352,18 +352,48 @@ class Target:
         return getattr(self.module, self.tensor_name)
 
 
-def _matches(selectors: list[Selector], module_name: str, module: nn.Module, qualified: str) -> bool:
+def _matches(
+    selectors: list[Selector],
+    module_name: str,
+    module: nn.Module,
+    qualified: str,
+    used: set[int] | None = None,
+) -> bool:
+    """Whether one of ``selectors`` matches; with ``used``, every matching entry's index is added to it."""
     cls = parametrize.type_before_parametrizations(module)
-    for s in selectors:
+    hit = False
+    for i, s in enumerate(selectors):
         if isinstance(s, type):
-            if issubclass(cls, s):
-                return True
+            ok = issubclass(cls, s)
         elif isinstance(s, str):
-            if fnmatch.fnmatchcase(qualified, s) or fnmatch.fnmatchcase(module_name, s):
+            ok = fnmatch.fnmatchcase(qualified, s) or fnmatch.fnmatchcase(module_name, s)
+        else:
+            ok = bool(s(module_name, module))
+        if ok:
+            if used is None:
                 return True
-        elif s(module_name, module):
-            return True
-    return False
+            used.add(i)
+            hit = True
+    return hit
+
+
+def _selector_name(s: Selector) -> str:
+    if isinstance(s, type):
+        return s.__name__
+    return repr(s) if isinstance(s, str) else getattr(s, "__name__", repr(s))
+
+
+def _check_all_used(selectors: list[Selector], used: set[int], arg: str, model: nn.Module) -> None:
+    """Refuse ``include``/``exclude`` entries that matched no candidate tensor (a typo protects nothing)."""
+    unused = [_selector_name(s) for i, s in enumerate(selectors) if i not in used]
+    if unused:
+        which = f"entry {unused[0]}" if len(unused) == 1 else f"entries {', '.join(unused)}"
+        raise InvalidArgumentError(
+            f"{arg} {which} matches no targetable tensor of {type(model).__name__}; each entry must "
+            "match at least one module name, qualified tensor name (glob) or layer type among the weights "
+            "of Linear, ConvNd, ConvTransposeNd, RNN/LSTM/GRU, MultiheadAttention, HF Conv1D and Embedding "
+            "(see hs.sparsity_report(model) for the names)"
+        )
 
 
 def _names_opted_in(include: list[Selector], module: nn.Module) -> bool:
@@ -402,11 +432,18 @@ def resolve_targets(
         exclude: tensors matching one of these selectors are dropped.
         warn_tied: warn about Parameters shared by several modules (they are skipped).
 
+    Raises:
+        InvalidArgumentError: an ``include`` or ``exclude`` entry matches none of the candidate
+            tensors (the weights of every layer type in the registry, embeddings and tied weights
+            included), so that a misspelt name never silently protects nothing.
+
     Returns:
         The list of :class:`Target` in ``model.named_modules()`` order.
     """
     inc = check_selectors(include, "include")
     exc = check_selectors(exclude, "exclude")
+    inc_used: set[int] = set()
+    exc_used: set[int] = set()
     shared = shared_parameter_ids(model)
     targets: list[Target] = []
     seen_modules: set[int] = set()
@@ -419,13 +456,12 @@ def resolve_targets(
         rule = layer_rule(module)
         if rule is None:
             continue
-        if rule.opt_in and not _names_opted_in(inc, module):
-            continue
         for tname in rule.tensors(module):
             t = Target(mod_name, module, tname)
-            if inc and not _matches(inc, mod_name, module, t.qualified):
-                continue
-            if exc and _matches(exc, mod_name, module, t.qualified):
+            # every candidate is matched against every entry first, so that unused entries are found
+            included = not inc or _matches(inc, mod_name, module, t.qualified, inc_used)
+            excluded = bool(exc) and _matches(exc, mod_name, module, t.qualified, exc_used)
+            if not included or excluded or (rule.opt_in and not _names_opted_in(inc, module)):
                 continue
             if not parametrize.is_parametrized(module, tname):
                 p = module._parameters.get(tname)
@@ -439,6 +475,8 @@ def resolve_targets(
                         )
                     continue
             targets.append(t)
+    _check_all_used(inc, inc_used, "include", model)
+    _check_all_used(exc, exc_used, "exclude", model)
     return targets
 
 

@@ -113,6 +113,15 @@ class Structure:
         """The compact bool keep-mask (shape :meth:`mask_shape`) from a flat per-group keep decision."""
         raise NotImplementedError
 
+    def n_units(self, shape: torch.Size, out_dim: int, in_dim: int) -> int | None:
+        """Into how many equal runs the flat group scores split, each of which must keep a group.
+
+        Used by the ``min_keep`` floor of global selection (:func:`~hadamard_sparse.sparsify`):
+        if a run loses all its groups, a whole tensor or output unit is gone. Default ``1``: the
+        tensor as a whole (rows and columns). ``None``: pruning never empties an output unit (N:M).
+        """
+        return 1
+
 
 @dataclass(frozen=True)
 class Channels(Structure):
@@ -242,6 +251,9 @@ class NM(Structure):
     def n_groups(self, shape: torch.Size, out_dim: int, in_dim: int) -> int:
         return math.prod(shape) // self.m
 
+    def n_units(self, shape: torch.Size, out_dim: int, in_dim: int) -> int | None:
+        return None  # every group keeps M - N of its M weights
+
     def _grouped(self, scores: torch.Tensor, in_dim: int) -> torch.Tensor:
         return scores.to(torch.float32).movedim(in_dim, -1).reshape(-1, self.m)
 
@@ -314,6 +326,9 @@ class Block(Structure):
 
     def n_groups(self, shape: torch.Size, out_dim: int, in_dim: int) -> int:
         return (shape[out_dim] // self.rows) * (shape[in_dim] // self.cols)
+
+    def n_units(self, shape: torch.Size, out_dim: int, in_dim: int) -> int | None:
+        return shape[out_dim] // self.rows  # one run of blocks per block row (group scores are row-major)
 
     def group_scores(self, scores: torch.Tensor, out_dim: int, in_dim: int) -> torch.Tensor:
         x = scores.movedim((out_dim, in_dim), (0, 1))

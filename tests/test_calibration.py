@@ -456,5 +456,5 @@ def test_calibrate_include_exclude_and_deprecated_targets() -> None:
     assert list(old) == ["0.weight"]
     with pytest.raises(ValueError, match="pass only include"):
         calibrate(model, xs, targets="0.*", include="2.*")
-    with pytest.raises(hs.NoTargetsError, match="selects no tensor"):
+    with pytest.raises(hs.InvalidArgumentError, match="include entry 'nothing' matches no targetable tensor"):
         calibrate(model, xs, include="nothing")

@@ -389,7 +389,8 @@ def test_warns_when_weights_already_have_gradients() -> None:
         ({"init": "random"}, ValueError, "init must be one of"),
         ({"group": lambda m, n: torch.zeros(7, dtype=torch.long)}, ValueError, "does not broadcast"),
         ({"group": lambda m, n: torch.zeros(1, 1)}, TypeError, "integer dtype"),
-        ({"include": "nothing*"}, hs.NoTargetsError, "no tensor"),
+        ({"include": "nothing*"}, hs.InvalidArgumentError, "include entry 'nothing.' matches no"),
+        ({"exclude": "*"}, hs.NoTargetsError, "no tensor"),
     ],
 )
 def test_refused_calls_leave_model_unchanged(kwargs, err, match) -> None:

@@ -272,6 +272,19 @@ class Schedule:
             raise InvalidArgumentError(
                 f"state_dict was saved by {state_dict['type']!r}, cannot load it into {type(self).__name__}"
             )
+        saved, mine = state_dict.get("config"), self._config()
+        if isinstance(saved, Mapping):  # states saved before configs were compared have none
+            diff = [
+                f"{k}: saved {saved.get(k)!r}, this schedule {mine.get(k)!r}"
+                for k in sorted(set(saved) | set(mine))
+                if saved.get(k) != mine.get(k)
+            ]
+            if diff:
+                raise InvalidArgumentError(
+                    f"state_dict was saved by a {type(self).__name__} with another configuration ("
+                    + "; ".join(diff)
+                    + "); build the schedule with the same arguments before loading its state"
+                )
         self.last_step = int(state_dict["last_step"])
         self._gen.set_state(state_dict["generator"])
         self.history = [(int(s), float(t), float(a)) for s, t, a in state_dict["history"]]
