@@ -32,6 +32,7 @@ from .structures import NM, Structure, StructureLike, check_sparsity, check_targ
 
 __all__ = [
     "broadcasts_to",
+    "check_floor",
     "check_mask_shapes",
     "check_structure",
     "compute_keep_masks",
@@ -236,6 +237,54 @@ def floor_count(
     return total
 
 
+def _check_floor(
+    st: Structure | None,
+    shapes: Sequence[torch.Size],
+    dims: Sequence[tuple[int, int]],
+    counts: Sequence[int],
+    sparsity: float,
+    min_keep: int,
+    arg: str,
+) -> None:
+    total = sum(counts)
+    wanted = min(total, _select.n_to_prune(sparsity / (1.0 if st is None else st.group_fraction), total))
+    protected = floor_count(st, shapes, dims, min_keep)
+    if wanted > total - protected:
+        what = "weights" if st is None else "groups"
+        raise InvalidArgumentError(
+            f"{arg}={sparsity:g} with scope='global' prunes "
+            f"{wanted:,} of {total:,} {what}, but min_keep={min_keep} keeps the best {min_keep} of every "
+            f"output unit ({protected:,} {what}), so at most {total - protected:,} can be pruned; lower the "
+            f"{arg}, or pass min_keep=0 to allow emptying whole output units and tensors"
+        )
+
+
+def check_floor(
+    targets: Sequence[Target],
+    sparsity: float,
+    structure: StructureLike = None,
+    min_keep: int = 1,
+    arg: str = "sparsity",
+) -> None:
+    """Refuse a global ``sparsity`` that the ``min_keep`` floor cannot reach on ``targets`` (shapes only).
+
+    Args:
+        targets: the tensors a global selection would run over.
+        sparsity: the fraction of elements (of groups, with a structure) to prune.
+        structure: ``None`` or a structure, as for :func:`compute_keep_masks`.
+        min_keep: the floor (``0``: nothing to check).
+        arg: the argument's name for the message (``"final_sparsity"`` for schedules).
+    """
+    st = parse_structure(structure)
+    min_keep = check_int(min_keep, "min_keep", 0)
+    if min_keep == 0 or not targets or isinstance(st, TensorGroups):  # groups spanning tensors: no floor
+        return
+    shapes = [t.value().shape for t in targets]
+    dims = [weight_dims(t.module, t.tensor_name) for t in targets]
+    counts = [math.prod(sh) if st is None else st.n_groups(sh, *d) for sh, d in zip(shapes, dims)]
+    _check_floor(st, shapes, dims, counts, sparsity, min_keep, arg)
+
+
 def _protect(scores: torch.Tensor, units: int, axis: int, k: int) -> torch.Tensor:
     """A copy of ``scores`` in which the ``k`` best entries of each unit (not already ``-inf``) are ``+inf``."""
     x = scores if scores.is_floating_point() else scores.float()
@@ -307,17 +356,7 @@ def _floored(
     min_keep: int,
 ) -> list[Callable[[], torch.Tensor]]:
     """Group thunks whose protected entries score ``+inf``, after checking the total can still be met."""
-    total = sum(counts)
-    wanted = min(total, _select.n_to_prune(sparsity / (1.0 if st is None else st.group_fraction), total))
-    protected = floor_count(st, shapes, dims, min_keep)
-    if wanted > total - protected:
-        what = "weights" if st is None else "groups"
-        raise InvalidArgumentError(
-            f"sparsity={sparsity:g} with scope='global' prunes "
-            f"{wanted:,} of {total:,} {what}, but min_keep={min_keep} keeps the best {min_keep} of every "
-            f"output unit ({protected:,} {what}), so at most {total - protected:,} can be pruned; lower the "
-            "sparsity, or pass min_keep=0 to allow emptying whole output units and tensors"
-        )
+    _check_floor(st, shapes, dims, counts, sparsity, min_keep, "sparsity")
     out: list[Callable[[], torch.Tensor]] = []
     for g, sh, d in zip(group, shapes, dims):
         u = _units(st, sh, d)

@@ -211,6 +211,36 @@ def test_floor_counts_hypothesis(
             assert int(v.sum()) >= min(min_keep, v.numel())
 
 
+@pytest.mark.parametrize("kind", ["gradual", "iterative"])
+def test_schedules_keep_the_floor_and_refuse_unreachable_targets(kind: str) -> None:
+    torch.manual_seed(0)
+    model = hs.sparsify(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4)), 0.0)
+    with torch.no_grad():
+        model[2].parametrizations.weight.original.mul_(1e-3)
+    total = 64 * 32 + 32 * 4
+    if kind == "gradual":
+        sched: hs.GradualPruning | hs.IterativePruning = hs.GradualPruning(
+            model, 0.95, start_step=0, end_step=4, every=1
+        )
+    else:
+        sched = hs.IterativePruning(model, rounds=2, final_sparsity=0.95, every=2)
+    prev = {k: v.clone() for k, v in hs.masks(model).items()}
+    for _ in range(4):
+        sched.step()
+        m = hs.masks(model)
+        assert all(not bool((m[k] & ~prev[k]).any()) for k in m)  # still nested
+        assert _units_empty(m["0.weight"], 0) == 0 and _units_empty(m["2.weight"], 0) == 0
+        prev = {k: v.clone() for k, v in m.items()}
+    assert sum(int((~v).sum()) for v in hs.masks(model).values()) == round(0.95 * total)
+    fresh = hs.sparsify(copy.deepcopy(model), 0.0)
+    with pytest.raises(hs.InvalidArgumentError, match="final_sparsity=0.99 with scope='global'"):
+        if kind == "gradual":
+            hs.GradualPruning(fresh, 0.99, start_step=0, end_step=4, every=1)
+        else:
+            hs.IterativePruning(fresh, rounds=2, final_sparsity=0.99, every=2)
+    assert all(bool(v.all()) for v in hs.masks(fresh).values())
+
+
 # ----------------------------------------------------------------------------------------------
 # include / exclude entries that match nothing
 # ----------------------------------------------------------------------------------------------

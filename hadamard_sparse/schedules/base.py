@@ -274,10 +274,10 @@ class Schedule:
             )
         saved, mine = state_dict.get("config"), self._config()
         if isinstance(saved, Mapping):  # states saved before configs were compared have none
-            diff = [
-                f"{k}: saved {saved.get(k)!r}, this schedule {mine.get(k)!r}"
-                for k in sorted(set(saved) | set(mine))
-                if saved.get(k) != mine.get(k)
+            diff = [  # keys only one side has come from another version: not compared
+                f"{k}: saved {saved[k]!r}, this schedule {mine[k]!r}"
+                for k in sorted(set(saved) & set(mine))
+                if saved[k] != mine[k]
             ]
             if diff:
                 raise InvalidArgumentError(
@@ -309,7 +309,9 @@ class Schedule:
 
     # -- pruning to a target with nested masks ----------------------------------------------
 
-    def _prune_nested(self, target: float, method: str, scope: str, structure: Any = None) -> None:
+    def _prune_nested(
+        self, target: float, method: str, scope: str, structure: Any = None, min_keep: int = 0
+    ) -> None:
         """Prune the masks to ``target`` keeping them nested (masked entries are pruned first)."""
         keeps = compute_keep_masks(
             self._masked,
@@ -319,6 +321,7 @@ class Schedule:
             seed=draw_seed(self._gen),
             value="effective",
             structure=structure,
+            min_keep=min_keep,
         )
         new = []
         for m, keep in zip(self._masked, keeps):

@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from .._checks import check_fraction, check_int
+from .._engine import check_floor
 from ..errors import InvalidArgumentError
 from ..structures import check_sparsity, check_targets, parse_structure
 from .base import Schedule, check_schedule_method, check_unstructured
@@ -42,6 +43,9 @@ class GradualPruning(Schedule):
         scope: ``"global"`` (one threshold over all masked tensors) or ``"layer"``. Default: ``"global"``.
         structure: passed to the pruning engine for structured sparsity (``None``: unstructured).
         seed: seeds the schedule's own generator (used by random scores). Default: ``0``.
+        min_keep: with ``scope="global"``, the best ``min_keep`` weights (groups, with a structure)
+            of every output unit are never pruned, as in :func:`~hadamard_sparse.sparsify`; a
+            ``final_sparsity`` the floor cannot reach is refused here. ``0``: no floor. Default: ``1``.
 
     Example::
 
@@ -69,6 +73,7 @@ class GradualPruning(Schedule):
         scope: str = "global",
         structure: Any = None,
         seed: int = 0,
+        min_keep: int = 1,
     ) -> None:
         final = check_fraction(final_sparsity, "final_sparsity")
         initial = check_fraction(initial_sparsity, "initial_sparsity")
@@ -97,6 +102,8 @@ class GradualPruning(Schedule):
             check_unstructured(self._masked, self._who)
         else:
             check_targets(parsed, self._masked)
+        self.min_keep = check_int(min_keep, "min_keep", 0) if scope == "global" else 0  # a floor is global
+        check_floor(self._masked, final, parsed, self.min_keep, "final_sparsity")
         self.final_sparsity = final
         self.initial_sparsity = initial
         self.start_step = start
@@ -153,7 +160,7 @@ class GradualPruning(Schedule):
 
     def _update(self, step: int) -> None:
         target = self._curve_value(step)
-        self._prune_nested(target, self.method, self.scope, self.structure)
+        self._prune_nested(target, self.method, self.scope, self.structure, self.min_keep)
         self._record(step, target)
 
     def _config(self) -> dict[str, Any]:
@@ -166,4 +173,5 @@ class GradualPruning(Schedule):
             "curve": self.curve if isinstance(self.curve, str) else "callable",
             "method": self.method,
             "scope": self.scope,
+            "min_keep": self.min_keep,
         }

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .._checks import check_fraction, check_int, check_optimizer
+from .._engine import check_floor
 from .._names import dense_key, original_key
 from ..errors import InvalidArgumentError, InvalidTypeError
 from ..structures import check_sparsity, check_targets, parse_structure
@@ -69,6 +70,9 @@ class IterativePruning(Schedule):
         structure: passed to the pruning engine for structured sparsity (``None``: unstructured; e.g.
             ``hs.ChannelGroups(model, x)``, whose masks ``hs.sparsify(model, 0.0, structure=...)`` registers).
         seed: seeds the schedule's own generator. Default: ``0``.
+        min_keep: with ``scope="global"``, the best ``min_keep`` weights of every output unit are
+            never pruned, as in :func:`~hadamard_sparse.sparsify` (a ``final_sparsity`` the floor
+            cannot reach is refused here). ``0``: no floor. Default: ``1``.
 
     Example::
 
@@ -95,6 +99,7 @@ class IterativePruning(Schedule):
         optimizer: torch.optim.Optimizer | None = None,
         seed: int = 0,
         structure: Any = None,
+        min_keep: int = 1,
     ) -> None:
         if args:
             rounds, final_sparsity, rewind_to = _positional_options(
@@ -126,6 +131,8 @@ class IterativePruning(Schedule):
         else:
             check_targets(parsed, self._masked)
         self.structure = structure
+        self.min_keep = check_int(min_keep, "min_keep", 0) if scope == "global" else 0  # a floor is global
+        check_floor(self._masked, self.final_sparsity, parsed, self.min_keep, "final_sparsity")
         self.method = method
         self.scope = scope
         self.round = 0
@@ -183,7 +190,7 @@ class IterativePruning(Schedule):
         if step % self.every == 0 and self.round < self.rounds:
             self.round += 1
             target = self.target_of_round(self.round)
-            self._prune_nested(target, self.method, self.scope, self.structure)
+            self._prune_nested(target, self.method, self.scope, self.structure, self.min_keep)
             self._rewind()
             self._record(step, target)
 
@@ -214,6 +221,7 @@ class IterativePruning(Schedule):
             "rewind_step": -1 if self.rewind_step is None else self.rewind_step,
             "method": self.method,
             "scope": self.scope,
+            "min_keep": self.min_keep,
         }
 
     def _extra_state(self) -> dict[str, Any]:
