@@ -285,18 +285,32 @@ def check_floor(
     _check_floor(st, shapes, dims, counts, sparsity, min_keep, arg)
 
 
-def _protect(scores: torch.Tensor, units: int, axis: int, k: int) -> torch.Tensor:
-    """A copy of ``scores`` in which the ``k`` best entries of each unit (not already ``-inf``) are ``+inf``."""
-    x = scores if scores.is_floating_point() else scores.float()
-    moved = x.movedim(axis, 0)
-    rows = moved.reshape(units, -1).clone()
-    k = min(k, rows.shape[1])
-    if k == 0:
-        return x
-    idx = rows.topk(k, dim=1).indices
-    vals = rows.gather(1, idx)
-    rows.scatter_(1, idx, torch.where(vals > float("-inf"), float("inf"), vals))
-    return rows.reshape(moved.shape).movedim(0, axis)
+def _protected(
+    thunk: Callable[[], torch.Tensor], units: int, axis: int, k: int
+) -> Callable[[], torch.Tensor]:
+    """``thunk``'s scores with the ``k`` best entries of each unit (not already ``-inf``) set to ``+inf``.
+
+    The protected positions are found once (a ``topk`` per unit) and reused on later calls, since
+    the selection calls each thunk two or three times and it returns the same scores every time.
+    """
+    cache: list[torch.Tensor] = []
+
+    def scores() -> torch.Tensor:
+        x = thunk()
+        x = x if x.is_floating_point() else x.float()
+        moved = x.movedim(axis, 0)
+        rows = moved.reshape(units, -1).clone()
+        kk = min(k, rows.shape[1])
+        if kk == 0:
+            return x
+        if not cache:
+            cache.append(rows.topk(kk, dim=1).indices)
+        idx = cache[0]
+        vals = rows.gather(1, idx)
+        rows.scatter_(1, idx, torch.where(vals > float("-inf"), float("inf"), vals))
+        return rows.reshape(moved.shape).movedim(0, axis)
+
+    return scores
 
 
 def _dispatch(
@@ -363,7 +377,7 @@ def _floored(
         if u is None:
             out.append(g)
         else:
-            out.append(lambda g=g, u=u: _protect(g(), u[0], u[1], min_keep))
+            out.append(_protected(g, u[0], u[1], min_keep))
     return out
 
 
