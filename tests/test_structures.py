@@ -631,7 +631,9 @@ def test_gradual_pruning_with_nm_and_block_structures() -> None:
 
     blocky = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 8))
     sparsify(blocky, 0.0, structure=Block(2, 4))  # compact (out, in) buffers; schedules keep them
-    sched = schedules.GradualPruning(blocky, 0.75, start_step=0, end_step=3, every=1, structure=Block(2, 4))
+    sched = schedules.GradualPruning(
+        blocky, 0.75, start_step=0, end_step=3, every=1, structure=Block(2, 4), min_keep=0
+    )
     for step in range(1, 4):
         sched.step()
         counts = [_pruned_groups(mask, Block(2, 4), 0, 1) for mask in masks(blocky).values()]
