@@ -37,7 +37,7 @@ from torch import nn
 
 from . import __version__
 from ._checks import SCOPES, check_fraction
-from .api import register_mask, remove_parametrizations, sparsify
+from .api import remove_parametrizations, sparsify
 from .errors import HadamardSparseError
 from .layers import resolve_targets
 from .report import SparsityReport, TensorSparsity, sparsity_report
@@ -261,13 +261,6 @@ def _load_hf(model_dir: str) -> nn.Module:
     return cls.from_pretrained(model_dir).eval()
 
 
-def _masks_saveable() -> bool:
-    """Whether a masked model's state_dict holds only tensors (what ``save_pretrained`` needs)."""
-    lin = nn.Linear(2, 2)
-    register_mask(lin, "weight")
-    return all(isinstance(v, torch.Tensor) for v in lin.state_dict().values())
-
-
 def _check_sparsify_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
     """Every check that needs no model; returns the tokenizer when calibrating. Exits with 2 on error."""
     if not _has_transformers():
@@ -289,11 +282,6 @@ def _check_sparsify_args(parser: argparse.ArgumentParser, args: argparse.Namespa
     if args.sparsity is not None and st is not None and args.sparsity > st.max_sparsity + 1e-12:
         parser.error(
             f"--sparsity {args.sparsity} is above what --structure {args.structure} allows ({st.max_sparsity:g})"
-        )
-    if not args.bake and not _masks_saveable():
-        parser.error(
-            "this version cannot save masks with save_pretrained yet; pass --bake to write the pruned "
-            "weights as plain tensors"
         )
     if args.calibration is None:
         return None
@@ -375,8 +363,12 @@ def _cmd_sparsify(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         remove_parametrizations(model)
     _save(model, Path(args.model_dir), Path(args.out_dir))
     print(report)
-    baked = "baked" if args.bake else "with masks"
-    print(f"wrote {args.out_dir} ({baked}) in {time.perf_counter() - t0:.1f} s")
+    print(f"wrote {args.out_dir} in {time.perf_counter() - t0:.1f} s")
+    if not args.bake:
+        print(
+            "the effective weights are under their usual names, the masks beside them as <name>_mask; "
+            "restore the masks with hs.load_sparse_state_dict(model, safetensors.torch.load_file(...))"
+        )
     return 0
 
 

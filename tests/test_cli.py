@@ -66,20 +66,36 @@ def test_sparsify_gpt2_bake_loads_with_plain_from_pretrained(
     assert rep.zeros == round(0.5 * rep.numel)
 
 
-def test_sparsify_without_bake_uses_save_pretrained_when_masks_can_be_saved(
+def test_sparsify_without_bake_keeps_masks_in_the_safetensors(
     gpt2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    safetensors = pytest.importorskip("safetensors.torch")
     out = tmp_path / "out"
-    code, _, err = _run(
-        ["sparsify", str(gpt2_dir), str(out), "--sparsity", "0.5", "--scope", "layer"], capsys
-    )
-    if not cli._masks_saveable():  # until masks ride in state_dict as plain tensors
-        assert code == 2 and "--bake" in err and not out.exists()
-        return
+    argv = [
+        "sparsify",
+        str(gpt2_dir),
+        str(out),
+        "--sparsity",
+        "0.5",
+        "--scope",
+        "layer",
+        "--exclude",
+        "lm_head",
+    ]
+    code, stdout, err = _run(argv, capsys)
     assert code == 0, err
-    loaded = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
-    for t in hs.sparsity_report(loaded).tensors:
-        assert t.zeros == round(0.5 * t.numel), t.name
+    assert "<name>_mask" in stdout
+    ref = transformers.GPT2LMHeadModel.from_pretrained(gpt2_dir).eval()
+    hs.sparsify(ref, 0.5, scope="layer", exclude="lm_head")
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(out).eval()  # plain: the effective weights
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(_ids()).logits, ref(_ids()).logits, rtol=0, atol=0)
+    fresh = transformers.GPT2LMHeadModel.from_pretrained(gpt2_dir).eval()
+    hs.load_sparse_state_dict(fresh, safetensors.load_file(str(out / "model.safetensors")))
+    ours, theirs = hs.masks(fresh), hs.masks(ref)
+    assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    code, stdout, _ = _run(["report", str(out)], capsys)
+    assert code == 0 and "masks (" in stdout and "h.0.mlp.c_fc.weight_mask" in stdout
 
 
 def test_sparsify_minilm_wanda_with_calibration_file(

@@ -400,3 +400,33 @@ def test_schedule_refuses_state_from_another_configuration() -> None:
     s2 = it.state_dict()
     with pytest.raises(hs.InvalidArgumentError, match="every: saved 3, this schedule 4"):
         hs.IterativePruning(model, rounds=2, final_sparsity=0.8, every=4).load_state_dict(s2)
+
+
+@pytest.mark.parametrize("opt", ["sgd_momentum", "adamw"])
+def test_documented_optimizers_move_pruned_dense_values(opt: str) -> None:
+    """docs/pretrained.md "Undoing after fine-tuning": masked positions get zero gradient, yet momentum and
+    AdamW's decoupled decay still change their dense values, so sparsify(model, 0.0) brings back other values."""
+    torch.manual_seed(0)
+    model = mlp()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    if opt == "adamw":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    x = torch.randn(16, 8)
+    model(x).square().mean().backward()  # one dense step builds momentum everywhere
+    optimizer.step()
+    optimizer.zero_grad()
+    hs.sparsify(model, 0.5)
+    pruned = ~hs.masks(model)["0.weight"]
+    before = model[0].parametrizations.weight.original.detach().clone()
+    for _ in range(3):
+        model(x).square().mean().backward()
+        assert bool((model[0].parametrizations.weight.original.grad[pruned] == 0).all())
+        optimizer.step()
+        optimizer.zero_grad()
+        assert bool((model[0].weight[pruned] == 0).all())  # still exactly zero in the forward
+    after = model[0].parametrizations.weight.original.detach()
+    assert not torch.equal(after[pruned], before[pruned])
+    hs.sparsify(model, 0.0)
+    assert not torch.equal(model[0].weight.detach()[pruned], dense["0.weight"][pruned])
