@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -262,7 +263,7 @@ def _load_hf(model_dir: str) -> nn.Module:
 
 
 def _check_sparsify_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
-    """Every check that needs no model; returns the tokenizer when calibrating. Exits with 2 on error."""
+    """Every check that needs no model; returns ``(tokenizer, lines)`` when calibrating. Exits with 2 on error."""
     if not _has_transformers():
         parser.error('sparsify needs transformers: pip install "hadamard-sparse[examples]"')
     src, out = Path(args.model_dir), Path(args.out_dir)
@@ -332,7 +333,10 @@ def _cmd_sparsify(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     calib = _check_sparsify_args(parser, args)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     t0 = time.perf_counter()
-    model = _load_hf(args.model_dir)
+    try:
+        model = _load_hf(args.model_dir)
+    except (OSError, ValueError, KeyError) as e:
+        parser.error(f"cannot load MODEL_DIR {args.model_dir!r} with transformers: {e}")
     print(f"loaded {type(model).__name__} from {args.model_dir}")
     try:
         resolve_targets(model, args.include, args.exclude, warn_tied=False)  # selectors, before work
@@ -372,19 +376,29 @@ def _cmd_sparsify(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     return 0
 
 
-def _file_report(path: Path) -> tuple[SparsityReport, SparsityReport, int]:
-    """(weights with >= 2 dims, bool mask tensors, other tensors) of safetensors/torch files."""
+def _tensors(f: Path, masks_only: bool) -> Iterator[tuple[str, Any]]:
+    """``(name, value)`` of a safetensors or torch file (with ``masks_only``, only bool safetensors)."""
+    if f.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(f), framework="pt") as h:
+            for name in h.keys():
+                if not masks_only or h.get_slice(name).get_dtype() == "BOOL":
+                    yield name, h.get_tensor(name)
+    elif not masks_only:
+        sd = torch.load(f, map_location="cpu", weights_only=True)
+        yield from (sd.items() if isinstance(sd, dict) else [])
+
+
+def _file_report(path: Path, masks_only: bool = False) -> tuple[SparsityReport, SparsityReport, int]:
+    """(weights with >= 2 dims, bool mask tensors, count of other entries) of safetensors/torch files."""
     files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
     weights, masks, other = [], [], 0
     for f in files:
-        if f.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(f))
-        else:
-            sd = torch.load(f, map_location="cpu", weights_only=True)
-        for name, t in sd.items():
-            if t.dtype == torch.bool:
+        for name, t in _tensors(f, masks_only):
+            if not isinstance(t, torch.Tensor):
+                other += 1
+            elif t.dtype == torch.bool:
                 masks.append(TensorSparsity(name, tuple(t.shape), t.numel(), int((~t).sum())))
             elif t.is_floating_point() and t.dim() >= 2:
                 weights.append(TensorSparsity(name, tuple(t.shape), t.numel(), int((t == 0).sum())))
@@ -408,12 +422,18 @@ def _cmd_report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         )
     if path.is_dir():
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        model = _load_hf(str(path))
+        try:
+            model = _load_hf(str(path))
+        except (OSError, ValueError, KeyError) as e:
+            parser.error(f"cannot load {str(path)!r} with transformers: {e}")
         print(f"{type(model).__name__} from {path}: targeted weights (Linear, Conv, attention, ...)")
         print(sparsity_report(model))
-        masks = _file_report(path)[1] if importlib.util.find_spec("safetensors") else None
+        masks = _file_report(path, masks_only=True)[1] if importlib.util.find_spec("safetensors") else None
     else:
-        weights, masks, other = _file_report(path)
+        try:
+            weights, masks, other = _file_report(path)
+        except (OSError, RuntimeError, pickle.UnpicklingError) as e:
+            parser.error(f"cannot read {str(path)!r} as a weights file: {e}")
         print(f"{path}: floating-point tensors with 2 or more dimensions ({other} other tensors not shown)")
         print(weights)
     if masks is not None and masks.tensors:

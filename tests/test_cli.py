@@ -196,6 +196,12 @@ def test_report_of_a_safetensors_file_with_zeros_and_masks(
     assert "1 other tensors not shown" in out
     code, _, err = _run(["report", str(tmp_path / "nope.txt")], capsys)
     assert code == 2 and "neither a weights file nor" in err
+    torch.save({"fc.weight": w, "step": 3}, tmp_path / "ckpt.pt")  # a torch file with a non-tensor entry
+    code, out, _ = _run(["report", str(tmp_path / "ckpt.pt")], capsys)
+    assert code == 0 and "50.00%" in out and "1 other tensors not shown" in out
+    (tmp_path / "bad.bin").write_bytes(b"not a checkpoint")
+    code, _, err = _run(["report", str(tmp_path / "bad.bin")], capsys)
+    assert code == 2 and "cannot read" in err and "Traceback" not in err
 
 
 def test_demo_arguments_checked_before_training(capsys: pytest.CaptureFixture[str]) -> None:
