@@ -466,7 +466,7 @@ def test_to_sparse_state_dict_round_trip(layout: str) -> None:
 
 
 def test_to_sparse_validates_before_changing() -> None:
-    model = sparsify(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), 0.9)
+    model = sparsify(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), 0.8)
     with pytest.raises(ValueError, match="remove_parametrizations"):
         to_sparse(model)
     baked = remove_parametrizations(model)
