@@ -278,6 +278,21 @@ def test_selector_matching_nothing_is_refused_before_changes(
     assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
 
 
+def test_selector_matching_nothing_refused_for_model_groups() -> None:
+    model = mlp()
+    x = torch.randn(2, 8)
+    with pytest.raises(hs.InvalidArgumentError, match="exclude entry 'classifier.' matches no"):
+        hs.sparsify(model, 0.5, structure="neuron", example_inputs=x, exclude="classifier*")
+    with pytest.raises(hs.InvalidArgumentError, match="include entry nn_conv matches no"):
+
+        def nn_conv(name: str, mod: nn.Module) -> bool:
+            return isinstance(mod, nn.Conv2d)
+
+        hs.sparsify(model, 0.5, structure="neuron", example_inputs=x, include=["0", nn_conv])
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    hs.sparsify(model, 0.5, structure="neuron", example_inputs=x, exclude="4")  # matches: fine
+
+
 def test_selectors_that_match_still_work() -> None:
     model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 3))
     hs.sparsify(model, 0.5, include=[nn.Embedding, "1"], exclude=["2.weight"])

@@ -429,8 +429,12 @@ def test_include_and_exclude_select_groups() -> None:
     fresh = crepe()
     hs.sparsify(fresh, 0.5, structure="channel_group", example_inputs=x, scope="layer", include="conv3")
     assert {k.rpartition(".")[0] for k in hs.masks(fresh)} == {"conv3", "conv3_BN", "conv4"}
-    with pytest.raises(hs.NoTargetsError, match="no group left"):
+    with pytest.raises(hs.InvalidArgumentError, match="include entry 'nothing' matches no"):
         hs.sparsify(crepe(), 0.5, structure="channel_group", example_inputs=x, include="nothing")
+    with pytest.raises(hs.NoTargetsError, match="no group left"):
+        hs.sparsify(
+            crepe(), 0.5, structure="channel_group", example_inputs=x, include="conv1", exclude="conv1*"
+        )
 
 
 def test_groups_built_for_another_model_are_refused() -> None:
