@@ -25,6 +25,7 @@ from .._engine import compute_keep_masks, mask_of
 from ..errors import InvalidArgumentError, InvalidTypeError, NoTargetsError
 from ..layers import Target
 from ..parametrizations import HadamardMask
+from . import sharded
 
 __all__ = [
     "SCHEDULE_SCOPES",
@@ -313,6 +314,17 @@ class Schedule:
         self, target: float, method: str, scope: str, structure: Any = None, min_keep: int = 0
     ) -> None:
         """Prune the masks to ``target`` keeping them nested (masked entries are pruned first)."""
+        mesh = sharded.mesh_of(self._masked, self._who)
+        if mesh is not None:  # FSDP2: each rank scores its shard, thresholds from all-reduced histograms
+            if structure is not None:
+                raise InvalidArgumentError(
+                    f"{self._who}: structure={structure!r} is not supported on weights sharded with "
+                    "fully_shard; prune with a structure before sharding, or use unstructured masks"
+                )
+            seed = draw_seed(self._gen)
+            new = sharded.prune_nested(self._masked, target, method=method, scope=scope, seed=seed, mesh=mesh)
+            write_masks(self._masked, new)
+            return
         keeps = compute_keep_masks(
             self._masked,
             target,

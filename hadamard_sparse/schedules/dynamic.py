@@ -19,6 +19,7 @@ from .. import _select
 from .._checks import check_choice, check_distribution, check_fraction, check_int, check_optimizer
 from ..densities import densities_for_shapes
 from ..errors import HadamardSparseError, InvalidArgumentError
+from . import sharded
 from .base import (
     MaskedTensor,
     Schedule,
@@ -113,6 +114,7 @@ class DynamicSparse(Schedule):
     def _update(self, step: int) -> None:
         self._prepare_update()
         frac = self.current_drop_fraction(step)
+        mesh = sharded.mesh_of(self._masked, self._who)
         new: list[torch.Tensor] = []
         with torch.no_grad():
             for i, m in enumerate(self._masked):
@@ -123,12 +125,15 @@ class DynamicSparse(Schedule):
                 grow = self._grow_scores(i, m)  # always computed: keeps the generator in step
                 if k <= 0:
                     new.append(active.clone())
-                    continue
-                drop_scores = m.value().detach().abs().float().masked_fill(~active, float("inf"))
-                survivors = active & ~top_k(-drop_scores, k)
-                grown = top_k(grow.float().masked_fill(active, float("-inf")), k)
-                new.append(survivors | grown)
-        new = broadcast_masks(new)
+                elif mesh is not None:
+                    new.append(self._drop_grow_sharded(m, grow, k, mesh))
+                else:
+                    drop_scores = m.value().detach().abs().float().masked_fill(~active, float("inf"))
+                    survivors = active & ~top_k(-drop_scores, k)
+                    grown = top_k(grow.float().masked_fill(active, float("-inf")), k)
+                    new.append(survivors | grown)
+        if mesh is None:
+            new = broadcast_masks(new)
         with torch.no_grad():
             for m, n_mask in zip(self._masked, new):
                 regrown = n_mask & ~m.mask
@@ -136,16 +141,30 @@ class DynamicSparse(Schedule):
                 original = m.original
                 assert original is not None  # checked at construction
                 if bool(regrown.any()):
-                    original.masked_fill_(regrown, 0.0)
+                    original.masked_fill_(sharded.replicated(regrown, original), 0.0)
                     self._reset_optimizer_state(original, regrown)
         self._record(step, self._sparsity)
+
+    @staticmethod
+    def _drop_grow_sharded(m: MaskedTensor, grow: torch.Tensor, k: int, mesh: Any) -> torch.Tensor:
+        """The new mask of ``m`` when its weight is sharded (FSDP2): each rank ranks its own rows."""
+        group = mesh.get_group()
+        local, sl = sharded.local_part(sharded.value(m, mesh))
+        active = m.mask[sl]
+        if grow.shape == m.shape:  # the same full-shape scores on every rank (SET's random growth)
+            grow = grow[sl]
+        n = m.mask.numel()
+        drop_scores = local.abs().float().masked_fill(~active, float("inf"))
+        survivors = active & ~sharded.top_k(-drop_scores, k, n, group)
+        grown = sharded.top_k(grow.float().masked_fill(active, float("-inf")), k, n, group)
+        return sharded.assemble(survivors | grown, sl, m.mask.shape, group)
 
     def _reset_optimizer_state(self, p: torch.Tensor, where: torch.Tensor) -> None:
         if self.optimizer is None:
             return
         for v in self.optimizer.state.get(p, {}).values():
             if isinstance(v, torch.Tensor) and v.shape == p.shape:
-                v.masked_fill_(where, 0)
+                v.masked_fill_(sharded.replicated(where, v), 0)
 
     def _config(self) -> dict[str, Any]:
         return {
@@ -272,6 +291,8 @@ class RigL(DynamicSparse):
         opt = check_optimizer(optimizer, "optimizer", required=True)
         self._grads: list[torch.Tensor | None] = []
         self._handles: list[RemovableHandle] = []
+        self._mesh: Any = None  # the FSDP2 device mesh while armed on sharded weights
+        self._slices: list[tuple[slice, ...]] = []  # this rank's rows of each tensor then
         super().__init__(
             model,
             sparsity,
@@ -297,12 +318,22 @@ class RigL(DynamicSparse):
         if self._handles:
             return
         self._grads = [None] * len(self._masked)
+        self._mesh = sharded.mesh_of(self._masked, self._who)
+        if self._mesh is not None:
+            self._slices = [
+                sharded.local_slices(sharded.as_dtensor(m.plist.original, self._mesh)) for m in self._masked
+            ]
         for i, m in enumerate(self._masked):
             self._handles.append(m.pm.register_forward_hook(self._make_forward_hook(i)))
 
     def _make_forward_hook(self, i: int) -> Callable[..., None]:
         def store(grad: torch.Tensor) -> None:
             g = grad.detach()
+            if self._mesh is not None:  # FSDP2: average over ranks now, keep this rank's rows only
+                g = g.clone()
+                group = self._mesh.get_group()
+                torch.distributed.all_reduce(g, group=group)
+                g = g[self._slices[i]] / torch.distributed.get_world_size(group)
             prev = self._grads[i]
             self._grads[i] = g.clone() if prev is None else prev + g
 
@@ -340,8 +371,8 @@ class RigL(DynamicSparse):
                 "schedule.step() on update steps (every "
                 f"{self.every} steps), and build the schedule before that forward pass"
             )
-        grads = [g for g in self._grads if g is not None]
-        all_reduce_mean(grads)
+        if self._mesh is None:  # under FSDP2 the hooks averaged the gradients already
+            all_reduce_mean([g for g in self._grads if g is not None])
 
     def _grow_scores(self, i: int, m: MaskedTensor) -> torch.Tensor:
         g = self._grads[i]

@@ -16,6 +16,7 @@ from .._names import dense_key, original_key
 from ..errors import InvalidArgumentError, InvalidTypeError
 from ..structures import check_sparsity, check_targets, parse_structure
 from .base import Schedule, check_schedule_method, check_unstructured
+from .sharded import replicated
 
 __all__ = ["IterativePruning"]
 
@@ -202,9 +203,10 @@ class IterativePruning(Schedule):
                 snap = self._snapshot.get(name)
                 if snap is None:
                     continue
+                snap = replicated(snap, p)  # a plain snapshot of a sharded (FSDP2) Parameter
                 m = originals.get(name)
                 if m is not None:
-                    p.copy_(torch.where(m.mask, snap, p))
+                    p.copy_(torch.where(replicated(m.mask, p), snap, p))
                 else:
                     p.copy_(snap)
             if self.optimizer is not None:

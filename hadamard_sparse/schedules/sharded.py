@@ -1,0 +1,314 @@
+"""Schedules on models sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+``fully_shard`` turns every Parameter into a ``DTensor`` sharded on dim 0 (each rank holds a
+block of rows) and all-gathers a layer's weights for its forward. It leaves buffers alone, so
+the masks stay **replicated**: every rank holds the whole bool mask, and the forward multiplies
+the all-gathered weight by it, as without sharding. Cost: one byte per masked weight on every
+rank, next to FSDP's ``(4 + 4 + 8) / world_size`` bytes of fp32 weight, gradient and Adam state.
+
+What runs outside the forward (a schedule's update) must not mix the plain mask with the sharded
+weight. Here every rank works on its own shard only:
+
+- :func:`value` computes a masked tensor's value as a ``DTensor`` (the mask enters as a
+  ``Replicate`` DTensor, which DTensor slices locally: no communication);
+- :func:`local_part` is the block of rows a rank owns (a tensor that is not sharded is owned by
+  rank 0 alone, so nothing is counted twice);
+- :func:`keep_masks` is the exact radix select of :mod:`hadamard_sparse._select` with its two
+  histograms all-reduced over the ranks, and ties at the threshold given out in (tensor, rank,
+  flat index) order, which for ``Shard(0)`` is the one-process order: the global threshold of a
+  schedule is found from histograms, never by gathering weights;
+- :func:`assemble` turns each rank's new block of mask rows back into the replicated mask (one
+  all-reduce of a ``uint8`` mask per tensor).
+
+Only 1-D device meshes (plain FSDP2, not HSDP) and unstructured masks are supported here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from .. import _select
+from ..errors import InvalidArgumentError
+from ..parametrizations import HadamardMask
+from ..scores import ScoreContext, get_score
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from .base import MaskedTensor
+
+__all__ = [
+    "as_dtensor",
+    "assemble",
+    "is_dtensor",
+    "keep_masks",
+    "local_part",
+    "local_slices",
+    "mesh_of",
+    "prune_nested",
+    "replicated",
+    "top_k",
+    "value",
+]
+
+Slices = tuple[slice, ...]
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch.distributed built without DTensor
+        return None
+    return DTensor
+
+
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor``."""
+    cls = _dtensor_type()
+    return cls is not None and isinstance(t, cls)
+
+
+def _originals(m: MaskedTensor) -> list[torch.Tensor]:
+    plist = m.plist
+    if plist.is_tensor:
+        return [plist.original]
+    return [getattr(plist, f"original{i}") for i in range(plist.ntensors)]
+
+
+def mesh_of(masked: Sequence[MaskedTensor], who: str) -> DeviceMesh | None:
+    """The device mesh the masked tensors are sharded over, or ``None`` when none is a DTensor.
+
+    Raises:
+        InvalidArgumentError: the tensors live on several meshes, or on a mesh that is not 1-D.
+    """
+    meshes = []
+    for m in masked:
+        for t in _originals(m):
+            if is_dtensor(t) and all(t.device_mesh != x for x in meshes):  # fully_shard makes equal meshes
+                meshes.append(t.device_mesh)
+    if not meshes:
+        return None
+    if len(meshes) > 1 or meshes[0].ndim != 1:
+        raise InvalidArgumentError(
+            f"{who}: the masked tensors are sharded over {len(meshes)} device mesh(es) of "
+            f"{[x.ndim for x in meshes]} dimension(s); schedules support one 1-D mesh (fully_shard "
+            "with the default mesh, not HSDP)"
+        )
+    return meshes[0]
+
+
+def replicated(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` (the same on every rank) as a ``Replicate`` DTensor on ``like``'s mesh; ``t`` if ``like`` is plain."""
+    if not is_dtensor(like):
+        return t
+    return as_dtensor(t, like.device_mesh)  # type: ignore[attr-defined]
+
+
+def as_dtensor(t: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """``t`` itself if it is a DTensor, else ``t`` (the same on every rank) as a ``Replicate`` DTensor on ``mesh``."""
+    if is_dtensor(t):
+        return t
+    from torch.distributed.tensor import DTensor, Replicate
+
+    return DTensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+
+def value(m: MaskedTensor, mesh: DeviceMesh, *, dense: bool = False) -> torch.Tensor:
+    """The tensor's value as a DTensor (``dense``: every HadamardMask in its chain skipped), detached."""
+    with torch.no_grad():
+        plist = m.plist
+        originals = [as_dtensor(t.detach(), mesh) for t in _originals(m)]
+        if plist.is_tensor:
+            x, chain = originals[0], list(plist)
+        else:
+            x, chain = plist[0](*originals), list(plist)[1:]
+        for p in chain:
+            if isinstance(p, HadamardMask):
+                if not dense:
+                    x = x * replicated(p.mask.to(x.dtype), x)
+            else:
+                x = p(x)
+        return x.detach()
+
+
+def local_slices(x: torch.Tensor) -> Slices:
+    """The index of the block of ``x`` (a DTensor on a 1-D mesh) that this rank owns.
+
+    A ``Shard(d)`` rank owns its shard; a replicated tensor is owned by mesh rank 0 alone (the others
+    own an empty block), so that counts over ranks see every entry once.
+    """
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh, placements = x.device_mesh, x.placements  # type: ignore[attr-defined]
+    if any(isinstance(p, Shard) for p in placements):
+        shape, offset = compute_local_shape_and_global_offset(x.shape, mesh, placements)
+        return tuple(slice(o, o + s) for o, s in zip(offset, shape))
+    if mesh.get_local_rank() == 0 or x.dim() == 0:
+        return tuple(slice(0, n) for n in x.shape)
+    return (slice(0, 0), *(slice(0, n) for n in x.shape[1:]))
+
+
+def local_part(x: torch.Tensor) -> tuple[torch.Tensor, Slices]:
+    """The block of the DTensor ``x`` this rank owns (see :func:`local_slices`), as a plain tensor, and its index."""
+    from torch.distributed.tensor import Replicate
+
+    if any(p.is_partial() for p in x.placements):  # type: ignore[attr-defined]
+        x = x.redistribute(x.device_mesh, [Replicate()] * x.device_mesh.ndim)  # type: ignore[attr-defined]
+    sl = local_slices(x)
+    local = x.to_local()  # type: ignore[attr-defined]
+    if any(p.is_replicate() for p in x.placements):  # type: ignore[attr-defined]
+        local = local[sl]
+    want = tuple(s.stop - s.start for s in sl)
+    if tuple(local.shape) != want:
+        raise InvalidArgumentError(
+            f"a DTensor of shape {tuple(x.shape)} with placements {x.placements} has a local block of "  # type: ignore[attr-defined]
+            f"shape {tuple(local.shape)}, expected {want}; only even torch.chunk sharding is supported"
+        )
+    return local, sl
+
+
+def _all_reduce(t: torch.Tensor, group: dist.ProcessGroup) -> None:
+    dist.all_reduce(t, group=group)
+
+
+def keep_masks(
+    thunks: Sequence[Callable[[], torch.Tensor]], n_prune: int, group: dist.ProcessGroup
+) -> list[torch.Tensor]:
+    """Flat keep-masks of each rank's blocks, pruning exactly ``n_prune`` lowest scores over all ranks.
+
+    The radix select of :func:`hadamard_sparse._select.keep_masks` with its two 65536-bin histograms
+    all-reduced, so every rank finds the same k-th key; entries equal to it are pruned first in the
+    earlier tensor, then the lower rank, then the lower local flat index (for ``Shard(0)`` blocks the
+    one-process order). Every rank must call this with thunks for the same tensors in the same order;
+    a thunk may be called several times and must not communicate after its first call.
+
+    Args:
+        thunks: callables returning this rank's block of each tensor's scores.
+        n_prune: how many entries to prune over all ranks and tensors.
+        group: the process group of the ranks that share the tensors.
+
+    Returns:
+        One flat bool tensor per thunk (of its local block), ``True`` where kept.
+    """
+    if n_prune <= 0:
+        return [torch.ones(t().numel(), dtype=torch.bool) for t in thunks]
+    counts = torch.zeros(65536, dtype=torch.int64)
+    for thunk in thunks:
+        counts += _select._high_hist(_select._keys(thunk()))
+    _all_reduce(counts, group)
+    cum = counts.cumsum(0)
+    high = int(torch.searchsorted(cum, torch.tensor(n_prune)))
+    remaining = n_prune - (int(cum[high - 1]) if high > 0 else 0)
+    high -= 32768
+    counts = torch.zeros(65536, dtype=torch.int64)
+    for thunk in thunks:
+        keys = _select._keys(thunk())
+        ck = keys[(keys >> 16) == high]
+        counts += torch.bincount(ck & 0xFFFF, minlength=65536).cpu()
+    _all_reduce(counts, group)
+    cum = counts.cumsum(0)
+    low = int(torch.searchsorted(cum, torch.tensor(remaining)))
+    take = remaining - (int(cum[low - 1]) if low > 0 else 0)
+    key = (high << 16) | low
+    # Entries equal to the k-th key: `take` of them are pruned, in (tensor, rank, index) order.
+    n_eq = torch.tensor([int((_select._keys(th()) == key).sum()) for th in thunks], dtype=torch.int64)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    gathered = [torch.empty_like(n_eq) for _ in range(world)]
+    dist.all_gather(gathered, n_eq, group=group)
+    out = []
+    for i, thunk in enumerate(thunks):
+        before = sum(int(g[i]) for g in gathered[:rank])
+        mine = max(0, min(int(n_eq[i]), take - before))
+        take = max(0, take - sum(int(g[i]) for g in gathered))
+        keys = _select._keys(thunk())
+        keep = keys > key
+        eq = (keys == key).nonzero().flatten()
+        keep[eq[mine:]] = True
+        out.append(keep)
+    return out
+
+
+def top_k(scores: torch.Tensor, k: int, numel: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """Bool mask (of the local block ``scores``) of the ``k`` largest scores of a tensor of ``numel`` entries over all ranks."""
+    return keep_masks([lambda: scores], numel - k, group)[0].view(scores.shape)
+
+
+def assemble(local: torch.Tensor, sl: Slices, shape: torch.Size, group: dist.ProcessGroup) -> torch.Tensor:
+    """The full bool mask from every rank's block ``local`` at ``sl`` (blocks are disjoint): one all-reduce."""
+    buf = torch.zeros(shape, dtype=torch.uint8, device=local.device)
+    buf[sl] = local.to(torch.uint8)
+    _all_reduce(buf, group)
+    return buf.bool()
+
+
+def _score_thunk(
+    m: MaskedTensor, method: str, seed: int, dense: bool, nest: bool, mesh: DeviceMesh, where: list[Slices]
+) -> Callable[[], torch.Tensor]:
+    """This rank's block of the tensor's scores, computed once (score functions may communicate).
+
+    The block's index is appended to ``where`` at the first call.
+    """
+    entry = get_score(method)
+    cache: list[torch.Tensor] = []
+
+    def scores() -> torch.Tensor:
+        if cache:
+            return cache[0]
+        with torch.no_grad():
+            w = value(m, mesh, dense=dense)
+            _, sl = local_part(w)
+            sc = entry.fn(ScoreContext(m.qualified, m.module, m.tensor_name, w, seed, None))
+            if is_dtensor(sc):
+                if sc.placements != w.placements:  # type: ignore[attr-defined]
+                    sc = sc.redistribute(w.device_mesh, w.placements)  # type: ignore[attr-defined]
+                sc = local_part(sc)[0]
+            else:  # a plain tensor of the full shape, the same on every rank (e.g. seeded random scores)
+                sc = sc[sl]
+            if nest:
+                sc = sc if sc.is_floating_point() else sc.float()
+                sc = sc.masked_fill(~m.mask.expand(w.shape)[sl], float("-inf"))
+        cache.append(sc)
+        where.append(sl)
+        return sc
+
+    return scores
+
+
+def prune_nested(
+    masked: Sequence[MaskedTensor],
+    sparsity: float,
+    *,
+    method: str,
+    scope: str,
+    seed: int,
+    mesh: DeviceMesh,
+) -> list[torch.Tensor]:
+    """The new replicated masks: the current ones pruned to ``sparsity``, nested (effective-value scores).
+
+    The sharded counterpart of ``compute_keep_masks(..., value="effective")`` for unstructured masks,
+    with the same per-tensor seeds, count rule and tie order.
+    """
+    group = mesh.get_group()
+    gen = torch.Generator().manual_seed(seed)
+    seeds = [int(torch.randint(0, 2**62, (1,), generator=gen)) for _ in masked]
+    where: list[list[Slices]] = [[] for _ in masked]
+    thunks = [_score_thunk(m, method, sd, False, True, mesh, w) for m, sd, w in zip(masked, seeds, where)]
+    counts = [math.prod(m.shape) for m in masked]
+    if scope == "global":
+        keeps = keep_masks(thunks, _select.n_to_prune(sparsity, sum(counts)), group)
+    else:
+        keeps = [
+            keep_masks([th], min(c, _select.n_to_prune(sparsity, c)), group)[0]
+            for th, c in zip(thunks, counts)
+        ]
+    out = []
+    for m, keep, (sl,) in zip(masked, keeps, where):
+        local_mask = m.mask[sl]
+        out.append(assemble(local_mask & keep.view(local_mask.shape), sl, m.mask.shape, group))
+    return out
