@@ -316,11 +316,7 @@ class Schedule:
         """Prune the masks to ``target`` keeping them nested (masked entries are pruned first)."""
         mesh = sharded.mesh_of(self._masked, self._who)
         if mesh is not None:  # FSDP2: each rank scores its shard, thresholds from all-reduced histograms
-            if structure is not None:
-                raise InvalidArgumentError(
-                    f"{self._who}: structure={structure!r} is not supported on weights sharded with "
-                    "fully_shard; prune with a structure before sharding, or use unstructured masks"
-                )
+            sharded.check_no_structure(self._masked, structure, self._who)
             seed = draw_seed(self._gen)
             new = sharded.prune_nested(self._masked, target, method=method, scope=scope, seed=seed, mesh=mesh)
             write_masks(self._masked, new)

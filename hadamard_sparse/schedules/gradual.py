@@ -11,6 +11,7 @@ from .._checks import check_fraction, check_int
 from .._engine import check_floor
 from ..errors import InvalidArgumentError
 from ..structures import check_sparsity, check_targets, parse_structure
+from . import sharded
 from .base import Schedule, check_schedule_method, check_unstructured
 from .curves import CURVES
 
@@ -98,6 +99,7 @@ class GradualPruning(Schedule):
         if parsed is not None:
             check_sparsity(parsed, final, "final_sparsity")
         super().__init__(model, seed)
+        sharded.check_no_structure(self._masked, parsed, self._who)
         if parsed is None:
             check_unstructured(self._masked, self._who)
         else:

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "as_dtensor",
     "assemble",
+    "check_no_structure",
     "is_dtensor",
     "keep_masks",
     "local_part",
@@ -100,6 +101,15 @@ def mesh_of(masked: Sequence[MaskedTensor], who: str) -> DeviceMesh | None:
             "with the default mesh, not HSDP)"
         )
     return meshes[0]
+
+
+def check_no_structure(masked: Sequence[MaskedTensor], structure: object, who: str) -> None:
+    """Refuse a ``structure`` when the masked tensors are sharded (structured selection is not distributed)."""
+    if structure is not None and mesh_of(masked, who) is not None:
+        raise InvalidArgumentError(
+            f"{who}: structure={structure!r} is not supported on weights sharded with fully_shard; "
+            "prune with a structure before sharding, or use unstructured masks"
+        )
 
 
 def replicated(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -199,16 +209,16 @@ def keep_masks(
     if n_prune <= 0:
         return [torch.ones(t().numel(), dtype=torch.bool) for t in thunks]
     counts = torch.zeros(65536, dtype=torch.int64)
-    for thunk in thunks:
-        counts += _select._high_hist(_select._keys(thunk()))
+    for thunk in thunks:  # pass 1: histogram of the high 16 bits (signed, shifted to [0, 65536))
+        counts += torch.bincount((_select.order_keys(thunk()) >> 16) + 32768, minlength=65536).cpu()
     _all_reduce(counts, group)
     cum = counts.cumsum(0)
     high = int(torch.searchsorted(cum, torch.tensor(n_prune)))
     remaining = n_prune - (int(cum[high - 1]) if high > 0 else 0)
     high -= 32768
     counts = torch.zeros(65536, dtype=torch.int64)
-    for thunk in thunks:
-        keys = _select._keys(thunk())
+    for thunk in thunks:  # pass 2: histogram of the low 16 bits inside the bucket of the k-th key
+        keys = _select.order_keys(thunk())
         ck = keys[(keys >> 16) == high]
         counts += torch.bincount(ck & 0xFFFF, minlength=65536).cpu()
     _all_reduce(counts, group)
@@ -217,7 +227,7 @@ def keep_masks(
     take = remaining - (int(cum[low - 1]) if low > 0 else 0)
     key = (high << 16) | low
     # Entries equal to the k-th key: `take` of them are pruned, in (tensor, rank, index) order.
-    n_eq = torch.tensor([int((_select._keys(th()) == key).sum()) for th in thunks], dtype=torch.int64)
+    n_eq = torch.tensor([int((_select.order_keys(th()) == key).sum()) for th in thunks], dtype=torch.int64)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     gathered = [torch.empty_like(n_eq) for _ in range(world)]
     dist.all_gather(gathered, n_eq, group=group)
@@ -226,7 +236,7 @@ def keep_masks(
         before = sum(int(g[i]) for g in gathered[:rank])
         mine = max(0, min(int(n_eq[i]), take - before))
         take = max(0, take - sum(int(g[i]) for g in gathered))
-        keys = _select._keys(thunk())
+        keys = _select.order_keys(thunk())
         keep = keys > key
         eq = (keys == key).nonzero().flatten()
         keep[eq[mine:]] = True
