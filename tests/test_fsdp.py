@@ -5,7 +5,7 @@ sharded with ``fully_shard`` on its half of the batch (FSDP averages the gradien
 the same up to the order of float additions), and sharded again resumed from a
 ``torch.distributed.checkpoint`` (DCP) checkpoint saved halfway. The sharded masks must equal the
 reference's up to rare flips at the threshold (0 in this configuration; at most 0.2% allowed), and the
-resumed run must equal the uninterrupted one exactly. The layers have 5 and 33 output rows, so the
+resumed run must equal the uninterrupted one exactly (masks and effective weights). The layers have 5 and 33 output rows, so the
 shards are uneven.
 """
 
@@ -112,8 +112,17 @@ _WORKER = textwrap.dedent(
                 msd, osd = get_state_dict(model, opt)
                 dcp.save({"model": msd, "optim": osd, "schedule": sched.state_dict()}, checkpoint_id=resume_dir)
         m = {k: v.clone() for k, v in masks(model).items()}
-        w = {k: full(v.detach()).clone() for k, v in model.named_parameters()}
-        return m, w, sched.history
+        return m, effective(model, m), sched.history
+
+    def effective(model, m):  # the weights the model computes with (original * mask)
+        out = {}
+        for name, p in model.named_parameters():
+            value = full(p.detach())
+            if ".parametrizations." in name:
+                name = name.replace(".parametrizations.", ".").removesuffix(".original")
+                value = value * m[name]
+            out[name] = value
+        return out
 
     report = {}
     for kind in kinds:

@@ -17,6 +17,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .. import _select
 from .._checks import check_choice, check_distribution, check_fraction, check_int, check_optimizer
+from .._dtensor import as_dtensor, local_part, local_slices, replicated
 from ..densities import densities_for_shapes
 from ..errors import HadamardSparseError, InvalidArgumentError
 from . import sharded
@@ -141,7 +142,7 @@ class DynamicSparse(Schedule):
                 original = m.original
                 assert original is not None  # checked at construction
                 if bool(regrown.any()):
-                    original.masked_fill_(sharded.replicated(regrown, original), 0.0)
+                    original.masked_fill_(replicated(regrown, original), 0.0)
                     self._reset_optimizer_state(original, regrown)
         self._record(step, self._sparsity)
 
@@ -149,7 +150,7 @@ class DynamicSparse(Schedule):
     def _drop_grow_sharded(m: MaskedTensor, grow: torch.Tensor, k: int, mesh: Any) -> torch.Tensor:
         """The new mask of ``m`` when its weight is sharded (FSDP2): each rank ranks its own rows."""
         group = mesh.get_group()
-        local, sl = sharded.local_part(sharded.value(m, mesh))
+        local, sl = local_part(sharded.value(m, mesh))
         active = m.mask[sl]
         if grow.shape == m.shape:  # the same full-shape scores on every rank (SET's random growth)
             grow = grow[sl]
@@ -164,7 +165,7 @@ class DynamicSparse(Schedule):
             return
         for v in self.optimizer.state.get(p, {}).values():
             if isinstance(v, torch.Tensor) and v.shape == p.shape:
-                v.masked_fill_(sharded.replicated(where, v), 0)
+                v.masked_fill_(replicated(where, v), 0)
 
     def _config(self) -> dict[str, Any]:
         return {
@@ -320,9 +321,7 @@ class RigL(DynamicSparse):
         self._grads = [None] * len(self._masked)
         self._mesh = sharded.mesh_of(self._masked, self._who)
         if self._mesh is not None:
-            self._slices = [
-                sharded.local_slices(sharded.as_dtensor(m.plist.original, self._mesh)) for m in self._masked
-            ]
+            self._slices = [local_slices(as_dtensor(m.plist.original, self._mesh)) for m in self._masked]
         for i, m in enumerate(self._masked):
             self._handles.append(m.pm.register_forward_hook(self._make_forward_hook(i)))
 

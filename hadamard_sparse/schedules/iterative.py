@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from .._checks import check_fraction, check_int, check_optimizer
+from .._dtensor import replicated
 from .._engine import check_floor
 from .._names import dense_key, original_key
 from ..errors import InvalidArgumentError, InvalidTypeError
 from ..structures import check_sparsity, check_targets, parse_structure
 from .base import Schedule, check_schedule_method, check_unstructured
-from .sharded import replicated
 
 __all__ = ["IterativePruning"]
 

@@ -11,8 +11,8 @@ weight. Here every rank works on its own shard only:
 
 - :func:`value` computes a masked tensor's value as a ``DTensor`` (the mask enters as a
   ``Replicate`` DTensor, which DTensor slices locally: no communication);
-- :func:`local_part` is the block of rows a rank owns (a tensor that is not sharded is owned by
-  rank 0 alone, so nothing is counted twice);
+- each rank scores only the block it owns (:func:`hadamard_sparse._dtensor.local_part`; a tensor
+  that is not sharded is owned by rank 0 alone, so nothing is counted twice);
 - :func:`keep_masks` is the exact radix select of :mod:`hadamard_sparse._select` with its two
   histograms all-reduced over the ranks, and ties at the threshold given out in (tensor, rank,
   flat index) order, which for ``Shard(0)`` is the one-process order: the global threshold of a
@@ -27,12 +27,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.utils import parametrize
 
 from .. import _select
+from .._dtensor import Slices, as_dtensor, is_dtensor, local_part, replicated
 from ..errors import InvalidArgumentError
 from ..parametrizations import HadamardMask
 from ..scores import ScoreContext, get_score
@@ -40,38 +43,25 @@ from ..scores import ScoreContext, get_score
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-    from .base import MaskedTensor
 
-__all__ = [
-    "as_dtensor",
-    "assemble",
-    "check_no_structure",
-    "is_dtensor",
-    "keep_masks",
-    "local_part",
-    "local_slices",
-    "mesh_of",
-    "prune_nested",
-    "replicated",
-    "top_k",
-    "value",
-]
+class MaskedTensor(Protocol):
+    """What these helpers read of a :class:`~hadamard_sparse.schedules.base.MaskedTensor`."""
 
-Slices = tuple[slice, ...]
+    qualified: str
+    module: nn.Module
+    tensor_name: str
+
+    @property
+    def mask(self) -> torch.Tensor: ...
+
+    @property
+    def plist(self) -> parametrize.ParametrizationList: ...
+
+    @property
+    def shape(self) -> torch.Size: ...
 
 
-def _dtensor_type() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch.distributed built without DTensor
-        return None
-    return DTensor
-
-
-def is_dtensor(t: object) -> bool:
-    """Whether ``t`` is a ``torch.distributed.tensor.DTensor``."""
-    cls = _dtensor_type()
-    return cls is not None and isinstance(t, cls)
+__all__ = ["assemble", "check_no_structure", "keep_masks", "mesh_of", "prune_nested", "top_k", "value"]
 
 
 def _originals(m: MaskedTensor) -> list[torch.Tensor]:
@@ -112,22 +102,6 @@ def check_no_structure(masked: Sequence[MaskedTensor], structure: object, who: s
         )
 
 
-def replicated(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``t`` (the same on every rank) as a ``Replicate`` DTensor on ``like``'s mesh; ``t`` if ``like`` is plain."""
-    if not is_dtensor(like):
-        return t
-    return as_dtensor(t, like.device_mesh)  # type: ignore[attr-defined]
-
-
-def as_dtensor(t: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
-    """``t`` itself if it is a DTensor, else ``t`` (the same on every rank) as a ``Replicate`` DTensor on ``mesh``."""
-    if is_dtensor(t):
-        return t
-    from torch.distributed.tensor import DTensor, Replicate
-
-    return DTensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False)
-
-
 def value(m: MaskedTensor, mesh: DeviceMesh, *, dense: bool = False) -> torch.Tensor:
     """The tensor's value as a DTensor (``dense``: every HadamardMask in its chain skipped), detached."""
     with torch.no_grad():
@@ -144,43 +118,6 @@ def value(m: MaskedTensor, mesh: DeviceMesh, *, dense: bool = False) -> torch.Te
             else:
                 x = p(x)
         return x.detach()
-
-
-def local_slices(x: torch.Tensor) -> Slices:
-    """The index of the block of ``x`` (a DTensor on a 1-D mesh) that this rank owns.
-
-    A ``Shard(d)`` rank owns its shard; a replicated tensor is owned by mesh rank 0 alone (the others
-    own an empty block), so that counts over ranks see every entry once.
-    """
-    from torch.distributed.tensor import Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    mesh, placements = x.device_mesh, x.placements  # type: ignore[attr-defined]
-    if any(isinstance(p, Shard) for p in placements):
-        shape, offset = compute_local_shape_and_global_offset(x.shape, mesh, placements)
-        return tuple(slice(o, o + s) for o, s in zip(offset, shape))
-    if mesh.get_local_rank() == 0 or x.dim() == 0:
-        return tuple(slice(0, n) for n in x.shape)
-    return (slice(0, 0), *(slice(0, n) for n in x.shape[1:]))
-
-
-def local_part(x: torch.Tensor) -> tuple[torch.Tensor, Slices]:
-    """The block of the DTensor ``x`` this rank owns (see :func:`local_slices`), as a plain tensor, and its index."""
-    from torch.distributed.tensor import Replicate
-
-    if any(p.is_partial() for p in x.placements):  # type: ignore[attr-defined]
-        x = x.redistribute(x.device_mesh, [Replicate()] * x.device_mesh.ndim)  # type: ignore[attr-defined]
-    sl = local_slices(x)
-    local = x.to_local()  # type: ignore[attr-defined]
-    if any(p.is_replicate() for p in x.placements):  # type: ignore[attr-defined]
-        local = local[sl]
-    want = tuple(s.stop - s.start for s in sl)
-    if tuple(local.shape) != want:
-        raise InvalidArgumentError(
-            f"a DTensor of shape {tuple(x.shape)} with placements {x.placements} has a local block of "  # type: ignore[attr-defined]
-            f"shape {tuple(local.shape)}, expected {want}; only even torch.chunk sharding is supported"
-        )
-    return local, sl
 
 
 def _all_reduce(t: torch.Tensor, group: dist.ProcessGroup) -> None:
