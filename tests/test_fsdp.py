@@ -33,6 +33,7 @@ _WORKER = textwrap.dedent(
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch import nn
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
@@ -111,8 +112,20 @@ _WORKER = textwrap.dedent(
             if step == save:
                 msd, osd = get_state_dict(model, opt)
                 dcp.save({"model": msd, "optim": osd, "schedule": sched.state_dict()}, checkpoint_id=resume_dir)
+                saved_m = {k: v.clone() for k, v in masks(model).items()}
+                saved[kind] = (saved_m, effective(model, saved_m))
         m = {k: v.clone() for k, v in masks(model).items()}
         return m, effective(model, m), sched.history
+
+    def plain_from_dcp(kind):  # a DCP checkpoint as one torch.save file, loaded into an unsharded model
+        path = f"{ckpt_dir}/{kind}-rank{rank}.pt"
+        dcp_to_torch_save(f"{ckpt_dir}/{kind}", path)
+        model = sparsify(Net(), 0.0)
+        model.load_state_dict(torch.load(path, weights_only=False)["model"])
+        m = masks(model)
+        ref_m, ref_w = saved[kind]
+        w = effective(model, m)
+        return all(torch.equal(m[k], ref_m[k]) for k in m) and all(torch.equal(w[k], ref_w[k]) for k in w)
 
     def effective(model, m):  # the weights the model computes with (original * mask)
         out = {}
@@ -124,7 +137,7 @@ _WORKER = textwrap.dedent(
             out[name] = value
         return out
 
-    report = {}
+    report, saved = {}, {}
     for kind in kinds:
         if kind == "select":  # the sharded radix select against the one-process one, with many ties
             g = torch.Generator().manual_seed(7)
@@ -180,6 +193,7 @@ _WORKER = textwrap.dedent(
             "resume_masks_equal": all(torch.equal(m[k], rm[k]) for k in m),
             "resume_weights_equal": all(torch.equal(w[k], rw[k]) for k in w),
             "resume_history_equal": h == rh,
+            "plain_from_dcp_equal": plain_from_dcp(kind),
         }
     with open(out, "w") as f:
         json.dump(report, f)
