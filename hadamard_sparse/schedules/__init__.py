@@ -15,12 +15,14 @@ kept positions.
 
 Under ``torch.distributed`` every update is decided identically on all ranks without relying on
 DDP's buffer broadcast: RigL all-reduces (averages) the captured gradients, and every schedule
-broadcasts the new masks from rank 0 before writing them.
+broadcasts the new masks from rank 0 before writing them. Under FSDP2 (``fully_shard``) the masks stay
+replicated and each rank scores only its own rows; thresholds come from all-reduced histograms
+(:mod:`.sharded`).
 
 Curves are pure functions of the step: :func:`cubic` and :func:`linear`.
 
 Layout: ``curves.py`` (the curves), ``base.py`` (mask discovery, ``torch.distributed`` and
-mask-write helpers, the base class), ``gradual.py``, ``iterative.py``, ``dynamic.py``
+mask-write helpers, the base class), ``sharded.py`` (updates on FSDP2-sharded weights), ``gradual.py``, ``iterative.py``, ``dynamic.py``
 (the drop/grow core, SET, RigL).
 """
 
