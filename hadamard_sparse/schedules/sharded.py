@@ -144,30 +144,34 @@ def keep_masks(
         One flat bool tensor per thunk (of its local block), ``True`` where kept.
     """
     if n_prune <= 0:
-        return [torch.ones(t().numel(), dtype=torch.bool) for t in thunks]
-    counts = torch.zeros(65536, dtype=torch.int64)
+        return [torch.ones(t().numel(), dtype=torch.bool, device=t().device) for t in thunks]
+    # Collectives run on the scores' device (CUDA tensors for NCCL, CPU ones for gloo).
+    device = thunks[0]().device if thunks else torch.device("cpu")
+    counts = torch.zeros(65536, dtype=torch.int64, device=device)
     for thunk in thunks:  # pass 1: histogram of the high 16 bits (signed, shifted to [0, 65536))
-        counts += torch.bincount((_select.order_keys(thunk()) >> 16) + 32768, minlength=65536).cpu()
+        counts += torch.bincount((_select.order_keys(thunk()) >> 16) + 32768, minlength=65536)
     _all_reduce(counts, group)
-    cum = counts.cumsum(0)
+    cum = counts.cumsum(0).cpu()
     high = int(torch.searchsorted(cum, torch.tensor(n_prune)))
     remaining = n_prune - (int(cum[high - 1]) if high > 0 else 0)
     high -= 32768
-    counts = torch.zeros(65536, dtype=torch.int64)
+    counts = torch.zeros(65536, dtype=torch.int64, device=device)
     for thunk in thunks:  # pass 2: histogram of the low 16 bits inside the bucket of the k-th key
         keys = _select.order_keys(thunk())
         ck = keys[(keys >> 16) == high]
-        counts += torch.bincount(ck & 0xFFFF, minlength=65536).cpu()
+        counts += torch.bincount(ck & 0xFFFF, minlength=65536)
     _all_reduce(counts, group)
-    cum = counts.cumsum(0)
+    cum = counts.cumsum(0).cpu()
     low = int(torch.searchsorted(cum, torch.tensor(remaining)))
     take = remaining - (int(cum[low - 1]) if low > 0 else 0)
     key = (high << 16) | low
     # Entries equal to the k-th key: `take` of them are pruned, in (tensor, rank, index) order.
-    n_eq = torch.tensor([int((_select.order_keys(th()) == key).sum()) for th in thunks], dtype=torch.int64)
+    n_eq = torch.stack([(_select.order_keys(th()) == key).sum() for th in thunks]).to(torch.int64)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     gathered = [torch.empty_like(n_eq) for _ in range(world)]
     dist.all_gather(gathered, n_eq, group=group)
+    n_eq = n_eq.cpu()
+    gathered = [g.cpu() for g in gathered]
     out = []
     for i, thunk in enumerate(thunks):
         before = sum(int(g[i]) for g in gathered[:rank])
