@@ -223,6 +223,7 @@ class Schedule:
     def __init__(self, model: nn.Module, seed: int) -> None:
         check_seed(seed)
         self.model, self._masked = masked_tensors(model, self._who)
+        sharded.mesh_of(self._masked, self._who)  # refuse unsupported sharding before any change
         self.last_step = 0
         self.history: list[tuple[int, float, float]] = []
         self._gen = torch.Generator().manual_seed(seed)

@@ -248,7 +248,8 @@ class RigL(DynamicSparse):
     cannot be read from ``original.grad``). It is captured by a hook on the mask
     parametrization's output that is armed only for the backward pass of an update step (after the
     ``step()`` that precedes it) and removed right after, so other steps pay nothing. Under
-    ``torch.distributed`` the captured gradients are averaged over ranks before growing.
+    ``torch.distributed`` the captured gradients are averaged over ranks before growing; on weights
+    sharded with FSDP2's ``fully_shard`` they are averaged in the hook and each rank keeps its rows.
 
     Call ``loss.backward()`` (and ``optimizer.step()``) before ``schedule.step()``; an update step
     without a captured gradient raises a ``ValueError``. Gradient accumulation works: gradients of

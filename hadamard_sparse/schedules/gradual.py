@@ -32,7 +32,8 @@ class GradualPruning(Schedule):
 
     Args:
         model: a model with masks (``hs.sparsify(model, 0.0)`` registers all-ones masks); may be
-            wrapped in DDP or ``torch.compile`` (the masks of the inner model are driven).
+            wrapped in DDP or ``torch.compile`` (the masks of the inner model are driven) or sharded
+            with FSDP2's ``fully_shard`` (unstructured only; see docs/schedules.md).
         final_sparsity: sparsity reached at ``end_step``, in ``[0, 1]``. Default: ``0.9``.
         initial_sparsity: sparsity at ``start_step``, in ``[0, final_sparsity]``. Default: ``0.0``.
         start_step: first update step (``>= 0``). Default: ``0``.
