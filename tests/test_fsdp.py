@@ -35,6 +35,7 @@ _WORKER = textwrap.dedent(
     from torch import nn
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
     from hadamard_sparse import _select
@@ -191,16 +192,27 @@ _WORKER = textwrap.dedent(
                 "grad_maxdiff": max(float((full(p.grad) - grads[n]).abs().max()) for n, p in fs.named_parameters())
             }
             continue
-        if kind == "refuse":  # structure= on sharded weights: refused, masks unchanged
-            model = shard(sparsify(Net(), 0.0))
-            before = {k: v.clone() for k, v in masks(model).items()}
-            try:
-                GradualPruning(model, 0.5, end_step=4, every=2, structure="2:4")
-                refused = False
-            except InvalidArgumentError as e:
-                refused = "fully_shard" in str(e)
-            unchanged = all(torch.equal(before[k], v) for k, v in masks(model).items())
-            report[kind] = {"refused": refused, "unchanged": unchanged}
+        if kind == "refuse":  # refused before any change: structure= on sharded weights, HSDP's 2-D mesh
+            def refused(model, make_schedule, words):
+                before = {k: v.clone() for k, v in masks(model).items()}
+                try:
+                    make_schedule(model)
+                    ok = False
+                except InvalidArgumentError as e:
+                    ok = words in str(e)
+                return ok and all(torch.equal(before[k], v) for k, v in masks(model).items())
+
+            hsdp = sparsify(Net(), 0.0)
+            fully_shard(hsdp, mesh=init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard")))
+            opt = torch.optim.SGD(hsdp.parameters(), lr=0.1)
+            report[kind] = {
+                "structure": refused(
+                    shard(sparsify(Net(), 0.0)),
+                    lambda m: GradualPruning(m, 0.5, end_step=4, every=2, structure="2:4"),
+                    "fully_shard",
+                ),
+                "hsdp": refused(hsdp, lambda m: RigL(m, opt, 0.5, every=2), "1-D mesh"),
+            }
             continue
         ref_m, ref_w, ref_h = run(kind, False)
         resume_dir = f"{ckpt_dir}/{kind}"
@@ -283,7 +295,7 @@ def test_fully_shard_gradual_and_rigl_match_one_process_and_resume_from_dcp(tmp_
     report = _spawn(tmp_path, ["select", "factorize", "refuse", "gradual", "rigl"])
     assert report["select"]["same_as_one_process"]
     assert report["factorize"]["grad_maxdiff"] < 1e-6
-    assert report["refuse"] == {"refused": True, "unchanged": True}
+    assert report["refuse"] == {"structure": True, "hsdp": True}
     for kind in ["gradual", "rigl"]:
         _check_training(kind, report[kind])
 
