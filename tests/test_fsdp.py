@@ -177,20 +177,25 @@ _WORKER = textwrap.dedent(
                 got.append(all(torch.equal(torch.cat(p), r) for p, r in zip(parts, ref)))
             report[kind] = {"same_as_one_process": all(got)}
             continue
-        if kind == "factorize":  # u * v factors sharded: same loss and gradients as one process
-            def fact(sharded):
-                torch.manual_seed(0)
-                model = factorize(Net())
-                return shard(model) if sharded else model
-            ref, fs = fact(False), fact(True)
-            x, y = batch(1, False)
-            (ref(x) - y).pow(2).mean().backward()
-            xs, ys = batch(1, True)
-            (fs(xs) - ys).pow(2).mean().backward()
-            grads = {n: p.grad for n, p in ref.named_parameters()}
-            report[kind] = {
-                "grad_maxdiff": max(float((full(p.grad) - grads[n]).abs().max()) for n, p in fs.named_parameters())
-            }
+        if kind == "factorize":  # u * v factors (+ masks) sharded: same gradients and pruning as one process
+            report[kind] = {}
+            for group in [None, "row", "column"]:
+                def fact(sharded):
+                    torch.manual_seed(0)
+                    model = sparsify(factorize(Net(), group=group), 0.0)
+                    return shard(model) if sharded else model
+                ref, fs = fact(False), fact(True)
+                x, y = batch(1, False)
+                (ref(x) - y).pow(2).mean().backward()
+                xs, ys = batch(1, True)
+                (fs(xs) - ys).pow(2).mean().backward()
+                grads = {n: p.grad for n, p in ref.named_parameters()}
+                diff = max(float((full(p.grad) - grads[n]).abs().max()) for n, p in fs.named_parameters())
+                for model in (ref, fs):  # prune the products u * v once
+                    GradualPruning(model, 0.6, end_step=0, every=1)
+                ref_m, got = masks(ref, compact=True), masks(fs, compact=True)
+                flips = sum(int((ref_m[k] != got[k]).sum()) for k in ref_m)
+                report[kind][str(group)] = {"grad_maxdiff": diff, "flips": flips}
             continue
         if kind == "refuse":  # refused before any change: structure= on sharded weights, HSDP's 2-D mesh
             def refused(model, make_schedule, words):
@@ -294,7 +299,8 @@ def _check_training(kind: str, rep: dict) -> None:
 def test_fully_shard_gradual_and_rigl_match_one_process_and_resume_from_dcp(tmp_path: Path) -> None:
     report = _spawn(tmp_path, ["select", "factorize", "refuse", "gradual", "rigl"])
     assert report["select"]["same_as_one_process"]
-    assert report["factorize"]["grad_maxdiff"] < 1e-6
+    for group, rep in report["factorize"].items():
+        assert rep["grad_maxdiff"] < 1e-6 and rep["flips"] == 0, (group, rep)
     assert report["refuse"] == {"structure": True, "hsdp": True}
     for kind in ["gradual", "rigl"]:
         _check_training(kind, report[kind])

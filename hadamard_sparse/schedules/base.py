@@ -86,8 +86,9 @@ class MaskedTensor(Target):
         plist = self.plist
         if plist.is_tensor:
             return plist.original.shape
+        mesh = sharded.mesh_of([self], "schedule")
         with torch.no_grad():
-            return self.value().shape
+            return (self.value() if mesh is None else sharded.value(self, mesh)).shape
 
     @property
     def full_mask(self) -> bool:
