@@ -25,18 +25,16 @@ __all__ = ["Slices", "as_dtensor", "is_dtensor", "local_part", "local_slices", "
 Slices = tuple[slice, ...]
 
 
-def _dtensor_type() -> type | None:
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (plain tensors and Parameters answer at once)."""
+    cls = type(t)
+    if cls is torch.Tensor or cls is torch.nn.Parameter or not isinstance(t, torch.Tensor):
+        return False
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch.distributed built without DTensor
-        return None
-    return DTensor
-
-
-def is_dtensor(t: object) -> bool:
-    """Whether ``t`` is a ``torch.distributed.tensor.DTensor``."""
-    cls = _dtensor_type()
-    return cls is not None and isinstance(t, cls)
+        return False
+    return isinstance(t, DTensor)
 
 
 def replicated(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

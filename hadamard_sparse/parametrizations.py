@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ._dtensor import is_dtensor, replicated
 from .errors import InvalidArgumentError, InvalidTypeError
 
 __all__ = ["HadamardMask"]
@@ -140,6 +141,8 @@ class HadamardMask(_SparseParametrization):
         self.register_buffer("mask", mask.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_dtensor(x):  # a weight sharded by FSDP2, read outside its forward (state_dict, schedules)
+            return x * replicated(self.mask.to(x.dtype), x)
         # Same values as ``x * self.mask``; on CPU, multiplying by a bool tensor is several times slower
         # than converting it through a uint8 view (same bytes, no copy) to x's dtype first.
         return x * self.mask.view(torch.uint8).to(x.dtype)

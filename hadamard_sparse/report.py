@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ._dtensor import is_dtensor
 from .errors import InvalidTypeError
 from .layers import resolve_targets
 
@@ -111,7 +112,10 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
         if name in seen:
             return
         seen.add(name)
-        rows.append(TensorSparsity(name, tuple(w.shape), w.numel(), int((w == 0).sum())))
+        zeros = (w == 0).sum()
+        if is_dtensor(zeros):  # a weight sharded by FSDP2: sum the ranks' counts
+            zeros = zeros.full_tensor()
+        rows.append(TensorSparsity(name, tuple(w.shape), w.numel(), int(zeros)))
 
     by_module: dict[int, list[str]] = {}
     for t in resolve_targets(model, warn_tied=False):
