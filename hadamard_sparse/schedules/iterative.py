@@ -16,6 +16,7 @@ from .._engine import check_floor
 from .._names import dense_key, original_key
 from ..errors import InvalidArgumentError, InvalidTypeError
 from ..structures import check_sparsity, check_targets, parse_structure
+from . import sharded
 from .base import Schedule, check_schedule_method, check_unstructured
 
 __all__ = ["IterativePruning"]
@@ -127,6 +128,7 @@ class IterativePruning(Schedule):
         if parsed is not None:
             check_sparsity(parsed, self.final_sparsity, "final_sparsity")
         super().__init__(model, seed)
+        sharded.check_no_structure(self._masked, parsed, self._who)
         if parsed is None:
             check_unstructured(self._masked, self._who)
         else:
