@@ -90,7 +90,7 @@ _WORKER = textwrap.dedent(
             model.parameters(), lr=0.01, **({} if adam else {"momentum": 0.9})
         )
         if kind == "gradual":
-            sched = GradualPruning(model, 0.9, end_step=6, every=2)
+            sched = GradualPruning(model, 0.97, end_step=6, every=2)  # the min_keep=1 floor binds
         elif kind == "gradual-layer-random":
             sched = GradualPruning(model, 0.8, end_step=6, every=2, scope="layer", method="random")
         elif kind == "iterative":

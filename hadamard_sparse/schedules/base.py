@@ -320,7 +320,9 @@ class Schedule:
         if mesh is not None:  # FSDP2: each rank scores its shard, thresholds from all-reduced histograms
             sharded.check_no_structure(self._masked, structure, self._who)
             seed = draw_seed(self._gen)
-            new = sharded.prune_nested(self._masked, target, method=method, scope=scope, seed=seed, mesh=mesh)
+            new = sharded.prune_nested(
+                self._masked, target, method=method, scope=scope, seed=seed, mesh=mesh, min_keep=min_keep
+            )
             write_masks(self._masked, new)
             return
         keeps = compute_keep_masks(

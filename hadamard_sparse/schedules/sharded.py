@@ -36,7 +36,9 @@ from torch.nn.utils import parametrize
 
 from .. import _select
 from .._dtensor import Slices, as_dtensor, is_dtensor, local_part, replicated
+from .._engine import check_floor
 from ..errors import InvalidArgumentError
+from ..layers import weight_dims
 from ..parametrizations import HadamardMask
 from ..scores import ScoreContext, get_score
 
@@ -198,12 +200,73 @@ def assemble(local: torch.Tensor, sl: Slices, shape: torch.Size, group: dist.Pro
     return buf.bool()
 
 
+def _protect(
+    sc: torch.Tensor, sl: Slices, shape: torch.Size, out_dim: int, min_keep: int, group: dist.ProcessGroup
+) -> torch.Tensor:
+    """This rank's block ``sc`` of a tensor's scores with the best ``min_keep`` entries of every output unit,
+    over all ranks, set to ``+inf`` (entries at ``-inf``, already pruned, stay).
+
+    The global floor of :func:`hadamard_sparse._engine.compute_keep_masks` for unstructured scores: a
+    unit is an index of ``out_dim`` (the whole tensor when units are single entries). A unit may span
+    ranks (``Conv1D`` weights are ``(in, out)``, sharded on ``in``): each rank proposes its ``k`` best
+    entries per unit and one ``all_gather`` of ``(value, global index)`` pairs picks the best ``k``.
+    """
+    n = math.prod(shape)
+    units, axis = (shape[out_dim], out_dim) if len(shape) > out_dim else (1, 0)
+    if units == 0 or n == 0:
+        return sc
+    if n // units == 1:
+        units, axis = 1, 0
+    k = min(min_keep, n // units)
+    sc = sc if sc.is_floating_point() else sc.float()
+    order = [axis, *(d for d in range(len(shape)) if d != axis)] if units > 1 else list(range(len(shape)))
+    moved = sc.permute(order) if units > 1 else sc
+    rows = moved.reshape(moved.shape[0] if units > 1 else 1, -1)
+    first = sl[axis].start if units > 1 else 0  # the first unit this rank holds
+    vals = torch.full((units, k), float("-inf"), device=sc.device)
+    where = torch.full((units, k), -1, dtype=torch.int64, device=sc.device)
+    lk = min(k, rows.shape[1])
+    if lk > 0 and rows.shape[0] > 0:
+        v, col = rows.topk(lk, dim=1)
+        flat = col + torch.arange(rows.shape[0], device=sc.device)[:, None] * rows.shape[1]
+        coords = torch.unravel_index(flat, tuple(moved.shape))
+        strides = torch.empty(shape, device="meta").stride()
+        gidx = sum((c + sl[d].start) * strides[d] for c, d in zip(coords, order))
+        vals[first : first + rows.shape[0], :lk] = v
+        where[first : first + rows.shape[0], :lk] = gidx
+    world = dist.get_world_size(group)
+    all_vals, all_where = (
+        [torch.empty_like(vals) for _ in range(world)],
+        [torch.empty_like(where) for _ in range(world)],
+    )
+    dist.all_gather(all_vals, vals, group=group)
+    dist.all_gather(all_where, where, group=group)
+    best_v, pick = torch.cat(all_vals, 1).topk(k, dim=1)
+    best = torch.cat(all_where, 1).gather(1, pick).masked_fill(best_v == float("-inf"), -1)
+    if lk == 0 or rows.shape[0] == 0:
+        return sc
+    mine = best[first : first + rows.shape[0]]  # the protected global indices of this rank's units
+    chosen = (gidx[:, :, None] == mine[:, None, :]).any(-1)
+    rows = rows.clone()
+    rows.scatter_(1, col, torch.where(chosen, float("inf"), rows.gather(1, col)))
+    out = rows.reshape(moved.shape)
+    return out.permute(torch.argsort(torch.tensor(order)).tolist()) if units > 1 else out
+
+
 def _score_thunk(
-    m: MaskedTensor, method: str, seed: int, dense: bool, nest: bool, mesh: DeviceMesh, where: list[Slices]
+    m: MaskedTensor,
+    method: str,
+    seed: int,
+    dense: bool,
+    nest: bool,
+    mesh: DeviceMesh,
+    where: list[Slices],
+    min_keep: int = 0,
 ) -> Callable[[], torch.Tensor]:
     """This rank's block of the tensor's scores, computed once (score functions may communicate).
 
-    The block's index is appended to ``where`` at the first call.
+    The block's index is appended to ``where`` at the first call. ``min_keep > 0``: the global floor
+    (:func:`_protect`).
     """
     entry = get_score(method)
     cache: list[torch.Tensor] = []
@@ -224,6 +287,9 @@ def _score_thunk(
             if nest:
                 sc = sc if sc.is_floating_point() else sc.float()
                 sc = sc.masked_fill(~m.mask.expand(w.shape)[sl], float("-inf"))
+            if min_keep > 0:
+                out_dim = weight_dims(m.module, m.tensor_name)[0]
+                sc = _protect(sc, sl, w.shape, out_dim, min_keep, mesh.get_group())
         cache.append(sc)
         where.append(sl)
         return sc
@@ -239,17 +305,23 @@ def prune_nested(
     scope: str,
     seed: int,
     mesh: DeviceMesh,
+    min_keep: int = 0,
 ) -> list[torch.Tensor]:
     """The new replicated masks: the current ones pruned to ``sparsity``, nested (effective-value scores).
 
-    The sharded counterpart of ``compute_keep_masks(..., value="effective")`` for unstructured masks,
-    with the same per-tensor seeds, count rule and tie order.
+    The sharded counterpart of ``compute_keep_masks(..., value="effective", min_keep=...)`` for
+    unstructured masks, with the same per-tensor seeds, count rule, floor and tie order.
     """
     group = mesh.get_group()
     gen = torch.Generator().manual_seed(seed)
     seeds = [int(torch.randint(0, 2**62, (1,), generator=gen)) for _ in masked]
     where: list[list[Slices]] = [[] for _ in masked]
-    thunks = [_score_thunk(m, method, sd, False, True, mesh, w) for m, sd, w in zip(masked, seeds, where)]
+    floor = min_keep if scope == "global" else 0
+    if floor > 0:
+        check_floor(masked, sparsity, None, floor)  # type: ignore[arg-type]
+    thunks = [
+        _score_thunk(m, method, sd, False, True, mesh, w, floor) for m, sd, w in zip(masked, seeds, where)
+    ]
     counts = [math.prod(m.shape) for m in masked]
     if scope == "global":
         keeps = keep_masks(thunks, _select.n_to_prune(sparsity, sum(counts)), group)
