@@ -297,6 +297,14 @@ def test_minilm_wanda_refit_beats_wanda_on_held_out_sentences() -> None:
             "The software update fixed a critical security flaw.",
             "Where can I find the nearest pharmacy that is open late?",
             "My phone battery drains faster since the last update.",
+            "The customer service line was busy all afternoon.",
+            "Oil prices climbed after the pipeline was damaged.",
+            "The old dog limps but still loves his morning walk.",
+            "Thunderstorms are forecast for the afternoon.",
+            "Stir the sauce gently until it thickens.",
+            "The tram runs every ten minutes during rush hour.",
+            "The hospital opened a new wing for children.",
+            "Scientists found water ice in a crater on the moon.",
         ]
     ]
     batch = dict(
@@ -314,13 +322,13 @@ def test_minilm_wanda_refit_beats_wanda_on_held_out_sentences() -> None:
         return torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1)
 
     dense = embed(model)
-    include = "encoder.layer.5.*"  # one layer keeps the test short; the benchmark prunes all
+    include = "encoder.layer.[45].attention.*"  # keeps the test short; the benchmark prunes all
     cos = {}
     for method in ("wanda", "wanda_refit"):
-        m = hs.sparsify(copy.deepcopy(model), 0.7, method=method, calibration=calib, include=include)
+        m = hs.sparsify(copy.deepcopy(model), 0.5, method=method, calibration=calib, include=include)
         masks = hs.masks(m)
-        assert len(masks) == 6 and all(
-            float((~k).float().mean()) == pytest.approx(0.7, abs=1e-3) for k in masks.values()
+        assert len(masks) == 8 and all(
+            float((~k).float().mean()) == pytest.approx(0.5, abs=1e-3) for k in masks.values()
         )
         cos[method] = float((embed(m) * dense).sum(-1).mean())
     assert cos["wanda_refit"] > cos["wanda"]
