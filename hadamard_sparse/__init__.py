@@ -8,7 +8,6 @@ Example::
     >>> model = hs.remove_parametrizations(model)
 """
 
-from . import reconstruct as _reconstruct  # noqa: F401  (registers wanda_refit, sparsegpt_block)
 from .api import masks, register_mask, remove_parametrizations, sparsify
 from .calibration import ActivationStats, LayerStats, calibrate
 from .checkpoint import load_sparse_state_dict

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import sparsegpt
+from . import reconstruct, sparsegpt
 from ._checks import (
     Selectors,
     check_distribution,
@@ -45,6 +45,22 @@ __all__ = ["check_finite", "masks", "register_mask", "remove_parametrizations", 
 # rewrites the kept weights.
 register_score(
     "sparsegpt", needs_calibration=True, scopes=sparsegpt.SCOPES, needs_gram=True, pruner=sparsegpt.prune
+)(sparsegpt.obs_saliency)
+# "wanda_refit": Wanda's masks, then a support-restricted least-squares refit of the kept weights;
+# "sparsegpt_block": sequential SparseGPT block by block, then Adam block reconstruction (reconstruct.py).
+register_score(
+    "wanda_refit",
+    needs_calibration=True,
+    scopes=reconstruct.SCOPES,
+    needs_gram=True,
+    pruner=reconstruct.prune_wanda_refit,
+)(reconstruct.wanda_score)
+register_score(
+    "sparsegpt_block",
+    needs_calibration=True,
+    scopes=reconstruct.SCOPES,
+    needs_gram=True,
+    pruner=reconstruct.prune_blocks,
 )(sparsegpt.obs_saliency)
 
 

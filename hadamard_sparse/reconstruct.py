@@ -43,12 +43,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import sparsegpt as _sgpt
-from ._targets import Target
-from .api import compute_keep_masks
-from .calibration import ActivationStats, LayerStats, _call, _collect, _progress
-from .scores import ScoreContext, get_score, register_score
+from ._engine import compute_keep_masks, pre_mask_value
+from .calibration import ActivationStats, LayerStats, collect, with_progress
+from .errors import InvalidArgumentError, InvalidTypeError
+from .layers import Target
+from .scores import ScoreContext, get_score
 
-__all__: list[str] = []  # registers methods "wanda_refit" and "sparsegpt_block"; no public names
+# api registers the methods "wanda_refit" (wanda_score + prune_wanda_refit) and "sparsegpt_block"
+# (sparsegpt.obs_saliency + prune_blocks); importing this module registers nothing.
+__all__ = [
+    "SCOPES",
+    "find_blocks",
+    "prune_blocks",
+    "prune_wanda_refit",
+    "reconstruct_block",
+    "refit_rows",
+    "wanda_score",
+]
+
+SCOPES = ("row", "layer")
 
 _STEPS = 200
 _LR = 1e-4
@@ -105,7 +118,7 @@ def refit_rows(
 def _refit_target(t: Target, st: LayerStats, keep: torch.Tensor) -> torch.Tensor:
     """New dense value of ``t``: refit kept entries, pruned entries keep their dense values."""
     assert st.gram is not None
-    dense = _sgpt._dense(t)
+    dense = pre_mask_value(t.module, t.tensor_name)
     kb = st.to_blocks(keep.expand(dense.shape))
     wb = st.to_blocks(dense)
     new = torch.stack([refit_rows(wb[i], kb[i], st.gram[i].to(wb.device)) for i in range(wb.shape[0])])
@@ -113,7 +126,7 @@ def _refit_target(t: Target, st: LayerStats, keep: torch.Tensor) -> torch.Tensor
     return torch.where(keep, new, dense)
 
 
-def _prune_wanda_refit(
+def prune_wanda_refit(
     model: nn.Module,
     targets: Sequence[Target],
     sparsities: Sequence[float],
@@ -142,13 +155,9 @@ def _prune_wanda_refit(
         apply(t, keep.expand(new.shape), new)
 
 
-def _wanda_score(ctx: ScoreContext) -> torch.Tensor:
+def wanda_score(ctx: ScoreContext) -> torch.Tensor:
+    """Mask-only use of ``"wanda_refit"`` (schedules, ``compute_keep_masks``): Wanda's score."""
     return get_score("wanda").fn(ctx)
-
-
-register_score("wanda_refit", needs_calibration=True, scopes=("row", "layer"), pruner=_prune_wanda_refit)(
-    _wanda_score
-)
 
 
 # ----------------------------------------------------------------------------- block reconstruction
@@ -178,9 +187,19 @@ def _first_tensor(out: Any) -> torch.Tensor:
     hidden = getattr(out, "last_hidden_state", None)
     if isinstance(hidden, torch.Tensor):
         return hidden
-    raise TypeError(
+    raise InvalidTypeError(
         f"sparsegpt_block: cannot find the output tensor of a block that returned {type(out).__name__}"
     )
+
+
+def _call(model: nn.Module, batch: Any) -> None:
+    """``model(batch)``, ``model(*batch)`` or ``model(**batch)`` (batches were checked by the probe pass)."""
+    if isinstance(batch, dict):
+        model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        model(*batch)
+    else:
+        model(batch)
 
 
 class _Stop(Exception):
@@ -354,7 +373,7 @@ def _segments(targets: Sequence[Target], blocks: Sequence[nn.Module]) -> list[tu
     return segs
 
 
-def _prune_blocks(
+def prune_blocks(
     model: nn.Module,
     targets: Sequence[Target],
     sparsities: Sequence[float],
@@ -369,20 +388,20 @@ def _prune_blocks(
     nm_struct = structure
     _sgpt._check(targets, structure, sparsities)
     if isinstance(calibration, ActivationStats):
-        raise ValueError(
+        raise InvalidArgumentError(
             "method 'sparsegpt_block' needs calibration batches (an iterable of model inputs: it runs "
             "the blocks), got ActivationStats"
         )
     batches = list(_sgpt._check_batches(calibration))
     if not batches:
-        raise ValueError(
+        raise InvalidArgumentError(
             "method 'sparsegpt_block' needs at least one calibration batch, got an empty iterable"
         )
-    probe = _collect(model, targets, batches, gram=False, warn=False)
+    probe = collect(model, targets, batches, gram=False, warn=False)
     _sgpt.check_stats(probe, targets, "sparsegpt_block", False)
     blocks = find_blocks(model, targets)
     dense_out = _dense_outputs(model, blocks, batches) if blocks else []
-    for b, idx in _progress(_segments(targets, blocks), progress, "sparsegpt_block"):
+    for b, idx in with_progress(_segments(targets, blocks), progress, "sparsegpt_block"):
         seg = [targets[i] for i in idx]
         sps = [sparsities[i] for i in idx]
         if b is None or len(dense_out[b]) != len(
@@ -406,8 +425,3 @@ def _prune_blocks(
             replay, seg, sps, scope=scope, structure=nm_struct, calibration=calls, apply=apply, progress=False
         )
         reconstruct_block(replay, seg, dense_out[b], seed=b)
-
-
-register_score(
-    "sparsegpt_block", needs_calibration=True, scopes=("row", "layer"), needs_gram=True, pruner=_prune_blocks
-)(_sgpt._obs_saliency)

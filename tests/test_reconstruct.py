@@ -13,6 +13,7 @@ from torch import nn
 import hadamard_sparse as hs
 from hadamard_sparse import reconstruct
 from hadamard_sparse.calibration import calibrate
+from hadamard_sparse.layers import resolve_targets
 
 
 def _reference_refit(w: np.ndarray, keep: np.ndarray, x: np.ndarray, damp: float) -> np.ndarray:
@@ -191,7 +192,7 @@ def test_sparsegpt_block_beats_sparsegpt_on_held_out_data(
     monkeypatch.setattr(reconstruct, "_LR", 1e-3)
     model = _tiny(family)
     calib, held_out = _ids(12, 0), _ids(6, 1)
-    blocks = reconstruct.find_blocks(model, hs._targets.resolve_targets(model, None, None))
+    blocks = reconstruct.find_blocks(model, resolve_targets(model, None, None))
     assert len(blocks) == 2
     sgpt = hs.sparsify(copy.deepcopy(model), 0.5, method="sparsegpt", calibration=calib)
     block = hs.sparsify(copy.deepcopy(model), 0.5, method="sparsegpt_block", calibration=calib)
@@ -204,7 +205,7 @@ def test_sparsegpt_block_beats_sparsegpt_on_held_out_data(
 def test_reconstruct_block_lowers_block_error_and_touches_only_kept_weights() -> None:
     model = _tiny("bert")
     calib = _ids(8, 0)
-    targets = hs._targets.resolve_targets(model, None, None)
+    targets = resolve_targets(model, None, None)
     layer = model.encoder.layer[0]
     dense_out = reconstruct._dense_outputs(model, [layer], calib)[0]
     seg = [t for t in targets if t.module_name.startswith("encoder.layer.0.")]
@@ -229,7 +230,7 @@ def test_reconstruct_block_lowers_block_error_and_touches_only_kept_weights() ->
 
 def test_find_blocks_without_a_stack_is_empty_and_falls_back_to_sparsegpt() -> None:
     _, model, x = _cases()[0]
-    targets = hs._targets.resolve_targets(model, None, None)
+    targets = resolve_targets(model, None, None)
     assert reconstruct.find_blocks(model, targets) == []
     batches = list(x.split(4))
     a = hs.sparsify(copy.deepcopy(model), 0.5, method="sparsegpt_block", calibration=batches)
