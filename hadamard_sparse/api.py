@@ -28,6 +28,7 @@ from ._engine import (
     mask_of,
     pre_mask_value,
 )
+from .allocation import check_allocation, owl_sparsities
 from .checkpoint import bake, drop_load_hook, ensure_load_hook
 from .densities import densities_for_shapes
 from .errors import InvalidArgumentError, InvalidTypeError, NoTargetsError
@@ -254,6 +255,7 @@ def sparsify(
     calibration: Any = None,
     example_inputs: Any = None,
     min_keep: int = 1,
+    allocation: str = "uniform",
 ) -> nn.Module:
     r"""Mask the targeted weights of ``model`` in place so that exactly ``sparsity`` of them are zero.
 
@@ -335,7 +337,7 @@ def sparsify(
         calibration: for data-aware methods (``"wanda"``, ``"sparsegpt"``): an iterable of model
             inputs (tensors, tuples of positional arguments, dicts of keyword arguments) or the
             :class:`~hadamard_sparse.calibration.ActivationStats` of :func:`calibrate`. Ignored by
-            other methods.
+            other methods (unless ``allocation="owl"``).
         example_inputs: inputs the model runs on to discover the groups of ``structure="channel_group"``
             (every channel with its bias, the BatchNorm entries after it and the inputs of its
             consumers), ``"neuron"`` (the same, Linear layers only: FFN neurons) and ``"head"``
@@ -344,6 +346,11 @@ def sparsify(
             of every output unit are always kept. Default: ``1``. ``0``: none, whole units and
             tensors may be pruned. Not applied to groups that span tensors (``"channel_group"``,
             ``"neuron"``, ``"head"``).
+        allocation: ``"uniform"`` (default: every tensor gets ``sparsity``) or ``"owl"``: per-layer
+            sparsities from each layer's share of outlier Wanda scores (Yin et al. 2024; see
+            :mod:`hadamard_sparse.allocation`), their parameter-weighted mean being ``sparsity``. Needs
+            ``calibration`` (any method), unstructured masks, no ``distribution`` and scope ``"row"`` or
+            ``"layer"``.
 
     Raises:
         InvalidArgumentError: a bad argument, a sparsity the ``min_keep`` floor cannot reach,
@@ -399,11 +406,27 @@ def sparsify(
         raise InvalidArgumentError(
             f"distribution needs a method supporting scope='layer', got method={method!r}"
         )
+    owl = check_allocation(allocation) == "owl"
+    if owl:
+        problems = []
+        if calibration is None:
+            problems.append("calibration (an iterable of model inputs or hs.calibrate statistics), got None")
+        if st is not None:
+            problems.append(f"structure=None, got structure={structure!r}")
+        if dist is not None:
+            problems.append(f"distribution=None, got distribution={distribution!r}")
+        if scope == "global":
+            problems.append("scope 'row' or 'layer', got scope='global'")
+        if problems:
+            raise InvalidArgumentError("allocation='owl' needs " + "; ".join(problems))
     targets = (
         groups.targets(model) if groups is not None else targets_or_raise(model, include, exclude, "sparsify")
     )
-    _check_values(targets, needs_values=s > 0 or entry.needs_calibration or entry.pruner is not None)
+    _check_values(targets, needs_values=s > 0 or owl or entry.needs_calibration or entry.pruner is not None)
     per: float | list[float] = s
+    if owl:
+        owl_stats = stats_for(model, targets, calibration, method="allocation='owl'", need_gram=False)
+        per = owl_sparsities(model, targets, s, owl_stats)
     if dist is not None:
         dens = densities_for_shapes({t.qualified: tuple(t.value().shape) for t in targets}, s, dist)
         per, scope = [1.0 - dens[t.qualified] for t in targets], "layer"
