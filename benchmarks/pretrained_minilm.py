@@ -18,9 +18,10 @@ calibration + ``sparsify``:
 The sparsegpt_block model at 50% is then baked, saved (``torch.save`` state_dict and, when
 installed, safetensors), reloaded into a fresh model and checked to give identical embeddings.
 
-Run (about half an hour on 2 busy cores; ``--full``: wanda and sparsegpt also with the 32 sentences)::
+Run (about half an hour on 2 busy cores; ``--full``: wanda and sparsegpt also with the 32 sentences;
+``--jobs N``: rows in N forked single-threaded processes)::
 
-    HF_HUB_OFFLINE=1 nice python benchmarks/pretrained_minilm.py [--full]
+    HF_HUB_OFFLINE=1 nice python benchmarks/pretrained_minilm.py [--full] [--jobs N]
 
 Writes ``benchmarks/results/pretrained_minilm.md``.
 """
@@ -340,9 +341,44 @@ PLAN = {
 FULL_PLAN = {"sparsegpt": ["166", "32"], "wanda": ["166", "32"]}
 
 
+_CTX: dict = {}  # what the row workers read (set before forking)
+
+
+def run_row(job: tuple[str, str, float | None, str | None, str]) -> tuple[tuple, list[str]]:
+    """One method x setting x calibration set: (table row, bake/reload report for the 50% sparsegpt_block model)."""
+    method, label, sparsity, structure, key = job
+    model, tok, dense = _CTX["model"], _CTX["tok"], _CTX["dense"]
+    m = copy.deepcopy(model)
+    t = time.perf_counter()
+    # stats-based methods: one shared calibration pass, its time added to theirs
+    calib = (
+        None if key == "-" else (_CTX["batches"][key] if method == "sparsegpt_block" else _CTX["stats"][key])
+    )
+    hs.sparsify(m, sparsity, method=method, scope="row", calibration=calib, structure=structure)
+    dt = (
+        time.perf_counter()
+        - t
+        + (_CTX["calib_time"][key] if key != "-" and method != "sparsegpt_block" else 0)
+    )
+    rep = hs.sparsity_report(m)
+    cos, agree = metrics(dense, embed(m, tok, EVALUATION))
+    print(
+        f"{label:>4} {method:>16} calib {key:>3}: sparsity {rep.sparsity:.3f} cos {cos:.4f} "
+        f"top1 {agree:.3f} ({dt:.1f}s)",
+        flush=True,
+    )
+    roundtrip = []
+    if label == "50%" and method == "sparsegpt_block" and key == "166":
+        roundtrip = check_roundtrip(m, tok, embed(m, tok, EVALUATION))
+    return (label, method, key, rep.sparsity, cos, agree, dt), roundtrip
+
+
 def main() -> None:
     torch.manual_seed(0)
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    jobs = int(sys.argv[sys.argv.index("--jobs") + 1]) if "--jobs" in sys.argv else 1
+    # with --jobs, rows run in forked processes of one thread each (the parent stays single-threaded,
+    # so no OpenMP pool exists before the fork)
+    torch.set_num_threads(1 if jobs > 1 else max(1, min(2, torch.get_num_threads())))
     t0 = time.perf_counter()
     model, tok = load()
     dense = embed(model, tok, EVALUATION)
@@ -357,42 +393,43 @@ def main() -> None:
         stats[key] = calibrate(model, batches[key], gram=True)
         calib_time[key] = time.perf_counter() - t
         print(f"calibration pass, {key} sentences (with Gram matrices): {calib_time[key]:.1f}s", flush=True)
+    _CTX.update(model=model, tok=tok, dense=dense, stats=stats, batches=batches, calib_time=calib_time)
     settings: list[tuple[str, float | None, str | None]] = [
         ("50%", 0.5, None),
         ("2:4", None, "2:4"),
         ("70%", 0.7, None),
     ]
-    rows = []
-    keep_for_roundtrip = None
-    for method, keys in PLAN.items():
-        for label, sparsity, structure in settings:
-            for key in FULL_PLAN.get(method, keys) if full else keys:
-                m = copy.deepcopy(model)
-                t = time.perf_counter()
-                # stats-based methods: one shared calibration pass, its time added to theirs
-                calib = None if key == "-" else (batches[key] if method == "sparsegpt_block" else stats[key])
-                hs.sparsify(m, sparsity, method=method, scope="row", calibration=calib, structure=structure)
-                dt = (
-                    time.perf_counter()
-                    - t
-                    + (calib_time[key] if key != "-" and method != "sparsegpt_block" else 0)
-                )
-                rep = hs.sparsity_report(m)
-                cos, agree = metrics(dense, embed(m, tok, EVALUATION))
-                rows.append((label, method, key, rep.sparsity, cos, agree, dt))
-                print(
-                    f"{label:>4} {method:>16} calib {key:>3}: sparsity {rep.sparsity:.3f} cos {cos:.4f} "
-                    f"top1 {agree:.3f} ({dt:.1f}s)",
-                    flush=True,
-                )
-                if label == "50%" and method == "sparsegpt_block" and key == next(iter(calib_sets)):
-                    keep_for_roundtrip = m
-                write(rows, [], time.perf_counter() - t0, calib_time)  # partial results as they come
-    assert keep_for_roundtrip is not None
-    ref = embed(keep_for_roundtrip, tok, EVALUATION)
-    roundtrip = check_roundtrip(keep_for_roundtrip, tok, ref)
+    work = [
+        (method, label, sparsity, structure, key)
+        for method, keys in PLAN.items()
+        for label, sparsity, structure in settings
+        for key in (FULL_PLAN.get(method, keys) if full else keys)
+    ]
+    rows: list[tuple] = []
+    roundtrip: list[str] = []
+    if jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            for row, rt in pool.map(run_row, work):
+                rows.append(row)
+                roundtrip += rt
+                write(rows, roundtrip, time.perf_counter() - t0, calib_time)  # partial results as they come
+    else:
+        for job in work:
+            row, rt = run_row(job)
+            rows.append(row)
+            roundtrip += rt
+            write(rows, roundtrip, time.perf_counter() - t0, calib_time)
     write(rows, roundtrip, time.perf_counter() - t0, calib_time)
     print(RESULTS.read_text())
+
+
+def _threads() -> str:
+    if "--jobs" in sys.argv:
+        return f"rows in {sys.argv[sys.argv.index('--jobs') + 1]} processes of 1 thread"
+    return f"{torch.get_num_threads()} threads"
 
 
 def write(rows: list, roundtrip: list[str], total: float, calib_time: dict[str, float]) -> None:
@@ -401,7 +438,7 @@ def write(rows: list, roundtrip: list[str], total: float, calib_time: dict[str, 
         "# One-shot pruning of all-MiniLM-L6-v2 (real pretrained weights)",
         "",
         f"Command: `HF_HUB_OFFLINE=1 nice python benchmarks/pretrained_minilm.py{' ' + args if args else ''}` "
-        f"(torch {torch.__version__}, CPU, {torch.get_num_threads()} threads, total {total:.0f} s, on a "
+        f"(torch {torch.__version__}, CPU, {_threads()}, total {total:.0f} s, on a "
         "2-core machine shared with other jobs: times are provisional).",
         "",
         f'All {37} Linear weights of the encoder pruned in one shot, per output row (`scope="row"`). '
