@@ -10,7 +10,8 @@ values), so keep a ``copy.deepcopy`` of the model if you need the dense one back
     with ``H = X^T X + d * diag(X^T X)`` (``d = 0.1``, the dampening of ``"sparsegpt"``) and ``S`` the
     kept columns of row ``w``, ``v_S = H_SS^-1 H_S: w``. This is the exact minimiser of
     ``||X w - X_S v||^2 + d * sum_j H_jj (w_j - v_j)^2`` over ``v`` supported on ``S``: one
-    Cholesky solve per row, no sweep. Cheap (seconds), mask from Wanda, weights optimal for the mask.
+    Cholesky solve per row, no sweep. Mask from Wanda, weights optimal for the mask; cost ``R`` Cholesky solves of size ``|S|`` per weight
+    (1.5 to 2.5 minutes for all-MiniLM-L6-v2 on one CPU core).
 
 ``"sparsegpt_block"``
     For models made of a stack of repeated blocks (the transformer layers of a Hugging Face model,
