@@ -241,6 +241,23 @@ def _check_values(targets: list[Target], needs_values: bool) -> None:
         check_finite(w, t.qualified)
 
 
+def _row_scope_message(method: str, scopes: tuple[str, ...], given: bool, structure: object) -> str:
+    """Why ``scope="row"`` refuses a structure other than N:M, and what to pass instead."""
+    if method == "sparsegpt":  # its pruner reconstructs N:M or unstructured masks only
+        return (
+            f"method 'sparsegpt' supports structure None or 'N:M', got structure={structure!r}; for rows, "
+            "columns or blocks use method='wanda' with scope='layer', or method='magnitude'"
+        )
+    instead = [s for s in scopes if s != "row"]
+    fix = f"pass scope={instead[0]!r} for rows, columns or blocks" if instead else "use an 'N:M' structure"
+    if given:
+        return f"scope='row' with a structure needs an 'N:M' structure, got structure={structure!r}; {fix}"
+    return (
+        f"method {method!r} prunes with scope='row' (per output row) by default, which takes only 'N:M' "
+        f"structures, got structure={structure!r}; {fix}"
+    )
+
+
 def sparsify(
     model: nn.Module,
     sparsity: float | None = None,
@@ -376,6 +393,7 @@ def sparsify(
             )
         structure = MODEL_STRUCTURES[structure](model, example_inputs)
     st = parse_structure(structure)
+    scope_given = scope is not None
     s = (0.7 if st is None else st.default_sparsity) if sparsity is None else check_sparsity(sparsity)
     entry, scope = check_method(method, scope, calibration=calibration)
     groups = st if isinstance(st, TensorGroups) else None
@@ -392,9 +410,7 @@ def sparsify(
                 f"sparsify: structure {structure} has no group left after include={include!r}, exclude={exclude!r}"
             )
     if st is not None and scope == "row" and not isinstance(st, NM):
-        raise InvalidArgumentError(
-            f"scope='row' with a structure needs an 'N:M' structure, got structure={structure!r}"
-        )
+        raise InvalidArgumentError(_row_scope_message(method, entry.scopes, scope_given, structure))
     check_seed(seed)
     min_keep = check_int(min_keep, "min_keep", 0)
     dist = None if distribution is None else check_distribution(distribution)

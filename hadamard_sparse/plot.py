@@ -262,7 +262,8 @@ def sparsity_curve(history: Any, ax: Axes | None = None) -> Axes:
 
     Args:
         history: a schedule (its ``history`` attribute is read) or a list of
-            ``(step, target_sparsity, achieved_sparsity)`` tuples, one per mask update.
+            ``(step, target_sparsity, achieved_sparsity)`` tuples, one per mask update; achieved
+            counts the exact zeros of the effective weights, like :func:`hs.sparsity_report`.
         ax: the Axes to draw on; a new figure when ``None``.
 
     Returns:

@@ -89,7 +89,9 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
 
     Counts come from the effective weights (``w * mask``, ``u * v``, or a baked
     plain weight), so the report is the same before and after
-    :func:`remove_parametrizations`.
+    :func:`remove_parametrizations`. A schedule's ``history`` counts its achieved
+    sparsity the same way over the tensors it drives, so the two agree at the same step
+    (right after a SET/RigL update both include the connections regrown at exactly 0).
 
     Args:
         model: any model.

@@ -350,6 +350,30 @@ def test_sparsegpt_refuses_partial_nm_and_other_structures() -> None:
     assert not hs.masks(layer)
 
 
+@pytest.mark.parametrize("structure", ["row", "column", hs.Block(2, 2)])
+def test_default_row_scope_refusal_names_the_method_default_and_the_fix(structure: object) -> None:
+    """A structure the method's default scope="row" cannot take: the message says where 'row' came from."""
+    layer = nn.Linear(8, 4)
+    before = copy.deepcopy(layer.state_dict())
+    xs = [torch.randn(4, 8)]
+    with pytest.raises(hs.InvalidArgumentError) as info:
+        hs.sparsify(layer, 0.5, method="sparsegpt", calibration=xs, structure=structure)
+    msg = str(info.value)
+    assert "method 'sparsegpt' supports structure None or 'N:M'" in msg and "scope='row'" not in msg
+    assert "method='wanda' with scope='layer'" in msg
+    with pytest.raises(hs.InvalidArgumentError) as info:
+        hs.sparsify(layer, 0.5, method="wanda", calibration=xs, structure=structure)
+    msg = str(info.value)
+    assert "method 'wanda' prunes with scope='row' (per output row) by default" in msg
+    assert "pass scope='layer'" in msg
+    # the suggested call works, and the refused calls left the layer as it was
+    assert not hs.masks(layer) and all(torch.equal(v, layer.state_dict()[k]) for k, v in before.items())
+    hs.sparsify(layer, 0.5, method="wanda", calibration=xs, structure=structure, scope="layer")
+    assert hs.sparsity_report(layer).sparsity == pytest.approx(0.5)
+    with pytest.raises(hs.InvalidArgumentError, match=r"scope='row' with a structure needs an 'N:M'.*scope="):
+        hs.sparsify(nn.Linear(8, 4), 0.5, structure=structure, scope="row")
+
+
 def test_wanda_mask_only_score_for_sparsegpt_stats() -> None:
     """compute_keep_masks(method='sparsegpt') is the mask-only OBS saliency w^2 / [H^-1]_jj^2."""
     torch.manual_seed(0)

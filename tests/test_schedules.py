@@ -17,6 +17,7 @@ from torch import nn
 
 from hadamard_sparse.api import masks, register_mask, sparsify
 from hadamard_sparse.errors import NoTargetsError
+from hadamard_sparse.report import sparsity_report
 from hadamard_sparse.schedules import SET, GradualPruning, IterativePruning, RigL, cubic, linear
 
 
@@ -319,6 +320,35 @@ def test_dst_constant_counts_zero_regrown_and_optimizer_state(kind: str, opt_kin
     _train_steps(model, opt, sched, 12, check)
     assert n_regrown > 0
     assert [h[0] for h in sched.history] == [0, 2, 4, 6, 8, 10, 12]
+
+
+@pytest.mark.parametrize("kind", ["gradual", "iterative", "set", "rigl"])
+def test_history_achieved_agrees_with_sparsity_report(kind: str) -> None:
+    """history's achieved and sparsity_report count the same zeros at the same step (issue 15)."""
+    torch.manual_seed(0)
+    model = sparsify(mlp(), 0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = {
+        "gradual": lambda: GradualPruning(model, 0.9, end_step=8, every=2),
+        "iterative": lambda: IterativePruning(model, rounds=3, final_sparsity=0.9, every=2),
+        "set": lambda: SET(model, 0.9, every=2, drop_fraction=0.5, optimizer=opt),
+        "rigl": lambda: RigL(model, opt, 0.9, every=2, drop_fraction=0.5),
+    }[kind]()
+    numel = sum(m.numel() for m in masks(model).values())
+    above_target = 0
+    g = torch.Generator().manual_seed(0)
+    for step in range(1, 9):
+        opt.zero_grad()
+        model(torch.randn(8, 8, generator=g)).pow(2).mean().backward()
+        opt.step()
+        sched.step()
+        if step % 2 == 0 and sched.history[-1][0] == step:  # an update at this step
+            _, target, achieved = sched.history[-1]
+            assert achieved == pytest.approx(sparsity_report(model).sparsity)  # the same count
+            assert sum(_zeros(model).values()) == round(target * numel) or kind == "iterative"
+            above_target += round(achieved * numel) > round(target * numel)
+    # SET and RigL regrow at exactly 0, so right after their updates the weights hold more zeros
+    assert (above_target > 0) == (kind in ("set", "rigl"))
 
 
 def test_drop_fraction_anneals_with_cosine() -> None:

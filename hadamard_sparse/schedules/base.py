@@ -142,18 +142,19 @@ def check_unstructured(masked: list[MaskedTensor], who: str) -> None:
         )
 
 
-def _expanded_count(m: MaskedTensor) -> int:
-    mask = m.mask
-    if mask.shape == m.shape:
-        return int(mask.sum())
-    return int(mask.expand(m.shape).sum())
-
-
 def achieved(masked: list[MaskedTensor]) -> float:
-    """The sparsity the masks reach over all masked tensors."""
-    total = sum(m.shape.numel() for m in masked)
-    kept = sum(_expanded_count(m) for m in masked)
-    return 0.0 if total == 0 else 1.0 - kept / total
+    """The fraction of exact zeros in the effective weights of the masked tensors.
+
+    This is the count :func:`~hadamard_sparse.report.sparsity_report` makes for the same tensors
+    (``report.zeros / report.numel`` when every targeted tensor is masked), so a schedule's
+    ``history`` agrees with a report taken at the same step. The masks alone hold exactly the
+    target's count of zeros; the effective weights may have more: SET and RigL regrow connections
+    at exactly 0 (until the next optimizer step moves them), and a kept weight may itself be 0.
+    """
+    with torch.no_grad():
+        total = sum(m.shape.numel() for m in masked)
+        zeros = sum(int((m.value() == 0).sum()) for m in masked)
+    return 0.0 if total == 0 else zeros / total
 
 
 # ----------------------------------------------------------------------------------------------
