@@ -88,7 +88,9 @@ def mask(
         module_or_tensor: a module (its effective ``name`` tensor is read, i.e. with masks applied),
             a boolean mask, or a weight tensor (its zeros are the pruned entries).
         ax: the Axes to draw on; a new figure when ``None``.
-        name: the tensor of a module to draw. Default: ``"weight"``.
+        name: the tensor of a module to draw, or the qualified name of a tensor of one of its
+            submodules (``plot.mask(model, name="features.0.weight")``), which then titles the
+            plot. Default: ``"weight"`` (titled with the layer type, e.g. ``"Conv2d.weight"``).
         show: ``"mask"`` (kept vs pruned) or ``"weight"`` (signed effective values on a diverging
             colour map, pruned entries white). Default: ``"mask"``.
 
@@ -98,15 +100,20 @@ def mask(
     Example::
 
         >>> ax = plot.mask(hs.sparsify(torch.nn.Linear(64, 32), 0.9))
+        >>> ax = plot.mask(model, name="features.0.weight")  # titled "features.0.weight [...]"
     """
     if show not in ("mask", "weight"):
         raise ValueError(f"show must be 'mask' or 'weight', got {show!r}")
     if isinstance(module_or_tensor, nn.Module):
-        if not isinstance(name, str) or not hasattr(module_or_tensor, name):
-            raise ValueError(f"name must name a tensor of {type(module_or_tensor).__name__}, got {name!r}")
+        owner = _owner(module_or_tensor, name)
+        attr = name.rpartition(".")[2]
         with torch.no_grad():
-            w = getattr(module_or_tensor, name)
-        title = f"{parametrize.type_before_parametrizations(module_or_tensor).__name__}.{name}"
+            w = getattr(owner, attr)
+        title = (
+            name
+            if owner is not module_or_tensor
+            else f"{parametrize.type_before_parametrizations(owner).__name__}.{name}"
+        )
     elif isinstance(module_or_tensor, torch.Tensor):
         w, title = module_or_tensor, "tensor"
     else:
@@ -161,6 +168,22 @@ def mask(
         ax.set_xlabel(f"input channel ({k.shape[2]}x{k.shape[3]} kernels tiled)")
         ax.set_ylabel("output channel")
     return ax
+
+
+def _owner(module: nn.Module, name: object) -> nn.Module:
+    """The submodule that holds tensor ``name`` (an attribute, or a qualified ``"a.b.weight"``)."""
+    if isinstance(name, str) and name:
+        prefix, _, attr = name.rpartition(".")
+        try:
+            owner = module.get_submodule(prefix) if prefix else module
+        except AttributeError:
+            owner = None
+        if owner is not None and hasattr(owner, attr):
+            return owner
+    raise ValueError(
+        f"name must name a tensor of {type(module).__name__} or a qualified tensor name of one of its "
+        f"submodules (e.g. '0.weight'), got {name!r}"
+    )
 
 
 def _aspect(img: torch.Tensor, tiled: bool) -> str:

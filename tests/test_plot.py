@@ -68,6 +68,25 @@ def test_mask_renders(make: object, show: str, tmp_path: Path) -> None:
     assert ax.get_title().startswith(type(make()).__name__)
 
 
+@pytest.mark.parametrize(
+    "make, name, kind", [(small_cnn, "2.weight", "Conv2d"), (mlp, "4.weight", "Linear")], ids=["cnn", "mlp"]
+)
+def test_mask_by_qualified_name_titles_the_layer(make: object, name: str, kind: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = sparsify(make(), 0.7)
+    ax = plot.mask(model, name=name)
+    assert ax.get_title().startswith(f"{name} [")
+    layer = model.get_submodule(name.rpartition(".")[0])
+    ref = plot.mask(layer)  # the same layer passed directly: same image, titled by its type
+    assert ref.get_title().startswith(f"{kind}.weight [")
+    a, b = (torch.as_tensor(x.get_images()[0].get_array().filled(-1.0)) for x in (ax, ref))
+    assert torch.equal(a.nan_to_num(-2.0), b.nan_to_num(-2.0))
+    _render(ax, tmp_path / "named.png")
+    for bad in ("9.weight", "2.nope", "", "2."):
+        with pytest.raises(ValueError, match="qualified tensor name"):
+            plot.mask(model, name=bad)
+
+
 def test_mask_of_tensor_and_tiling_of_conv_kernels(tmp_path: Path) -> None:
     keep = torch.zeros(2, 3, 3, 3, dtype=torch.bool)
     keep[1, 2] = True
