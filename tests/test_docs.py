@@ -18,7 +18,7 @@ also described in docs/architecture.md ("Docs that run"):
   skipped, and the test reports why.
 
 Tracebacks point at the Markdown file and line. Run ``python tests/test_docs.py README.md`` to run
-one file by hand.
+one file by hand (in a temporary directory).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -217,9 +218,13 @@ def _runner_main(argv: list[str]) -> None:
         filename = str(path.relative_to(ROOT))
     except ValueError:
         filename = str(path)
-    results = run_plan(filename, [asdict(s) for s in plan(path)])
-    if len(argv) > 1:
-        Path(argv[1]).write_text(json.dumps(results))
+    out = Path(argv[1]).resolve() if len(argv) > 1 else None
+    with tempfile.TemporaryDirectory() as tmp:  # what the blocks write stays out of the checkout
+        os.chdir(tmp)
+        results = run_plan(filename, [asdict(s) for s in plan(path)])
+        os.chdir(ROOT)
+    if out is not None:
+        out.write_text(json.dumps(results))
     for r in results:
         print(f"{r['status']:8} {r['where']}" + (f"\n{r['why']}" if r.get("why") else ""), file=sys.stderr)
     sys.exit(1 if any(r["status"] == "failed" for r in results) else 0)

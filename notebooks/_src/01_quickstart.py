@@ -103,7 +103,7 @@ print(hs.sparsity_report(model))
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), layout="constrained")
-plot.mask(model[0], ax=axes[0])
+plot.mask(model, name="0.weight", ax=axes[0])
 plot.layer_sparsity(model, ax=axes[1])
 plt.show()
 

@@ -91,6 +91,8 @@ plot.sparsity_curve(sched, ax=axes[0])
 twin = axes[0].twinx()
 twin.plot([t for t, _ in log], [a for _, a in log], "-", color="#2e8b57", label="test accuracy")
 twin.set_ylabel("test accuracy", color="#2e8b57")
+handles = axes[0].get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+axes[0].legend(handles=handles, loc="center right")  # one legend for both axes
 plot.layer_sparsity(model, ax=axes[1])
 plt.show()
 
@@ -102,8 +104,8 @@ plt.show()
 # %%
 print(sched.history[:4], "...", sched.history[-1])
 print("state_dict keys:", sorted(sched.state_dict()))
-fig, ax = plt.subplots(figsize=(10, 3), layout="constrained")
-plot.mask(model[3], ax=ax)  # the second conv: 16 filters x 6 input channels of 5x5 kernels
+fig, ax = plt.subplots(figsize=(6, 8), layout="constrained")
+plot.mask(model, name="3.weight", ax=ax)  # the second conv: 16 filters x 6 input channels of 5x5 kernels
 plt.show()
 
 # %% [markdown]

@@ -174,7 +174,7 @@ for i in (0, 2):
     rows_off = int((baked[i].weight.abs().sum(1) == 0).sum())
     print(f"layer {i}: {rows_off} of {baked[i].out_features} neurons switched off")
 fig, ax = plt.subplots(figsize=(8, 4), layout="constrained")
-plot.mask(baked[0], ax=ax)
+plot.mask(baked, name="0.weight", ax=ax)
 plt.show()
 
 # %% [markdown]

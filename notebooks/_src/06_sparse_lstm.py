@@ -78,7 +78,7 @@ print(f"one-shot, no fine-tuning: {accuracy(model):.2%}")
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
-plot.mask(model.lstm, ax=axes[0], name="weight_hh_l0", show="weight")
+plot.mask(model, ax=axes[0], name="lstm.weight_hh_l0", show="weight")
 axes[0].set_ylabel("output (gates i, f, g, o stacked)")
 for k in range(1, 4):
     axes[0].axhline(k * 64 - 0.5, color="k", lw=0.8)

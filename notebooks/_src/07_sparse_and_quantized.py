@@ -118,7 +118,7 @@ for name, keep in masks_before.items():
 fig, axes = plt.subplots(1, 2, figsize=(12, 3.5), layout="constrained")
 plot.weight_histogram(baked[3].weight, ax=axes[0], bins=301)
 axes[0].set_title("layer 300→100 after 90% pruning + 4-bit quantization")
-plot.mask(baked[3], ax=axes[1], show="weight")
+plot.mask(baked, ax=axes[1], name="3.weight", show="weight")
 plt.show()
 
 # %% [markdown]
