@@ -221,7 +221,9 @@ def _runner_main(argv: list[str]) -> None:
     out = Path(argv[1]).resolve() if len(argv) > 1 else None
     with tempfile.TemporaryDirectory() as tmp:  # what the blocks write stays out of the checkout
         os.chdir(tmp)
+        tempfile.tempdir = tmp  # and so does what they put in temporary folders
         results = run_plan(filename, [asdict(s) for s in plan(path)])
+        tempfile.tempdir = None
         os.chdir(ROOT)
     if out is not None:
         out.write_text(json.dumps(results))
