@@ -151,9 +151,15 @@ def achieved(masked: list[MaskedTensor]) -> float:
     target's count of zeros; the effective weights may have more: SET and RigL regrow connections
     at exactly 0 (until the next optimizer step moves them), and a kept weight may itself be 0.
     """
+    mesh = sharded.mesh_of(masked, "schedule")
+    total = sum(m.shape.numel() for m in masked)
+    zeros = 0
     with torch.no_grad():
-        total = sum(m.shape.numel() for m in masked)
-        zeros = sum(int((m.value() == 0).sum()) for m in masked)
+        for m in masked:
+            if mesh is None:
+                zeros += int((m.value() == 0).sum())
+            else:  # FSDP2: count each rank's shard, summed over the mesh (the same on every rank)
+                zeros += int((sharded.value(m, mesh) == 0).sum().full_tensor())
     return 0.0 if total == 0 else zeros / total
 
 
