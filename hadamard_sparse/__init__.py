@@ -11,6 +11,7 @@ Example::
 from .api import masks, register_mask, remove_parametrizations, sparsify
 from .calibration import ActivationStats, LayerStats, calibrate
 from .checkpoint import load_sparse_state_dict
+from .compress import compress_state_dict, decompress_state_dict, load_compressed, save_compressed
 from .densities import layer_densities
 from .errors import (
     HadamardSparseError,
@@ -66,11 +67,14 @@ __all__ = [
     "__version__",
     "available_scores",
     "calibrate",
+    "compress_state_dict",
+    "decompress_state_dict",
     "factor_param_groups",
     "factorize",
     "fake_quantize",
     "l1_penalty",
     "layer_densities",
+    "load_compressed",
     "load_sparse_state_dict",
     "masks",
     "register_factorization",
@@ -78,6 +82,7 @@ __all__ = [
     "register_mask",
     "register_score",
     "remove_parametrizations",
+    "save_compressed",
     "shrink",
     "sparsify",
     "sparsity_report",
