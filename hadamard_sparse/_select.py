@@ -12,7 +12,7 @@ first, then the lower flat index, is pruned first.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -47,24 +47,59 @@ def _high_hist(keys: torch.Tensor) -> torch.Tensor:
     return torch.bincount(keys, minlength=65536).cpu()
 
 
-def _bucket(thunks: Sequence[ScoreThunk], k: int) -> tuple[int, int]:
-    """Radix pass 1: the high 16 bits of the k-th smallest key, and its rank within that bucket."""
+# Scores are keyed and counted in chunks of this many entries, so the temporaries (keys, shifted keys,
+# comparisons, bincount's int64 copy) take a few times 2**21 entries, not a few times the largest tensor.
+_CHUNK = 1 << 21
+
+
+def _chunk_keys(thunk: ScoreThunk) -> tuple[int, torch.device, Iterator[tuple[int, torch.Tensor]]]:
+    """The number of scores, their device and an iterator of ``(offset, keys of the next chunk)``.
+
+    Only the iterator holds the scores, so they are freed as soon as it is exhausted (a loop
+    variable holding a view of them would keep them alive while the next tensor is scored).
+    """
+    scores = thunk().detach().reshape(-1)
+    n, device = scores.numel(), scores.device
+
+    def chunks(scores: torch.Tensor = scores) -> Iterator[tuple[int, torch.Tensor]]:
+        for off in range(0, n, _CHUNK):
+            yield off, order_keys(scores[off : off + _CHUNK])
+
+    del scores
+    return n, device, chunks()
+
+
+def _bucket(thunks: Sequence[ScoreThunk], k: int) -> tuple[int, int, int]:
+    """Radix pass 1: the high 16 bits of the k-th smallest key, its rank within that bucket, and the
+    largest tensor's size."""
     counts = torch.zeros(65536, dtype=torch.int64)
+    largest = 0
     for thunk in thunks:
-        counts += _high_hist(order_keys(thunk()))
+        n, _, chunks = _chunk_keys(thunk)
+        largest = max(largest, n)
+        for _, keys in chunks:
+            counts += _high_hist(keys)
     cum = counts.cumsum(0)
     high = int(torch.searchsorted(cum, torch.tensor(k)))
-    return high - 32768, k - (int(cum[high - 1]) if high > 0 else 0)
+    return high - 32768, k - (int(cum[high - 1]) if high > 0 else 0), largest
+
+
+def _in_bucket(keys: torch.Tensor, high: int) -> torch.Tensor:
+    """Indices (into ``keys``) of the keys whose high 16 bits are ``high``."""
+    hi = keys >> 16
+    return (hi == high).nonzero().flatten()
 
 
 def keep_masks(thunks: Sequence[ScoreThunk], n_prune: int) -> list[torch.Tensor]:
     """Boolean keep-masks (flattened) pruning exactly the ``n_prune`` lowest scores over all thunks.
 
-    Two radix passes of 16 bits over int32 keys (a 65536-bin ``bincount`` per tensor, one tensor
-    at a time). The second pass also builds each mask for every entry outside the bucket that holds
-    the k-th key and keeps the few entries inside it (their indices and keys); once the exact key
-    is known they are fixed up, so each thunk runs twice. A tensor whose bucket share is large
-    (e.g. many equal scores) is not kept but scored a third time instead, to bound memory.
+    Two radix passes of 16 bits over int32 keys (a 65536-bin ``bincount`` per chunk of
+    ``2**21`` entries, one tensor at a time). The second pass also builds each mask for every
+    entry outside the bucket that holds the k-th key and keeps the few entries inside it (their
+    indices and keys); once the exact key is known they are fixed up, so each thunk runs twice.
+    The kept entries are capped at an eighth of the largest tensor, over all thunks; a tensor
+    whose entries do not fit (e.g. many equal scores) is scored a third time instead. Peak memory
+    beyond the masks: one tensor's scores, the kept bucket entries and chunk-sized temporaries.
 
     Args:
         thunks: callables returning each tensor's scores; each may be called several times and
@@ -77,35 +112,57 @@ def keep_masks(thunks: Sequence[ScoreThunk], n_prune: int) -> list[torch.Tensor]
     """
     if n_prune <= 0:
         return [torch.ones(t().numel(), dtype=torch.bool) for t in thunks]
-    high, remaining = _bucket(thunks, n_prune)
+    high, remaining, largest = _bucket(thunks, n_prune)
     lo_key = high << 16  # the bucket holds keys lo_key .. lo_key + 0xFFFF
     counts = torch.zeros(65536, dtype=torch.int64)
     out: list[torch.Tensor] = []
     cands: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+    budget = largest // 8  # bucket entries that may be kept, over all tensors
     for thunk in thunks:
-        keys = order_keys(thunk())
-        out.append(keys > (lo_key | 0xFFFF))
-        idx = ((keys >> 16) == high).nonzero().flatten()
-        ck = keys[idx]
-        counts += torch.bincount(ck & 0xFFFF, minlength=65536).cpu()
-        cands.append((idx, ck) if idx.numel() <= keys.numel() // 8 else None)
+        n, device, chunks = _chunk_keys(thunk)
+        keep = torch.empty(n, dtype=torch.bool, device=device)
+        idxs: list[torch.Tensor] = []
+        cks: list[torch.Tensor] = []
+        n_cand, collect = 0, True
+        for off, keys in chunks:
+            torch.gt(keys, lo_key | 0xFFFF, out=keep[off : off + keys.numel()])
+            idx = _in_bucket(keys, high)
+            ck = keys[idx]
+            counts += torch.bincount(ck & 0xFFFF, minlength=65536).cpu()
+            n_cand += idx.numel()
+            collect = collect and n_cand <= budget
+            if collect:
+                idxs.append(idx + off)
+                cks.append(ck)
+        if collect and idxs:
+            cands.append((torch.cat(idxs), torch.cat(cks)))
+            budget -= n_cand
+        else:
+            cands.append(None)  # over budget: scored again below
+        out.append(keep)
     cum = counts.cumsum(0)
     low = int(torch.searchsorted(cum, torch.tensor(remaining)))
     take = remaining - (int(cum[low - 1]) if low > 0 else 0)
     key = lo_key | low
-    for i, (keep, cand) in enumerate(zip(out, cands)):
-        if cand is None:
-            keys = order_keys(thunks[i]())
-            idx = ((keys >> 16) == high).nonzero().flatten()
-            ck = keys[idx]
-        else:
-            idx, ck = cand
+
+    def fix(keep: torch.Tensor, idx: torch.Tensor, ck: torch.Tensor) -> None:
+        # Within the bucket: keep keys above the k-th; of those equal to it, prune the first `take`.
+        nonlocal take
         kept = ck > key
         eq = (ck == key).nonzero().flatten()
         n = min(take, eq.numel())
         kept[eq[n:]] = True
         take -= n
         keep[idx] = kept
+
+    for i, (keep, cand) in enumerate(zip(out, cands)):
+        if cand is not None:
+            fix(keep, *cand)
+            continue
+        _, _, chunks = _chunk_keys(thunks[i])  # scored again, fixed chunk by chunk (flat order kept)
+        for off, keys in chunks:
+            idx = _in_bucket(keys, high)
+            fix(keep, idx + off, keys[idx])
     return out
 
 

@@ -7,6 +7,7 @@ its Parameter objects and its forward code.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, ClassVar
 
 import torch
@@ -143,9 +144,9 @@ class HadamardMask(_SparseParametrization):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if is_dtensor(x):  # a weight sharded by FSDP2, read outside its forward (state_dict, schedules)
             return x * replicated(self.mask.to(x.dtype), x)
-        # Same values as ``x * self.mask``; on CPU, multiplying by a bool tensor is several times slower
-        # than converting it through a uint8 view (same bytes, no copy) to x's dtype first.
-        return x * self.mask.view(torch.uint8).to(x.dtype)
+        # Same values as ``x * self.mask``: multiplying by a bool tensor is several times slower on CPU,
+        # so the mask is used in x's dtype, cached until the buffer changes (see _mask_in).
+        return x * _mask_in(self, x)
 
     def right_inverse(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -201,3 +202,35 @@ class HadamardMask(_SparseParametrization):
                 "masks are loaded in place and keep their shape"
             )
         return {"mask": mask}
+
+
+# The bool mask in a compute dtype, per HadamardMask: (buffer, its _version, its data_ptr, dtype, device,
+# the converted mask or None). Held here rather than on the module, so it is not in
+# state_dict, pickles or deep copies; an entry goes with its module. The buffer stays the saved truth:
+# any in-place update (``mask.copy_``, ``load_state_dict``) bumps its version counter, a device move or
+# ``.to()`` replaces it, and a new dtype of the weight misses the key, so the next forward converts again.
+# Autograd keeps the converted tensor of each forward for its backward, and it is never written in place.
+# The conversion is stored only on the second forward with grad and an unchanged key (training): it costs
+# one tensor of the weight's dtype per mask, which one-off calls (registration, sparsify, inference
+# under no_grad) should not leave behind; they reuse a stored conversion but do not create one.
+_MASK_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[Any, ...]] = weakref.WeakKeyDictionary()
+
+
+def _mask_in(module: HadamardMask, x: torch.Tensor) -> torch.Tensor:
+    """``module.mask`` converted to ``x``'s dtype (0/1), cached while the buffer is unchanged."""
+    mask = module.mask
+    if torch.compiler.is_compiling() or type(mask) is not torch.Tensor or mask.is_inference():
+        # Traced graphs read the buffer at every call; tensor subclasses (DTensor, fake tensors) and
+        # inference tensors (no version counter) are converted at every call.
+        return mask.view(torch.uint8).to(x.dtype) if type(mask) is torch.Tensor else mask.to(x.dtype)
+    key = (mask._version, mask.data_ptr(), x.dtype, x.device)
+    entry = _MASK_CACHE.get(module)
+    hit = entry is not None and entry[0] is mask and entry[1:5] == key
+    if hit and entry[5] is not None:
+        return entry[5]
+    with torch.no_grad():
+        converted = mask.view(torch.uint8).to(device=x.device, dtype=x.dtype)
+    if torch.is_grad_enabled() and x.requires_grad:  # never in inference mode: no inference tensor kept
+        # First such call: remember the key; second with the same key: keep the conversion.
+        _MASK_CACHE[module] = (mask, *key, converted if hit else None)
+    return converted
