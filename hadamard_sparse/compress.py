@@ -53,7 +53,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .errors import HadamardSparseError
+from .errors import InvalidArgumentError, InvalidTypeError
 
 __all__ = [
     "DTYPE_CODES",
@@ -117,7 +117,7 @@ def _index_dtype(max_value: int) -> torch.dtype:
     for dt in _INDEX_DTYPES:
         if max_value <= torch.iinfo(dt).max:
             return dt
-    raise HadamardSparseError(f"index {max_value} does not fit in int64")
+    raise InvalidArgumentError(f"index {max_value} does not fit in int64")
 
 
 def _header(key: str) -> int:
@@ -224,7 +224,9 @@ def compress_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
         A new dict of names to tensors, in the order of ``state_dict``.
 
     Raises:
-        HadamardSparseError: a value is not a strided tensor, or a key already uses one of
+        InvalidTypeError: ``state_dict`` is not a mapping, a key is not a str or a value is not a
+            tensor.
+        InvalidArgumentError: a tensor is not strided, or a key already uses one of
             the reserved suffixes (``.__layout__``, ``.__bitmask__``, ``.__values__``,
             ``.__crow__``, ``.__col__``, ``.__signs__``); nothing is computed before every entry is checked.
 
@@ -235,28 +237,28 @@ def compress_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
         >>> save_file(hs.compress_state_dict(model.state_dict()), "model.safetensors")
     """
     if not isinstance(state_dict, Mapping):
-        raise HadamardSparseError(
+        raise InvalidTypeError(
             f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}"
         )
     for key, value in state_dict.items():
         if not isinstance(key, str):
-            raise HadamardSparseError(f"state_dict keys must be str, got {key!r}")
+            raise InvalidTypeError(f"state_dict keys must be str, got {key!r}")
         if not isinstance(value, torch.Tensor):
             hint = (
                 "; bake the model first (hs.remove_parametrizations) or drop the '_extra_state' entries"
                 if key.endswith("_extra_state")
                 else ""
             )
-            raise HadamardSparseError(
+            raise InvalidTypeError(
                 f"state_dict entry {key!r} must be a torch.Tensor, got {type(value).__name__}{hint}"
             )
         if value.layout != torch.strided:
-            raise HadamardSparseError(
+            raise InvalidArgumentError(
                 f"state_dict entry {key!r} has layout {value.layout}; only strided (dense) tensors "
                 "are allowed, convert with .to_dense()"
             )
         if _part(key) is not None:
-            raise HadamardSparseError(
+            raise InvalidArgumentError(
                 f"state_dict key {key!r} ends with a suffix reserved for compressed entries "
                 f"({', '.join('.' + s for s in _SUFFIXES)}); is it compressed already? "
                 "Rename the entry to compress it"
@@ -268,8 +270,8 @@ def compress_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
     return out
 
 
-def _fail(key: str, what: str) -> HadamardSparseError:
-    return HadamardSparseError(f"compressed entry {key!r} {what}")
+def _fail(key: str, what: str) -> InvalidArgumentError:
+    return InvalidArgumentError(f"compressed entry {key!r} {what}")
 
 
 def _read_meta(base: str, parts: dict[str, torch.Tensor]) -> tuple[int, torch.dtype, bool, list[int]]:
@@ -309,7 +311,7 @@ def _read_meta(base: str, parts: dict[str, torch.Tensor]) -> tuple[int, torch.dt
             what.append(f"missing {[f'{base}.{m}' for m in missing]}")
         if extra:
             what.append(f"unexpected {[f'{base}.{e}' for e in extra]}")
-        raise HadamardSparseError(
+        raise InvalidArgumentError(
             f"compressed tensor {base!r} ({_LAYOUT_NAMES[layout]} layout, {dtype}) is malformed: "
             + "; ".join(what)
         )
@@ -400,7 +402,8 @@ def decompress_state_dict(compressed: Mapping[str, torch.Tensor]) -> dict[str, t
         first part.
 
     Raises:
-        HadamardSparseError: a value is not a tensor, a part is missing, unexpected or
+        InvalidTypeError: ``compressed`` is not a mapping or a value is not a tensor.
+        InvalidArgumentError: a part is missing, unexpected or
             malformed, or a compressed name is also present as a plain key.
 
     Example::
@@ -409,14 +412,14 @@ def decompress_state_dict(compressed: Mapping[str, torch.Tensor]) -> dict[str, t
         >>> model.load_state_dict(hs.decompress_state_dict(load_file("model.safetensors")))
     """
     if not isinstance(compressed, Mapping):
-        raise HadamardSparseError(
+        raise InvalidTypeError(
             f"compressed must be a mapping of names to tensors, got {type(compressed).__name__}"
         )
     groups: dict[str, dict[str, torch.Tensor]] = {}
     order: list[tuple[bool, str]] = []
     for key, value in compressed.items():
         if not isinstance(value, torch.Tensor):
-            raise HadamardSparseError(
+            raise InvalidTypeError(
                 f"compressed entry {key!r} must be a torch.Tensor, got {type(value).__name__}"
             )
         part = _part(key) if isinstance(key, str) else None
@@ -430,7 +433,7 @@ def decompress_state_dict(compressed: Mapping[str, torch.Tensor]) -> dict[str, t
         groups[base][suffix] = value
     for base in groups:
         if base in compressed:
-            raise HadamardSparseError(
+            raise InvalidArgumentError(
                 f"key {base!r} is present both as a plain tensor and as a compressed one "
                 f"({', '.join(sorted(f'{base}.{s}' for s in groups[base]))})"
             )
@@ -469,7 +472,7 @@ def save_compressed(
         isinstance(metadata, dict)
         and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
     ):
-        raise HadamardSparseError(f"metadata must be a dict of str to str or None, got {metadata!r}")
+        raise InvalidTypeError(f"metadata must be a dict of str to str or None, got {metadata!r}")
     tensors = compress_state_dict(state_dict)
     seen: set[int] = set()
     for key, t in tensors.items():

@@ -251,8 +251,12 @@ def test_compress_refusals() -> None:
     _refused({"w": w, "s": torch.eye(4).to_sparse()}, "'s' has layout torch.sparse_coo")
     with pytest.raises(HadamardSparseError, match=r"'w.__values__' ends with a suffix reserved"):
         hs.compress_state_dict({"w.__values__": w})
-    with pytest.raises(HadamardSparseError, match="mapping"):
+    with pytest.raises(TypeError, match="mapping"):  # InvalidTypeError: a TypeError too
         hs.compress_state_dict([w])  # type: ignore[arg-type]
+    with pytest.raises(hs.InvalidTypeError, match="'x' must be a torch.Tensor"):
+        hs.compress_state_dict({"x": 1})
+    with pytest.raises(hs.InvalidArgumentError, match="reserved"):
+        hs.compress_state_dict({"a.__crow__": w})
 
 
 def _good() -> dict[str, dict[str, torch.Tensor]]:
