@@ -48,8 +48,8 @@ def _high_hist(keys: torch.Tensor) -> torch.Tensor:
 
 
 # Scores are keyed and counted in chunks of this many entries, so the temporaries (keys, shifted keys,
-# comparisons, bincount's int64 copy) take a few times 2**21 entries, not a few times the largest tensor.
-_CHUNK = 1 << 21
+# comparisons, bincount's int64 copy) take a few times 2**19 entries, not a few times the largest tensor.
+_CHUNK = 1 << 19
 
 
 def _chunk_keys(thunk: ScoreThunk) -> tuple[int, torch.device, Iterator[tuple[int, torch.Tensor]]]:
@@ -94,7 +94,7 @@ def keep_masks(thunks: Sequence[ScoreThunk], n_prune: int) -> list[torch.Tensor]
     """Boolean keep-masks (flattened) pruning exactly the ``n_prune`` lowest scores over all thunks.
 
     Two radix passes of 16 bits over int32 keys (a 65536-bin ``bincount`` per chunk of
-    ``2**21`` entries, one tensor at a time). The second pass also builds each mask for every
+    ``2**19`` entries, one tensor at a time). The second pass also builds each mask for every
     entry outside the bucket that holds the k-th key and keeps the few entries inside it (their
     indices and keys); once the exact key is known they are fixed up, so each thunk runs twice.
     The kept entries are capped at an eighth of the largest tensor, over all thunks; a tensor
