@@ -30,7 +30,7 @@ whether a ``name.__signs__`` entry follows (0 or 1), and the shape. ``name.__sig
 packed like the bitmask) has one bit per *zero* entry, in row-major order, set where it is
 ``-0.0``: it is present only when a floating tensor holds a ``-0.0``, which baked weights do
 wherever a negative weight was masked (``w * 0``), at ``(numel - nnz) / 8`` bytes.
-A ``torch.bool`` tensor (e.g. the mask buffers of a sparsified, not baked, model) has no
+A ``torch.bool`` tensor (e.g. the ``weight_mask`` entries of a sparsified model's state_dict) has no
 ``__values__`` entry: its nonzero entries are all ``True``, so the bitmask alone holds it
 (1 bit per entry). Empty and 0-d tensors, and dtypes outside :data:`DTYPE_CODES`, stay dense.
 The choice compares estimated file bytes, including about ``64 + len(key)`` bytes of
@@ -213,9 +213,8 @@ def compress_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
     layouts and keys. :func:`decompress_state_dict` gives back every tensor bitwise, with its
     dtype and shape, ``-0.0`` and NaN payloads included.
     Dense tensors are returned as they are (made contiguous, not copied otherwise), on their
-    device. Compression pays for *baked* sparse weights (``hs.remove_parametrizations``): a
-    sparsified model still holds its dense originals, and its ``_extra_state`` entries are
-    Python objects that neither this function nor safetensors stores.
+    device. A baked model's state_dict and a sparsified one's (effective weights, zero where
+    masked, plus ``torch.bool`` ``weight_mask`` entries, 1 bit each here) both compress.
 
     Args:
         state_dict: names to tensors, e.g. ``model.state_dict()`` after baking.
@@ -244,13 +243,9 @@ def compress_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
         if not isinstance(key, str):
             raise InvalidTypeError(f"state_dict keys must be str, got {key!r}")
         if not isinstance(value, torch.Tensor):
-            hint = (
-                "; bake the model first (hs.remove_parametrizations) or drop the '_extra_state' entries"
-                if key.endswith("_extra_state")
-                else ""
-            )
             raise InvalidTypeError(
-                f"state_dict entry {key!r} must be a torch.Tensor, got {type(value).__name__}{hint}"
+                f"state_dict entry {key!r} must be a torch.Tensor, got {type(value).__name__}; "
+                "drop entries that are Python objects (safetensors stores tensors only)"
             )
         if value.layout != torch.strided:
             raise InvalidArgumentError(

@@ -213,25 +213,27 @@ def test_negative_zeros_of_baked_weights() -> None:
     assert "w.__signs__" not in hs.compress_state_dict({"w": w + 0.0})
 
 
-def test_masks_of_a_sparsified_model() -> None:
-    """Masks are bool tensors: 1 bit each, no values. ``_extra_state`` entries are refused with a hint."""
+def test_sparsified_model_state_dict() -> None:
+    """A sparsified (not baked) model's state_dict: effective weights compress, masks take 1 bit per entry
+    (bitmask, no values), and the fresh model loads it back with the same masks and outputs."""
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
     hs.sparsify(model, 0.8)
     sd = model.state_dict()
-    extra = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
-    if extra:
-        with pytest.raises(HadamardSparseError, match="bake the model first"):
-            hs.compress_state_dict(sd)
-    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    comp = hs.compress_state_dict(tensors)
-    mask_key = "0.parametrizations.weight.0.mask"
-    assert f"{mask_key}.__bitmask__" in comp and f"{mask_key}.__values__" not in comp
-    assert comp[f"{mask_key}.__bitmask__"].numel() == 64 * 64 // 8
+    comp = hs.compress_state_dict(sd)
+    masks = [k for k, v in sd.items() if v.dtype == torch.bool]
+    assert masks
+    for key in masks:
+        assert f"{key}.__bitmask__" in comp and f"{key}.__values__" not in comp
+        assert comp[f"{key}.__bitmask__"].numel() == (sd[key].numel() + 7) // 8
+    assert "0.weight.__values__" in comp  # the effective weight is stored sparse
     back = hs.decompress_state_dict(comp)
-    assert_bitwise(back, tensors)
-    fresh = hs.sparsify(copy.deepcopy(model), 0.0)
-    fresh.load_state_dict({**back, **{k: sd[k] for k in extra}}, strict=True)
+    assert_bitwise(back, sd)
+    fresh = hs.sparsify(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)), 0.0)
+    fresh.load_state_dict(back, strict=True)
     assert all(torch.equal(a, b) for a, b in zip(hs.masks(fresh).values(), hs.masks(model).values()))
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
 
 
 def _refused(sd: dict, match: str) -> None:
@@ -247,7 +249,9 @@ def _refused(sd: dict, match: str) -> None:
 def test_compress_refusals() -> None:
     w = torch.zeros(8, 8)
     _refused({"w": w, "x": 3.0}, "'x' must be a torch.Tensor, got float")
-    _refused({"w": w, "layer._extra_state": {"type": "HadamardMask"}}, "remove_parametrizations")
+    _refused(
+        {"w": w, "layer._extra_state": {"type": "X"}}, "'layer._extra_state' must be a torch.Tensor, got dict"
+    )
     _refused({"w": w, "s": torch.eye(4).to_sparse()}, "'s' has layout torch.sparse_coo")
     with pytest.raises(HadamardSparseError, match=r"'w.__values__' ends with a suffix reserved"):
         hs.compress_state_dict({"w.__values__": w})
