@@ -22,7 +22,6 @@ import argparse
 import copy
 import os
 import platform
-import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import time_interleaved as _time_interleaved  # type: ignore[import-not-found]
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
@@ -103,36 +103,11 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]],
-    *,
-    budget_s: float = 3.0,
-    clock: str = "wall",
-    min_rounds: int = 7,
-    max_rounds: int = 60,
-    sample_s: float = 0.05,
+    fns: dict[str, Callable[[], object]], *, budget_s: float, clock: str = "wall"
 ) -> dict[str, float]:
-    """Median seconds per call of each function, timed in interleaved rounds (as ``_common.time_interleaved``).
-
-    ``clock="cpu"`` times with ``time.process_time`` (CPU seconds of this process, all threads):
-    on a shared, overloaded machine it leaves out the time spent waiting for a core.
-    """
-    timer = CLOCKS[clock]
-    inner: dict[str, int] = {}
-    for k, fn in fns.items():  # warm-up and calibration
-        fn()
-        t0 = time.perf_counter()
-        fn()
-        inner[k] = max(1, min(1000, int(sample_s / max(time.perf_counter() - t0, 1e-6))))
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    start, rounds = time.perf_counter(), 0
-    while rounds < min_rounds or (time.perf_counter() - start < budget_s and rounds < max_rounds):
-        for k, fn in fns.items():
-            t0 = timer()
-            for _ in range(inner[k]):
-                fn()
-            times[k].append((timer() - t0) / inner[k])
-        rounds += 1
-    return {k: statistics.median(v) for k, v in times.items()}
+    """``_common.time_interleaved`` on the chosen clock: ``"cpu"`` is ``time.process_time`` (CPU seconds
+    of this process, all threads), which on an overloaded machine leaves out the time spent waiting for a core."""
+    return _time_interleaved(fns, budget_s=budget_s, sample_s=0.05, clock=CLOCKS[clock])
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
