@@ -58,12 +58,12 @@ def assert_matches_reference(model: nn.Module, x: torch.Tensor) -> None:
 
 def test_every_layer_type_matches_functional_reference(layer_case: LayerCase) -> None:
     model = layer_case.make().eval()
-    hs.sparsify(model, 0.6)
+    hs.sparsify(model, 0.6, min_keep=0)
     x = layer_case.input()
     assert_matches_reference(model, x)
     assert_matches_reference(model, x)  # second call: from the cache
     for s in (0.2, 0.9):  # in-place updates are followed
-        hs.sparsify(model, s)
+        hs.sparsify(model, s, min_keep=0)
         assert_matches_reference(model, x)
 
 
@@ -111,7 +111,7 @@ def test_backward_uses_the_mask_of_its_forward() -> None:
 def test_dtype_and_device_changes() -> None:
     torch.manual_seed(0)
     model = mlp()
-    hs.sparsify(model, 0.5)
+    hs.sparsify(model, 0.5, min_keep=0)
     x = torch.randn(4, 8)
     assert_matches_reference(model, x)
     model.double()
@@ -133,7 +133,7 @@ def test_dtype_and_device_changes() -> None:
 def test_cuda_move() -> None:
     torch.manual_seed(0)
     model = mlp()
-    hs.sparsify(model, 0.5)
+    hs.sparsify(model, 0.5, min_keep=0)
     x = torch.randn(4, 8)
     ref = model(x)
     model.cuda()
@@ -145,7 +145,7 @@ def test_cuda_move() -> None:
 def test_inference_mode_then_training() -> None:
     torch.manual_seed(0)
     model = mlp()
-    hs.sparsify(model, 0.5)
+    hs.sparsify(model, 0.5, min_keep=0)
     x = torch.randn(4, 8)
     with torch.inference_mode():
         ref = model(x)
@@ -157,14 +157,14 @@ def test_inference_mode_then_training() -> None:
 def test_compiled_and_eager_follow_updates() -> None:
     torch.manual_seed(0)
     model = mlp()
-    hs.sparsify(model, 0.5)
+    hs.sparsify(model, 0.5, min_keep=0)
     x = torch.randn(4, 8)
     model(x)  # fill the eager cache first
     torch._dynamo.reset()
     cmodel = torch.compile(model, fullgraph=True, backend="aot_eager")
     with torch._dynamo.config.patch(error_on_recompile=True):
         for s in (0.5, 0.8, 0.1):
-            hs.sparsify(model, s)
+            hs.sparsify(model, s, min_keep=0)
             expected, _ = reference(model, x)
             torch.testing.assert_close(cmodel(x), expected, rtol=0, atol=0)
             torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
@@ -173,7 +173,7 @@ def test_compiled_and_eager_follow_updates() -> None:
 def test_state_dict_deepcopy_and_pickle_unchanged_by_the_cache() -> None:
     torch.manual_seed(0)
     model = mlp()
-    hs.sparsify(model, 0.5)
+    hs.sparsify(model, 0.5, min_keep=0)
     x = torch.randn(4, 8)
     keys = list(model.state_dict())
     pm = model[0].parametrizations.weight[0]  # parametrized modules themselves refuse pickling (torch)
@@ -185,12 +185,12 @@ def test_state_dict_deepcopy_and_pickle_unchanged_by_the_cache() -> None:
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     buf.seek(0)
-    fresh = hs.sparsify(mlp(), 0.5)
+    fresh = hs.sparsify(mlp(), 0.5, min_keep=0)
     fresh.load_state_dict(torch.load(buf))
     torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
     twin = copy.deepcopy(model)
     torch.testing.assert_close(twin(x), model(x), rtol=0, atol=0)
-    hs.sparsify(twin, 0.9)  # the copy's masks are its own
+    hs.sparsify(twin, 0.9, min_keep=0)  # the copy's masks are its own
     assert_matches_reference(twin, x)
     assert_matches_reference(model, x)
 
