@@ -458,7 +458,7 @@ def sparsify(
     stats = None
     if entry.needs_calibration:
         stats = stats_for(model, targets, calibration, method=method, need_gram=entry.needs_gram)
-    keeps = compute_keep_masks(
+    keeps: list[torch.Tensor | None] = compute_keep_masks(  # type: ignore[assignment]
         targets,
         per,
         method=method,
@@ -469,8 +469,11 @@ def sparsify(
         checked=True,
         min_keep=min_keep,
     )
-    for t, keep in zip(targets, keeps):
+    for i, t in enumerate(targets):
+        keep, keeps[i] = keeps[i], None  # drop each flat mask once its buffer holds it (peak memory)
+        assert keep is not None
         _attach_mask(t.module, t.tensor_name, keep)
+        del keep
     return model
 
 
