@@ -177,6 +177,40 @@ print("plain nn.Linear:", type(baked[0]) is nn.Linear, "| same outputs:", torch.
 print(f"baked sparsity {hs.sparsity_report(baked).sparsity:.2%} (counted from exact zeros)")
 
 # %% [markdown]
+# ## 6. A Hugging Face model, saved while sparse
+#
+# A sparsified transformers model saves with `save_pretrained` as usual. The file holds the effective
+# (sparse) weights under their plain names, so plain `from_pretrained` loads the sparse model without
+# hadamard_sparse (transformers lists the mask keys as unexpected and ignores them), plus one bool
+# `<name>_mask` tensor per pruned weight, which `hs.load_sparse_state_dict` turns back into masks on a
+# fresh model. (A tiny GPT-2 built from a config: nothing is downloaded.)
+
+# %%
+import warnings
+
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
+from safetensors.torch import load_file
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.utils import logging as hf_logging
+
+hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()
+cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_positions=64, bos_token_id=0, eos_token_id=0)
+torch.manual_seed(0)
+gpt = GPT2LMHeadModel(cfg).eval()
+hs.sparsify(gpt, 0.5, exclude="lm_head")
+out_dir = Path(tempfile.mkdtemp()) / "gpt2-sparse"
+gpt.save_pretrained(out_dir)
+ids = torch.randint(0, 256, (1, 16))
+
+plain = GPT2LMHeadModel.from_pretrained(out_dir).eval()  # no hadamard_sparse involved
+print("plain from_pretrained, same logits:", torch.allclose(plain(ids).logits, gpt(ids).logits, atol=1e-5))
+restored = hs.load_sparse_state_dict(GPT2LMHeadModel(cfg).eval(), load_file(out_dir / "model.safetensors"))
+same_masks = all(torch.equal(a, b) for a, b in zip(hs.masks(restored).values(), hs.masks(gpt).values()))
+print("masks restored:", len(hs.masks(restored)), "| identical:", same_masks)
+print(f"sparsity of the targeted weights: {hs.sparsity_report(restored).sparsity:.2%}")
+
+# %% [markdown]
 # Baked weights are dense tensors that happen to contain zeros. To turn the zeros into speed,
 # prune whole channels and `hs.shrink` the model, or store the weights as sparse tensors with
 # `hs.to_sparse` (see `05_structured_speed.ipynb`). The other notebooks cover gradual pruning
