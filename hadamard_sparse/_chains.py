@@ -17,27 +17,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from .parametrizations import _SparseParametrization
+from .parametrizations import SparseParametrization
 
 __all__: list[str] = []
 
 
-def _is_ours(plist: nn.Module) -> bool:
-    return any(isinstance(p, _SparseParametrization) for p in plist)
+def is_ours(plist: nn.Module) -> bool:
+    return any(isinstance(p, SparseParametrization) for p in plist)
 
 
-def _split_chain(
+def split_chain(
     plist: nn.Module,
-) -> tuple[list[tuple[int, _SparseParametrization]], list[tuple[int, nn.Module]]]:
-    ours: list[tuple[int, _SparseParametrization]] = []
+) -> tuple[list[tuple[int, SparseParametrization]], list[tuple[int, nn.Module]]]:
+    ours: list[tuple[int, SparseParametrization]] = []
     foreign: list[tuple[int, nn.Module]] = []
     for j, p in enumerate(plist):
-        (ours if isinstance(p, _SparseParametrization) else foreign).append((j, p))  # type: ignore[arg-type]
+        (ours if isinstance(p, SparseParametrization) else foreign).append((j, p))  # type: ignore[arg-type]
     return ours, foreign
 
 
 @contextmanager
-def _eval_mode(modules: list[nn.Module]) -> Iterator[None]:
+def eval_mode(modules: list[nn.Module]) -> Iterator[None]:
     """Temporarily put ``modules`` in eval mode, so that computing a value has no side effect.
 
     (``spectral_norm`` runs a power iteration, updating its buffers, at every forward in training mode.)
@@ -52,7 +52,7 @@ def _eval_mode(modules: list[nn.Module]) -> Iterator[None]:
             m.training = t
 
 
-def _right_inverse(chain: list[nn.Module], value: torch.Tensor) -> Any:
+def right_inverse(chain: list[nn.Module], value: torch.Tensor) -> Any:
     """``right_inverse`` through ``chain`` in reverse, as ``ParametrizationList`` does (identity when absent)."""
     x: Any = value
     for p in reversed(chain):
@@ -61,18 +61,18 @@ def _right_inverse(chain: list[nn.Module], value: torch.Tensor) -> Any:
     return x
 
 
-def _forward(chain: list[nn.Module], originals: Any) -> torch.Tensor:
+def forward(chain: list[nn.Module], originals: Any) -> torch.Tensor:
     x = chain[0](*originals) if isinstance(originals, (tuple, list)) else chain[0](originals)
     for p in chain[1:]:
         x = p(x)
     return x
 
 
-def _original_keys(base: str, plist: nn.Module) -> list[str]:
+def original_keys(base: str, plist: nn.Module) -> list[str]:
     return [base + "original"] if plist.is_tensor else [f"{base}original{i}" for i in range(plist.ntensors)]
 
 
-def _put_originals(state_dict: dict[str, Any], base: str, originals: Any) -> None:
+def put_originals(state_dict: dict[str, Any], base: str, originals: Any) -> None:
     if isinstance(originals, torch.Tensor):
         state_dict[base + "original"] = originals
     else:
@@ -80,22 +80,22 @@ def _put_originals(state_dict: dict[str, Any], base: str, originals: Any) -> Non
             state_dict[f"{base}original{i}"] = t
 
 
-def _tensor_shape(module: nn.Module, name: str) -> torch.Size:
+def tensor_shape(module: nn.Module, name: str) -> torch.Size:
     plist = module.parametrizations[name]  # type: ignore[index, union-attr]
-    if plist.is_tensor and all(isinstance(p, _SparseParametrization) for p in plist):
+    if plist.is_tensor and all(isinstance(p, SparseParametrization) for p in plist):
         return plist.original.shape  # ours keep the shape
-    with torch.no_grad(), _eval_mode(list(plist)):
+    with torch.no_grad(), eval_mode(list(plist)):
         return getattr(module, name).shape
 
 
-def _current_originals(plist: nn.Module) -> Any:
+def current_originals(plist: nn.Module) -> Any:
     if plist.is_tensor:
         return plist.original
     return tuple(getattr(plist, f"original{i}") for i in range(plist.ntensors))
 
 
-def _split_at_ours(
-    plist: nn.Module, ours: list[tuple[int, _SparseParametrization]], foreign: list[tuple[int, nn.Module]]
+def split_at_ours(
+    plist: nn.Module, ours: list[tuple[int, SparseParametrization]], foreign: list[tuple[int, nn.Module]]
 ) -> tuple[list[nn.Module], list[nn.Module], list[nn.Module]]:
     """``(head, theirs_in_head, tail)``: the chain up to our last parametrization, the foreign ones in it, the rest."""
     last = ours[-1][0]
@@ -103,7 +103,7 @@ def _split_at_ours(
     return head, [p for j, p in foreign if j < last], list(plist)[last + 1 :]
 
 
-def _fresh_class(module: nn.Module) -> None:
+def fresh_class(module: nn.Module) -> None:
     """Give ``module`` its own copy of parametrize's injected class.
 
     ``copy.deepcopy`` shares the injected class between a model and its copy,
@@ -115,7 +115,7 @@ def _fresh_class(module: nn.Module) -> None:
     module.__class__ = type(cls.__name__, cls.__bases__, ns)
 
 
-class _Keep(nn.Module):
+class Keep(nn.Module):
     """Identity with an identity ``right_inverse``: registers a given value as a chain's original."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ from .densities import densities_for_shapes
 from .errors import InvalidArgumentError, InvalidTypeError, NoTargetsError
 from .groups import TensorGroups
 from .layers import Target, check_not_wrapped, resolve_targets
-from .parametrizations import HadamardMask, _check_mask
+from .parametrizations import HadamardMask, check_mask
 from .scores import register_score
 from .sparsegpt import stats_for
 from .structures import MODEL_STRUCTURES, NM, StructureLike, parse_structure
@@ -115,7 +115,7 @@ def register_mask(module: nn.Module, name: str = "weight", mask: torch.Tensor | 
         )
     if mask is None:
         mask = torch.ones(current.shape, dtype=torch.bool, device=current.device)
-    _check_mask(mask, current.shape, "mask")
+    check_mask(mask, current.shape, "mask")
     check_finite(current, f"module.{name}")
     return _attach_mask(module, name, mask)
 

@@ -49,21 +49,21 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ._chains import (
-    _current_originals,
-    _eval_mode,
-    _forward,
-    _fresh_class,
-    _is_ours,
-    _Keep,
-    _original_keys,
-    _put_originals,
-    _right_inverse,
-    _split_at_ours,
-    _split_chain,
-    _tensor_shape,
+    Keep,
+    current_originals,
+    eval_mode,
+    forward,
+    fresh_class,
+    is_ours,
+    original_keys,
+    put_originals,
+    right_inverse,
+    split_at_ours,
+    split_chain,
+    tensor_shape,
 )
 from .errors import InvalidArgumentError, InvalidTypeError
-from .parametrizations import _SparseParametrization
+from .parametrizations import SparseParametrization
 
 __all__ = ["load_sparse_state_dict"]
 
@@ -82,7 +82,7 @@ def _state_dict_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str,
     if not parametrize.is_parametrized(module):
         return
     for name, plist in module.parametrizations.items():  # type: ignore[union-attr]
-        ours, foreign = _split_chain(plist)
+        ours, foreign = split_chain(plist)
         if ours:
             _write_plain_view(module, name, plist, ours, foreign, state_dict, prefix)
 
@@ -91,13 +91,13 @@ def _write_plain_view(
     module: nn.Module,
     name: str,
     plist: nn.Module,
-    ours: list[tuple[int, _SparseParametrization]],
+    ours: list[tuple[int, SparseParametrization]],
     foreign: list[tuple[int, nn.Module]],
     state_dict: dict[str, Any],
     prefix: str,
 ) -> None:
     base = f"{prefix}parametrizations.{name}."
-    originals = [state_dict.pop(k, None) for k in _original_keys(base, plist)]
+    originals = [state_dict.pop(k, None) for k in original_keys(base, plist)]
     keep_vars = isinstance(originals[0], nn.Parameter)
     own_state: dict[int, dict[str, Any]] = {}
     for j, p in enumerate(plist):
@@ -112,13 +112,13 @@ def _write_plain_view(
             state_dict[prefix + name] = getattr(module, name).detach()
         else:
             # The baked model's view: their chain (ours removed) holding the value after our last one.
-            head_chain, theirs_in_head, _ = _split_at_ours(plist, ours, foreign)
-            with _eval_mode([p for _, p in foreign]):
-                value = _forward(head_chain, _current_originals(plist)).detach()
+            head_chain, theirs_in_head, _ = split_at_ours(plist, ours, foreign)
+            with eval_mode([p for _, p in foreign]):
+                value = forward(head_chain, current_originals(plist)).detach()
             # Their right_inverse may update their own state (orthogonal does): run it on copies.
             copies = {id(p): copy.deepcopy(p) for p in theirs_in_head}
             chain = [copies[id(p)] for p in theirs_in_head]
-            _put_originals(state_dict, base, _right_inverse(chain, value) if chain else value)
+            put_originals(state_dict, base, right_inverse(chain, value) if chain else value)
             for new, (j, p) in enumerate(foreign):
                 local = copies[id(p)].state_dict() if id(p) in copies else own_state[j]
                 for k, v in local.items():
@@ -151,7 +151,7 @@ def _load_hook(
     if not parametrize.is_parametrized(module):
         return
     for name, plist in module.parametrizations.items():  # type: ignore[union-attr]
-        ours, foreign = _split_chain(plist)
+        ours, foreign = split_chain(plist)
         if ours:
             _read_plain_view(module, name, plist, ours, foreign, state_dict, prefix)
 
@@ -160,7 +160,7 @@ def _read_plain_view(
     module: nn.Module,
     name: str,
     plist: nn.Module,
-    ours: list[tuple[int, _SparseParametrization]],
+    ours: list[tuple[int, SparseParametrization]],
     foreign: list[tuple[int, nn.Module]],
     state_dict: dict[str, Any],
     prefix: str,
@@ -193,16 +193,16 @@ def _read_plain_view(
     if factor_keys and all(k in state_dict for k in factor_keys):
         for k in [base + "original", *(f"{base}original{i}" for i in range(plist.ntensors))]:
             state_dict.pop(k, None)  # a foreign view's originals, computed from the product
-        _put_originals(state_dict, base, [state_dict.pop(k) for k in factor_keys])
+        put_originals(state_dict, base, [state_dict.pop(k) for k in factor_keys])
     elif source is not _MISSING:
-        shape = _tensor_shape(module, name)
+        shape = tensor_shape(module, name)
         if not isinstance(source, torch.Tensor) or source.shape != shape:
             got = tuple(source.shape) if isinstance(source, torch.Tensor) else type(source).__name__
             raise InvalidArgumentError(
                 f"state_dict entry {value_key!r} does not fit: expected a tensor of shape {tuple(shape)}, got {got}"
             )
         with torch.no_grad():
-            _put_originals(state_dict, base, _right_inverse(list(plist), source))
+            put_originals(state_dict, base, right_inverse(list(plist), source))
     # else: the originals are under their internal keys (a foreign view: ours have identity right_inverse,
     # so their chain's originals are the whole chain's)
     if foreign and not legacy:
@@ -241,7 +241,7 @@ def drop_load_hook(module: nn.Module) -> None:
     if ids is None:
         return
     if parametrize.is_parametrized(module) and any(
-        _is_ours(pl)
+        is_ours(pl)
         for pl in module.parametrizations.values()  # type: ignore[union-attr]
     ):
         return
@@ -269,22 +269,22 @@ def bake(model: nn.Module, threshold: float) -> nn.Module:
         if not parametrize.is_parametrized(module):
             continue
         for tname, plist in module.parametrizations.items():  # type: ignore[union-attr]
-            ours, foreign = _split_chain(plist)
+            ours, foreign = split_chain(plist)
             if not ours:
                 continue
             if not foreign:
                 work.append((module, tname, [], [], None))
                 continue
-            head_chain, theirs_in_head, tail = _split_at_ours(plist, ours, foreign)
-            with torch.no_grad(), _eval_mode([p for _, p in foreign]):
-                value = _forward(head_chain, _current_originals(plist)).detach().clone()
+            head_chain, theirs_in_head, tail = split_at_ours(plist, ours, foreign)
+            with torch.no_grad(), eval_mode([p for _, p in foreign]):
+                value = forward(head_chain, current_originals(plist)).detach().clone()
                 if threshold > 0:
                     value.masked_fill_(value.abs() <= threshold, 0.0)
                 lacking = [type(p).__name__ for p in theirs_in_head if not hasattr(p, "right_inverse")]
                 ok = not lacking
                 if theirs_in_head and ok:
                     chain = copy.deepcopy(theirs_in_head)  # right_inverse may update their state
-                    again = _forward(chain, _right_inverse(chain, value))
+                    again = forward(chain, right_inverse(chain, value))
                     ok = again.shape == value.shape and bool(torch.allclose(again, value))
             if not ok:
                 qualified = f"{mod_name}.{tname}" if mod_name else tname
@@ -306,7 +306,7 @@ def bake(model: nn.Module, threshold: float) -> nn.Module:
     done: set[int] = set()
     for module, tname, theirs_in_head, tail, value in work:
         if id(module) not in done:
-            _fresh_class(module)
+            fresh_class(module)
             done.add(id(module))
         if value is None:
             parametrize.remove_parametrizations(module, tname, leave_parametrized=True)
@@ -316,9 +316,9 @@ def bake(model: nn.Module, threshold: float) -> nn.Module:
                     t.masked_fill_(t.abs() <= threshold, 0.0)
             drop_load_hook(module)
             continue
-        with _eval_mode(theirs_in_head + tail):
+        with eval_mode(theirs_in_head + tail):
             parametrize.remove_parametrizations(module, tname, leave_parametrized=True)
-        first = theirs_in_head or [_Keep()]
+        first = theirs_in_head or [Keep()]
         for p in first:
             parametrize.register_parametrization(module, tname, p, unsafe=True)
         with torch.no_grad():
@@ -328,7 +328,7 @@ def bake(model: nn.Module, threshold: float) -> nn.Module:
         for p in tail:
             parametrize.register_parametrization(module, tname, p, unsafe=True)
         if not theirs_in_head:
-            del module.parametrizations[tname][0]  # type: ignore[index, union-attr]  # the _Keep
+            del module.parametrizations[tname][0]  # type: ignore[index, union-attr]  # the Keep
         drop_load_hook(module)
     return model
 
@@ -347,7 +347,7 @@ def _tensor_names(module: nn.Module) -> set[str]:
 
 def _record_key() -> re.Pattern[str]:
     """``"<tensor>_<suffix>"`` for the suffixes of our records, their originals and torch prune's ``"orig"``."""
-    types = _SparseParametrization._TYPES.values()
+    types = SparseParametrization._TYPES.values()
     alts = sorted({re.escape(s) for cls in types for s in cls._SUFFIXES} | {"orig"}, key=len, reverse=True)
     alts += [rf"{re.escape(cls._ORIGINALS)}\d+" for cls in types if cls._ORIGINALS]
     return re.compile(rf"^(?P<tensor>.+)_(?P<suffix>{'|'.join(alts)})$")
@@ -467,14 +467,14 @@ def load_sparse_state_dict(
             f"{legacy[0]}: a checkpoint of hadamard_sparse 0.1 (records in '_extra_state'); load it into a "
             "model sparsified the same way with model.load_state_dict(...), then save it again"
         )
-    plan: list[tuple[nn.Module, str, list[_SparseParametrization], bool]] = []
+    plan: list[tuple[nn.Module, str, list[SparseParametrization], bool]] = []
     consumed: set[str] = set()
     optional: set[str] = set()  # record keys of tensors already parametrized: a dense checkpoint keeps them
     for (mod_name, tname), keys in _records(model, state_dict, modules).items():
         module = modules[mod_name]
         qualified = f"{mod_name}.{tname}" if mod_name else tname
         head = f"{qualified}_"
-        types = [cls for s, cls in _SparseParametrization._TYPES.items() if s in keys]
+        types = [cls for s, cls in SparseParametrization._TYPES.items() if s in keys]
         if not types:
             if "orig" in keys and "mask" not in keys:
                 problems.append(f"{head}orig: torch.nn.utils.prune's dense values without {head}mask")
@@ -485,7 +485,7 @@ def load_sparse_state_dict(
         if "orig" in keys:
             consumed.add(qualified)  # prune's checkpoint has no plain entry
         chain = module.parametrizations[tname] if parametrize.is_parametrized(module, tname) else None  # type: ignore[index, union-attr]
-        ours = [] if chain is None else [p for p in chain if isinstance(p, _SparseParametrization)]
+        ours = [] if chain is None else [p for p in chain if isinstance(p, SparseParametrization)]
         if ours:
             if sorted(type(p).__name__ for p in ours) != sorted(c.__name__ for c in types):
                 problems.append(
@@ -496,8 +496,8 @@ def load_sparse_state_dict(
         if chain is None and not isinstance(module._parameters.get(tname), nn.Parameter):
             problems.append(f"{qualified}: not an nn.Parameter of {type(module).__name__}")
             continue
-        shape = module._parameters[tname].shape if chain is None else _tensor_shape(module, tname)
-        built: list[tuple[int | None, _SparseParametrization]] = []
+        shape = module._parameters[tname].shape if chain is None else tensor_shape(module, tname)
+        built: list[tuple[int | None, SparseParametrization]] = []
         for cls in types:
             record = {s: state_dict[keys[s]] for s in cls._SUFFIXES if s in keys}
             try:
@@ -557,9 +557,9 @@ def load_sparse_state_dict(
     return model
 
 
-def _ordered(built: list[tuple[int | None, _SparseParametrization]]) -> list[_SparseParametrization]:
+def _ordered(built: list[tuple[int | None, SparseParametrization]]) -> list[SparseParametrization]:
     """Place the parametrizations with a recorded position there, the others in the free slots."""
-    slots: list[_SparseParametrization | None] = [None] * len(built)
+    slots: list[SparseParametrization | None] = [None] * len(built)
     free = []
     for pos, p in built:
         if pos is not None and pos < len(slots) and slots[pos] is None:

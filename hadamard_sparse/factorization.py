@@ -48,7 +48,7 @@ from torch.nn.utils import parametrize
 from .checkpoint import ensure_load_hook
 from .errors import InvalidArgumentError, InvalidTypeError, NoTargetsError
 from .layers import Selectors, Target, check_not_wrapped, resolve_targets, weight_dims
-from .parametrizations import _SparseParametrization
+from .parametrizations import SparseParametrization
 
 __all__ = [
     "HadamardFactorization",
@@ -101,7 +101,7 @@ def _check_index(index: object, shape: torch.Size, what: str) -> torch.Tensor:
     return index.detach().to(torch.long).clone()
 
 
-class HadamardFactorization(_SparseParametrization):
+class HadamardFactorization(SparseParametrization):
     r"""Parametrization ``forward(*factors) = factors[0] * factors[1] * ...`` (``depth`` factors).
 
     Registered on a weight ``w`` with :func:`register_factorization` (or

@@ -20,7 +20,7 @@ import torch
 from . import _select
 from ._checks import Selectors, check_selectors
 from .errors import InvalidArgumentError
-from .layers import Target, _check_all_used, _matches, weight_dims
+from .layers import Target, check_all_used, selector_matches, weight_dims
 from .structures import Structure
 
 __all__ = ["Member", "TensorGroups"]
@@ -126,14 +126,14 @@ class TensorGroups(Structure):
         for q, m in self.members.items():
             mod_name = q.rpartition(".")[0]
             mod = model.get_submodule(mod_name)
-            if exc and _matches(exc, mod_name, mod, q, exc_used):
+            if exc and selector_matches(exc, mod_name, mod, q, exc_used):
                 for idx in (m.rows, m.cols):
                     if idx is not None:
                         excluded[idx[idx >= 0]] = True
-            if inc and _matches(inc, mod_name, mod, q, inc_used) and m.scored and m.rows is not None:
+            if inc and selector_matches(inc, mod_name, mod, q, inc_used) and m.scored and m.rows is not None:
                 included[m.rows[m.rows >= 0]] = True
-        _check_all_used(inc, inc_used, "include", model)  # an entry matching no member is a typo
-        _check_all_used(exc, exc_used, "exclude", model)
+        check_all_used(inc, inc_used, "include", model)  # an entry matching no member is a typo
+        check_all_used(exc, exc_used, "exclude", model)
         kept = (included & ~excluded).nonzero().squeeze(1)
         remap = torch.full((self.n + 1,), -1, dtype=torch.long)
         remap[kept] = torch.arange(len(kept))

@@ -352,7 +352,7 @@ class Target:
         return getattr(self.module, self.tensor_name)
 
 
-def _matches(
+def selector_matches(
     selectors: list[Selector],
     module_name: str,
     module: nn.Module,
@@ -383,7 +383,7 @@ def _selector_name(s: Selector) -> str:
     return repr(s) if isinstance(s, str) else getattr(s, "__name__", repr(s))
 
 
-def _check_all_used(selectors: list[Selector], used: set[int], arg: str, model: nn.Module) -> None:
+def check_all_used(selectors: list[Selector], used: set[int], arg: str, model: nn.Module) -> None:
     """Refuse ``include``/``exclude`` entries that matched no candidate tensor (a typo protects nothing)."""
     unused = [_selector_name(s) for i, s in enumerate(selectors) if i not in used]
     if unused:
@@ -459,8 +459,8 @@ def resolve_targets(
         for tname in rule.tensors(module):
             t = Target(mod_name, module, tname)
             # every candidate is matched against every entry first, so that unused entries are found
-            included = not inc or _matches(inc, mod_name, module, t.qualified, inc_used)
-            excluded = bool(exc) and _matches(exc, mod_name, module, t.qualified, exc_used)
+            included = not inc or selector_matches(inc, mod_name, module, t.qualified, inc_used)
+            excluded = bool(exc) and selector_matches(exc, mod_name, module, t.qualified, exc_used)
             if not included or excluded or (rule.opt_in and not _names_opted_in(inc, module)):
                 continue
             if not parametrize.is_parametrized(module, tname):
@@ -475,8 +475,8 @@ def resolve_targets(
                         )
                     continue
             targets.append(t)
-    _check_all_used(inc, inc_used, "include", model)
-    _check_all_used(exc, exc_used, "exclude", model)
+    check_all_used(inc, inc_used, "include", model)
+    check_all_used(exc, exc_used, "exclude", model)
     return targets
 
 

@@ -19,7 +19,7 @@ from .errors import InvalidArgumentError, InvalidTypeError
 __all__ = ["HadamardMask"]
 
 
-class _SparseParametrization(nn.Module):
+class SparseParametrization(nn.Module):
     """Base of every parametrization this library owns.
 
     ``remove_parametrizations`` bakes a tensor whose parametrization chain holds
@@ -37,14 +37,14 @@ class _SparseParametrization(nn.Module):
     - :meth:`_record`, :meth:`_from_record` and :meth:`_record_to_state`.
     """
 
-    _TYPES: ClassVar[dict[str, type[_SparseParametrization]]] = {}
+    _TYPES: ClassVar[dict[str, type[SparseParametrization]]] = {}
     _SUFFIXES: ClassVar[tuple[str, ...]] = ()
     _ORIGINALS: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls._SUFFIXES:
-            _SparseParametrization._TYPES[cls._SUFFIXES[0]] = cls
+            SparseParametrization._TYPES[cls._SUFFIXES[0]] = cls
 
     def _record(self, position: int) -> dict[str, torch.Tensor]:
         """The checkpoint record: ``{suffix: tensor}``; ``position`` is the index among ours in the chain."""
@@ -53,7 +53,7 @@ class _SparseParametrization(nn.Module):
     @classmethod
     def _from_record(
         cls, record: dict[str, Any], shape: torch.Size, what: str
-    ) -> tuple[_SparseParametrization, int | None]:
+    ) -> tuple[SparseParametrization, int | None]:
         """Rebuild from a record (the suffixes present) for a tensor of ``shape``.
 
         Returns the parametrization and its position among ours in the chain (``None``: any free
@@ -82,11 +82,11 @@ def _mask_from_record(value: Any, shape: torch.Size, what: str) -> torch.Tensor:
                 f"masks do), got {value.dtype} with other values"
             )
         value = value != 0
-    _check_mask(value, shape, what)
+    check_mask(value, shape, what)
     return value
 
 
-def _check_mask(mask: torch.Tensor, shape: torch.Size, what: str) -> None:
+def check_mask(mask: torch.Tensor, shape: torch.Size, what: str) -> None:
     if not isinstance(mask, torch.Tensor):
         raise InvalidTypeError(f"{what} must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
@@ -107,7 +107,7 @@ def _check_mask(mask: torch.Tensor, shape: torch.Size, what: str) -> None:
         )
 
 
-class HadamardMask(_SparseParametrization):
+class HadamardMask(SparseParametrization):
     r"""Parametrization ``forward(w) = w * mask`` with a boolean mask buffer.
 
     The mask is a persistent ``torch.bool`` buffer (saved in ``state_dict``,
@@ -138,7 +138,7 @@ class HadamardMask(_SparseParametrization):
 
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__()
-        _check_mask(mask, mask.shape if isinstance(mask, torch.Tensor) else torch.Size(), "mask")
+        check_mask(mask, mask.shape if isinstance(mask, torch.Tensor) else torch.Size(), "mask")
         self.register_buffer("mask", mask.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 from .checkpoint import ensure_load_hook
 from .errors import InvalidArgumentError, InvalidTypeError, NoTargetsError
 from .layers import Selectors, resolve_targets, weight_dims
-from .parametrizations import _SparseParametrization
+from .parametrizations import SparseParametrization
 
 __all__ = ["FakeQuant", "fake_quantize", "register_fake_quant"]
 
@@ -63,7 +63,7 @@ class _RoundSTE(torch.autograd.Function):
         return grad, None, None
 
 
-class FakeQuant(_SparseParametrization):
+class FakeQuant(SparseParametrization):
     r"""Parametrization ``forward(w) = scale * round(w / scale)``: symmetric fake quantization.
 
     The integer levels are ``-qmax .. qmax`` with ``qmax = 2**(bits-1) - 1`` (at most ``2**bits - 1``

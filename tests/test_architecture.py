@@ -103,6 +103,22 @@ def test_import_graph_has_no_cycle() -> None:
             dfs(m)
 
 
+def test_no_private_name_crosses_a_module() -> None:
+    """What modules share is public inside the package: no ``from .x import _name`` (private modules are fine)."""
+    known = _modules()
+    bad = []
+    for m, path in known.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or not any(_resolve(m, path.name == "__init__.py", node)):
+                continue
+            for alias in node.names:
+                private = alias.name.startswith("_") and not alias.name.startswith("__")
+                is_module = any(k.endswith("." + alias.name) for k in known)
+                if private and not is_module:
+                    bad.append(f"{m}:{node.lineno} imports {alias.name}")
+    assert not bad, f"private names imported across modules (drop the underscore where they live): {bad}"
+
+
 def test_modules_stay_small() -> None:
     big = {m: n for m, p in _modules().items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not big, f"modules over {MAX_LINES} lines (split them by concern): {big}"

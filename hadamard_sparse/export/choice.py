@@ -25,11 +25,11 @@ __all__ = ["DEFAULT_MAX_DENSITY", "LayerChoice", "Timer", "measure"]
 #: 1.1-1.5x dense at 30% density and 0.7-0.9x at 50% (it wins earlier at 1-8 tokens); torch's
 #: CSR broke even near 20%.
 DEFAULT_MAX_DENSITY: dict[str, float] = {"csr_kernel": 0.3, "csr": 0.2, "bsr": 0.2, "semi_structured": 0.5}
-_LAYOUTS = ("csr_kernel", "csr", "bsr", "semi_structured")
+LAYOUTS = ("csr_kernel", "csr", "bsr", "semi_structured")
 #: With ``example_inputs`` and no ``max_density``, denser layers are not even timed.
-_TIMED_MAX_DENSITY = 0.6
+TIMED_MAX_DENSITY = 0.6
 #: A sparse layout replaces dense only when it is at least this much faster (timing noise).
-_MIN_SPEEDUP = 1.05
+MIN_SPEEDUP = 1.05
 
 
 @dataclass
@@ -106,7 +106,7 @@ def measure(
     return {label: statistics.median(v) for label, v in samples.items()}
 
 
-def _split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,), {}
     if isinstance(example_inputs, (tuple, list)):
@@ -119,11 +119,11 @@ def _split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]
     )
 
 
-def _capture_inputs(
+def capture_inputs(
     model: nn.Module, mods: dict[str, nn.Module], example_inputs: Any
 ) -> dict[str, torch.Tensor]:
     """Each layer's first input when ``model`` runs on ``example_inputs``."""
-    args, kwargs = _split_inputs(example_inputs)
+    args, kwargs = split_inputs(example_inputs)
     seen: dict[str, torch.Tensor] = {}
     handles = []
     for name, mod in mods.items():
@@ -156,7 +156,7 @@ def _block_density(w: torch.Tensor, bs: tuple[int, int]) -> float:
     return float(blocks.float().mean()) if blocks.numel() else 0.0
 
 
-def _candidates(
+def candidate_layouts(
     layout: str, w: torch.Tensor, density: float, cap: float, bs: tuple[int, int]
 ) -> tuple[list[str], str]:
     """Sparse layouts worth trying for weight ``w``, and why none when the list is empty."""
@@ -175,7 +175,7 @@ def _candidates(
     return out, ""
 
 
-def _rule_choice(layout: str, w: torch.Tensor, density: float, max_density: float | None) -> tuple[str, str]:
+def rule_choice(layout: str, w: torch.Tensor, density: float, max_density: float | None) -> tuple[str, str]:
     """The layout chosen without timing, and why."""
     if layout == "auto":
         if w.device.type == "cpu" and w.dtype == torch.float32 and kernels.kernel_status()[0]:

@@ -29,7 +29,7 @@ from torch.nn.utils import parametrize
 
 from ..errors import InvalidTypeError, UnsupportedGraphError
 from ..layers import shared_parameter_ids
-from ..parametrizations import _SparseParametrization
+from ..parametrizations import SparseParametrization
 
 __all__ = [
     "FUNCTION_RULES",
@@ -391,7 +391,7 @@ def frozen_modules(model: nn.Module, gm: fx.GraphModule) -> set[str]:
     for name, mod in model.named_modules():
         if parametrize.is_parametrized(mod):
             for plist in mod.parametrizations.values():  # type: ignore[union-attr]
-                if not any(isinstance(p, _SparseParametrization) for p in plist):
+                if not any(isinstance(p, SparseParametrization) for p in plist):
                     frozen.add(name)
     for qualified in shared_parameter_ids(model).values():
         owners = {_owner_module(q) for q in qualified}

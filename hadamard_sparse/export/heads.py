@@ -179,7 +179,7 @@ def _sliced(
     return new
 
 
-def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, new)
 
@@ -221,10 +221,10 @@ def prune_zero_heads(model: nn.Module) -> list[str]:
                 delta += ow[:, cols] @ bias_v
         q_keep = torch.cat([b.q_rows(g) for g in keep])
         kv_keep = torch.cat([b.kv_rows(g) for g in keep])
-        _set(model, b.q, _sliced(q, q_keep, None, None))
-        _set(model, b.k, _sliced(k, kv_keep, None, None))
-        _set(model, b.v, _sliced(v, kv_keep, None, None))
-        _set(model, b.o, _sliced(o, None, q_keep, delta if o.bias is not None else None))
+        set_submodule(model, b.q, _sliced(q, q_keep, None, None))
+        set_submodule(model, b.k, _sliced(k, kv_keep, None, None))
+        set_submodule(model, b.v, _sliced(v, kv_keep, None, None))
+        set_submodule(model, b.o, _sliced(o, None, q_keep, delta if o.bias is not None else None))
         values = {"heads": len(keep) * b.group_size, "kv_heads": len(keep), "width": len(q_keep)}
         for mod_name, attr, what in b.attrs:
             setattr(model.get_submodule(mod_name), attr, values[what])

@@ -91,7 +91,7 @@ _BINARY: dict[Any, str] = {
     torch.div: "div",
 }
 _BINARY_METHODS = {"add": "add", "add_": "add", "sub": "sub", "mul": "mul", "mul_": "mul", "div": "div"}
-_BINARY_FNS = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div}
+BINARY_FNS = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div}
 _POOL_MODULES: dict[type, int] = {
     nn.MaxPool1d: 1,
     nn.MaxPool2d: 2,
@@ -136,7 +136,7 @@ def no_padding(conv: nn.Module) -> bool:
     return all(v == 0 for v in _as_tuple(p))
 
 
-def _arg(args: Any, kwargs: Any, i: int, name: str, default: Any) -> Any:
+def arg_at(args: Any, kwargs: Any, i: int, name: str, default: Any) -> Any:
     return args[i] if len(args) > i else kwargs.get(name, default)
 
 
@@ -193,12 +193,12 @@ def _linear_or_conv(flow: ChannelFlow, node: fx.Node, name: str, mod: nn.Module,
 
 
 @module_rule(nn.Linear, weighted=True)
-def _linear(flow: ChannelFlow, node: fx.Node, name: str, mod: nn.Module) -> None:
+def linear_flow(flow: ChannelFlow, node: fx.Node, name: str, mod: nn.Module) -> None:
     _linear_or_conv(flow, node, name, mod, "linear")
 
 
 @module_rule(*CONV_DIMS, weighted=True)
-def _conv(flow: ChannelFlow, node: fx.Node, name: str, mod: nn.Module) -> None:
+def conv_flow(flow: ChannelFlow, node: fx.Node, name: str, mod: nn.Module) -> None:
     if mod.groups == 1:
         _linear_or_conv(flow, node, name, mod, "conv")
     elif mod.groups == mod.in_channels == mod.out_channels:
@@ -235,7 +235,7 @@ def _depthwise(flow: ChannelFlow, node: fx.Node, name: str, mod: nn.Module) -> N
 
 
 @module_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, weighted=True)
-def _batchnorm(flow: ChannelFlow, node: fx.Node, name: str, mod: nn.Module) -> None:
+def batchnorm_flow(flow: ChannelFlow, node: fx.Node, name: str, mod: nn.Module) -> None:
     src = node.args[0]
     info = flow.tensor_info(src)
     if info is None:
@@ -289,17 +289,17 @@ def _prelu(flow: ChannelFlow, node: fx.Node, name: str, mod: nn.Module) -> None:
 
 @module_rule(nn.Flatten)
 def _flatten_module(flow: ChannelFlow, node: fx.Node, name: str, mod: nn.Module) -> None:
-    _flatten(flow, node, node.args[0], mod.start_dim, mod.end_dim)
+    flatten_flow(flow, node, node.args[0], mod.start_dim, mod.end_dim)
 
 
 @module_rule(*_POOL_MODULES)
 def _pool_module(flow: ChannelFlow, node: fx.Node, name: str, mod: nn.Module) -> None:
     k = next(k for t, k in _POOL_MODULES.items() if isinstance(mod, t))
-    _pool(flow, node, node.args[0], k, mod)
+    pool_flow(flow, node, node.args[0], k, mod)
 
 
 @module_rule(nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm)
-def _norm_over_channels(flow: ChannelFlow, node: fx.Node, name: str, mod: nn.Module) -> None:
+def norm_over_channels_flow(flow: ChannelFlow, node: fx.Node, name: str, mod: nn.Module) -> None:
     # Normalising over the channel dim: removing channels would change the statistics.
     info = flow.tensor_info(node.args[0])
     flow.block(info)
@@ -313,7 +313,7 @@ def _norm_over_channels(flow: ChannelFlow, node: fx.Node, name: str, mod: nn.Mod
 # --------------------------------------------------------------------------------------------
 
 
-def _flatten(flow: ChannelFlow, node: fx.Node, src: Any, start: int, end: int) -> None:
+def flatten_flow(flow: ChannelFlow, node: fx.Node, src: Any, start: int, end: int) -> None:
     info = flow.tensor_info(src)
     in_shape = flow.shape(src)
     if info is None:
@@ -340,7 +340,7 @@ def _flatten(flow: ChannelFlow, node: fx.Node, src: Any, start: int, end: int) -
         flow.unknown(node, "it flattens dimensions in front of the channel dimension")
 
 
-def _pool(flow: ChannelFlow, node: fx.Node, src: Any, k: int, mod: Any) -> None:
+def pool_flow(flow: ChannelFlow, node: fx.Node, src: Any, k: int, mod: Any) -> None:
     info = flow.tensor_info(src)
     in_shape = flow.shape(src)
     if info is None:
@@ -357,7 +357,7 @@ def _pool(flow: ChannelFlow, node: fx.Node, src: Any, k: int, mod: Any) -> None:
     flow.info[node] = ChannelInfo(info.cdim, info.ids, torch.where(var, 0.0, info.const), var)
 
 
-def _mean(flow: ChannelFlow, node: fx.Node, src: Any, dim: Any, keepdim: Any) -> None:
+def mean_flow(flow: ChannelFlow, node: fx.Node, src: Any, dim: Any, keepdim: Any) -> None:
     info = flow.tensor_info(src)
     in_shape = flow.shape(src)
     if info is None:
@@ -376,14 +376,14 @@ def _mean(flow: ChannelFlow, node: fx.Node, src: Any, dim: Any, keepdim: Any) ->
     flow.info[node] = ChannelInfo(cdim, info.ids, info.const, info.var)
 
 
-def _binary(flow: ChannelFlow, node: fx.Node, op: str, a: Any, b: Any) -> None:
+def binary_flow(flow: ChannelFlow, node: fx.Node, op: str, a: Any, b: Any) -> None:
     ia, ib = flow.tensor_info(a), flow.tensor_info(b)
     out_shape = flow.shape(node)
     if out_shape is None:
         flow.unknown(node)
         return
     nd = len(out_shape)
-    fn = _BINARY_FNS[op]
+    fn = BINARY_FNS[op]
     if isinstance(a, fx.Node) and isinstance(b, fx.Node):
         if ia is None and ib is None:
             flow.info[node] = None
@@ -456,15 +456,15 @@ def _dropout_function(flow: ChannelFlow, node: fx.Node) -> None:
 @function_rule(*_BINARY)
 def _binary_function(flow: ChannelFlow, node: fx.Node) -> None:
     if len(node.args) == 2 and not node.kwargs:
-        _binary(flow, node, _BINARY[node.target], node.args[0], node.args[1])
+        binary_flow(flow, node, _BINARY[node.target], node.args[0], node.args[1])
     else:
         flow.unknown(node)
 
 
 @function_rule(torch.cat, torch.concat)
-def _cat(flow: ChannelFlow, node: fx.Node) -> None:
-    tensors = _arg(node.args, node.kwargs, 0, "tensors", None)
-    dim = _arg(node.args, node.kwargs, 1, "dim", 0)
+def cat_flow(flow: ChannelFlow, node: fx.Node) -> None:
+    tensors = arg_at(node.args, node.kwargs, 0, "tensors", None)
+    dim = arg_at(node.args, node.kwargs, 1, "dim", 0)
     out_shape = flow.shape(node)
     if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int) or out_shape is None:
         flow.unknown(node)
@@ -502,15 +502,15 @@ def _flatten_function(flow: ChannelFlow, node: fx.Node) -> None:
     if not node.args:
         flow.unknown(node)
         return
-    start = _arg(node.args, node.kwargs, 1, "start_dim", 0)
-    end = _arg(node.args, node.kwargs, 2, "end_dim", -1)
-    _flatten(flow, node, node.args[0], start, end)
+    start = arg_at(node.args, node.kwargs, 1, "start_dim", 0)
+    end = arg_at(node.args, node.kwargs, 2, "end_dim", -1)
+    flatten_flow(flow, node, node.args[0], start, end)
 
 
 @function_rule(*_POOL_FUNCTIONS)
 def _pool_function(flow: ChannelFlow, node: fx.Node) -> None:
     if node.args:
-        _pool(flow, node, node.args[0], _POOL_FUNCTIONS[node.target], None)
+        pool_flow(flow, node, node.args[0], _POOL_FUNCTIONS[node.target], None)
     else:
         flow.unknown(node)
 
@@ -520,8 +520,8 @@ def _mean_function(flow: ChannelFlow, node: fx.Node) -> None:
     if not node.args:
         flow.unknown(node)
         return
-    dim = _arg(node.args, node.kwargs, 1, "dim", None)
-    _mean(flow, node, node.args[0], dim, _arg(node.args, node.kwargs, 2, "keepdim", False))
+    dim = arg_at(node.args, node.kwargs, 1, "dim", None)
+    mean_flow(flow, node, node.args[0], dim, arg_at(node.args, node.kwargs, 2, "keepdim", False))
 
 
 # --------------------------------------------------------------------------------------------
@@ -541,23 +541,23 @@ def _unary_method(flow: ChannelFlow, node: fx.Node) -> None:
 @method_rule(*_BINARY_METHODS)
 def _binary_method(flow: ChannelFlow, node: fx.Node) -> None:
     if len(node.args) == 2 and not node.kwargs:
-        _binary(flow, node, _BINARY_METHODS[str(node.target)], node.args[0], node.args[1])
+        binary_flow(flow, node, _BINARY_METHODS[str(node.target)], node.args[0], node.args[1])
     else:
         flow.unknown(node)
 
 
 @method_rule("flatten")
 def _flatten_method(flow: ChannelFlow, node: fx.Node) -> None:
-    start = _arg(node.args, node.kwargs, 1, "start_dim", 0)
-    end = _arg(node.args, node.kwargs, 2, "end_dim", -1)
-    _flatten(flow, node, node.args[0], start, end)
+    start = arg_at(node.args, node.kwargs, 1, "start_dim", 0)
+    end = arg_at(node.args, node.kwargs, 2, "end_dim", -1)
+    flatten_flow(flow, node, node.args[0], start, end)
 
 
 @method_rule("size")
 def _size(flow: ChannelFlow, node: fx.Node) -> None:
     src = node.args[0]
     info = flow.tensor_info(src)
-    dim = _arg(node.args, node.kwargs, 1, "dim", None)
+    dim = arg_at(node.args, node.kwargs, 1, "dim", None)
     in_shape = flow.shape(src)
     if (
         info is not None
@@ -571,5 +571,5 @@ def _size(flow: ChannelFlow, node: fx.Node) -> None:
 
 @method_rule("mean")
 def _mean_method(flow: ChannelFlow, node: fx.Node) -> None:
-    dim = _arg(node.args, node.kwargs, 1, "dim", None)
-    _mean(flow, node, node.args[0], dim, _arg(node.args, node.kwargs, 2, "keepdim", False))
+    dim = arg_at(node.args, node.kwargs, 1, "dim", None)
+    mean_flow(flow, node, node.args[0], dim, arg_at(node.args, node.kwargs, 2, "keepdim", False))

@@ -20,18 +20,18 @@ from torch import fx, nn
 
 from .graph import ChannelFlow, ChannelInfo, FixedSize, flat_nodes, function_rule, method_rule
 from .rules import (
-    _BINARY_FNS,
+    BINARY_FNS,
     CONV_DIMS,
-    _arg,
-    _batchnorm,
-    _binary,
-    _cat,
-    _conv,
-    _flatten,
-    _linear,
-    _mean,
-    _norm_over_channels,
-    _pool,
+    arg_at,
+    batchnorm_flow,
+    binary_flow,
+    cat_flow,
+    conv_flow,
+    flatten_flow,
+    linear_flow,
+    mean_flow,
+    norm_over_channels_flow,
+    pool_flow,
 )
 
 __all__ = ["reshape_channels"]
@@ -72,30 +72,30 @@ def _weighted(flow: ChannelFlow, node: fx.Node, types: tuple[type, ...], weight:
 
 @function_rule(A.linear)
 def _aten_linear(flow: ChannelFlow, node: fx.Node) -> None:
-    bias = _arg(node.args, node.kwargs, 2, "bias", None)
+    bias = arg_at(node.args, node.kwargs, 2, "bias", None)
     hit = _weighted(flow, node, (nn.Linear,), node.args[1], bias)
     if hit is not None:
-        _linear(flow, node, *hit)
+        linear_flow(flow, node, *hit)
 
 
 @function_rule(*_packets("conv1d", "conv2d", "conv3d", "convolution"))
 def _aten_conv(flow: ChannelFlow, node: fx.Node) -> None:
-    if node.target.overloadpacket is A.convolution and _arg(node.args, node.kwargs, 6, "transposed", False):
+    if node.target.overloadpacket is A.convolution and arg_at(node.args, node.kwargs, 6, "transposed", False):
         flow.unknown(node, "transposed convolutions are not rebuilt")
         return
-    bias = _arg(node.args, node.kwargs, 2, "bias", None)
+    bias = arg_at(node.args, node.kwargs, 2, "bias", None)
     hit = _weighted(flow, node, tuple(CONV_DIMS), node.args[1], bias)
     if hit is not None:
-        _conv(flow, node, *hit)
+        conv_flow(flow, node, *hit)
 
 
 @function_rule(A.batch_norm)
 def _aten_batch_norm(flow: ChannelFlow, node: fx.Node) -> None:
     weight, bias = (
-        _arg(node.args, node.kwargs, 1, "weight", None),
-        _arg(node.args, node.kwargs, 2, "bias", None),
+        arg_at(node.args, node.kwargs, 1, "weight", None),
+        arg_at(node.args, node.kwargs, 2, "bias", None),
     )
-    mean = _arg(node.args, node.kwargs, 3, "running_mean", None)
+    mean = arg_at(node.args, node.kwargs, 3, "running_mean", None)
     hit = flow.layer_of(mean if mean is not None else weight, _BN)
     if hit is None or not _is_own(flow, weight, *hit, "weight") or not _is_own(flow, bias, *hit, "bias"):
         flow.unknown(node, "its parameters are not those of a BatchNorm layer")
@@ -103,12 +103,12 @@ def _aten_batch_norm(flow: ChannelFlow, node: fx.Node) -> None:
         flow.block(flow.tensor_info(node.args[0]))
         flow.info[node] = None
     else:
-        _batchnorm(flow, node, *hit)
+        batchnorm_flow(flow, node, *hit)
 
 
 @function_rule(*_packets("layer_norm", "group_norm", "rms_norm", "native_layer_norm"))
 def _aten_norm(flow: ChannelFlow, node: fx.Node) -> None:
-    _norm_over_channels(flow, node, "", nn.Identity())
+    norm_over_channels_flow(flow, node, "", nn.Identity())
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,8 +152,8 @@ def _aten_binary(flow: ChannelFlow, node: fx.Node) -> None:
     if packet is A.rsub:
         a, b = b, a
     op = str(packet).rpartition(".")[2].rstrip("_").replace("rsub", "sub")
-    if op in _BINARY_FNS:
-        _binary(flow, node, op, a, b)
+    if op in BINARY_FNS:
+        binary_flow(flow, node, op, a, b)
     else:  # pragma: no cover - every packet above maps to a binary op
         flow.unknown(node)
 
@@ -277,40 +277,40 @@ def _padded(flow: ChannelFlow, node: fx.Node, pad: Any, mode: str, value: float)
 
 @function_rule(A.pad)
 def _aten_pad(flow: ChannelFlow, node: fx.Node) -> None:
-    value = _arg(node.args, node.kwargs, 3, "value", None)
-    _padded(flow, node, node.args[1], _arg(node.args, node.kwargs, 2, "mode", "constant"), value or 0.0)
+    value = arg_at(node.args, node.kwargs, 3, "value", None)
+    _padded(flow, node, node.args[1], arg_at(node.args, node.kwargs, 2, "mode", "constant"), value or 0.0)
 
 
 @function_rule(A.constant_pad_nd)
 def _aten_constant_pad(flow: ChannelFlow, node: fx.Node) -> None:
-    _padded(flow, node, node.args[1], "constant", float(_arg(node.args, node.kwargs, 2, "value", 0.0)))
+    _padded(flow, node, node.args[1], "constant", float(arg_at(node.args, node.kwargs, 2, "value", 0.0)))
 
 
 @function_rule(A.cat, *_packets("concat"))
 def _aten_cat(flow: ChannelFlow, node: fx.Node) -> None:
-    _cat(flow, node)
+    cat_flow(flow, node)
 
 
 @function_rule(A.flatten)
 def _aten_flatten(flow: ChannelFlow, node: fx.Node) -> None:
-    start = _arg(node.args, node.kwargs, 1, "start_dim", 0)
-    _flatten(flow, node, node.args[0], start, _arg(node.args, node.kwargs, 2, "end_dim", -1))
+    start = arg_at(node.args, node.kwargs, 1, "start_dim", 0)
+    flatten_flow(flow, node, node.args[0], start, arg_at(node.args, node.kwargs, 2, "end_dim", -1))
 
 
 @function_rule(*_packets("max_pool1d", "max_pool2d", "max_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d"))  # fmt: skip
 def _aten_pool(flow: ChannelFlow, node: fx.Node) -> None:
     k = int(str(node.target.overloadpacket).rpartition("pool")[2][0])
-    _pool(flow, node, node.args[0], k, None)
+    pool_flow(flow, node, node.args[0], k, None)
 
 
 @function_rule(*_packets("avg_pool1d", "avg_pool2d", "avg_pool3d"))
 def _aten_avg_pool(flow: ChannelFlow, node: fx.Node) -> None:
     k = int(str(node.target.overloadpacket)[-2])
-    _pool(flow, node, node.args[0], k, None)
+    pool_flow(flow, node, node.args[0], k, None)
     info = flow.info.get(node)
-    padding = _arg(node.args, node.kwargs, 3, "padding", 0)
-    include = _arg(node.args, node.kwargs, 5, "count_include_pad", True)
-    divisor = _arg(node.args, node.kwargs, 6, "divisor_override", None)
+    padding = arg_at(node.args, node.kwargs, 3, "padding", 0)
+    include = arg_at(node.args, node.kwargs, 5, "count_include_pad", True)
+    divisor = arg_at(node.args, node.kwargs, 6, "divisor_override", None)
     padded = any(p != 0 for p in (padding if isinstance(padding, (list, tuple)) else [padding]))
     if info is not None and ((padded and include) or divisor):
         var = info.var | (info.const != 0)
@@ -319,8 +319,8 @@ def _aten_avg_pool(flow: ChannelFlow, node: fx.Node) -> None:
 
 @function_rule(A.mean)
 def _aten_mean(flow: ChannelFlow, node: fx.Node) -> None:
-    dim = _arg(node.args, node.kwargs, 1, "dim", None)
-    _mean(flow, node, node.args[0], dim, _arg(node.args, node.kwargs, 2, "keepdim", False))
+    dim = arg_at(node.args, node.kwargs, 1, "dim", None)
+    mean_flow(flow, node, node.args[0], dim, arg_at(node.args, node.kwargs, 2, "keepdim", False))
 
 
 @function_rule(A.slice)
@@ -332,13 +332,13 @@ def _aten_slice(flow: ChannelFlow, node: fx.Node) -> None:
     if shape is None:
         flow.unknown(node)
         return
-    dim = _arg(node.args, node.kwargs, 1, "dim", 0) % len(shape)
+    dim = arg_at(node.args, node.kwargs, 1, "dim", 0) % len(shape)
     if dim != info.cdim:
         flow.info[node] = info
         return
-    start = _arg(node.args, node.kwargs, 2, "start", None)
-    end = _arg(node.args, node.kwargs, 3, "end", None)
-    sl = slice(start, end, _arg(node.args, node.kwargs, 4, "step", 1))
+    start = arg_at(node.args, node.kwargs, 2, "start", None)
+    end = arg_at(node.args, node.kwargs, 3, "end", None)
+    sl = slice(start, end, arg_at(node.args, node.kwargs, 4, "step", 1))
     flow.info[node] = ChannelInfo(info.cdim, info.ids[sl], info.const[sl], info.var[sl])
 
 
@@ -364,7 +364,7 @@ def _aten_split(flow: ChannelFlow, node: fx.Node) -> None:
     if shape is None or not isinstance(outs, (list, tuple)):
         flow.unknown(node)
         return
-    dim = _arg(node.args, node.kwargs, 2, "dim", 0) % len(shape)
+    dim = arg_at(node.args, node.kwargs, 2, "dim", 0) % len(shape)
     if dim != info.cdim:
         flow.multi[node] = [info] * len(outs)
         return

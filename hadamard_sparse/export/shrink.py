@@ -23,7 +23,7 @@ from . import (
     rules_aten,  # noqa: F401  (registers the ATen op rules)
 )
 from .graph import ChannelFlow, FixedSize, LayerPlan, as_inputs, capture
-from .heads import _set, prune_zero_heads
+from .heads import prune_zero_heads, set_submodule
 from .rules import CONV_DIMS
 
 __all__ = ["REBUILD_RULES", "rebuild", "rebuild_rule", "shrink"]
@@ -266,7 +266,7 @@ def shrink(model: nn.Module, example_inputs: torch.Tensor | Sequence[Any] | dict
     changed = prune_zero_heads(work)
     todo, removed, fixed = _plan(work, args, kwargs)
     for name, plan in todo.items():
-        _set(work, name, rebuild(work.get_submodule(name), plan, removed))
+        set_submodule(work, name, rebuild(work.get_submodule(name), plan, removed))
     changed += list(todo)
     updates: list[tuple[str, str, int]] = []
     if changed:
@@ -288,7 +288,7 @@ def shrink(model: nn.Module, example_inputs: torch.Tensor | Sequence[Any] | dict
     for name in sorted(set(changed), key=lambda n: n.count(".")):
         if any(name == d or name.startswith(d + ".") for d in done):
             continue
-        _set(model, name, work.get_submodule(name))
+        set_submodule(model, name, work.get_submodule(name))
         done.append(name)
     for mod_name, attr, value in updates:
         setattr(model.get_submodule(mod_name), attr, value)

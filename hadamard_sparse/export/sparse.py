@@ -26,17 +26,17 @@ from ..errors import InvalidArgumentError, InvalidTypeError
 from ..layers import layer_kind
 from . import kernels
 from .choice import (
-    _LAYOUTS,
-    _MIN_SPEEDUP,
-    _TIMED_MAX_DENSITY,
     DEFAULT_MAX_DENSITY,
+    LAYOUTS,
+    MIN_SPEEDUP,
+    TIMED_MAX_DENSITY,
     LayerChoice,
     Timer,
-    _candidates,
-    _capture_inputs,
-    _rule_choice,
-    _split_inputs,
+    candidate_layouts,
+    capture_inputs,
     measure,
+    rule_choice,
+    split_inputs,
 )
 
 __all__ = ["DEFAULT_MAX_DENSITY", "LayerChoice", "SparseLinear", "to_sparse"]
@@ -152,8 +152,8 @@ class SparseLinear(nn.Module):
         transposed: bool,
     ) -> None:
         super().__init__()
-        if layout not in _LAYOUTS:
-            raise InvalidArgumentError(f"layout must be one of {list(_LAYOUTS)}, got {layout!r}")
+        if layout not in LAYOUTS:
+            raise InvalidArgumentError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
         self.out_features, self.in_features = (int(d) for d in weight.shape)
         self.layout = layout
         self.blocksize = tuple(blocksize)
@@ -439,8 +439,8 @@ def to_sparse(
     """
     if not isinstance(model, nn.Module):
         raise InvalidTypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if layout != "auto" and layout not in _LAYOUTS:
-        raise InvalidArgumentError(f"layout must be 'auto' or one of {list(_LAYOUTS)}, got {layout!r}")
+    if layout != "auto" and layout not in LAYOUTS:
+        raise InvalidArgumentError(f"layout must be 'auto' or one of {list(LAYOUTS)}, got {layout!r}")
     if max_density is not None and (
         isinstance(max_density, bool)
         or not isinstance(max_density, numbers.Real)
@@ -451,7 +451,7 @@ def to_sparse(
     if timer is not None and not callable(timer):
         raise InvalidTypeError(f"timer must be callable or None, got {type(timer).__name__}")
     if example_inputs is not None:
-        _split_inputs(example_inputs)  # type check before anything runs
+        split_inputs(example_inputs)  # type check before anything runs
     wanted = None if include is None else set(include)
     names = {n for n, _ in model.named_modules()}
     if wanted is not None and not wanted <= names:
@@ -503,13 +503,13 @@ def to_sparse(
     # Build every SparseLinear before swapping any: a failure leaves the model as it was.
     built: dict[str, SparseLinear] = {}
     if example_inputs is not None and todo:
-        cap = _TIMED_MAX_DENSITY if max_density is None else float(max_density)
-        inputs = _capture_inputs(model, {n: t[1] for n, t in todo.items()}, example_inputs)
+        cap = TIMED_MAX_DENSITY if max_density is None else float(max_density)
+        inputs = capture_inputs(model, {n: t[1] for n, t in todo.items()}, example_inputs)
         run = timer or measure
         for name, (rule, mod, w, _, density) in todo.items():
-            sparse, why = _candidates(layout, w, density, cap, bs)
+            sparse, why = candidate_layouts(layout, w, density, cap, bs)
             if name not in inputs:
-                chosen, why = _rule_choice(layout, w, density, max_density)
+                chosen, why = rule_choice(layout, w, density, max_density)
                 report.append(
                     LayerChoice(name, rule.kind, density, chosen, f"not run by example_inputs; {why}")
                 )
@@ -527,7 +527,7 @@ def to_sparse(
             with torch.inference_mode():
                 seconds = run(name, fns)
             best = min(sparse, key=lambda c: seconds[c])
-            chosen = best if seconds[best] * _MIN_SPEEDUP < seconds["dense"] else "dense"
+            chosen = best if seconds[best] * MIN_SPEEDUP < seconds["dense"] else "dense"
             report.append(LayerChoice(name, rule.kind, density, chosen, "timed", seconds, tuple(x.shape)))
             if chosen != "dense":
                 built[name] = mods[chosen]  # type: ignore[assignment]
@@ -535,10 +535,10 @@ def to_sparse(
     else:
         for name, (rule, _, w, _, density) in todo.items():
             if layout == "auto":
-                chosen, why = _rule_choice(layout, w, density, max_density)
+                chosen, why = rule_choice(layout, w, density, max_density)
             else:
                 cap = DEFAULT_MAX_DENSITY[layout] if max_density is None else float(max_density)
-                sparse, why = _candidates(layout, w, density, cap, bs)
+                sparse, why = candidate_layouts(layout, w, density, cap, bs)
                 chosen = sparse[0] if sparse else "dense"
                 why = why or f"rule: density {density:.3f} <= {cap:.3f} for {layout}"
             report.append(LayerChoice(name, rule.kind, density, chosen, why))
