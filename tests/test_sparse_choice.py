@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import re
 import warnings
 
 import pytest
@@ -237,6 +238,37 @@ def test_refusals_leave_the_model_unchanged() -> None:
         to_sparse(dense, example_inputs=torch.randn(2, 31))
     with pytest.raises(InvalidArgumentError, match="max_density"):
         to_sparse(dense, max_density=-0.1)
+    assert all(dense.get_submodule(k) is m for k, m in mods.items() if k)
+    assert all(torch.equal(v, before[k]) for k, v in dense.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("include", "exclude", "converted"),
+    [
+        (None, None, {"0", "2", "4"}),
+        ("0", None, {"0"}),  # an exact name is a glob pattern too (the old meaning of include)
+        (["0", "2"], None, {"0", "2"}),
+        (nn.Linear, "4", {"0", "2"}),
+        (lambda name, mod: mod.out_features > 16, None, {"0", "2"}),
+        ("[02]", "2", {"0"}),
+    ],
+    ids=["all", "exact-name", "names", "type-minus-glob", "callable", "glob-minus-name"],
+)
+def test_include_exclude_are_the_sparsify_selectors(include, exclude, converted) -> None:  # type: ignore[no-untyped-def]
+    dense = _mlp()
+    sparse = to_sparse(copy.deepcopy(dense), "csr", include=include, exclude=exclude, max_density=1.0)
+    got = {n for n, m in sparse.named_modules() if isinstance(m, SparseLinear)}
+    assert got == converted
+    _same_output(dense, sparse, torch.randn(3, 32))
+
+
+@pytest.mark.parametrize(("arg", "entry"), [("include", "classifier"), ("exclude", "head*")])
+def test_selector_matching_no_layer_is_refused_before_any_change(arg: str, entry: str) -> None:
+    dense = _mlp()
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    mods = dict(dense.named_modules())
+    with pytest.raises(InvalidArgumentError, match=re.escape(f"{arg} entry {entry!r}")):
+        to_sparse(dense, "csr", **{arg: entry})
     assert all(dense.get_submodule(k) is m for k, m in mods.items() if k)
     assert all(torch.equal(v, before[k]) for k, v in dense.state_dict().items())
 

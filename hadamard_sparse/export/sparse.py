@@ -13,7 +13,7 @@ import copy
 import logging
 import numbers
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, overload
 
@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .._checks import Selectors, check_selectors
 from ..errors import InvalidArgumentError, InvalidTypeError
-from ..layers import layer_kind
+from ..layers import check_all_used, layer_kind, selector_matches
 from . import kernels
 from .choice import (
     DEFAULT_MAX_DENSITY,
@@ -353,7 +354,8 @@ def to_sparse(
     example_inputs: Any = ...,
     max_density: float | None = ...,
     blocksize: tuple[int, int] = ...,
-    include: Iterable[str] | None = ...,
+    include: Selectors = ...,
+    exclude: Selectors = ...,
     timer: Timer | None = ...,
     return_report: Literal[False] = ...,
 ) -> nn.Module: ...
@@ -367,7 +369,8 @@ def to_sparse(
     example_inputs: Any = ...,
     max_density: float | None = ...,
     blocksize: tuple[int, int] = ...,
-    include: Iterable[str] | None = ...,
+    include: Selectors = ...,
+    exclude: Selectors = ...,
     timer: Timer | None = ...,
     return_report: Literal[True],
 ) -> tuple[nn.Module, list[LayerChoice]]: ...
@@ -380,7 +383,8 @@ def to_sparse(
     example_inputs: Any = None,
     max_density: float | None = None,
     blocksize: tuple[int, int] = (16, 16),
-    include: Iterable[str] | None = None,
+    include: Selectors = None,
+    exclude: Selectors = None,
     timer: Timer | None = None,
     return_report: bool = False,
 ) -> nn.Module | tuple[nn.Module, list[LayerChoice]]:
@@ -420,7 +424,11 @@ def to_sparse(
         max_density: layers denser than this (in ``[0, 1]``) stay dense; ``None``: the
             layout's default without ``example_inputs``, 0.6 with.
         blocksize: BSR block shape ``(rows, cols)``.
-        include: qualified module names to consider (``None``: every linear-like layer).
+        include: the same selectors as :func:`~hadamard_sparse.sparsify` (module types, glob
+            patterns on qualified module names, callables ``(name, module) -> bool``); only matching
+            linear-like layers are considered (``None``: every one). An exact name is a pattern too.
+        exclude: same kinds of selectors; matching layers stay dense. An ``include`` or ``exclude``
+            entry that matches no linear-like layer is refused before anything changes.
         timer: ``timer(layer_name, {candidate: fn}) -> {candidate: seconds}`` replacing the
             default :func:`measure` (for tests, or another clock).
         return_report: also return the per-layer :class:`LayerChoice` list.
@@ -452,10 +460,19 @@ def to_sparse(
         raise InvalidTypeError(f"timer must be callable or None, got {type(timer).__name__}")
     if example_inputs is not None:
         split_inputs(example_inputs)  # type check before anything runs
-    wanted = None if include is None else set(include)
-    names = {n for n, _ in model.named_modules()}
-    if wanted is not None and not wanted <= names:
-        raise InvalidArgumentError(f"include names modules that do not exist: {sorted(wanted - names)}")
+    inc, exc = check_selectors(include, "include"), check_selectors(exclude, "exclude")
+    inc_used: set[int] = set()
+    exc_used: set[int] = set()
+    wanted: set[str] = set()
+    for name, mod in model.named_modules():
+        if _rule_for(mod) is None:
+            continue
+        included = not inc or selector_matches(inc, name, mod, f"{name}.weight", inc_used)
+        excluded = bool(exc) and selector_matches(exc, name, mod, f"{name}.weight", exc_used)
+        if included and not excluded:
+            wanted.add(name)
+    check_all_used(inc, inc_used, "include", model)
+    check_all_used(exc, exc_used, "exclude", model)
     for name, mod in model.named_modules():
         if parametrize.is_parametrized(mod):
             raise InvalidArgumentError(
@@ -473,7 +490,7 @@ def to_sparse(
     }
     for name, mod in model.named_modules():
         rule = _rule_for(mod)
-        if rule is None or (wanted is not None and name not in wanted):
+        if rule is None or name not in wanted:
             continue
         if name == "":
             raise InvalidArgumentError(
