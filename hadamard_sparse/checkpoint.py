@@ -226,8 +226,41 @@ def _read_plain_view(
 # ----------------------------------------------------------------------------------------------
 
 
+def _record_lookup(parent_getattr: Any) -> Any:
+    """A ``__getattr__`` that falls back to the module's ``state_dict`` records of our tensors.
+
+    ``module.<tensor>_<suffix>`` then resolves to that record: tools that map every ``state_dict``
+    key to a module attribute (torch's ``torch.distributed.checkpoint.state_dict.get_model_state_dict``
+    and ``get_state_dict``, used by FSDP2 and accelerate recipes) accept a sparse model. Only a miss
+    that names a record of one of our tensors computes anything.
+    """
+
+    def __getattr__(self: nn.Module, name: str) -> Any:
+        try:
+            return parent_getattr(self, name)
+        except AttributeError:
+            plists = self.__dict__.get("_modules", {}).get("parametrizations")
+            if plists is not None and any(
+                name.startswith(t + "_") and is_ours(pl) for t, pl in plists.items()
+            ):
+                value = self.state_dict().get(name)
+                if value is not None:
+                    return value
+            raise
+
+    return __getattr__
+
+
+def _resolve_records_as_attributes(module: nn.Module) -> None:
+    """Give ``module``'s parametrized class (its own, injected by parametrize) the record lookup."""
+    cls = type(module)
+    if cls is not parametrize.type_before_parametrizations(module) and "__getattr__" not in cls.__dict__:
+        cls.__getattr__ = _record_lookup(cls.__mro__[1].__getattr__)  # type: ignore[method-assign]
+
+
 def ensure_load_hook(module: nn.Module) -> None:
     """Register the checkpoint hooks (``state_dict`` post-hook, load pre-hook) on ``module`` once."""
+    _resolve_records_as_attributes(module)
     if getattr(module, _HOOK_ATTR, None) is not None:
         return
     save = module.register_state_dict_post_hook(_state_dict_hook)

@@ -358,3 +358,43 @@ def test_ddp_state_dict_round_trip(tmp_path) -> None:  # type: ignore[no-untyped
         assert torch.equal(fresh(x), ddp(x))
     finally:
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.distributed.checkpoint's state_dict helpers (they map every key to a module attribute)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["mask", "factorization", "fake_quant"])
+def test_dcp_state_dict_helpers_accept_sparse_models(kind: str) -> None:
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+    )
+
+    def make(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        m = mlp()
+        if kind == "factorization":
+            hs.factorize(m)
+        hs.sparsify(m, 0.5, method="random", seed=seed)
+        if kind == "fake_quant":
+            hs.fake_quantize(m, bits=4)
+        return m
+
+    src, dst = make(0), make(1)
+    sd = get_model_state_dict(src)
+    assert sd.keys() == src.state_dict().keys()
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in sd.items())
+    set_model_state_dict(dst, sd)
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(dst(x), src(x))
+    assert all(torch.equal(a, b) for a, b in zip(hs.masks(src).values(), hs.masks(dst).values()))
+    opt = torch.optim.SGD(src.parameters(), lr=0.1)
+    src(x).sum().backward()
+    opt.step()
+    model_sd, optim_sd = get_state_dict(src, opt)
+    assert model_sd.keys() == src.state_dict().keys() and "state" in optim_sd
+    with pytest.raises(AttributeError):
+        _ = next(m for m in src.modules() if parametrize.is_parametrized(m)).weight_nonexistent
