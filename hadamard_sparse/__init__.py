@@ -28,6 +28,7 @@ from .factorization import (
     l1_penalty,
     register_factorization,
 )
+from .hf import load_pretrained, save_pretrained
 from .parametrizations import HadamardMask
 from .quantization import FakeQuant, fake_quantize, register_fake_quant
 from .report import SparsityReport, TensorSparsity, sparsity_report
@@ -75,6 +76,7 @@ __all__ = [
     "l1_penalty",
     "layer_densities",
     "load_compressed",
+    "load_pretrained",
     "load_sparse_state_dict",
     "masks",
     "register_factorization",
@@ -83,6 +85,7 @@ __all__ = [
     "register_score",
     "remove_parametrizations",
     "save_compressed",
+    "save_pretrained",
     "shrink",
     "sparsify",
     "sparsity_report",

@@ -5,13 +5,15 @@ Commands (``hadamard-sparse`` or ``python -m hadamard_sparse``)::
     hadamard-sparse sparsify MODEL_DIR OUT_DIR --sparsity 0.5 [--method magnitude|wanda|sparsegpt]
                     [--structure 2:4] [--scope layer|global|row] [--calibration FILE]
                     [--exclude PATTERN ...] [--include PATTERN ...] [--min-keep N] [--seed N] [--bake]
+                    [--embeddings] [--compress]
     hadamard-sparse report MODEL_DIR_OR_FILE
     hadamard-sparse demo [--sparsity 0.9] [--epochs 8] [--finetune-epochs 4]
     hadamard-sparse --version
 
 ``sparsify`` loads a Hugging Face model directory through the class its config names,
 prunes it, and writes a complete directory (config, tokenizer and other files copied, safetensors
-weights) that plain ``from_pretrained`` loads. Every argument is checked before any work starts;
+weights) that plain ``from_pretrained`` loads; with ``--compress`` the weights are written compressed
+(``model.compressed.safetensors``, loaded back with ``hs.load_pretrained``). Every argument is checked before any work starts;
 a refused argument exits with status 2 and a one-line message, without a traceback.
 
 The demo runs the whole story on real data that ships with scikit-learn (the 8x8 digits images,
@@ -39,7 +41,9 @@ from torch import nn
 from . import __version__
 from ._checks import SCOPES, check_fraction
 from .api import remove_parametrizations, sparsify
+from .compress import load_compressed
 from .errors import HadamardSparseError
+from .hf import is_compressed_file, load_pretrained, save_pretrained
 from .layers import resolve_targets
 from .report import SparsityReport, TensorSparsity, sparsity_report
 from .scores import available_scores, get_score
@@ -249,19 +253,6 @@ def _has_transformers() -> bool:
     return importlib.util.find_spec("transformers") is not None
 
 
-def _load_hf(model_dir: str) -> nn.Module:
-    """The model of a Hugging Face directory, through the class its config names (else ``AutoModel``)."""
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    config = transformers.AutoConfig.from_pretrained(model_dir)
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
-    if cls is None or not hasattr(cls, "from_pretrained"):
-        cls = transformers.AutoModel
-    return cls.from_pretrained(model_dir).eval()
-
-
 def _check_sparsify_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
     """Every check that needs no model; returns ``(tokenizer, lines)`` when calibrating. Exits with 2 on error."""
     if not _has_transformers():
@@ -273,6 +264,8 @@ def _check_sparsify_args(parser: argparse.ArgumentParser, args: argparse.Namespa
         parser.error(f"OUT_DIR {str(out)!r} exists and is not an empty directory; choose a new one")
     if out.resolve() == src.resolve():
         parser.error("OUT_DIR must differ from MODEL_DIR")
+    if args.compress and importlib.util.find_spec("safetensors") is None:
+        parser.error('--compress needs safetensors: pip install "hadamard-sparse[examples]"')
     entry = get_score(args.method)
     scope = args.scope or entry.scopes[0]
     if scope not in entry.scopes:
@@ -313,16 +306,13 @@ def _copy_extras(src: Path, out: Path) -> None:
         shutil.copy2(path, out / rel)
 
 
-def _save(model: nn.Module, src: Path, out: Path) -> None:
-    """Write OUT_DIR: the source's other files, then config and safetensors weights.
-
-    (A ``--compress`` option would write ``compress_state_dict`` output here instead.)
-    """
+def _save(model: nn.Module, src: Path, out: Path, compress: bool) -> None:
+    """Write OUT_DIR: the source's other files, then config and (compressed) safetensors weights."""
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         _copy_extras(src, out)
-        model.save_pretrained(out, safe_serialization=True)  # type: ignore[operator]
+        save_pretrained(model, out, compress=compress)
     except BaseException:
         if created:
             shutil.rmtree(out, ignore_errors=True)
@@ -334,12 +324,15 @@ def _cmd_sparsify(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     t0 = time.perf_counter()
     try:
-        model = _load_hf(args.model_dir)
+        model = load_pretrained(args.model_dir)
     except (OSError, ValueError, KeyError) as e:
         parser.error(f"cannot load MODEL_DIR {args.model_dir!r} with transformers: {e}")
     print(f"loaded {type(model).__name__} from {args.model_dir}")
+    include: list[Any] | None = args.include
+    if args.embeddings:  # a type selector opts embeddings in; "*" keeps every other target
+        include = [*(include or ["*"]), nn.Embedding]
     try:
-        resolve_targets(model, args.include, args.exclude, warn_tied=False)  # selectors, before work
+        resolve_targets(model, include, args.exclude, warn_tied=False)  # selectors, before work
         calibration = None
         if calib is not None:
             tokenizer, lines = calib
@@ -354,7 +347,7 @@ def _cmd_sparsify(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
                 method=args.method,
                 scope=args.scope,
                 structure=args.structure,
-                include=args.include,
+                include=include,
                 exclude=args.exclude,
                 calibration=calibration,
                 seed=args.seed,
@@ -365,10 +358,15 @@ def _cmd_sparsify(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     report = sparsity_report(model)
     if args.bake:
         remove_parametrizations(model)
-    _save(model, Path(args.model_dir), Path(args.out_dir))
+    _save(model, Path(args.model_dir), Path(args.out_dir), args.compress)
     print(report)
     print(f"wrote {args.out_dir} in {time.perf_counter() - t0:.1f} s")
-    if not args.bake:
+    if args.compress:
+        print(
+            "the weights are compressed (model.compressed.safetensors): load them with "
+            f"hs.load_pretrained({args.out_dir!r}); plain from_pretrained cannot read them"
+        )
+    elif not args.bake:
         print(
             "the effective weights are under their usual names, the masks beside them as <name>_mask; "
             "restore the masks with hs.load_sparse_state_dict(model, safetensors.torch.load_file(...))"
@@ -378,7 +376,11 @@ def _cmd_sparsify(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 def _tensors(f: Path, masks_only: bool) -> Iterator[tuple[str, Any]]:
     """``(name, value)`` of a safetensors or torch file (with ``masks_only``, only bool safetensors)."""
-    if f.suffix == ".safetensors":
+    if f.suffix == ".safetensors" and is_compressed_file(f):
+        for name, t in load_compressed(f).items():
+            if not masks_only or t.dtype == torch.bool:
+                yield name, t
+    elif f.suffix == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(f), framework="pt") as h:
@@ -423,7 +425,7 @@ def _cmd_report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     if path.is_dir():
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         try:
-            model = _load_hf(str(path))
+            model = load_pretrained(path)
         except (OSError, ValueError, KeyError) as e:
             parser.error(f"cannot load {str(path)!r} with transformers: {e}")
         print(f"{type(model).__name__} from {path}: targeted weights (Linear, Conv, attention, ...)")
@@ -509,6 +511,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--bake", action="store_true", help="write plain pruned weights (no masks): nothing to undo, smaller"
     )
+    p.add_argument(
+        "--embeddings",
+        action="store_true",
+        help="prune the nn.Embedding weights too (left dense by default); they are half of a small "
+        "encoder's weights, so a small --compress file needs them",
+    )
+    p.add_argument(
+        "--compress",
+        action="store_true",
+        help="write the weights compressed (model.compressed.safetensors, sparse tensors as bitmask + values "
+        "or CSR); load with hs.load_pretrained, not plain from_pretrained",
+    )
     p.set_defaults(run=_cmd_sparsify, parser=p)
 
     p = sub.add_parser(
@@ -516,7 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-tensor zeros and masks of a model directory or a weights file",
         description="Print the per-tensor table and totals: for a model directory, its targeted weights (the "
         "same table as hs.sparsity_report); for a .safetensors/.bin file, every floating-point tensor with 2 "
-        "or more dimensions. Boolean mask tensors found in the files are listed too.",
+        "or more dimensions. Compressed directories and files (written with --compress) are read "
+        "decompressed. Boolean mask tensors found in the files are listed too.",
     )
     p.add_argument(
         "path", metavar="MODEL_DIR_OR_FILE", help="a Hugging Face model directory or a weights file"
