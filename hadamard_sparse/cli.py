@@ -409,6 +409,15 @@ def _file_report(path: Path, masks_only: bool = False) -> tuple[SparsityReport, 
     return SparsityReport(tuple(weights)), SparsityReport(tuple(masks)), other
 
 
+def _safetensors_errors() -> tuple[type[BaseException], ...]:
+    """safetensors' own error type (a corrupt file), when safetensors is installed."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return ()
+    return (SafetensorError,)
+
+
 def _cmd_report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     path = Path(args.path)
     if path.is_file():
@@ -434,7 +443,7 @@ def _cmd_report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     else:
         try:
             weights, masks, other = _file_report(path)
-        except (OSError, RuntimeError, pickle.UnpicklingError) as e:
+        except (OSError, RuntimeError, pickle.UnpicklingError, *_safetensors_errors()) as e:
             parser.error(f"cannot read {str(path)!r} as a weights file: {e}")
         print(f"{path}: floating-point tensors with 2 or more dimensions ({other} other tensors not shown)")
         print(weights)

@@ -50,6 +50,23 @@ def _weight_files(d: Path) -> list[Path]:
     return sorted([d / n for n in names if (d / n).is_file()] + shards)
 
 
+def _untied(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` with each tied tensor (same storage, offset, shape and strides) kept under its first name.
+
+    As ``model.save_pretrained`` does: the model ties them again when it is built, and
+    :func:`~hadamard_sparse.checkpoint.load_sparse_state_dict` accepts a tied tensor loaded under one name.
+    """
+    seen: set[tuple[Any, ...]] = set()
+    out: dict[str, torch.Tensor] = {}
+    for key, t in state_dict.items():
+        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype)
+        if t.numel() and ident in seen:
+            continue
+        seen.add(ident)
+        out[key] = t
+    return out
+
+
 def save_pretrained(model: nn.Module, out_dir: str | os.PathLike[str], *, compress: bool = False) -> None:
     """Write a Hugging Face model directory, sparse or baked, optionally with compressed weights.
 
@@ -91,7 +108,7 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike[str], *, compre
                 f.unlink()
         model.save_pretrained(out, safe_serialization=True)
         if compress:
-            save_compressed(model.state_dict(), out / COMPRESSED_WEIGHTS)
+            save_compressed(_untied(model.state_dict()), out / COMPRESSED_WEIGHTS)
             for f in _weight_files(out):
                 f.unlink()
     except BaseException:

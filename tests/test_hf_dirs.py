@@ -183,6 +183,22 @@ def test_cli_compress_gpt2_and_report(tmp_path: Path, capsys: pytest.CaptureFixt
     assert code == 0 and "transformer.h.0.mlp.c_fc.weight " in stdout and "masks (" in stdout
     code, _, err = _run([*argv, "--compress"], capsys)  # OUT_DIR exists now: refused before work
     assert code == 2 and "OUT_DIR" in err
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    code, _, err = _run(["report", str(tmp_path / "bad.safetensors")], capsys)
+    assert code == 2 and "cannot read" in err
+
+
+def test_tied_weights_written_once(tmp_path: Path) -> None:
+    safetensors = pytest.importorskip("safetensors")
+    model = _sparse("gpt2")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    hs.save_pretrained(model, tmp_path / "comp", compress=True)
+    with safetensors.safe_open(str(tmp_path / "comp" / COMPRESSED_WEIGHTS), framework="pt") as h:
+        keys = list(h.keys())
+    assert "transformer.wte.weight" in keys and "lm_head.weight" not in keys  # as save_pretrained does
+    loaded = hs.load_pretrained(tmp_path / "comp")
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight  # tied again
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
 
 
 def _mean_pool(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
