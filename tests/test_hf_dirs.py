@@ -231,3 +231,25 @@ def test_cli_compress_minilm_bake(tmp_path: Path, capsys: pytest.CaptureFixture[
     torch.testing.assert_close(_mean_pool(loaded, batch), _mean_pool(ref, batch), rtol=0, atol=0)
     code, stdout, _ = _run(["report", str(out)], capsys)
     assert code == 0 and "encoder.layer.0.attention.self.query.weight" in stdout
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_vit_saved_under_renamed_keys(compress: bool, tmp_path: Path) -> None:
+    # transformers 5 writes ViT in its original key format and renames on load
+    cfg = transformers.ViTConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        image_size=16,
+        patch_size=8,
+        num_labels=3,
+    )
+    torch.manual_seed(0)
+    model = hs.sparsify(transformers.ViTForImageClassification(cfg).eval(), 0.9, scope="layer")
+    hs.save_pretrained(model, tmp_path / "vit", compress=compress)
+    loaded = hs.load_pretrained(tmp_path / "vit")
+    assert _same_masks(loaded, model)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
