@@ -378,7 +378,7 @@ def _tensor_names(module: nn.Module) -> set[str]:
     return names
 
 
-def _record_key() -> re.Pattern[str]:
+def record_key_pattern() -> re.Pattern[str]:
     """``"<tensor>_<suffix>"`` for the suffixes of our records, their originals and torch prune's ``"orig"``."""
     types = SparseParametrization._TYPES.values()
     alts = sorted({re.escape(s) for cls in types for s in cls._SUFFIXES} | {"orig"}, key=len, reverse=True)
@@ -390,7 +390,7 @@ def _records(
     model: nn.Module, state_dict: Mapping[str, Any], modules: dict[str, nn.Module]
 ) -> dict[tuple[str, str], dict[str, str]]:
     """``{(module name, tensor name): {suffix: key}}`` for every record key of ``state_dict`` (one pass)."""
-    record_key = _record_key()
+    record_key = record_key_pattern()
     tensors: dict[int, set[str]] = {}
     out: dict[tuple[str, str], dict[str, str]] = {}
     for key in state_dict:
@@ -432,7 +432,7 @@ def _hf_saved_names(model: nn.Module, current: Mapping[str, Any]) -> dict[str, s
 
 def _renamed(state_dict: Mapping[str, Any], names: dict[str, str]) -> dict[str, Any]:
     """``state_dict`` with the model's names: a tensor's key and its record keys (``"<tensor>_mask"``...)."""
-    record_key = _record_key()
+    record_key = record_key_pattern()
     out = {}
     for key, value in state_dict.items():
         new = names.get(key)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import _record_key, load_sparse_state_dict
+from .checkpoint import load_sparse_state_dict, record_key_pattern
 from .compress import load_compressed, save_compressed
 from .errors import InvalidArgumentError, InvalidTypeError
 
@@ -145,7 +145,7 @@ def _sparse_records(model_dir: Path) -> dict[str, torch.Tensor] | None:
     from safetensors.torch import load_file
 
     files = sorted(model_dir.glob("*.safetensors"))
-    record_key = _record_key()
+    record_key = record_key_pattern()
     has_records = False
     for f in files:
         with safe_open(str(f), framework="pt") as h:
