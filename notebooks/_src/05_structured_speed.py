@@ -72,7 +72,7 @@ dense_cnn = cnn()
 masked = hs.sparsify(copy.deepcopy(dense_cnn), 0.5, structure="out_channel", scope="layer", include=nn.Conv2d)
 print({k: tuple(v.shape) for k, v in hs.masks(masked, compact=True).items()})
 fig, ax = plt.subplots(figsize=(9, 3.5), layout="constrained")
-plot.mask(masked[2], ax=ax)  # whole filters (rows of kernels) are off
+plot.mask(masked, name="2.weight", ax=ax)  # whole filters (rows of kernels) are off
 plt.show()
 
 # %% [markdown]
