@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(
 
 _WORKER = textwrap.dedent(
     """
-    import json, sys
+    import json, os, sys
     import torch
     import torch.distributed as dist
     from torch import nn
@@ -71,10 +71,17 @@ _WORKER = textwrap.dedent(
                 weights = torch.cat([p.detach().flatten() for p in model.parameters()])
                 checks.append(same_on_all_ranks(weights))
             report[f"{kind}-{broadcast_buffers}"] = {"all_same": all(checks), "changes": changes}
+            del sched, opt, ddp  # release DDP's reducer before the next one is built
     with open(out, "w") as f:
         json.dump(report, f)
     dist.barrier()
     dist.destroy_process_group()
+    # The report is written and every rank is past the barrier: leave without running C++ static
+    # destructors, where gloo/DDP worker threads can abort the process on a loaded machine
+    # ('terminate called without an active exception') after all the work has succeeded.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
     """
 )
 
