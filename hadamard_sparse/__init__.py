@@ -20,7 +20,16 @@ from .errors import (
     NoTargetsError,
     UnsupportedGraphError,
 )
-from .export import DEFAULT_MAX_DENSITY, ChannelGroups, Heads, LayerChoice, SparseLinear, shrink, to_sparse
+from .export import (
+    DEFAULT_MAX_DENSITY,
+    ChannelGroups,
+    Heads,
+    LayerChoice,
+    ProjectedMultiheadAttention,
+    SparseLinear,
+    shrink,
+    to_sparse,
+)
 from .factorization import (
     HadamardFactorization,
     factor_param_groups,
@@ -58,6 +67,7 @@ __all__ = [
     "LayerChoice",
     "LayerStats",
     "NoTargetsError",
+    "ProjectedMultiheadAttention",
     "RigL",
     "ScoreContext",
     "SparseLinear",

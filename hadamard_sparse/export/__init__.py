@@ -15,7 +15,9 @@ baking, two exports make the zeros pay:
 
 Layout: ``graph.py`` (capture with ``torch.export``, fx as fallback; module guards, the
 channel-flow traversal and its rule tables), ``rules.py`` (one channel rule per op),
-``rules_aten.py`` (the same for ATen ops), ``heads.py`` (attention blocks, head removal),
+``rules_aten.py`` (the same for ATen ops), ``attention.py`` (``ProjectedMultiheadAttention``:
+torch's multi-head attention with projection modules, for removed heads and sparse projections),
+``heads.py`` (attention blocks, head removal),
 ``groups.py`` (ChannelGroups, Heads), ``shrink.py`` (one rebuild rule
 per layer type, and ``shrink``), ``sparse.py`` (formats, ``SparseLinear``, ``to_sparse``),
 ``choice.py`` (the per-layer choice: density rule, timing, report), ``kernels.py`` +
@@ -23,6 +25,7 @@ per layer type, and ``shrink``), ``sparse.py`` (formats, ``SparseLinear``, ``to_
 See ``docs/speed.md`` for the rules, their reasons and measured speed-ups.
 """
 
+from .attention import ProjectedMultiheadAttention
 from .groups import ChannelGroups, Heads
 from .shrink import shrink
 from .sparse import DEFAULT_MAX_DENSITY, LayerChoice, SparseLinear, to_sparse
@@ -32,6 +35,7 @@ __all__ = [
     "ChannelGroups",
     "Heads",
     "LayerChoice",
+    "ProjectedMultiheadAttention",
     "SparseLinear",
     "shrink",
     "to_sparse",

@@ -9,8 +9,10 @@ number of query and key/value heads, and the attributes to update when heads go:
   ``o_proj`` children and ``head_dim``; grouped-query attention (fewer k/v heads) supported.
 - BERT / RoBERTa / MiniLM style: a block with ``self.query/key/value`` (and
   ``self.attention_head_size``) and ``output.dense``.
-- ``nn.MultiheadAttention``: heads can be masked (``structure="head"``), but ``shrink`` keeps it
-  whole: its ``embed_dim`` is both the input width and the heads' total width.
+- ``nn.MultiheadAttention`` (``kdim == vdim == embed_dim``): its ``embed_dim`` is both the input
+  width and the heads' total width, so :func:`prune_zero_heads` first rebuilds it as a
+  :class:`~hadamard_sparse.export.attention.ProjectedMultiheadAttention` (explicit ``q_proj``,
+  ``k_proj``, ``v_proj``, ``out_proj``; found by its own finder), then removes heads from that.
 
 A *head group* is one key/value head with the query heads that read it (one head when there are
 as many k/v heads as query heads). A group is removed by :func:`prune_zero_heads` when the value
@@ -21,11 +23,14 @@ one), which is folded into the output projection's bias.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from .attention import ProjectedMultiheadAttention, mha_problem
 
 __all__ = ["ATTENTION_FINDERS", "AttentionBlock", "attention_blocks", "attention_finder", "prune_zero_heads"]
 
@@ -135,6 +140,27 @@ def _torch_mha(name: str, mod: nn.Module) -> AttentionBlock | None:
     return AttentionBlock(name, name, name, name, _join(name, "out_proj"), mod.head_dim, n, n, packed=True)
 
 
+@attention_finder
+def _projected_mha(name: str, mod: nn.Module) -> AttentionBlock | None:
+    if not isinstance(mod, ProjectedMultiheadAttention):
+        return None
+    if not all(isinstance(getattr(mod, a), nn.Linear) for a in ("q_proj", "k_proj", "v_proj", "out_proj")):
+        return None  # sparse projections (to_sparse): nothing to slice
+    j = _join
+    n = mod.num_heads
+    return AttentionBlock(
+        name,
+        j(name, "q_proj"),
+        j(name, "k_proj"),
+        j(name, "v_proj"),
+        j(name, "out_proj"),
+        mod.head_dim,
+        n,
+        n,
+        [(name, "num_heads", "heads")],
+    )
+
+
 def attention_blocks(model: nn.Module) -> list[AttentionBlock]:
     """The attention blocks of ``model`` in module order (a block's own submodules are not searched)."""
     blocks: list[AttentionBlock] = []
@@ -184,17 +210,54 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, new)
 
 
+def _zero_groups(b: AttentionBlock, vw: torch.Tensor, vb: torch.Tensor, out_bias: bool) -> list[int]:
+    """Head groups whose value rows are zero (and whose value bias can be folded into the output bias)."""
+    gone = []
+    for g in range(b.n_kv):
+        rows = b.kv_rows(g)
+        if bool(vw[rows].eq(0).all()) and (out_bias or bool(vb[rows].eq(0).all())):
+            gone.append(g)
+    return gone
+
+
+def _unpack_mha(model: nn.Module, b: AttentionBlock) -> AttentionBlock | None:
+    """Rebuild an ``nn.MultiheadAttention`` with zero heads as a ProjectedMultiheadAttention (its new block)."""
+    mha = model.get_submodule(b.name)
+    e = mha.embed_dim
+    vw = mha.in_proj_weight.detach()[2 * e :]
+    vb = mha.in_proj_bias.detach()[2 * e :] if mha.in_proj_bias is not None else torch.zeros(e)
+    if not _zero_groups(b, vw, vb.to(torch.float64), mha.out_proj.bias is not None):
+        return None
+    why = mha_problem(mha)
+    if why is not None:
+        warnings.warn(
+            f"shrink keeps the masked heads of nn.MultiheadAttention {b.name!r}: {why}",
+            UserWarning,
+            stacklevel=3,
+        )
+        return None
+    new = ProjectedMultiheadAttention.from_mha(mha)
+    set_submodule(model, b.name, new)
+    return _projected_mha(b.name, new)
+
+
 def prune_zero_heads(model: nn.Module) -> list[str]:
     """Remove, in place, the head groups whose value rows are all zero; return the changed module names.
 
     The removed groups' value biases are folded into the output projection's bias (a group with a
     nonzero value bias is kept when that projection has no bias). At least one group of each block
-    is kept. ``nn.MultiheadAttention`` blocks are left whole.
+    is kept. An ``nn.MultiheadAttention`` with such heads is replaced by a
+    :class:`~hadamard_sparse.export.attention.ProjectedMultiheadAttention` holding the other heads
+    (one whose configuration it cannot reproduce, e.g. ``add_bias_kv=True``, is kept whole with a
+    warning saying why).
     """
     changed: list[str] = []
     for b in attention_blocks(model):
         if b.packed:
-            continue
+            unpacked = _unpack_mha(model, b)
+            if unpacked is None:
+                continue
+            b = unpacked
         q, k, v, o = (model.get_submodule(n) for n in (b.q, b.k, b.v, b.o))
         vw = v.weight.detach()
         vb = (
@@ -202,11 +265,7 @@ def prune_zero_heads(model: nn.Module) -> list[str]:
             if v.bias is not None
             else torch.zeros(vw.shape[0], dtype=torch.float64)
         )
-        gone = []
-        for g in range(b.n_kv):
-            rows = b.kv_rows(g)
-            if bool(vw[rows].eq(0).all()) and (o.bias is not None or bool(vb[rows].eq(0).all())):
-                gone.append(g)
+        gone = _zero_groups(b, vw, vb, o.bias is not None)
         if not gone:
             continue
         if len(gone) == b.n_kv:
@@ -228,5 +287,8 @@ def prune_zero_heads(model: nn.Module) -> list[str]:
         values = {"heads": len(keep) * b.group_size, "kv_heads": len(keep), "width": len(q_keep)}
         for mod_name, attr, what in b.attrs:
             setattr(model.get_submodule(mod_name), attr, values[what])
+        block = model.get_submodule(b.name)
+        if isinstance(block, ProjectedMultiheadAttention):  # 3-D attn_masks keep the original heads' rows
+            block.head_ids = [block.head_ids[g] for g in keep]
         changed += [b.name, b.q, b.k, b.v, b.o] + [m for m, _, _ in b.attrs]
     return changed

@@ -22,6 +22,7 @@ from . import (
     rules,  # noqa: F401  (registers the op rules)
     rules_aten,  # noqa: F401  (registers the ATen op rules)
 )
+from .attention import disable_nested_fast_path
 from .graph import ChannelFlow, FixedSize, LayerPlan, as_inputs, capture
 from .heads import prune_zero_heads, set_submodule
 from .rules import CONV_DIMS
@@ -220,7 +221,10 @@ def shrink(model: nn.Module, example_inputs: torch.Tensor | Sequence[Any] | dict
     Attention heads (BERT, ViT, Llama-style blocks; see ``export/heads.py``) whose value
     rows are all zero are removed with their query/key rows and the output projection's
     columns (grouped-query attention: a key/value head goes with all its query heads), and
-    the block's ``num_heads``-like attributes are updated.
+    the block's ``num_heads``-like attributes are updated. An ``nn.MultiheadAttention`` with such
+    heads becomes a :class:`~hadamard_sparse.export.attention.ProjectedMultiheadAttention` (same
+    forward, explicit ``q_proj``/``k_proj``/``v_proj``/``out_proj``) holding the other heads; one
+    it cannot reproduce (``add_bias_kv``, ``add_zero_attn``) is kept whole with a warning.
 
     The work is done on a baked deep copy; the copy's output is checked against the masked
     model's (up to float rounding) before the changed layers are swapped into ``model``, so
@@ -264,6 +268,7 @@ def shrink(model: nn.Module, example_inputs: torch.Tensor | Sequence[Any] | dict
             f"shrink could not run {type(model).__name__} on example_inputs: {type(exc).__name__}: {exc}"
         ) from exc
     changed = prune_zero_heads(work)
+    disable_nested_fast_path(work)
     todo, removed, fixed = _plan(work, args, kwargs)
     for name, plan in todo.items():
         set_submodule(work, name, rebuild(work.get_submodule(name), plan, removed))
@@ -292,6 +297,7 @@ def shrink(model: nn.Module, example_inputs: torch.Tensor | Sequence[Any] | dict
         done.append(name)
     for mod_name, attr, value in updates:
         setattr(model.get_submodule(mod_name), attr, value)
+    disable_nested_fast_path(model)
     return model
 
 

@@ -26,6 +26,7 @@ from .._checks import Selectors, check_selectors
 from ..errors import InvalidArgumentError, InvalidTypeError
 from ..layers import check_all_used, layer_kind, selector_matches
 from . import kernels
+from .attention import disable_nested_fast_path, shadow_runs, unpacked_modules
 from .choice import (
     DEFAULT_MAX_DENSITY,
     LAYOUTS,
@@ -390,11 +391,15 @@ def to_sparse(
 ) -> nn.Module | tuple[nn.Module, list[LayerChoice]]:
     r"""Replace the baked linear-like layers of ``model`` by :class:`SparseLinear` where it pays, in place.
 
-    Layers: ``nn.Linear`` and its subclasses that keep ``nn.Linear.forward``, and Hugging
-    Face ``Conv1D`` (GPT-2). Linear layers inside ``nn.MultiheadAttention`` (which reads
-    ``out_proj.weight`` itself), convolutions (use :func:`shrink` for channel sparsity) and
-    other layers stay dense. The model must be baked (no parametrization of this library
-    left); run :func:`remove_parametrizations` first.
+    Layers: ``nn.Linear`` and its subclasses that keep ``nn.Linear.forward``, Hugging
+    Face ``Conv1D`` (GPT-2), and the projections of ``nn.MultiheadAttention``: it is seen as a
+    :class:`~hadamard_sparse.export.attention.ProjectedMultiheadAttention` whose ``q_proj``,
+    ``k_proj``, ``v_proj`` and ``out_proj`` (named ``"<attention>.q_proj"`` ... in the report and
+    selectors) are chosen like any Linear, and replaced by one when a projection goes sparse
+    (an attention it cannot reproduce, e.g. ``add_bias_kv=True``, stays, and the report says
+    why). Convolutions (use :func:`shrink` for channel sparsity) and other layers stay dense.
+    The model must be baked (no parametrization of this library left); run
+    :func:`remove_parametrizations` first.
 
     **With** ``example_inputs`` the model runs once on them, and each candidate layer is timed
     on the input it received there: dense against every sparse layout that applies
@@ -464,7 +469,8 @@ def to_sparse(
     inc_used: set[int] = set()
     exc_used: set[int] = set()
     wanted: set[str] = set()
-    for name, mod in model.named_modules():
+    unpacked = unpacked_modules(model)  # nn.MultiheadAttention seen with q/k/v/out_proj modules
+    for name, mod in unpacked.modules:
         if _rule_for(mod) is None:
             continue
         included = not inc or selector_matches(inc, name, mod, f"{name}.weight", inc_used)
@@ -482,13 +488,8 @@ def to_sparse(
 
     report: list[LayerChoice] = []
     todo: dict[str, tuple[_Rule, nn.Module, torch.Tensor, torch.Tensor | None, float]] = {}
-    inside_mha = {
-        f"{n}.{c}" if n else c
-        for n, m in model.named_modules()
-        if isinstance(m, nn.MultiheadAttention)
-        for c, _ in m.named_children()
-    }
-    for name, mod in model.named_modules():
+    inside_mha = unpacked.refused
+    for name, mod in unpacked.modules:
         rule = _rule_for(mod)
         if rule is None or name not in wanted:
             continue
@@ -498,9 +499,7 @@ def to_sparse(
             )
         got = rule.weight_bias(mod)
         if isinstance(got, str) or name in inside_mha:
-            why = (
-                "inside nn.MultiheadAttention, which reads its weight directly" if name in inside_mha else got
-            )
+            why = inside_mha[name] if name in inside_mha else got
             report.append(LayerChoice(name, rule.kind, float("nan"), "dense", f"skipped: {why}"))
             continue
         w, b = got
@@ -521,7 +520,9 @@ def to_sparse(
     built: dict[str, SparseLinear] = {}
     if example_inputs is not None and todo:
         cap = TIMED_MAX_DENSITY if max_density is None else float(max_density)
-        inputs = capture_inputs(model, {n: t[1] for n, t in todo.items()}, example_inputs)
+        shadows = {model.get_submodule(n): c for n, c in unpacked.copies.items()}
+        with shadow_runs(shadows):  # a converted attention's projections see their inputs
+            inputs = capture_inputs(model, {n: t[1] for n, t in todo.items()}, example_inputs)
         run = timer or measure
         for name, (rule, mod, w, _, density) in todo.items():
             sparse, why = candidate_layouts(layout, w, density, cap, bs)
@@ -561,11 +562,16 @@ def to_sparse(
             report.append(LayerChoice(name, rule.kind, density, chosen, why))
             if chosen != "dense":
                 built[name] = build(name, chosen)
-    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    order = {n: i for i, (n, _) in enumerate(unpacked.modules)}
     report.sort(key=lambda c: order[c.name])
+    for name, copy_ in unpacked.copies.items():
+        if any(b.startswith(name + ".") for b in built):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, copy_)
     for name, new in built.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
+    disable_nested_fast_path(model)
     for choice in report:
         _log.info("to_sparse: %s", choice)
     return (model, report) if return_report else model
