@@ -137,8 +137,9 @@ class Heads(TensorGroups):
     ``nn.MultiheadAttention``. With grouped-query attention (fewer key/value heads, Llama) a group is
     one key/value head with all the query heads that read it, so a pruned group leaves the
     ``num_key_value_groups`` ratio unchanged. ``sparsity`` is the fraction of groups pruned
-    (``scope="layer"``: in every block). :func:`~hadamard_sparse.shrink` removes pruned heads from
-    HF blocks (``nn.MultiheadAttention`` is kept whole: masked heads are exact but not removed).
+    (``scope="layer"``: in every block). :func:`~hadamard_sparse.shrink` removes pruned heads (an
+    ``nn.MultiheadAttention`` becomes a :class:`~hadamard_sparse.ProjectedMultiheadAttention`, a
+    block this structure finds too).
 
     Args:
         model: the model (not changed).
