@@ -423,3 +423,43 @@ def test_refused_to_sparse_leaves_the_attention_unchanged() -> None:
     with pytest.raises(InvalidArgumentError, match="include .*matches no"):
         hs.to_sparse(model, include="*.nothing")
     assert model.self_attn is attn
+
+
+class CrossAttention(nn.Module):
+    """Queries attending to a memory of another width (``kdim``/``vdim``), or of the same width."""
+
+    def __init__(self, kdim: int | None) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(E, H, kdim=kdim, vdim=kdim, batch_first=True)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, memory, memory)[0]
+
+
+@pytest.mark.parametrize("kdim", [None, 6], ids=["same_dim", "kdim_vdim"])
+def test_to_sparse_checkpoints_keep_multihead_attention_names(kdim: int | None) -> None:
+    torch.manual_seed(0)
+    dense = _baked(CrossAttention(kdim).eval())
+    model = hs.to_sparse(copy.deepcopy(dense), max_density=1.0)
+    assert type(model.attn) is ProjectedMultiheadAttention
+    sd = model.state_dict()
+    assert sorted(sd) == sorted(dense.state_dict())
+    x, memory = torch.randn(N, L, E), torch.randn(N, S, kdim or E)
+    fresh = CrossAttention(kdim).eval()
+    fresh.load_state_dict(sd)  # the dense model loads the sparse model's checkpoint
+    other = hs.to_sparse(_baked(CrossAttention(kdim).eval(), 0.5), max_density=1.0)
+    other.load_state_dict(dense.state_dict())  # and the other way round (re-sparsified)
+    with torch.no_grad():
+        ref = dense(x, memory)
+        torch.testing.assert_close(fresh(x, memory), ref, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(other(x, memory), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_shrunk_attention_checkpoints_use_the_projection_names() -> None:
+    model = SelfAttention()
+    x, mask = torch.randn(N, L, E), torch.randn(N * H, L, L)
+    hs.sparsify(model, 0.5, structure="head", scope="layer")
+    shrunk = hs.shrink(model, (x, mask))
+    assert sorted(shrunk.state_dict()) == sorted(f"attn.{p}.{t}" for p in PROJ for t in ("weight", "bias"))
+    again = ProjectedMultiheadAttention.from_mha(_mha(batch_first=True))
+    again.load_state_dict(_mha(batch_first=True).state_dict())  # MHA names load into a full-width copy

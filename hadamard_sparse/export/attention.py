@@ -101,6 +101,12 @@ class ProjectedMultiheadAttention(nn.Module):
     A 3-D ``attn_mask`` keeps the shape the original module took, ``(N * mask_num_heads, L, S)``:
     ``head_ids`` says which of those per-head masks each remaining head reads.
 
+    ``state_dict``: the children's names (``q_proj.weight``, ...), or, when ``mha_state_dict`` is
+    True (set by :func:`~hadamard_sparse.to_sparse`, which promises checkpoints the dense model
+    loads), ``nn.MultiheadAttention``'s (``in_proj_weight``/``in_proj_bias``, or
+    ``q/k/v_proj_weight`` with ``kdim``/``vdim``, and ``out_proj.*``), with the heads' width equal
+    to ``embed_dim``. ``load_state_dict`` accepts both.
+
     ``in_proj_weight``, ``in_proj_bias``, ``bias_k``, ``bias_v`` are ``None``,
     ``add_zero_attn`` and ``_qkv_same_embed_dim`` are False: code that inspects an
     ``nn.MultiheadAttention`` (``nn.TransformerEncoderLayer``'s fast-path checks) then takes its
@@ -118,7 +124,7 @@ class ProjectedMultiheadAttention(nn.Module):
     Attributes:
         embed_dim, kdim, vdim: the widths of query, key and value.
         num_heads, head_dim: the heads and their size (``q_proj``'s width over ``num_heads``).
-        head_ids, mask_num_heads: see above.
+        head_ids, mask_num_heads, mha_state_dict: see above.
 
     Example::
 
@@ -184,6 +190,9 @@ class ProjectedMultiheadAttention(nn.Module):
         self.dropout = float(dropout)
         self.head_ids: list[int] = list(range(num_heads))
         self.mask_num_heads = num_heads
+        self.mha_state_dict = False
+        self.register_state_dict_post_hook(_pack_state_dict)
+        self.register_load_state_dict_pre_hook(_unpack_state_dict)
 
     @classmethod
     def from_mha(cls, mha: nn.MultiheadAttention) -> ProjectedMultiheadAttention:
@@ -326,6 +335,73 @@ class ProjectedMultiheadAttention(nn.Module):
         )
 
 
+_PROJ = ("q_proj", "k_proj", "v_proj")
+
+
+def _packed_names(mod: ProjectedMultiheadAttention) -> bool:
+    return mod.num_heads * mod.head_dim == mod.embed_dim and mod.kdim == mod.vdim == mod.embed_dim
+
+
+def _pack_state_dict(
+    mod: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, local_metadata: object
+) -> None:
+    """State-dict post-hook: ``nn.MultiheadAttention``'s names when ``mha_state_dict`` is set."""
+    assert isinstance(mod, ProjectedMultiheadAttention)
+    w_keys = [f"{prefix}{p}.weight" for p in _PROJ]
+    if not mod.mha_state_dict or mod.num_heads * mod.head_dim != mod.embed_dim:
+        return
+    if not all(k in state_dict for k in w_keys):
+        return
+    own = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(prefix)]}
+    ws = [own.pop(k) for k in w_keys]
+    b_keys = [f"{prefix}{p}.bias" for p in _PROJ]
+    bs = [own.pop(k) for k in b_keys if k in own]
+    if _packed_names(mod):
+        state_dict[prefix + "in_proj_weight"] = torch.cat(ws)
+    else:
+        for p, w in zip(_PROJ, ws):
+            state_dict[f"{prefix}{p}_weight"] = w
+    if len(bs) == 3:
+        state_dict[prefix + "in_proj_bias"] = torch.cat(bs)
+    state_dict.update(own)  # out_proj.* (its names are the same)
+
+
+def _unpack_state_dict(
+    mod: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    prefix: str,
+    local_metadata: object,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """Load pre-hook: split ``nn.MultiheadAttention``'s tensors into the projections' names."""
+    assert isinstance(mod, ProjectedMultiheadAttention)
+    e = mod.embed_dim
+    if mod.num_heads * mod.head_dim != e:
+        return
+    packed = state_dict.pop(prefix + "in_proj_weight", None)
+    if packed is not None:
+        if tuple(packed.shape) != (3 * e, e) or not _packed_names(mod):
+            error_msgs.append(
+                f"size mismatch for {prefix}in_proj_weight: expected {(3 * e, e)} for "
+                f"{mod.__class__.__name__} with embed_dim={e}, kdim={mod.kdim}, vdim={mod.vdim}, "
+                f"got {tuple(packed.shape)}"
+            )
+            return
+        for p, w in zip(_PROJ, packed.split(e)):
+            state_dict[f"{prefix}{p}.weight"] = w
+    for p in _PROJ:
+        w = state_dict.pop(f"{prefix}{p}_weight", None)
+        if w is not None:
+            state_dict[f"{prefix}{p}.weight"] = w
+    bias = state_dict.pop(prefix + "in_proj_bias", None)
+    if bias is not None:
+        for p, b in zip(_PROJ, bias.split(e)):
+            state_dict[f"{prefix}{p}.bias"] = b
+
+
 def disable_nested_fast_path(model: nn.Module) -> list[str]:
     """Turn off ``use_nested_tensor`` on the ``nn.TransformerEncoder``\\ s whose layers hold a ProjectedMultiheadAttention.
 
@@ -398,6 +474,7 @@ def unpacked_modules(model: nn.Module) -> Unpacked:
             why = "it is the model itself" if name == "" else mha_problem(mod)
             if why is None:
                 copies[name] = ProjectedMultiheadAttention.from_mha(mod)
+                copies[name].mha_state_dict = True  # checkpoints keep the dense model's names
             else:
                 for child, _ in mod.named_children():
                     refused[f"{name}.{child}" if name else child] = (
