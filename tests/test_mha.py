@@ -463,3 +463,21 @@ def test_shrunk_attention_checkpoints_use_the_projection_names() -> None:
     assert sorted(shrunk.state_dict()) == sorted(f"attn.{p}.{t}" for p in PROJ for t in ("weight", "bias"))
     again = ProjectedMultiheadAttention.from_mha(_mha(batch_first=True))
     again.load_state_dict(_mha(batch_first=True).state_dict())  # MHA names load into a full-width copy
+
+
+@pytest.mark.parametrize("exclude", [None, "*self_attn*"], ids=["all", "attention_dense"])
+def test_to_sparse_layers_of_a_torch_encoder_skip_its_fused_kernels(exclude: str | None) -> None:
+    # eval + no grad: nn.TransformerEncoderLayer's fused kernel reads linear1.weight etc. and
+    # nn.TransformerEncoder nests padded inputs; a layer with sparse modules must take the regular path
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, H, 32, dropout=0.0, batch_first=True)
+    dense = _baked(nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval())
+    model = hs.to_sparse(copy.deepcopy(dense), max_density=1.0, exclude=exclude)
+    assert isinstance(model.layers[0].linear1, SparseLinear) and not model.use_nested_tensor
+    assert (type(model.layers[0].self_attn) is nn.MultiheadAttention) == (exclude is not None)
+    x, kpm = torch.randn(N, L, E), _kpm()
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "nested tensors are in prototype stage"
+        torch.testing.assert_close(model(x), dense(x), atol=1e-5, rtol=1e-5)
+        got, ref = model(x, src_key_padding_mask=kpm), dense(x, src_key_padding_mask=kpm)
+    torch.testing.assert_close(got[~kpm], ref[~kpm], atol=1e-5, rtol=1e-5)

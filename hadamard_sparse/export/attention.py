@@ -29,7 +29,7 @@ from ..errors import InvalidArgumentError, InvalidTypeError
 
 __all__ = [
     "ProjectedMultiheadAttention",
-    "disable_nested_fast_path",
+    "disable_fused_paths",
     "mha_problem",
     "shadow_runs",
     "unpacked_modules",
@@ -111,7 +111,7 @@ class ProjectedMultiheadAttention(nn.Module):
     ``add_zero_attn`` and ``_qkv_same_embed_dim`` are False: code that inspects an
     ``nn.MultiheadAttention`` (``nn.TransformerEncoderLayer``'s fast-path checks) then takes its
     regular path. Nested-tensor inputs are refused (as ``nn.MultiheadAttention`` does outside its
-    fast path); :func:`disable_nested_fast_path` turns off ``nn.TransformerEncoder``'s conversion.
+    fast path); :func:`disable_fused_paths` turns off ``nn.TransformerEncoder``'s conversion.
 
     Args:
         q_proj, k_proj, v_proj: the input projections; ``q_proj``/``k_proj`` give the same width,
@@ -402,18 +402,37 @@ def _unpack_state_dict(
             state_dict[f"{prefix}{p}.bias"] = b
 
 
-def disable_nested_fast_path(model: nn.Module) -> list[str]:
-    """Turn off ``use_nested_tensor`` on the ``nn.TransformerEncoder``\\ s whose layers hold a ProjectedMultiheadAttention.
+def _stock_encoder_layer(layer: nn.Module) -> bool:
+    """Whether torch's fused encoder-layer kernels can run ``layer`` (they read the dense weights)."""
+    return (
+        isinstance(layer.self_attn, nn.MultiheadAttention)
+        and isinstance(layer.self_attn.out_proj, nn.Linear)
+        and isinstance(layer.linear1, nn.Linear)
+        and isinstance(layer.linear2, nn.Linear)
+    )
 
-    ``nn.TransformerEncoder`` turns padded inputs into nested tensors (its fast path, decided at
-    construction) when every layer is a stock ``nn.TransformerEncoderLayer``; the layers then
-    need ``nn.MultiheadAttention``. The flag is what the encoder itself sets when a layer is not
-    eligible. Returns the names of the encoders changed.
+
+def disable_fused_paths(model: nn.Module) -> list[str]:
+    """Keep torch's fused transformer kernels away from layers holding other modules; return the names changed.
+
+    In eval mode without gradients, ``nn.TransformerEncoderLayer`` runs one fused kernel with
+    ``self_attn.in_proj_weight``, ``linear1.weight``, ... and ``nn.TransformerEncoder`` turns padded
+    inputs into nested tensors; neither can run a :class:`ProjectedMultiheadAttention` or a
+    ``SparseLinear``. For a layer holding one, ``activation_relu_or_gelu`` (read only by those
+    fast-path checks) is set to 0 and the encoder's ``use_nested_tensor`` to False: the flags torch
+    sets itself for layers it cannot fuse. The layers then take their regular path (the same
+    function). A ProjectedMultiheadAttention already fails the layer's check (``in_proj_bias`` is
+    None).
     """
     changed = []
     for name, mod in model.named_modules():
+        if isinstance(mod, nn.TransformerEncoderLayer) and not _stock_encoder_layer(mod):
+            if getattr(mod, "activation_relu_or_gelu", 0):
+                mod.activation_relu_or_gelu = 0
+                changed.append(name)
         if isinstance(mod, nn.TransformerEncoder) and getattr(mod, "use_nested_tensor", False):
-            if any(isinstance(m, ProjectedMultiheadAttention) for m in mod.layers.modules()):
+            layers = [m for m in mod.layers.modules() if isinstance(m, nn.TransformerEncoderLayer)]
+            if any(not _stock_encoder_layer(m) for m in layers):
                 mod.use_nested_tensor = False
                 changed.append(name)
     return changed

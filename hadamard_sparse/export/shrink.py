@@ -22,7 +22,7 @@ from . import (
     rules,  # noqa: F401  (registers the op rules)
     rules_aten,  # noqa: F401  (registers the ATen op rules)
 )
-from .attention import disable_nested_fast_path
+from .attention import disable_fused_paths
 from .graph import ChannelFlow, FixedSize, LayerPlan, as_inputs, capture
 from .heads import prune_zero_heads, set_submodule
 from .rules import CONV_DIMS
@@ -268,7 +268,7 @@ def shrink(model: nn.Module, example_inputs: torch.Tensor | Sequence[Any] | dict
             f"shrink could not run {type(model).__name__} on example_inputs: {type(exc).__name__}: {exc}"
         ) from exc
     changed = prune_zero_heads(work)
-    disable_nested_fast_path(work)
+    disable_fused_paths(work)
     todo, removed, fixed = _plan(work, args, kwargs)
     for name, plan in todo.items():
         set_submodule(work, name, rebuild(work.get_submodule(name), plan, removed))
@@ -297,7 +297,7 @@ def shrink(model: nn.Module, example_inputs: torch.Tensor | Sequence[Any] | dict
         done.append(name)
     for mod_name, attr, value in updates:
         setattr(model.get_submodule(mod_name), attr, value)
-    disable_nested_fast_path(model)
+    disable_fused_paths(model)
     return model
 
 

@@ -26,7 +26,7 @@ from .._checks import Selectors, check_selectors
 from ..errors import InvalidArgumentError, InvalidTypeError
 from ..layers import check_all_used, layer_kind, selector_matches
 from . import kernels
-from .attention import disable_nested_fast_path, shadow_runs, unpacked_modules
+from .attention import disable_fused_paths, shadow_runs, unpacked_modules
 from .choice import (
     DEFAULT_MAX_DENSITY,
     LAYOUTS,
@@ -571,7 +571,7 @@ def to_sparse(
     for name, new in built.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
-    disable_nested_fast_path(model)
+    disable_fused_paths(model)
     for choice in report:
         _log.info("to_sparse: %s", choice)
     return (model, report) if return_report else model
