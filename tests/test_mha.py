@@ -145,6 +145,16 @@ def test_fast_path_training_and_gradients_match() -> None:
     torch.testing.assert_close(pm.out_proj.weight.grad, mha.out_proj.weight.grad, atol=1e-5, rtol=1e-4)
 
 
+def test_forward_hooks_are_carried_over() -> None:
+    mha = _mha(batch_first=True)
+    seen: list[int] = []
+    mha.register_forward_hook(lambda m, a, out: seen.append(out[0].shape[1]))
+    pm = ProjectedMultiheadAttention.from_mha(mha)
+    x = torch.randn(N, L, E)
+    pm(x, x, x)
+    assert seen == [L]
+
+
 def test_dropout_in_training_draws_like_multihead_attention() -> None:
     mha = _mha(batch_first=True, dropout=0.5).train()
     pm = ProjectedMultiheadAttention.from_mha(mha)
@@ -186,6 +196,8 @@ def test_bad_arguments_are_refused_naming_them() -> None:
     lin = nn.Linear
     with pytest.raises(InvalidArgumentError, match="widths q=8, k=8, v=12"):
         ProjectedMultiheadAttention(lin(16, 8), lin(16, 8), lin(16, 12), lin(12, 16), 4)
+    with pytest.raises(InvalidArgumentError, match="dropout must be a float in \\[0, 1\\], got 1.5"):
+        ProjectedMultiheadAttention(lin(16, 8), lin(16, 8), lin(16, 8), lin(8, 16), 2, dropout=1.5)
     with pytest.raises(InvalidArgumentError, match="num_heads must be a positive int, got 0"):
         ProjectedMultiheadAttention(lin(16, 8), lin(16, 8), lin(16, 8), lin(8, 16), 0)
     with pytest.raises(InvalidTypeError, match="q_proj must be an nn.Module"):

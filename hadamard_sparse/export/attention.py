@@ -154,7 +154,7 @@ class ProjectedMultiheadAttention(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        widths = {}
+        widths: dict[str, tuple[int, int]] = {}
         for pname, mod in (
             ("q_proj", q_proj),
             ("k_proj", k_proj),
@@ -169,7 +169,7 @@ class ProjectedMultiheadAttention(nn.Module):
                     f"{pname} must have positive int in_features and out_features (nn.Linear, SparseLinear), "
                     f"got {type(mod).__name__} with {dims}"
                 )
-            widths[pname] = dims
+            widths[pname] = (int(dims[0]), int(dims[1]))  # type: ignore[arg-type]
         if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
             raise InvalidArgumentError(f"num_heads must be a positive int, got {num_heads!r}")
         q_out, k_out, v_out, o_in = (
@@ -180,7 +180,7 @@ class ProjectedMultiheadAttention(nn.Module):
                 "q_proj, k_proj and v_proj must give the same width, read by out_proj and divisible by "
                 f"num_heads={num_heads}; got widths q={q_out}, k={k_out}, v={v_out}, out_proj reads {o_in}"
             )
-        if not 0.0 <= float(dropout) <= 1.0:
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
             raise InvalidArgumentError(f"dropout must be a float in [0, 1], got {dropout!r}")
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = q_proj, k_proj, v_proj, out_proj
         self.embed_dim, self.kdim, self.vdim = widths["q_proj"][0], widths["k_proj"][0], widths["v_proj"][0]

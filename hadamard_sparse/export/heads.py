@@ -223,6 +223,7 @@ def _zero_groups(b: AttentionBlock, vw: torch.Tensor, vb: torch.Tensor, out_bias
 def _unpack_mha(model: nn.Module, b: AttentionBlock) -> AttentionBlock | None:
     """Rebuild an ``nn.MultiheadAttention`` with zero heads as a ProjectedMultiheadAttention (its new block)."""
     mha = model.get_submodule(b.name)
+    assert isinstance(mha, nn.MultiheadAttention)  # the packed finder only returns those
     e = mha.embed_dim
     vw = mha.in_proj_weight.detach()[2 * e :]
     vb = mha.in_proj_bias.detach()[2 * e :] if mha.in_proj_bias is not None else torch.zeros(e)
