@@ -175,7 +175,11 @@ class Heads(TensorGroups):
             if b.packed:
                 e = b.n_heads * b.head_dim
                 parts = q_parts + [(g, r + e) for g, r in kv_parts] + [(g, r + 2 * e) for g, r in kv_parts]
-                members[_join(b.name, "in_proj_weight")] = Member(rows_of(3 * e, parts), None, True)
+                if b.separate:  # kdim/vdim: q_proj_weight, k_proj_weight, v_proj_weight
+                    for t, p in (("q", q_parts), ("k", kv_parts), ("v", kv_parts)):
+                        members[_join(b.name, f"{t}_proj_weight")] = Member(rows_of(e, p), None, True)
+                else:
+                    members[_join(b.name, "in_proj_weight")] = Member(rows_of(3 * e, parts), None, True)
                 if getattr(model.get_submodule(b.name), "in_proj_bias", None) is not None:
                     members[_join(b.name, "in_proj_bias")] = Member(rows_of(3 * e, parts), None, False)
             else:

@@ -9,8 +9,8 @@ number of query and key/value heads, and the attributes to update when heads go:
   ``o_proj`` children and ``head_dim``; grouped-query attention (fewer k/v heads) supported.
 - BERT / RoBERTa / MiniLM style: a block with ``self.query/key/value`` (and
   ``self.attention_head_size``) and ``output.dense``.
-- ``nn.MultiheadAttention`` (``kdim == vdim == embed_dim``): its ``embed_dim`` is both the input
-  width and the heads' total width, so :func:`prune_zero_heads` first rebuilds it as a
+- ``nn.MultiheadAttention`` (q/k/v rows in ``in_proj_weight``, or with ``kdim``/``vdim`` in
+  ``q/k/v_proj_weight``): its ``embed_dim`` is both the input width and the heads' total width, so :func:`prune_zero_heads` first rebuilds it as a
   :class:`~hadamard_sparse.export.attention.ProjectedMultiheadAttention` (explicit ``q_proj``,
   ``k_proj``, ``v_proj``, ``out_proj``; found by its own finder), then removes heads from that.
 
@@ -50,6 +50,7 @@ class AttentionBlock:
     #: ``(module name, attribute, what)``: ``what`` is "heads", "kv_heads" or "width" (heads * head_dim)
     attrs: list[tuple[str, str, str]] = field(default_factory=list)
     packed: bool = False  # nn.MultiheadAttention: q/k/v rows stacked in ``in_proj_weight``
+    separate: bool = False  # ... or, with kdim/vdim, in ``q_proj_weight``/``k_proj_weight``/``v_proj_weight``
 
     @property
     def group_size(self) -> int:
@@ -134,10 +135,11 @@ def _bert_style(name: str, mod: nn.Module) -> AttentionBlock | None:
 
 @attention_finder
 def _torch_mha(name: str, mod: nn.Module) -> AttentionBlock | None:
-    if not isinstance(mod, nn.MultiheadAttention) or not mod._qkv_same_embed_dim:
+    if not isinstance(mod, nn.MultiheadAttention):
         return None
-    n = mod.num_heads
-    return AttentionBlock(name, name, name, name, _join(name, "out_proj"), mod.head_dim, n, n, packed=True)
+    n, sep = mod.num_heads, not mod._qkv_same_embed_dim
+    o = _join(name, "out_proj")
+    return AttentionBlock(name, name, name, name, o, mod.head_dim, n, n, packed=True, separate=sep)
 
 
 @attention_finder
@@ -225,7 +227,7 @@ def _unpack_mha(model: nn.Module, b: AttentionBlock) -> AttentionBlock | None:
     mha = model.get_submodule(b.name)
     assert isinstance(mha, nn.MultiheadAttention)  # the packed finder only returns those
     e = mha.embed_dim
-    vw = mha.in_proj_weight.detach()[2 * e :]
+    vw = mha.v_proj_weight.detach() if b.separate else mha.in_proj_weight.detach()[2 * e :]
     vb = mha.in_proj_bias.detach()[2 * e :] if mha.in_proj_bias is not None else torch.zeros(e)
     if not _zero_groups(b, vw, vb.to(torch.float64), mha.out_proj.bias is not None):
         return None
