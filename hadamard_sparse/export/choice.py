@@ -175,14 +175,20 @@ def candidate_layouts(
     return out, ""
 
 
-def rule_choice(layout: str, w: torch.Tensor, density: float, max_density: float | None) -> tuple[str, str]:
-    """The layout chosen without timing, and why."""
+def rule_choice(
+    layout: str,
+    w: torch.Tensor,
+    density: float,
+    max_density: float | None,
+    defaults: Mapping[str, float] | None = None,
+) -> tuple[str, str]:
+    """The layout chosen without timing, and why (``defaults``: per-layout caps, else :data:`DEFAULT_MAX_DENSITY`)."""
     if layout == "auto":
         if w.device.type == "cpu" and w.dtype == torch.float32 and kernels.kernel_status()[0]:
             layout = "csr_kernel"
         else:
             layout = "csr"
-    cap = DEFAULT_MAX_DENSITY[layout] if max_density is None else float(max_density)
+    cap = (defaults or DEFAULT_MAX_DENSITY)[layout] if max_density is None else float(max_density)
     if density <= cap:
         return layout, f"rule: density {density:.3f} <= {cap:.3f} for {layout}"
     return "dense", f"rule: density {density:.3f} > {cap:.3f} for {layout}"

@@ -40,6 +40,7 @@ from .choice import (
     rule_choice,
     split_inputs,
 )
+from .sparse_conv import CONV_LAYOUTS, CONV_MAX_DENSITY, SparseConv, conv_weight_bias
 
 __all__ = ["DEFAULT_MAX_DENSITY", "LayerChoice", "SparseLinear", "to_sparse"]
 
@@ -299,6 +300,11 @@ class _Rule:
     #: the layer's ``(out, in)`` weight and bias, or a reason it stays as it is
     weight_bias: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor | None] | str]
     transposed: bool = False
+    #: builds the sparse module from the layer and a layout (``None``: a ``SparseLinear``)
+    build: Callable[[nn.Module, str], nn.Module] | None = None
+    #: the layouts this layer can run in, and its densities for the rule without example inputs
+    layouts: tuple[str, ...] = LAYOUTS
+    max_density: dict[str, float] | None = None
 
 
 def _linear_rule(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | str:
@@ -317,6 +323,8 @@ def _rule_for(mod: nn.Module) -> _Rule | None:
         return _Rule("Linear" if type(mod) is nn.Linear else type(mod).__name__, _linear_rule)
     if layer_kind(mod) == "hf_conv1d":
         return _Rule("Conv1D", _hf_conv1d_rule, transposed=True)
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+        return _Rule(type(mod).__name__, conv_weight_bias, False, SparseConv, CONV_LAYOUTS, CONV_MAX_DENSITY)
     return None
 
 
@@ -504,20 +512,29 @@ def to_sparse(
             continue
         w, b = got
         density = float(w.count_nonzero()) / max(1, w.numel())
-        if layout == "semi_structured":
+        if layout == "semi_structured" and layout in rule.layouts:
             _check_semi_structured(name, w)
         todo[name] = (rule, mod, w, b, density)
 
-    def build(name: str, chosen: str) -> SparseLinear:
+    def build(name: str, chosen: str) -> nn.Module:
         rule, mod, w, b, _ = todo[name]
-        new = SparseLinear.from_weight(
-            w.t() if rule.transposed else w, b, chosen, blocksize=bs, transposed=rule.transposed
-        )
+        if rule.build is not None:
+            new = rule.build(mod, chosen)
+        else:
+            new = SparseLinear.from_weight(
+                w.t() if rule.transposed else w, b, chosen, blocksize=bs, transposed=rule.transposed
+            )
         new.train(mod.training)
         return new
 
-    # Build every SparseLinear before swapping any: a failure leaves the model as it was.
-    built: dict[str, SparseLinear] = {}
+    def layouts_for(rule: _Rule, got: tuple[list[str], str]) -> tuple[list[str], str]:
+        sparse, why = got
+        if sparse and not set(sparse) & set(rule.layouts):
+            return [], f"{rule.kind} runs sparse only as {'/'.join(rule.layouts)}, not {'/'.join(sparse)}"
+        return [c for c in sparse if c in rule.layouts], why
+
+    # Build every sparse module before swapping any: a failure leaves the model as it was.
+    built: dict[str, nn.Module] = {}
     if example_inputs is not None and todo:
         cap = TIMED_MAX_DENSITY if max_density is None else float(max_density)
         shadows = {model.get_submodule(n): c for n, c in unpacked.copies.items()}
@@ -525,9 +542,9 @@ def to_sparse(
             inputs = capture_inputs(model, {n: t[1] for n, t in todo.items()}, example_inputs)
         run = timer or measure
         for name, (rule, mod, w, _, density) in todo.items():
-            sparse, why = candidate_layouts(layout, w, density, cap, bs)
+            sparse, why = layouts_for(rule, candidate_layouts(layout, w, density, cap, bs))
             if name not in inputs:
-                chosen, why = rule_choice(layout, w, density, max_density)
+                chosen, why = rule_choice(layout, w, density, max_density, rule.max_density)
                 report.append(
                     LayerChoice(name, rule.kind, density, chosen, f"not run by example_inputs; {why}")
                 )
@@ -548,15 +565,17 @@ def to_sparse(
             chosen = best if seconds[best] * MIN_SPEEDUP < seconds["dense"] else "dense"
             report.append(LayerChoice(name, rule.kind, density, chosen, "timed", seconds, tuple(x.shape)))
             if chosen != "dense":
-                built[name] = mods[chosen]  # type: ignore[assignment]
+                built[name] = mods[chosen]
                 built[name].train(mod.training)
     else:
         for name, (rule, _, w, _, density) in todo.items():
             if layout == "auto":
-                chosen, why = rule_choice(layout, w, density, max_density)
+                chosen, why = rule_choice(layout, w, density, max_density, rule.max_density)
             else:
-                cap = DEFAULT_MAX_DENSITY[layout] if max_density is None else float(max_density)
-                sparse, why = candidate_layouts(layout, w, density, cap, bs)
+                cap = (
+                    (rule.max_density or DEFAULT_MAX_DENSITY)[layout] if max_density is None else max_density
+                )
+                sparse, why = layouts_for(rule, candidate_layouts(layout, w, density, float(cap), bs))
                 chosen = sparse[0] if sparse else "dense"
                 why = why or f"rule: density {density:.3f} <= {cap:.3f} for {layout}"
             report.append(LayerChoice(name, rule.kind, density, chosen, why))

@@ -1,0 +1,239 @@
+"""Sparse execution of baked ``nn.Conv1d`` / ``nn.Conv2d`` layers: :class:`SparseConv`.
+
+The convolution runs as im2col + the CSR matmul of :mod:`.kernels`: the input is copied once
+into channels-last order (zero padding written in the same pass), the patches are a strided
+view of it (``(tokens, kernel positions x channels)`` rows; a 1x1 convolution with stride 1
+needs no copy beyond the channels-last one), and :func:`~.kernels.csr_linear` multiplies them
+by the weight held as ``(out_channels, kernel positions x in_channels)`` CSR, its columns in
+the same (kernel position, channel) order. ``to_sparse`` uses it where it measures faster
+than the dense convolution; see ``docs/speed.md``.
+
+Imports point down only: ``sparse.py`` uses this module, never the reverse.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InvalidArgumentError, InvalidTypeError
+from . import kernels
+
+__all__ = ["CONV_LAYOUTS", "CONV_MAX_DENSITY", "SparseConv", "conv_weight_bias"]
+
+#: The layouts a convolution can run in: the compiled kernel, or ``torch.sparse`` CSR on the
+#: same buffers.
+CONV_LAYOUTS = ("csr_kernel", "csr")
+#: Largest density at which ``to_sparse`` converts a convolution without ``example_inputs``.
+#: 0.0: convolutions stay dense unless timed on example inputs (or ``max_density`` is given).
+#: Measured (docs/speed.md, ``benchmarks/inference_speed.py --only conv``): oneDNN's dense
+#: convolutions beat im2col + the CSR kernel at up to 95% sparsity on the 2-D shapes, and the
+#: Conv1d front-end wins only from about 90%: too shape-dependent for a density rule.
+CONV_MAX_DENSITY: dict[str, float] = {"csr_kernel": 0.0, "csr": 0.0, "bsr": 0.0, "semi_structured": 0.0}
+
+
+def conv_weight_bias(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | str:
+    """A convolution's weight as ``(out, kernel positions x in)`` in :class:`SparseConv`'s column order.
+
+    Returns:
+        ``(weight_2d, bias)``, or the reason the layer stays as it is.
+    """
+    assert isinstance(mod, (nn.Conv1d, nn.Conv2d))
+    base = nn.Conv1d if isinstance(mod, nn.Conv1d) else nn.Conv2d
+    if type(mod).forward is not base.forward or type(mod)._conv_forward is not base._conv_forward:
+        return f"{type(mod).__name__} overrides {base.__name__}.forward"
+    if mod.groups != 1:
+        return f"groups={mod.groups}: grouped convolutions stay dense"
+    if mod.padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+        return f"padding_mode={mod.padding_mode!r} is not supported"
+    w = mod.weight.detach()
+    w2 = w.unsqueeze(2) if w.dim() == 3 else w  # Conv1d as a (1, k) Conv2d
+    return w2.permute(0, 2, 3, 1).reshape(w.shape[0], -1), mod.bias
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if len(v) == 2 else (1, int(v[0]))
+
+
+class SparseConv(nn.Module):
+    r"""Inference replacement of a baked ``nn.Conv1d`` / ``nn.Conv2d`` (``groups=1``), holding its weight sparse.
+
+    ``forward(x)`` equals the convolution's (within float32 rounding): batched ``(N, C, L)`` /
+    ``(N, C, H, W)`` or unbatched ``(C, L)`` / ``(C, H, W)`` inputs, any stride, padding
+    (ints or ``"same"``/``"valid"``), dilation, bias and padding mode. It computes im2col +
+    :func:`~hadamard_sparse.export.kernels.csr_linear` over the ``tokens x (kernel positions
+    x channels)`` patch matrix.
+
+    Layouts: ``"csr_kernel"`` (the compiled kernel on float32 CPU inputs; ``torch.sparse``
+    elsewhere) or ``"csr"`` (always ``torch.sparse``), both from the buffers ``crow``, ``col``
+    and ``values`` (non-persistent, never Parameters). ``state_dict`` stores the dense
+    ``weight`` ``(out, in, *kernel)`` and ``bias`` under the original names, so it loads into
+    the dense model, and a dense state_dict loads back (re-sparsified).
+
+    Args:
+        conv: the (baked) ``nn.Conv1d`` or ``nn.Conv2d`` with ``groups == 1``.
+        layout: ``"csr_kernel"`` or ``"csr"``.
+
+    Attributes:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode: as in
+            the convolution.
+        bias: the dense bias Parameter, or ``None``.
+
+    Example::
+
+        >>> conv = nn.Conv2d(16, 32, 3, padding=1)
+        >>> sc = SparseConv(conv)
+        >>> sc(torch.randn(2, 16, 8, 8)).shape
+        torch.Size([2, 32, 8, 8])
+    """
+
+    def __init__(self, conv: nn.Module, layout: str = "csr_kernel") -> None:
+        super().__init__()
+        if not isinstance(conv, (nn.Conv1d, nn.Conv2d)):
+            raise InvalidTypeError(f"conv must be an nn.Conv1d or nn.Conv2d, got {type(conv).__name__}")
+        if layout not in CONV_LAYOUTS:
+            raise InvalidArgumentError(f"layout must be one of {list(CONV_LAYOUTS)}, got {layout!r}")
+        got = conv_weight_bias(conv)
+        if isinstance(got, str):
+            raise InvalidArgumentError(f"conv cannot run sparse: {got}")
+        w2, bias = got
+        self.layout = layout
+        self.dims = 1 if isinstance(conv, nn.Conv1d) else 2
+        self.in_channels, self.out_channels = int(conv.in_channels), int(conv.out_channels)
+        self.kernel_size, self.stride = tuple(conv.kernel_size), tuple(conv.stride)
+        self.dilation, self.padding = tuple(conv.dilation), conv.padding
+        self.padding_mode = conv.padding_mode
+        # (left, right) padding per spatial dim of the (1, L) / (H, W) view, in F.pad's reversed order.
+        rev = [int(p) for p in conv._reversed_padding_repeated_twice]
+        self._pad = [*rev, 0, 0] if self.dims == 1 else rev
+        self._kernel2, self._stride2, self._dilation2 = (
+            _pair(self.kernel_size),
+            _pair(self.stride),
+            _pair(self.dilation),
+        )
+        self._set_dense2(w2)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def _set_dense2(self, w2: torch.Tensor) -> None:
+        with torch.inference_mode(False), torch.no_grad():
+            packed = kernels.pack_csr(w2.detach().clone())
+        self.register_buffer("crow", packed.crow, persistent=False)
+        self.register_buffer("col", packed.col, persistent=False)
+        self.register_buffer("values", packed.values, persistent=False)
+
+    def _packed(self) -> kernels.CSRWeight:
+        b = self._buffers
+        k = self._kernel2[0] * self._kernel2[1] * self.in_channels
+        return kernels.CSRWeight(b["crow"], b["col"], b["values"], (self.out_channels, k))  # type: ignore[arg-type]
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as the dense convolution's ``(out_channels, in_channels, *kernel_size)`` tensor."""
+        kh, kw = self._kernel2
+        w = self._packed().to_dense().reshape(self.out_channels, kh, kw, self.in_channels)
+        w = w.permute(0, 3, 1, 2)
+        return (w.squeeze(2) if self.dims == 1 else w).contiguous()
+
+    @property
+    def density(self) -> float:
+        """Stored nonzeros over the weight's size."""
+        n = self.out_channels * self.in_channels * self._kernel2[0] * self._kernel2[1]
+        return float(self.values.numel()) / n if n else 0.0
+
+    def _patches(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """The ``(N * Ho * Wo, kh * kw * C)`` patch matrix of a ``(N, C, H, W)`` input."""
+        n, c, h, w = x.shape
+        wl, wr, ht, hb = self._pad
+        if self.padding_mode != "zeros" and any(self._pad):
+            x = F.pad(x, self._pad, mode=self.padding_mode)
+            n, c, h, w = x.shape
+            wl = wr = ht = hb = 0
+        hp, wp = h + ht + hb, w + wl + wr
+        if wl or wr or ht or hb:
+            xc = x.new_zeros(n, hp, wp, c)
+            xc[:, ht : ht + h, wl : wl + w].copy_(x.permute(0, 2, 3, 1))
+        else:
+            xc = x.permute(0, 2, 3, 1).contiguous()
+        (kh, kw), (sh, sw), (dh, dw) = self._kernel2, self._stride2, self._dilation2
+        ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+        if ho <= 0 or wo <= 0:
+            raise InvalidArgumentError(
+                f"input of spatial size {(h, w)[2 - self.dims :]} is smaller than the kernel "
+                f"{self.kernel_size} (dilation {self.dilation}, padding {self.padding})"
+            )
+        view = xc.as_strided(
+            (n, ho, wo, kh, kw, c),
+            (hp * wp * c, sh * wp * c, sw * c, dh * wp * c, dw * c, 1),
+        )
+        return view.reshape(n * ho * wo, kh * kw * c), (n, ho, wo)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        unbatched = x.dim() == self.dims + 1
+        if x.dim() != self.dims + 2 and not unbatched:
+            raise InvalidArgumentError(
+                f"expected a {self.dims + 1}-D (unbatched) or {self.dims + 2}-D (batched) input, "
+                f"got shape {tuple(x.shape)}"
+            )
+        if x.shape[-self.dims - 1] != self.in_channels:
+            raise InvalidArgumentError(
+                f"expected {self.in_channels} input channels, got shape {tuple(x.shape)}"
+            )
+        x4 = x.unsqueeze(0) if unbatched else x
+        if self.dims == 1:
+            x4 = x4.unsqueeze(2)
+        cols, (n, ho, wo) = self._patches(x4)
+        backend = "torch" if self.layout == "csr" else "auto"
+        y = kernels.csr_linear(cols, self._packed(), self.bias, backend=backend)
+        y = y.reshape(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
+        y = (y.squeeze(2) if self.dims == 1 else y).contiguous()
+        return y.squeeze(0) if unbatched else y
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self.dense_weight()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        key, bkey = prefix + "weight", prefix + "bias"
+        expected = (self.out_channels, self.in_channels, *self.kernel_size)
+        if key in state_dict:
+            w = state_dict[key]
+            if not isinstance(w, torch.Tensor) or tuple(w.shape) != expected:
+                got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+                error_msgs.append(
+                    f"size mismatch for {key}: expected a dense tensor of shape {expected}, got {got}"
+                )
+            else:
+                w = w.to_dense() if w.layout != torch.strided else w
+                w4 = w.unsqueeze(2) if self.dims == 1 else w
+                w2 = w4.permute(0, 2, 3, 1).reshape(self.out_channels, -1)
+                self._set_dense2(w2.to(self.values.device, self.values.dtype))
+        elif strict:
+            missing_keys.append(key)
+        if self.bias is not None and bkey in state_dict:
+            with torch.no_grad():
+                self.bias.copy_(state_dict[bkey])
+        elif self.bias is not None and strict:
+            missing_keys.append(bkey)
+        if strict:
+            for k in state_dict:
+                if k.startswith(prefix) and k not in (key, bkey) and "." not in k[len(prefix) :]:
+                    unexpected_keys.append(k)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
+            f"padding_mode={self.padding_mode}, layout={self.layout}, density={self.density:.3f}"
+        )
