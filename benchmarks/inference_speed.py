@@ -6,7 +6,7 @@ kept, so load from other processes on a shared machine hits every variant alike.
 
 Run::
 
-    PYTHONPATH=$PWD python benchmarks/inference_speed.py --threads 2 [--only linear sweep minilm mlp cnn structured]
+    PYTHONPATH=$PWD python benchmarks/inference_speed.py --threads 2 [--only linear sweep minilm mlp cnn conv structured]
 
 Writes ``benchmarks/results/inference_speed.md`` (``--out`` to change), the command on its first line.
 """
@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from _common import time_interleaved as _time_interleaved  # type: ignore[import-not-found]
+from conv_speed import bench_conv  # type: ignore[import-not-found]
 from structured_speed import bench_structured  # type: ignore[import-not-found]
 from torch import nn
 
@@ -459,7 +460,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budget", type=float, default=1.5, help="seconds of timing per configuration")
     parser.add_argument(
-        "--only", nargs="+", choices=("linear", "sweep", "minilm", "mlp", "cnn", "structured"), default=None
+        "--only",
+        nargs="+",
+        choices=("linear", "sweep", "minilm", "mlp", "cnn", "conv", "structured"),
+        default=None,
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "inference_speed.md")
     parser.add_argument(
@@ -471,7 +475,7 @@ def main() -> None:
             parser.error("--clock cpu measures one thread: use it with --threads 1")
         CLOCK[0] = time.thread_time
     torch.set_num_threads(args.threads)
-    only = set(args.only or ("linear", "sweep", "minilm", "mlp", "cnn", "structured"))
+    only = set(args.only or ("linear", "sweep", "minilm", "mlp", "cnn", "conv", "structured"))
     ok, why = kernels.kernel_status()
     rows = [
         "Command: `"
@@ -495,6 +499,8 @@ def main() -> None:
         bench_mlp(rows, args.budget)
     if "cnn" in only:
         bench_cnn(rows, args.budget, batch=32)
+    if "conv" in only:  # issue 12 section 4: SparseConv
+        bench_conv(rows, args.budget, time_interleaved, timed_choice)
     if "structured" in only:  # issue 13: CREPE-style CNN, BERT neurons and heads
         bench_structured(rows, args.budget)
     args.out.parent.mkdir(parents=True, exist_ok=True)

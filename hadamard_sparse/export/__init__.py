@@ -10,7 +10,8 @@ baking, two exports make the zeros pay:
   its bias, BatchNorm entries and consumer columns; an attention head), found by running the model.
 * :func:`to_sparse` stores the baked weights of linear-like layers sparse in a
   :class:`SparseLinear` inference module (CSR run by the compiled kernel of
-  ``kernels.py`` on CPU, ``torch.sparse`` CSR/BSR, 2:4 semi-structured on CUDA), keeping
+  ``kernels.py`` on CPU, ``torch.sparse`` CSR/BSR, 2:4 semi-structured on CUDA), and of
+  ``Conv1d``/``Conv2d`` in :class:`SparseConv` (im2col + the same kernel), keeping
   per layer whichever is fastest on example inputs.
 
 Layout: ``graph.py`` (capture with ``torch.export``, fx as fallback; module guards, the
@@ -20,6 +21,7 @@ torch's multi-head attention with projection modules, for removed heads and spar
 ``heads.py`` (attention blocks, head removal),
 ``groups.py`` (ChannelGroups, Heads), ``shrink.py`` (one rebuild rule
 per layer type, and ``shrink``), ``sparse.py`` (formats, ``SparseLinear``, ``to_sparse``),
+``sparse_conv.py`` (``SparseConv``: convolutions as im2col + CSR),
 ``choice.py`` (the per-layer choice: density rule, timing, report), ``kernels.py`` +
 ``_kernels.c`` (the compiled CPU kernel, built at first use).
 See ``docs/speed.md`` for the rules, their reasons and measured speed-ups.
@@ -29,6 +31,7 @@ from .attention import ProjectedMultiheadAttention
 from .groups import ChannelGroups, Heads
 from .shrink import shrink
 from .sparse import DEFAULT_MAX_DENSITY, LayerChoice, SparseLinear, to_sparse
+from .sparse_conv import SparseConv
 
 __all__ = [
     "DEFAULT_MAX_DENSITY",
@@ -36,6 +39,7 @@ __all__ = [
     "Heads",
     "LayerChoice",
     "ProjectedMultiheadAttention",
+    "SparseConv",
     "SparseLinear",
     "shrink",
     "to_sparse",

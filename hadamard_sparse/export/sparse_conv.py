@@ -54,6 +54,18 @@ def conv_weight_bias(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
     return w2.permute(0, 2, 3, 1).reshape(w.shape[0], -1), mod.bias
 
 
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``(N, C, H, W)`` -> a ``(N, H * W, C)`` tensor with contiguous channels (a view when it already is)."""
+    n, c, h, w = x.shape
+    nhwc = x.permute(0, 2, 3, 1)
+    if nhwc.is_contiguous():
+        return nhwc.reshape(n, h * w, c)
+    out = x.new_empty(n, h * w, c)
+    for i in range(n):
+        out[i].copy_(x[i].reshape(c, h * w).t())  # 2-D transposes: faster than one 4-D permute copy
+    return out
+
+
 def _pair(v: Any) -> tuple[int, int]:
     return (int(v[0]), int(v[1])) if len(v) == 2 else (1, int(v[0]))
 
@@ -151,11 +163,11 @@ class SparseConv(nn.Module):
             n, c, h, w = x.shape
             wl = wr = ht = hb = 0
         hp, wp = h + ht + hb, w + wl + wr
+        xc = _channels_last(x)
         if wl or wr or ht or hb:
-            xc = x.new_zeros(n, hp, wp, c)
-            xc[:, ht : ht + h, wl : wl + w].copy_(x.permute(0, 2, 3, 1))
-        else:
-            xc = x.permute(0, 2, 3, 1).contiguous()
+            padded = x.new_zeros(n, hp, wp, c)
+            padded[:, ht : ht + h, wl : wl + w].copy_(xc.view(n, h, w, c))  # whole rows of w * c floats
+            xc = padded
         (kh, kw), (sh, sw), (dh, dw) = self._kernel2, self._stride2, self._dilation2
         ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
         if ho <= 0 or wo <= 0:
@@ -186,9 +198,11 @@ class SparseConv(nn.Module):
         cols, (n, ho, wo) = self._patches(x4)
         backend = "torch" if self.layout == "csr" else "auto"
         y = kernels.csr_linear(cols, self._packed(), self.bias, backend=backend)
-        y = y.reshape(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
-        y = (y.squeeze(2) if self.dims == 1 else y).contiguous()
-        return y.squeeze(0) if unbatched else y
+        out = y.new_empty(n, self.out_channels, ho * wo)
+        for i, yi in enumerate(y.view(n, ho * wo, self.out_channels)):
+            out[i].copy_(yi.t())  # 2-D transposes: several times faster than one 4-D permute copy
+        out = out.view(n, self.out_channels, wo) if self.dims == 1 else out.view(n, self.out_channels, ho, wo)
+        return out.squeeze(0) if unbatched else out
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         destination[prefix + "weight"] = self.dense_weight()
