@@ -1,0 +1,287 @@
+"""SparseConv and to_sparse on Conv1d/Conv2d: exactness against F.conv1d/F.conv2d, the per-layer choice, fallbacks."""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hadamard_sparse as hs
+from hadamard_sparse.errors import InvalidArgumentError, InvalidTypeError
+from hadamard_sparse.export import SparseConv, kernels, to_sparse
+
+EPS32 = torch.finfo(torch.float32).eps
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
+
+# (conv type, constructor kwargs): stride, padding (ints, tuples, "same"/"valid"), dilation, padding modes.
+CONV_CASES = [
+    (nn.Conv1d, {"kernel_size": 3}),
+    (nn.Conv1d, {"kernel_size": 5, "stride": 2, "padding": 2}),
+    (nn.Conv1d, {"kernel_size": 4, "padding": "same", "dilation": 3}),
+    (nn.Conv1d, {"kernel_size": 1}),
+    (nn.Conv1d, {"kernel_size": 3, "padding": 1, "padding_mode": "reflect"}),
+    (nn.Conv1d, {"kernel_size": 10, "stride": 5, "padding": "valid"}),
+    (nn.Conv2d, {"kernel_size": 3, "padding": 1}),
+    (nn.Conv2d, {"kernel_size": (3, 2), "stride": (2, 1), "padding": (1, 0), "dilation": (1, 2)}),
+    (nn.Conv2d, {"kernel_size": (4, 1), "padding": "same"}),  # CREPE-style (k, 1), asymmetric 'same'
+    (nn.Conv2d, {"kernel_size": 1, "stride": 2}),
+    (nn.Conv2d, {"kernel_size": 3, "padding": 2, "padding_mode": "circular"}),
+    (nn.Conv2d, {"kernel_size": 3, "padding": 1, "padding_mode": "replicate", "stride": 2}),
+]
+
+
+def _ids(case: tuple[type, dict]) -> str:
+    kind, kw = case
+    return kind.__name__ + "-" + "-".join(f"{k}={v}" for k, v in kw.items())
+
+
+def _sparse_conv(
+    kind: type, kw: dict, *, bias: bool = True, density: float = 0.2, seed: int = 0
+) -> nn.Module:
+    torch.manual_seed(seed)
+    conv = kind(6, 5, bias=bias, **kw).eval()
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand(conv.weight.shape) < density)
+        if bias:
+            conv.bias.normal_()
+    return conv
+
+
+def _input(kind: type, batched: bool, n: int = 3) -> torch.Tensor:
+    shape = (6, 21) if kind is nn.Conv1d else (6, 11, 9)
+    return torch.randn(n, *shape) if batched else torch.randn(*shape)
+
+
+def _check_bound(y: torch.Tensor, x: torch.Tensor, conv: nn.Module) -> None:
+    """``y`` is within the float32 forward error bound of the float64 convolution.
+
+    Any summation order gives ``|y - ref| <= (n + 2) eps (|x| * |w| + |b|)``, ``n`` the largest
+    number of nonzeros of one filter; the reference is ``F.conv1d``/``F.conv2d`` on float64
+    copies (padding applied as ``nn.Conv`` does).
+    """
+    xd = x.double()
+    w, b = conv.weight.detach().double(), conv.bias
+    bd = None if b is None else b.detach().double()
+    ref = conv._conv_forward(xd, w, bd)  # nn.Conv's own path: padding modes, 'same', stride, dilation
+    scale = conv._conv_forward(xd.abs(), w.abs(), None if bd is None else bd.abs())
+    n = int((conv.weight != 0).flatten(1).sum(1).max())
+    assert y.shape == ref.shape and y.dtype == torch.float32
+    err = (y.double() - ref).abs()
+    assert bool((err <= (n + 2) * EPS32 * scale + 1e-30).all()), float(err.max())
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=_ids)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+def test_sparse_conv_matches_the_convolution(case: tuple[type, dict], bias: bool, batched: bool) -> None:
+    kind, kw = case
+    conv = _sparse_conv(kind, kw, bias=bias)
+    x = _input(kind, batched)
+    for layout in ("csr_kernel", "csr"):
+        sc = SparseConv(conv, layout)
+        with torch.inference_mode():
+            _check_bound(sc(x), x, conv)
+        with torch.no_grad():
+            torch.testing.assert_close(sc(x), conv(x), atol=1e-5, rtol=1e-5)
+    assert torch.equal(sc.dense_weight(), conv.weight.detach())
+    assert sc.density == pytest.approx(float(conv.weight.count_nonzero()) / conv.weight.numel())
+
+
+def test_sparse_conv_channels_last_input_and_float64() -> None:
+    conv = _sparse_conv(nn.Conv2d, {"kernel_size": 3, "padding": 1})
+    x = torch.randn(2, 6, 8, 7).to(memory_format=torch.channels_last)
+    sc = SparseConv(conv)
+    with torch.inference_mode():
+        _check_bound(sc(x), x, conv)
+        as64 = copy.deepcopy(sc).double()
+        torch.testing.assert_close(
+            as64(x.double()), copy.deepcopy(conv).double()(x.double()), atol=1e-12, rtol=1e-12
+        )
+
+
+@pytest.fixture
+def no_kernel(tmp_path, monkeypatch) -> Iterator[None]:  # type: ignore[no-untyped-def]
+    """HADAMARD_SPARSE_KERNELS=0: the torch.sparse fallback, restored afterwards."""
+    monkeypatch.setenv("HADAMARD_SPARSE_KERNELS", "0")
+    monkeypatch.setenv("HADAMARD_SPARSE_CACHE", str(tmp_path))
+    kernels._reset_for_tests()
+    yield
+    kernels._reset_for_tests()
+
+
+@pytest.mark.parametrize("kind", [nn.Conv1d, nn.Conv2d])
+def test_fallback_without_the_kernel_is_exact(kind: type, no_kernel: None) -> None:
+    assert not kernels.kernel_status()[0]
+    conv = _sparse_conv(kind, {"kernel_size": 3, "stride": 2, "padding": 1})
+    x = _input(kind, True)
+    sc = SparseConv(conv, "csr_kernel")
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _check_bound(sc(x), x, conv)
+    # the rule path without example inputs keeps convs dense; forced, the layer converts and is exact
+    model, report = to_sparse(nn.Sequential(copy.deepcopy(conv)), max_density=1.0, return_report=True)
+    assert isinstance(model[0], SparseConv) and report[0].layout == "csr"
+    with torch.inference_mode():
+        _check_bound(model(x), x, conv)
+
+
+def test_state_dict_round_trip_deepcopy_and_save() -> None:
+    conv = _sparse_conv(nn.Conv2d, {"kernel_size": 3, "padding": 1})
+    sc = SparseConv(conv)
+    sd = sc.state_dict()
+    assert sd.keys() == conv.state_dict().keys()
+    assert all(v.layout == torch.strided for v in sd.values())
+    fresh = nn.Conv2d(6, 5, 3, padding=1)
+    fresh.load_state_dict(sd, strict=True)
+    assert torch.equal(fresh.weight, conv.weight) and torch.equal(fresh.bias, conv.bias)
+    other = _sparse_conv(nn.Conv2d, {"kernel_size": 3, "padding": 1}, density=0.05, seed=1)
+    sc.load_state_dict(other.state_dict(), strict=True)  # a dense checkpoint, re-sparsified
+    x = _input(nn.Conv2d, True)
+    with torch.inference_mode():
+        torch.testing.assert_close(sc(x), other(x), atol=1e-5, rtol=1e-5)
+    assert sc.values.numel() == int(other.weight.count_nonzero())
+    buf = io.BytesIO()
+    torch.save(sc, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    clone = copy.deepcopy(sc)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), other(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(clone(x), other(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        sc.load_state_dict({"weight": torch.zeros(5, 6, 2, 2), "bias": torch.zeros(5)})
+
+
+def test_sparse_conv_refusals() -> None:
+    with pytest.raises(InvalidTypeError, match="nn.Conv1d or nn.Conv2d"):
+        SparseConv(nn.Linear(3, 3))  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="groups=2"):
+        SparseConv(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(InvalidArgumentError, match="layout"):
+        SparseConv(nn.Conv2d(4, 4, 3), "bsr")
+    sc = SparseConv(nn.Conv2d(4, 4, 3))
+    with pytest.raises(InvalidArgumentError, match="4 input channels"):
+        sc(torch.randn(1, 3, 8, 8))
+    with pytest.raises(InvalidArgumentError, match="3-D .unbatched. or 4-D"):
+        sc(torch.randn(4, 8))
+    with pytest.raises(InvalidArgumentError, match="smaller than the kernel"):
+        sc(torch.randn(1, 4, 2, 8))
+
+
+class SmallCNN(nn.Module):
+    """An audio front-end (Conv1d, wav2vec2-like) feeding a 2-D CNN, plus a grouped conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.front = nn.Conv1d(1, 16, 10, stride=5)
+        self.conv1 = nn.Conv1d(16, 16, 3, stride=2, bias=False)
+        self.conv2 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 8, (4, 1), padding="same")
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.conv1(F.gelu(self.front(x))))  # (N, 16, L)
+        h = F.relu(self.conv3(F.relu(self.conv2(h.unsqueeze(1)))))  # (N, 8, 16, L)
+        return self.head(self.grouped(h).mean((2, 3)))
+
+
+def _pruned_cnn(sparsity: float = 0.9) -> nn.Module:
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    return hs.remove_parametrizations(hs.sparsify(model, sparsity, scope="layer"))
+
+
+class FakeTimer:
+    """Deterministic timer: sparse candidates of ``fast`` layers win, all others lose."""
+
+    def __init__(self, fast: set[str]) -> None:
+        self.fast = fast
+        self.calls: dict[str, list[str]] = {}
+
+    def __call__(self, name: str, fns: dict) -> dict[str, float]:
+        self.calls[name] = list(fns)
+        for fn in fns.values():
+            fn()
+        win = name in self.fast
+        return {c: (1.0 if c == "dense" else (0.5 if win else 2.0)) for c in fns}
+
+
+def test_to_sparse_times_convs_and_reports_the_choice() -> None:
+    dense = _pruned_cnn()
+    x = torch.randn(2, 1, 400)
+    timer = FakeTimer({"front", "conv1", "conv3"})
+    model, report = to_sparse(copy.deepcopy(dense), example_inputs=x, timer=timer, return_report=True)
+    by_name = {c.name: c for c in report}
+    assert set(by_name) == {"front", "conv1", "conv2", "conv3", "grouped", "head"}
+    assert [by_name[n].kind for n in ("front", "conv1", "conv2", "grouped")] == [
+        "Conv1d",
+        "Conv1d",
+        "Conv2d",
+        "Conv2d",
+    ]
+    # convs are timed dense vs the layouts a conv can run in (no BSR), on the input they received
+    want = ["dense", "csr_kernel", "csr"] if kernels.kernel_status()[0] else ["dense", "csr"]
+    assert timer.calls["conv1"] == want
+    assert by_name["conv1"].input_shape == (2, 16, 79)
+    assert by_name["conv2"].input_shape == (2, 1, 16, 39)
+    for name in ("front", "conv1", "conv3"):
+        assert by_name[name].layout == want[1] and by_name[name].reason == "timed"
+        assert isinstance(model.get_submodule(name), SparseConv)
+    assert by_name["conv2"].layout == "dense" and type(model.conv2) is nn.Conv2d
+    assert by_name["grouped"].layout == "dense" and "groups=2" in by_name["grouped"].reason
+    assert "grouped" not in timer.calls
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), dense(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.front(x[0]), dense.front(x[0]), atol=1e-5, rtol=1e-5)  # unbatched
+
+
+def test_to_sparse_measured_choice_on_a_real_clock() -> None:
+    dense = _pruned_cnn(0.95)
+    x = torch.randn(1, 1, 400)
+    model, report = to_sparse(copy.deepcopy(dense), example_inputs=x, return_report=True)
+    convs = [c for c in report if c.kind.startswith("Conv") and c.name != "grouped"]
+    assert len(convs) == 4 and all(c.reason == "timed" and "dense" in c.seconds for c in convs)
+    for c in convs:
+        # what was kept is what the clock said (a sparse layout must win by 5%)
+        best = min(c.seconds, key=c.seconds.__getitem__)
+        assert c.layout == "dense" or (c.layout == best and c.seconds[best] * 1.05 < c.seconds["dense"])
+        assert isinstance(model.get_submodule(c.name), SparseConv) == (c.layout != "dense")
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), dense(x), atol=1e-5, rtol=1e-5)
+
+
+def test_rule_without_example_inputs_keeps_convs_dense() -> None:
+    dense = _pruned_cnn(0.95)
+    model, report = to_sparse(copy.deepcopy(dense), return_report=True)
+    convs = [c for c in report if c.kind.startswith("Conv")]
+    assert all(c.layout == "dense" for c in convs) and len(convs) == 5
+    assert all(type(m) in (nn.Conv1d, nn.Conv2d) for n, m in model.named_children() if n != "head")
+    # an explicit max_density applies to convs too; BSR does not apply to them
+    forced, report = to_sparse(copy.deepcopy(dense), "csr_kernel", max_density=1.0, return_report=True)
+    assert sum(isinstance(m, SparseConv) for m in forced.modules()) == 4
+    bsr, report = to_sparse(
+        copy.deepcopy(dense), "bsr", max_density=1.0, blocksize=(1, 1), return_report=True
+    )
+    assert not any(isinstance(m, SparseConv) for m in bsr.modules())
+    assert "runs sparse only as csr_kernel/csr" in {c.name: c for c in report}["conv1"].reason
+    x = torch.randn(2, 1, 400)
+    with torch.inference_mode():
+        torch.testing.assert_close(forced(x), dense(x), atol=1e-5, rtol=1e-5)
+
+
+def test_conv_subclass_overriding_forward_is_skipped() -> None:
+    class Weird(nn.Conv2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * 2
+
+    model = nn.Sequential(Weird(3, 4, 3))
+    _, report = to_sparse(model, max_density=1.0, return_report=True)
+    assert report[0].layout == "dense" and "overrides Conv2d.forward" in report[0].reason
+    assert type(model[0]) is Weird
