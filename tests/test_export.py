@@ -323,10 +323,9 @@ class SoftmaxNet(nn.Module):
     ("make", "layer", "x", "named"),
     [
         (ReshapeNet, "fc1", torch.randn(2, 6), "view"),
-        (GroupedNet, "conv", torch.randn(1, 3, 5, 5), "grouped"),
         (SoftmaxNet, "fc1", torch.randn(2, 6), "softmax"),
     ],
-    ids=["reshape", "grouped_conv", "softmax"],
+    ids=["reshape", "softmax"],
 )
 def test_shrink_refuses_unsupported_graph_and_leaves_model_unchanged(make, layer, x, named) -> None:
     torch.manual_seed(0)
@@ -338,6 +337,22 @@ def test_shrink_refuses_unsupported_graph_and_leaves_model_unchanged(make, layer
     assert hasattr(getattr(model, layer), "parametrizations")  # not baked
     after = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     assert state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state)
+
+
+@pytest.mark.parametrize(("pruned", "kept"), [([0, 4], 6), ([0, 1], 8)], ids=["aligned", "one_group"])
+@pytest.mark.parametrize("bias", [True, False], ids=["zero", "bias_folded"])
+def test_shrink_grouped_conv_removes_group_aligned_channels(pruned: list[int], kept: int, bias: bool) -> None:
+    """Channel j of each group of a grouped conv goes together: pruned in every group, or kept.
+
+    Without its bias masked, a pruned channel carries its bias, a constant that the grouped conv (no
+    padding) folds into the bias of the rows of that channel's group.
+    """
+    torch.manual_seed(0)
+    model = GroupedNet()  # conv: 8 channels -> grouped (2 groups of 4)
+    prune_rows(model.conv, pruned, bias=bias)
+    shrunk, _ = check_equal(model, torch.randn(2, 3, 5, 5))
+    assert shrunk.conv.out_channels == shrunk.grouped.in_channels == kept
+    assert shrunk.grouped.groups == 2 and shrunk.grouped.weight.shape == (4, kept // 2, 3, 3)
 
 
 def test_shrink_unsupported_op_on_unpruned_tensor_is_fine() -> None:

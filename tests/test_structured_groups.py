@@ -446,3 +446,95 @@ def test_groups_built_for_another_model_are_refused() -> None:
     with pytest.raises(ValueError, match="build it again"):
         hs.sparsify(small, 0.5, structure=groups)
     assert not hs.masks(small)
+
+
+class ResNeXtBlock(nn.Module):
+    """A ResNeXt bottleneck (1x1 -> grouped 3x3 -> 1x1, BatchNorm after each, residual add), in 2-D or 1-D."""
+
+    def __init__(self, c: int = 16, width: int = 24, groups: int = 4, dims: int = 2) -> None:
+        super().__init__()
+        conv, bn = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv1d, nn.BatchNorm1d)
+        self.stem = conv(3, c, 3, padding=1)
+        self.stem_bn = bn(c)
+        self.reduce = conv(c, width, 1, bias=False)
+        self.reduce_bn = bn(width)
+        self.grouped = conv(width, width, 3, padding=1, groups=groups, bias=False)
+        self.grouped_bn = bn(width)
+        self.expand = conv(width, c, 1, bias=False)
+        self.expand_bn = bn(c)
+        self.head = nn.Linear(c, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem_bn(self.stem(x)))
+        h = F.relu(self.reduce_bn(self.reduce(x)))
+        h = F.relu(self.grouped_bn(self.grouped(h)))
+        x = F.relu(x + self.expand_bn(self.expand(h)))
+        return self.head(x.flatten(2).mean(-1))
+
+
+@pytest.mark.parametrize("dims", [2, 1], ids=["Conv2d", "Conv1d"])
+def test_resnext_grouped_conv_channel_groups_shrink_exactly(dims: int) -> None:
+    torch.manual_seed(0)
+    model = ResNeXtBlock(dims=dims)
+    randomize_bn(model)
+    x = torch.randn(2, 3, 8, 8) if dims == 2 else torch.randn(2, 3, 20)
+    groups = hs.ChannelGroups(model, x)
+    # the grouped conv couples channel j of each of its 4 groups (6 channels per group): 6 groups of the
+    # reduce conv's 24 channels, 6 of its own 24 outputs
+    rows = groups.members["reduce.weight"].rows
+    assert rows.view(4, 6).eq(rows.view(4, 6)[0]).all() and len(set(rows.tolist())) == 6
+    assert groups.members["grouped.weight"].cols.tolist() == rows[:6].tolist()
+    hs.sparsify(model, 0.5, structure=groups, scope="layer")
+    shrunk = shrink_matches_masked(model, x)
+    g = shrunk.grouped
+    assert g.groups == 4 and (g.in_channels, g.out_channels) == (12, 12)
+    assert g.weight.shape[:2] == (12, 3) and shrunk.reduce.out_channels == 12
+    assert shrunk.grouped_bn.num_features == 12 and shrunk.expand.in_channels == 12
+    assert n_params(shrunk) < n_params(model)
+
+
+def test_grouped_conv_with_unaligned_pruning_keeps_the_channels_exactly() -> None:
+    """Rows pruned in one group only: removing them would make the groups unequal, so they stay (exact)."""
+    torch.manual_seed(0)
+    model = ResNeXtBlock()
+    randomize_bn(model)
+    x = torch.randn(2, 3, 8, 8)
+    # 4 groups of 6 channels: channel 1 of every group (1, 7, 13, 19) is pruned and goes; channel 0 is
+    # pruned in group 0 only and stays (its coupled channels 6, 12, 18 are live).
+    hs.register_mask(model.reduce, "weight")
+    hs.register_mask(model.reduce_bn, "weight")
+    hs.register_mask(model.reduce_bn, "bias")
+    pruned = [0, 1, 7, 13, 19]
+    with torch.no_grad():
+        for t in (
+            model.reduce.parametrizations.weight[0].mask,
+            model.reduce_bn.parametrizations.weight[0].mask,
+        ):
+            t[pruned] = False
+        model.reduce_bn.parametrizations.bias[0].mask[pruned] = False
+    shrunk = shrink_matches_masked(model, x)
+    assert shrunk.reduce.out_channels == 20 and shrunk.grouped.in_channels == 20
+    assert shrunk.grouped.groups == 4 and shrunk.grouped.weight.shape[1] == 5
+
+
+class PermutedGrouped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.grouped = nn.Conv2d(6, 4, 1, groups=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, 6, 5, 4); fc's features land on W
+        return self.grouped(self.fc(x))
+
+
+def test_grouped_conv_refusal_names_the_layer() -> None:
+    """Pruned features reaching a grouped conv on a spatial dimension: refused, naming the conv."""
+    torch.manual_seed(0)
+    model = PermutedGrouped()
+    hs.register_mask(model.fc, "weight")
+    with torch.no_grad():
+        model.fc.parametrizations.weight[0].mask[:2] = False
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UnsupportedGraphError, match="layer 'grouped' \\(Conv2d\\).*input-channel dimension"):
+        hs.shrink(model, torch.randn(2, 6, 5, 4))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())

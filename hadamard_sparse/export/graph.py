@@ -273,7 +273,7 @@ class ChannelFlow:
                 raise UnsupportedGraphError(
                     f"shrink cannot handle {self.describe(node)}: it consumes pruned channels of "
                     f"{self.describe(arg) if arg.op != 'placeholder' else arg.name}; {reason}. "
-                    "Supported: Linear, Conv1d/2d/3d (groups=1 or depthwise), BatchNorm, elementwise "
+                    "Supported: Linear, Conv1d/2d/3d (grouped and depthwise too), BatchNorm, elementwise "
                     "activations, dropout, pooling, pad, add/sub/mul/div, cat/split/chunk, permute/"
                     "transpose, flatten/view/reshape that keep each channel whole, mean over non-channel dims"
                 )

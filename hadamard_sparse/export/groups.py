@@ -114,8 +114,9 @@ class ChannelGroups(TensorGroups):
             rows = gid(plan.out_ids, name, True) if plan.out_ids is not None else None
             if plan.kind in ("linear", "conv"):
                 cols = None
-                for ids, _, droppable in plan.in_cols:
-                    cols = gid(ids, name, False, droppable)
+                per = mod.in_channels // mod.groups if plan.kind == "conv" else None
+                for ids, _, droppable in plan.in_cols:  # grouped conv: column j reads channel j of each group
+                    cols = gid(ids[:per], name, False, droppable[:per])
                 add(name, "weight", Member(rows, cols, True))
             elif plan.kind == "depthwise":
                 add(name, "weight", Member(rows, None, True))

@@ -179,6 +179,11 @@ def _linear_or_conv(flow: ChannelFlow, node: fx.Node, name: str, mod: nn.Module,
     _consume(flow, name, mod, info, width, foldable)
     weight = mod.weight.detach()
     ids = flow.fresh(weight.shape[0])
+    groups = getattr(mod, "groups", 1)
+    if groups > 1:  # grouped conv: channel j of every group goes together, so the groups stay equal
+        _couple(flow, ids, groups)
+        if info is not None and len(info.ids) == width:
+            _couple(flow, info.ids, groups)
     zero_rows = weight.reshape(weight.shape[0], -1).eq(0).all(dim=1)
     bias = (
         mod.bias.detach().to(torch.float64)
@@ -192,6 +197,12 @@ def _linear_or_conv(flow: ChannelFlow, node: fx.Node, name: str, mod: nn.Module,
     flow.info[node] = ChannelInfo(cdim_out, ids, torch.where(zero_rows, bias.cpu(), 0.0), ~zero_rows.cpu())
 
 
+def _couple(flow: ChannelFlow, ids: torch.Tensor, groups: int) -> None:
+    """Tie channel ``j`` of each of ``groups`` equal consecutive groups of ``ids`` together."""
+    per = ids.view(groups, -1)
+    flow.union(per[:-1].reshape(-1), per[1:].reshape(-1))
+
+
 @module_rule(nn.Linear, weighted=True)
 def linear_flow(flow: ChannelFlow, node: fx.Node, name: str, mod: nn.Module) -> None:
     _linear_or_conv(flow, node, name, mod, "linear")
@@ -199,12 +210,10 @@ def linear_flow(flow: ChannelFlow, node: fx.Node, name: str, mod: nn.Module) -> 
 
 @module_rule(*CONV_DIMS, weighted=True)
 def conv_flow(flow: ChannelFlow, node: fx.Node, name: str, mod: nn.Module) -> None:
-    if mod.groups == 1:
-        _linear_or_conv(flow, node, name, mod, "conv")
-    elif mod.groups == mod.in_channels == mod.out_channels:
+    if mod.groups == mod.in_channels == mod.out_channels > 1:
         _depthwise(flow, node, name, mod)
-    else:
-        flow.unknown(node, f"grouped convolutions (groups={mod.groups}) are supported only when depthwise")
+    else:  # groups == 1, or grouped: channels coupled across the groups
+        _linear_or_conv(flow, node, name, mod, "conv")
 
 
 def _depthwise(flow: ChannelFlow, node: fx.Node, name: str, mod: nn.Module) -> None:

@@ -88,8 +88,20 @@ def _rebuild_linear_or_conv(new: nn.Module, mod: nn.Module, plan: LayerPlan, rem
     )
     keep_cols = torch.ones(w.shape[1], dtype=torch.bool)
     delta = torch.zeros(w.shape[0], dtype=torch.float64)
+    groups = getattr(mod, "groups", 1)
     for ids, const, _ in plan.in_cols:
         gone = removed(ids)
+        if groups > 1:  # coupled across the groups: the same columns go in each
+            gone_g = gone.view(groups, -1)
+            assert bool((gone_g == gone_g[0]).all()), "grouped conv channels must be removed group-aligned"
+            keep_cols &= ~gone_g[0]
+            fold = gone_g & (const.view(groups, -1) != 0)  # (groups, in per group)
+            if fold.any():  # row o reads the constants of its own group
+                wsum = w.reshape(w.shape[0], w.shape[1], -1).sum(-1).to(torch.float64).cpu()
+                group_of_row = torch.arange(w.shape[0]) // (w.shape[0] // groups)
+                cg = torch.where(fold, const.view(groups, -1), 0.0)[group_of_row]
+                delta += (wsum * cg).sum(1)
+            continue
         keep_cols &= ~gone
         fold = gone & (const != 0)
         if fold.any():
@@ -108,7 +120,7 @@ def _rebuild_linear_or_conv(new: nn.Module, mod: nn.Module, plan: LayerPlan, rem
     if plan.kind == "linear":
         new.out_features, new.in_features = len(rows), len(cols)
     else:
-        new.out_channels, new.in_channels = len(rows), len(cols)
+        new.out_channels, new.in_channels = len(rows), len(cols) * groups
 
 
 @rebuild_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
