@@ -262,6 +262,9 @@ def test_rule_without_example_inputs_keeps_convs_dense() -> None:
     model, report = to_sparse(copy.deepcopy(dense), return_report=True)
     convs = [c for c in report if c.kind.startswith("Conv")]
     assert all(c.layout == "dense" for c in convs) and len(convs) == 5
+    assert "Conv1d stays dense without example_inputs or max_density" in report[0].reason
+    _, report = to_sparse(copy.deepcopy(dense), "csr", return_report=True)
+    assert report[1].layout == "dense" and "stays dense without example_inputs" in report[1].reason
     assert all(type(m) in (nn.Conv1d, nn.Conv2d) for n, m in model.named_children() if n != "head")
     # an explicit max_density applies to convs too; BSR does not apply to them
     forced, report = to_sparse(copy.deepcopy(dense), "csr_kernel", max_density=1.0, return_report=True)

@@ -181,14 +181,21 @@ def rule_choice(
     density: float,
     max_density: float | None,
     defaults: Mapping[str, float] | None = None,
+    kind: str = "",
 ) -> tuple[str, str]:
-    """The layout chosen without timing, and why (``defaults``: per-layout caps, else :data:`DEFAULT_MAX_DENSITY`)."""
+    """The layout chosen without timing, and why.
+
+    ``defaults``: the layer kind's per-layout caps (else :data:`DEFAULT_MAX_DENSITY`); a cap of 0
+    means the kind stays dense unless timed or given ``max_density``.
+    """
     if layout == "auto":
         if w.device.type == "cpu" and w.dtype == torch.float32 and kernels.kernel_status()[0]:
             layout = "csr_kernel"
         else:
             layout = "csr"
     cap = (defaults or DEFAULT_MAX_DENSITY)[layout] if max_density is None else float(max_density)
+    if max_density is None and cap == 0.0:
+        return "dense", f"rule: {kind or 'this layer'} stays dense without example_inputs or max_density"
     if density <= cap:
         return layout, f"rule: density {density:.3f} <= {cap:.3f} for {layout}"
     return "dense", f"rule: density {density:.3f} > {cap:.3f} for {layout}"

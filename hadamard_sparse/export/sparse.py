@@ -544,7 +544,7 @@ def to_sparse(
         for name, (rule, mod, w, _, density) in todo.items():
             sparse, why = layouts_for(rule, candidate_layouts(layout, w, density, cap, bs))
             if name not in inputs:
-                chosen, why = rule_choice(layout, w, density, max_density, rule.max_density)
+                chosen, why = rule_choice(layout, w, density, max_density, rule.max_density, rule.kind)
                 report.append(
                     LayerChoice(name, rule.kind, density, chosen, f"not run by example_inputs; {why}")
                 )
@@ -570,14 +570,16 @@ def to_sparse(
     else:
         for name, (rule, _, w, _, density) in todo.items():
             if layout == "auto":
-                chosen, why = rule_choice(layout, w, density, max_density, rule.max_density)
+                chosen, why = rule_choice(layout, w, density, max_density, rule.max_density, rule.kind)
             else:
                 cap = (
                     (rule.max_density or DEFAULT_MAX_DENSITY)[layout] if max_density is None else max_density
                 )
                 sparse, why = layouts_for(rule, candidate_layouts(layout, w, density, float(cap), bs))
-                chosen = sparse[0] if sparse else "dense"
+                chosen = sparse[0] if sparse and (cap or max_density is not None) else "dense"
                 why = why or f"rule: density {density:.3f} <= {cap:.3f} for {layout}"
+                if not cap and max_density is None:
+                    why = f"rule: {rule.kind} stays dense without example_inputs or max_density"
             report.append(LayerChoice(name, rule.kind, density, chosen, why))
             if chosen != "dense":
                 built[name] = build(name, chosen)
