@@ -226,7 +226,9 @@ def shrink(model: nn.Module, example_inputs: torch.Tensor | Sequence[Any] | dict
     its producers, from BatchNorm and depthwise convolutions in between, and from the
     inputs of its consumers) only when every layer that reads it either sees zero, or sees
     a constant that folds exactly into its bias. Channels added together (residual
-    connections) form one group, removed only if every branch allows it. Channels reaching
+    connections) form one group, removed only if every branch allows it. A grouped
+    convolution ties channel ``j`` of each of its groups (inputs and outputs), so the same
+    number goes from every group and it is rebuilt with the same ``groups``. Channels reaching
     the model's outputs, LayerNorm/GroupNorm over the channel dimension, a shared module or a
     module whose tensors the forward reads directly are kept.
 
@@ -257,8 +259,7 @@ def shrink(model: nn.Module, example_inputs: torch.Tensor | Sequence[Any] | dict
 
     Raises:
         UnsupportedGraphError: the model cannot be captured, an operation it does not model
-            (a view splitting pruned channels, a grouped non-depthwise conv, an unknown
-            function, ...) reads pruned channels, naming the layer and the operation; or the
+            (a view splitting pruned channels, an unknown function, ...) reads pruned channels, naming the layer and the operation; or the
             shrunk copy computes something else (e.g. a reshape to a hard-coded width). The
             model is unchanged.
 

@@ -400,14 +400,16 @@ def to_sparse(
     r"""Replace the baked linear-like layers of ``model`` by :class:`SparseLinear` where it pays, in place.
 
     Layers: ``nn.Linear`` and its subclasses that keep ``nn.Linear.forward``, Hugging
-    Face ``Conv1D`` (GPT-2), and the projections of ``nn.MultiheadAttention``: it is seen as a
+    Face ``Conv1D`` (GPT-2), the projections of ``nn.MultiheadAttention``: it is seen as a
     :class:`~hadamard_sparse.export.attention.ProjectedMultiheadAttention` whose ``q_proj``,
     ``k_proj``, ``v_proj`` and ``out_proj`` (named ``"<attention>.q_proj"`` ... in the report and
     selectors) are chosen like any Linear, and replaced by one when a projection goes sparse
     (an attention it cannot reproduce, e.g. ``add_bias_kv=True``, stays, and the report says
-    why). Convolutions (use :func:`shrink` for channel sparsity) and other layers stay dense.
-    The model must be baked (no parametrization of this library left); run
-    :func:`remove_parametrizations` first.
+    why), and ``nn.Conv1d``/``nn.Conv2d`` with ``groups=1`` (as :class:`SparseConv`: im2col +
+    CSR; layouts ``csr_kernel``/``csr``; without ``example_inputs`` or ``max_density`` they stay
+    dense, as oneDNN's dense convolutions were faster on most measured shapes). Grouped
+    convolutions and other layers stay dense. The model must be baked (no parametrization of
+    this library left); run :func:`remove_parametrizations` first.
 
     **With** ``example_inputs`` the model runs once on them, and each candidate layer is timed
     on the input it received there: dense against every sparse layout that applies
