@@ -93,16 +93,21 @@ def test_sparse_conv_matches_the_convolution(case: tuple[type, dict], bias: bool
     assert sc.density == pytest.approx(float(conv.weight.count_nonzero()) / conv.weight.numel())
 
 
-def test_sparse_conv_channels_last_input_and_float64() -> None:
+@pytest.mark.parametrize("layout", ["csr_kernel", "csr"])
+def test_sparse_conv_channels_last_float64_and_bfloat16(layout: str) -> None:
     conv = _sparse_conv(nn.Conv2d, {"kernel_size": 3, "padding": 1})
     x = torch.randn(2, 6, 8, 7).to(memory_format=torch.channels_last)
-    sc = SparseConv(conv)
+    sc = SparseConv(conv, layout)
     with torch.inference_mode():
         _check_bound(sc(x), x, conv)
         as64 = copy.deepcopy(sc).double()
         torch.testing.assert_close(
             as64(x.double()), copy.deepcopy(conv).double()(x.double()), atol=1e-12, rtol=1e-12
         )
+        bf = copy.deepcopy(sc).bfloat16()
+        y = bf(x.bfloat16())
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), conv(x), atol=0.05, rtol=0.05)
 
 
 @pytest.fixture

@@ -1,12 +1,16 @@
 """Sparse execution of baked ``nn.Conv1d`` / ``nn.Conv2d`` layers: :class:`SparseConv`.
 
-The convolution runs as im2col + the CSR matmul of :mod:`.kernels`: the input is copied once
-into channels-last order (zero padding written in the same pass), the patches are a strided
-view of it (``(tokens, kernel positions x channels)`` rows; a 1x1 convolution with stride 1
-needs no copy beyond the channels-last one), and :func:`~.kernels.csr_linear` multiplies them
-by the weight held as ``(out_channels, kernel positions x in_channels)`` CSR, its columns in
-the same (kernel position, channel) order. ``to_sparse`` uses it where it measures faster
-than the dense convolution; see ``docs/speed.md``.
+Two layouts, both im2col + a CSR matmul:
+
+* ``"csr_kernel"``: the input is copied once into channels-last order (zero padding written in
+  the same buffer), the patches are a strided view of it (``(tokens, kernel positions x
+  channels)`` rows), and :func:`~.kernels.csr_linear` (the compiled kernel) multiplies them by
+  the weight held as ``(out_channels, kernel positions x in_channels)`` CSR;
+* ``"csr"``: channels-first patches ``(in_channels x kernel positions, tokens)`` (none for a 1x1
+  convolution with stride 1: the input itself) and ``torch.sparse.mm(W, patches)`` per sample
+  (MKL on CPU), whose ``(out_channels, tokens)`` result is already the output's layout.
+
+``to_sparse`` uses it where it measures faster than the dense convolution; see ``docs/speed.md``.
 
 Imports point down only: ``sparse.py`` uses this module, never the reverse.
 """
@@ -75,13 +79,13 @@ class SparseConv(nn.Module):
 
     ``forward(x)`` equals the convolution's (within float32 rounding): batched ``(N, C, L)`` /
     ``(N, C, H, W)`` or unbatched ``(C, L)`` / ``(C, H, W)`` inputs, any stride, padding
-    (ints or ``"same"``/``"valid"``), dilation, bias and padding mode. It computes im2col +
-    :func:`~hadamard_sparse.export.kernels.csr_linear` over the ``tokens x (kernel positions
-    x channels)`` patch matrix.
+    (ints or ``"same"``/``"valid"``), dilation, bias and padding mode.
 
-    Layouts: ``"csr_kernel"`` (the compiled kernel on float32 CPU inputs; ``torch.sparse``
-    elsewhere) or ``"csr"`` (always ``torch.sparse``), both from the buffers ``crow``, ``col``
-    and ``values`` (non-persistent, never Parameters). ``state_dict`` stores the dense
+    Layouts: ``"csr_kernel"`` (channels-last patches through
+    :func:`~hadamard_sparse.export.kernels.csr_linear`: the compiled kernel on float32 CPU
+    inputs, ``torch.sparse`` elsewhere) or ``"csr"`` (channels-first patches,
+    ``torch.sparse.mm(W, patches)`` per sample), both from the buffers ``crow``, ``col`` and
+    ``values`` (non-persistent, never Parameters; the column order follows the layout). ``state_dict`` stores the dense
     ``weight`` ``(out, in, *kernel)`` and ``bias`` under the original names, so it loads into
     the dense model, and a dense state_dict loads back (re-sparsified).
 
@@ -126,14 +130,21 @@ class SparseConv(nn.Module):
             _pair(self.stride),
             _pair(self.dilation),
         )
-        self._set_dense2(w2)
+        del w2
+        self._set_dense(conv.weight.detach())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
-    def _set_dense2(self, w2: torch.Tensor) -> None:
+    def _set_dense(self, w: torch.Tensor) -> None:
+        """Store the dense ``(out, in, *kernel)`` weight as CSR in this layout's column order."""
+        w4 = w.detach().unsqueeze(2) if self.dims == 1 else w.detach()
+        # csr_kernel: (kernel position, channel) columns, for channels-last patches; csr: the
+        # weight's own (channel, kernel position) order, for channels-first patches.
+        w2 = w4.permute(0, 2, 3, 1) if self.layout == "csr_kernel" else w4
         with torch.inference_mode(False), torch.no_grad():
-            packed = kernels.pack_csr(w2.detach().clone())
+            packed = kernels.pack_csr(w2.reshape(w4.shape[0], -1).clone())
+        col = packed.col if self.layout == "csr_kernel" else packed.col.to(torch.int32)
         self.register_buffer("crow", packed.crow, persistent=False)
-        self.register_buffer("col", packed.col, persistent=False)
+        self.register_buffer("col", col, persistent=False)
         self.register_buffer("values", packed.values, persistent=False)
 
     def _packed(self) -> kernels.CSRWeight:
@@ -144,8 +155,11 @@ class SparseConv(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """The weight as the dense convolution's ``(out_channels, in_channels, *kernel_size)`` tensor."""
         kh, kw = self._kernel2
-        w = self._packed().to_dense().reshape(self.out_channels, kh, kw, self.in_channels)
-        w = w.permute(0, 3, 1, 2)
+        w = self._packed().to_dense()
+        if self.layout == "csr_kernel":
+            w = w.reshape(self.out_channels, kh, kw, self.in_channels).permute(0, 3, 1, 2)
+        else:
+            w = w.reshape(self.out_channels, self.in_channels, kh, kw)
         return (w.squeeze(2) if self.dims == 1 else w).contiguous()
 
     @property
@@ -169,12 +183,7 @@ class SparseConv(nn.Module):
             padded[:, ht : ht + h, wl : wl + w].copy_(xc.view(n, h, w, c))  # whole rows of w * c floats
             xc = padded
         (kh, kw), (sh, sw), (dh, dw) = self._kernel2, self._stride2, self._dilation2
-        ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
-        if ho <= 0 or wo <= 0:
-            raise InvalidArgumentError(
-                f"input of spatial size {(h, w)[2 - self.dims :]} is smaller than the kernel "
-                f"{self.kernel_size} (dilation {self.dilation}, padding {self.padding})"
-            )
+        ho, wo = self._out_size(hp, wp, (hp, wp))  # padded sizes
         view = xc.as_strided(
             (n, ho, wo, kh, kw, c),
             (hp * wp * c, sh * wp * c, sw * c, dh * wp * c, dw * c, 1),
@@ -195,14 +204,52 @@ class SparseConv(nn.Module):
         x4 = x.unsqueeze(0) if unbatched else x
         if self.dims == 1:
             x4 = x4.unsqueeze(2)
-        cols, (n, ho, wo) = self._patches(x4)
-        backend = "torch" if self.layout == "csr" else "auto"
-        y = kernels.csr_linear(cols, self._packed(), self.bias, backend=backend)
-        out = y.new_empty(n, self.out_channels, ho * wo)
-        for i, yi in enumerate(y.view(n, ho * wo, self.out_channels)):
-            out[i].copy_(yi.t())  # 2-D transposes: several times faster than one 4-D permute copy
+        if self.layout == "csr":
+            out, (n, ho, wo) = self._forward_channels_first(x4)
+        else:
+            cols, (n, ho, wo) = self._patches(x4)
+            y = kernels.csr_linear(cols, self._packed(), self.bias)
+            out = y.new_empty(n, self.out_channels, ho * wo)
+            for i, yi in enumerate(y.view(n, ho * wo, self.out_channels)):
+                out[i].copy_(yi.t())  # 2-D transposes: several times faster than one 4-D permute copy
         out = out.view(n, self.out_channels, wo) if self.dims == 1 else out.view(n, self.out_channels, ho, wo)
         return out.squeeze(0) if unbatched else out
+
+    def _forward_channels_first(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """``torch.sparse.mm(W, patches)`` per sample on ``(C * kh * kw, Ho * Wo)`` patches: no transposes."""
+        if any(self._pad):
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, self._pad, mode=mode)
+        x = x.contiguous()
+        n, c, hp, wp = x.shape
+        ho, wo = self._out_size(hp, wp, x.shape[2:])
+        (kh, kw), (sh, sw), (dh, dw) = self._kernel2, self._stride2, self._dilation2
+        if (kh, kw, sh, sw) == (1, 1, 1, 1):
+            patches = x.view(n, c, hp * wp)  # a 1x1 convolution reads the input as it is
+        else:
+            patches = x.as_strided(
+                (n, c, kh, kw, ho, wo), (c * hp * wp, hp * wp, dh * wp, dw, sh * wp, sw)
+            ).reshape(n, c * kh * kw, ho * wo)
+        w = self._packed().to_torch_csr()
+        dtype = x.dtype
+        if x.device.type == "cpu" and dtype not in (torch.float32, torch.float64):
+            w = w.to(torch.float32)  # torch.sparse has no CPU half-precision kernels
+        out = x.new_empty(n, self.out_channels, ho * wo)
+        for i in range(n):
+            out[i].copy_(torch.sparse.mm(w, patches[i].to(w.dtype)))
+        if self.bias is not None:
+            out += self.bias.view(-1, 1).to(dtype)
+        return out, (n, ho, wo)
+
+    def _out_size(self, hp: int, wp: int, size: Any) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (dh, dw) = self._kernel2, self._stride2, self._dilation2
+        ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+        if ho <= 0 or wo <= 0:
+            raise InvalidArgumentError(
+                f"padded input of spatial size {tuple(size)[2 - self.dims :]} is smaller than the kernel "
+                f"{self.kernel_size} (dilation {self.dilation}, padding {self.padding})"
+            )
+        return ho, wo
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         destination[prefix + "weight"] = self.dense_weight()
@@ -230,9 +277,7 @@ class SparseConv(nn.Module):
                 )
             else:
                 w = w.to_dense() if w.layout != torch.strided else w
-                w4 = w.unsqueeze(2) if self.dims == 1 else w
-                w2 = w4.permute(0, 2, 3, 1).reshape(self.out_channels, -1)
-                self._set_dense2(w2.to(self.values.device, self.values.dtype))
+                self._set_dense(w.to(self.values.device, self.values.dtype))
         elif strict:
             missing_keys.append(key)
         if self.bias is not None and bkey in state_dict:
