@@ -493,6 +493,22 @@ def test_resnext_grouped_conv_channel_groups_shrink_exactly(dims: int) -> None:
     assert n_params(shrunk) < n_params(model)
 
 
+def test_gradual_pruning_of_resnext_channel_groups() -> None:
+    torch.manual_seed(0)
+    model = ResNeXtBlock()
+    randomize_bn(model)
+    x = torch.randn(2, 3, 8, 8)
+    groups = hs.ChannelGroups(model, x)
+    hs.sparsify(model, 0.0, structure=groups)  # all-ones masks on every member
+    sched = hs.GradualPruning(model, 0.5, end_step=4, every=2, structure=groups, scope="layer")
+    for _ in range(6):
+        sched.step()
+    gone = ~hs.masks(model)["grouped_bn.bias"]
+    assert int(gone.sum()) == 12 and gone.view(4, 6).eq(gone.view(4, 6)[0]).all()  # group-aligned
+    shrunk = shrink_matches_masked(model, x)
+    assert (shrunk.grouped.in_channels, shrunk.grouped.out_channels, shrunk.grouped.groups) == (12, 12, 4)
+
+
 def test_grouped_conv_with_unaligned_pruning_keeps_the_channels_exactly() -> None:
     """Rows pruned in one group only: removing them would make the groups unequal, so they stay (exact)."""
     torch.manual_seed(0)
