@@ -110,6 +110,17 @@ def test_sparse_conv_channels_last_float64_and_bfloat16(layout: str) -> None:
         torch.testing.assert_close(y.float(), conv(x), atol=0.05, rtol=0.05)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("layout", ["csr_kernel", "csr"])
+def test_sparse_conv_on_cuda(layout: str) -> None:  # pragma: no cover - needs a GPU
+    conv = _sparse_conv(nn.Conv2d, {"kernel_size": 3, "padding": 1, "stride": 2}).cuda()
+    x = _input(nn.Conv2d, True).cuda()
+    sc = SparseConv(conv, layout)
+    assert sc.crow.is_cuda and sc.values.is_cuda
+    with torch.inference_mode():
+        torch.testing.assert_close(sc(x), conv(x), atol=1e-4, rtol=1e-4)
+
+
 @pytest.fixture
 def no_kernel(tmp_path, monkeypatch) -> Iterator[None]:  # type: ignore[no-untyped-def]
     """HADAMARD_SPARSE_KERNELS=0: the torch.sparse fallback, restored afterwards."""

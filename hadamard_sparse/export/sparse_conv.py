@@ -143,7 +143,7 @@ class SparseConv(nn.Module):
         with torch.inference_mode(False), torch.no_grad():
             packed = kernels.pack_csr(w2.reshape(w4.shape[0], -1).clone())
         col = packed.col if self.layout == "csr_kernel" else packed.col.to(torch.int32)
-        self.register_buffer("crow", packed.crow, persistent=False)
+        self.register_buffer("crow", packed.crow.to(w.device), persistent=False)  # pack_csr builds it on CPU
         self.register_buffer("col", col, persistent=False)
         self.register_buffer("values", packed.values, persistent=False)
 
