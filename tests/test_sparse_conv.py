@@ -304,3 +304,34 @@ def test_conv_subclass_overriding_forward_is_skipped() -> None:
     _, report = to_sparse(model, max_density=1.0, return_report=True)
     assert report[0].layout == "dense" and "overrides Conv2d.forward" in report[0].reason
     assert type(model[0]) is Weird
+
+
+def test_hf_wav2vec2_feature_encoder_runs_sparse() -> None:
+    """A Hugging Face wav2vec2 (tiny config): its Conv1d feature encoder converts; the weight-normed
+    positional conv (another library's parametrization, grouped) is left as is; outputs unchanged."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Wav2Vec2Config(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(32, 32, 32),
+        conv_kernel=(10, 3, 3),
+        conv_stride=(5, 2, 2),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+    )
+    torch.manual_seed(0)
+    dense = transformers.Wav2Vec2Model(cfg).eval()
+    convs = [n for n, m in dense.named_modules() if type(m) is nn.Conv1d]
+    hs.remove_parametrizations(hs.sparsify(dense, 0.9, scope="layer", include=convs))
+    wave = torch.randn(2, 4000)
+    timer = FakeTimer(set(convs))
+    model, report = to_sparse(copy.deepcopy(dense), example_inputs=wave, timer=timer, return_report=True)
+    by_name = {c.name: c for c in report}
+    assert all(isinstance(model.get_submodule(n), SparseConv) for n in convs) and len(convs) == 3
+    pos = by_name["encoder.pos_conv_embed.conv"]
+    assert pos.layout == "dense" and "parametrized by _WeightNorm" in pos.reason
+    with torch.inference_mode():
+        got, ref = model(wave).last_hidden_state, dense(wave).last_hidden_state
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)

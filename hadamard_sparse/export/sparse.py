@@ -25,6 +25,7 @@ from torch.nn.utils import parametrize
 from .._checks import Selectors, check_selectors
 from ..errors import InvalidArgumentError, InvalidTypeError
 from ..layers import check_all_used, layer_kind, selector_matches
+from ..parametrizations import SparseParametrization
 from . import kernels
 from .attention import disable_fused_paths, shadow_runs, unpacked_modules
 from .choice import (
@@ -489,8 +490,15 @@ def to_sparse(
             wanted.add(name)
     check_all_used(inc, inc_used, "include", model)
     check_all_used(exc, exc_used, "exclude", model)
+    foreign: dict[str, str] = {}  # other libraries' parametrizations (weight_norm): those layers stay
     for name, mod in model.named_modules():
-        if parametrize.is_parametrized(mod):
+        if not parametrize.is_parametrized(mod):
+            continue
+        kinds = [type(p).__name__ for plist in mod.parametrizations.values() for p in plist]  # type: ignore[union-attr]
+        foreign[name] = f"parametrized by {', '.join(kinds)}: left as is"
+        if any(
+            isinstance(p, SparseParametrization) for plist in mod.parametrizations.values() for p in plist
+        ):  # type: ignore[union-attr]
             raise InvalidArgumentError(
                 f"to_sparse needs a baked model, but {name or type(model).__name__!r} is still parametrized; "
                 "run hs.remove_parametrizations(model) first"
@@ -507,7 +515,7 @@ def to_sparse(
             raise InvalidArgumentError(
                 "to_sparse cannot replace the root module; wrap the layer in an nn.Sequential"
             )
-        got = rule.weight_bias(mod)
+        got = foreign[name] if name in foreign else rule.weight_bias(mod)
         if isinstance(got, str) or name in inside_mha:
             why = inside_mha[name] if name in inside_mha else got
             report.append(LayerChoice(name, rule.kind, float("nan"), "dense", f"skipped: {why}"))
