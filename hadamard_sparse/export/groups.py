@@ -43,7 +43,8 @@ class ChannelGroups(TensorGroups):
 
     A group is one channel slot: the filters/neurons producing it (several when residual
     additions tie channels together), their bias entries, the BatchNorm/depthwise-conv entries
-    on its way, and the input columns of every layer reading it. ``sparsify`` and the schedules
+    on its way, and the input columns of every layer reading it (through a grouped conv, channel
+    ``j`` of each of its groups is one slot, so removals stay equal per group). ``sparsify`` and the schedules
     prune whole groups (``sparsity`` = the fraction of groups; ``scope="layer"``: of each
     producer layer's groups) and mask every member, so BatchNorm's constant ``β − μγ/σ`` is gone
     and :func:`~hadamard_sparse.shrink` removes exactly what is masked.
