@@ -494,11 +494,9 @@ def to_sparse(
     for name, mod in model.named_modules():
         if not parametrize.is_parametrized(mod):
             continue
-        kinds = [type(p).__name__ for plist in mod.parametrizations.values() for p in plist]  # type: ignore[union-attr]
-        foreign[name] = f"parametrized by {', '.join(kinds)}: left as is"
-        if any(
-            isinstance(p, SparseParametrization) for plist in mod.parametrizations.values() for p in plist
-        ):  # type: ignore[union-attr]
+        params = [p for plist in mod.parametrizations.values() for p in plist]  # type: ignore[union-attr]
+        foreign[name] = f"parametrized by {', '.join(type(p).__name__ for p in params)}: left as is"
+        if any(isinstance(p, SparseParametrization) for p in params):
             raise InvalidArgumentError(
                 f"to_sparse needs a baked model, but {name or type(model).__name__!r} is still parametrized; "
                 "run hs.remove_parametrizations(model) first"
