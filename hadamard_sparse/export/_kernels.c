@@ -8,31 +8,102 @@
  *   y[M, N] = x[M, K] @ W^T + b,   W in CSR: rowptr int32[N + 1], col uint16|int32[nnz], val float[nnz]
  *
  * M == 1 (memory/gather bound): one gathered dot product per output row.
- * M >= 2 (compute bound): weight-stationary SpMM. x is transposed into zero-padded tiles of
- *   W tokens, xt[K][W]; for each output row and each of its nonzeros, one contiguous
- *   multiply-add of W lanes, val[j] * xt[col[j]][:], into accumulators held in registers (the
- *   scheme of XNNPACK's sparse inference kernels, with tokens in the place of pixels).
- * Threads split output rows (and token tiles); each output element is written by one thread.
+ * M >= 2 (compute bound): weight-stationary SpMM. x is transposed, 16 x 16 blocks in registers,
+ *   into a zero-padded tile of W tokens, xt[K][W] (W = 64, or 32/16/8/4 for the last tile); for
+ *   each output row and each of its nonzeros, one contiguous multiply-add of W lanes,
+ *   val[j] * xt[col[j]][:], into accumulators held in registers (the scheme of XNNPACK's sparse
+ *   inference kernels, with tokens in the place of pixels). Finished rows go to acc[RB][W],
+ *   which is transposed back into y 16 x 16 at a time (16 sequential output streams).
+ * Threads: with enough tiles each thread transposes whole tiles into its own scratch (kept in
+ *   its L2) and computes all their rows; with few tiles (a short batch) the tiles are
+ *   transposed together first and (tile, 16 rows) items are shared out. Each output element
+ *   is computed by one thread in an order fixed by M alone: the bits do not depend on the
+ *   thread count.
  */
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
 typedef float v4 __attribute__((vector_size(16), aligned(4)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
 
-#define TILE 64     /* tokens per full tile: 4 x 16 lanes */
-#define CHUNK 16    /* output rows per scheduled work item (one 64-byte line of outputs) */
+#define TILE 64  /* tokens per full tile: 4 x 16 lanes */
+#define CHUNK 16 /* output rows per shared work item */
+#define RB 128   /* output rows per pass through acc[RB][W] before it is transposed into y */
 
-/* Output rows [n0, n1) (at most CHUNK) for one tile of W = VW * NV tokens; U accumulator sets
-   (U nonzeros in flight) hide FMA latency. */
+#if defined(__clang__)
+#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUF(a, b, ...) __builtin_shuffle(a, b, (vi16){__VA_ARGS__})
+#endif
+#define ZLO(a, b) SHUF(a, b, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23)
+#define ZHI(a, b) SHUF(a, b, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31)
+
+static inline int thread_id(void) {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+/* d[j * ldd + i] = s[i * lds + j] for i, j < 16: four perfect-shuffle rounds in registers. */
+static inline void tr16(const float *restrict s, int64_t lds, float *restrict d, int64_t ldd) {
+  v16 r[16], t[16];
+  for (int i = 0; i < 16; ++i) memcpy(&r[i], s + i * lds, sizeof(v16));
+  for (int round = 0; round < 4; ++round) {
+    for (int i = 0; i < 8; ++i) {
+      t[2 * i] = ZLO(r[i], r[i + 8]);
+      t[2 * i + 1] = ZHI(r[i], r[i + 8]);
+    }
+    memcpy(r, t, sizeof r);
+  }
+  for (int j = 0; j < 16; ++j) memcpy(d + j * ldd, &r[j], sizeof(v16));
+}
+
+/* xt[k * W + i] = src[i * ldx + k] for i < mv, 0 for mv <= i < W; 16 tokens at a time, so x is
+   read as 16 sequential streams. */
+static void tile_in(const float *restrict src, int64_t ldx, int64_t mv, int64_t K, int64_t W,
+                    float *restrict xt) {
+  const int64_t m16 = mv & ~(int64_t)15, k16 = K & ~(int64_t)15;
+  for (int64_t i = 0; i < m16; i += 16) {
+    for (int64_t k = 0; k < k16; k += 16) tr16(src + i * ldx + k, ldx, xt + k * W + i, W);
+    for (int64_t ii = i; ii < i + 16; ++ii)
+      for (int64_t k = k16; k < K; ++k) xt[k * W + ii] = src[ii * ldx + k];
+  }
+  for (int64_t k0 = 0; k0 < K; k0 += 16) {
+    const int64_t k1 = k0 + 16 < K ? k0 + 16 : K;
+    for (int64_t i = m16; i < mv; ++i)
+      for (int64_t k = k0; k < k1; ++k) xt[k * W + i] = src[i * ldx + k];
+  }
+  if (mv < W)
+    for (int64_t k = 0; k < K; ++k) memset(xt + k * W + mv, 0, (size_t)(W - mv) * sizeof(float));
+}
+
+/* y[i * ldy + r] = acc[r * W + i] for r < nr, i < mv: 16 tokens at a time. */
+static void tile_out(const float *restrict acc, int64_t W, int64_t nr, int64_t mv, float *restrict y,
+                     int64_t ldy) {
+  const int64_t m16 = mv & ~(int64_t)15, r16 = nr & ~(int64_t)15;
+  for (int64_t i = 0; i < m16; i += 16) {
+    for (int64_t r = 0; r < r16; r += 16) tr16(acc + r * W + i, W, y + i * ldy + r, ldy);
+    for (int64_t ii = i; ii < i + 16; ++ii)
+      for (int64_t r = r16; r < nr; ++r) y[ii * ldy + r] = acc[r * W + ii];
+  }
+  for (int64_t i = m16; i < mv; ++i)
+    for (int64_t r = 0; r < nr; ++r) y[i * ldy + r] = acc[r * W + i];
+}
+
+/* Output rows [n0, n1) for one tile of W = VW * NV tokens into acc[n - n0][W]. U nonzeros in
+   flight: U * NV independent accumulator chains (>= 8 hide the FMA latency at two FMAs a cycle). */
 #define ROWS(NAME, VT, VW, NV, U, IDX)                                                        \
   static void NAME(const float *restrict xt, const int32_t *restrict rowptr,                  \
                    const IDX *restrict col, const float *restrict val,                        \
-                   const float *restrict bias, int64_t n0, int64_t n1, float *restrict y,     \
-                   int64_t ldy, int64_t mvalid) {                                             \
+                   const float *restrict bias, int64_t n0, int64_t n1, float *restrict acc) { \
     enum { W = VW * NV };                                                                     \
-    float blk[CHUNK * W]; /* rows x tokens, stored to y transposed below */                   \
     for (int64_t n = n0; n < n1; ++n) {                                                       \
       VT a[U][NV];                                                                            \
       for (int u = 0; u < U; ++u)                                                             \
@@ -41,13 +112,13 @@ typedef float v4 __attribute__((vector_size(16), aligned(4)));
       const int64_t e = rowptr[n + 1];                                                        \
       for (; j + U <= e; j += U) {                                                            \
         for (int u = 0; u < U; ++u) {                                                         \
-          const VT v = (VT){0} + val[j + u];                                                  \
+          const float v = val[j + u]; /* scalar x vector: one broadcast load */               \
           const VT *r = (const VT *)(xt + (int64_t)col[j + u] * W);                           \
           for (int q = 0; q < NV; ++q) a[u][q] += v * r[q];                                   \
         }                                                                                     \
       }                                                                                       \
       for (; j < e; ++j) {                                                                    \
-        const VT v = (VT){0} + val[j];                                                        \
+        const float v = val[j];                                                               \
         const VT *r = (const VT *)(xt + (int64_t)col[j] * W);                                 \
         for (int q = 0; q < NV; ++q) a[0][q] += v * r[q];                                     \
       }                                                                                       \
@@ -56,12 +127,9 @@ typedef float v4 __attribute__((vector_size(16), aligned(4)));
         VT s = a[0][q];                                                                       \
         for (int u = 1; u < U; ++u) s += a[u][q];                                             \
         s += b;                                                                               \
-        memcpy(blk + (n - n0) * W + q * VW, &s, sizeof s);                                    \
+        memcpy(acc + (n - n0) * W + q * VW, &s, sizeof s);                                    \
       }                                                                                       \
     }                                                                                         \
-    /* one contiguous run of (n1 - n0) outputs per token: whole cache lines, not scattered */ \
-    for (int64_t i = 0; i < mvalid; ++i)                                                      \
-      for (int64_t r = 0; r < n1 - n0; ++r) y[i * ldy + n0 + r] = blk[r * W + i];             \
   }
 
 /* Batch 1: one gathered dot product per output row: AVX-512 gathers of x (it sits in L1) where
@@ -103,15 +171,62 @@ typedef float v4 __attribute__((vector_size(16), aligned(4)));
     }                                                                                         \
   }
 
-/* hs_csr_linear_<idx>: see the top of the file. work holds ceil(M / TILE) * TILE * K floats
- * (unused when M == 1). ldx is x's row stride (x's rows are contiguous). Returns 0. */
+/* Rows [r0, r1) of one tile (xt, W tokens wide, mv of them real) into y (token-major, row
+   stride ldy), RB rows at a time through acc[RB][W]. */
+#define ITEM(NAME, IDX, SUF)                                                                  \
+  static void NAME(const float *xt, int64_t W, int64_t mv, const int32_t *rowptr,             \
+                   const IDX *col, const float *val, const float *bias, int64_t r0,           \
+                   int64_t r1, float *y, int64_t ldy, float *acc) {                           \
+    for (int64_t n0 = r0; n0 < r1; n0 += RB) {                                                \
+      const int64_t n1 = n0 + RB < r1 ? n0 + RB : r1;                                         \
+      switch (W) {                                                                            \
+        case 64: rows64_##SUF(xt, rowptr, col, val, bias, n0, n1, acc); break;                \
+        case 32: rows32_##SUF(xt, rowptr, col, val, bias, n0, n1, acc); break;                \
+        case 16: rows16_##SUF(xt, rowptr, col, val, bias, n0, n1, acc); break;                \
+        case 8: rows8_##SUF(xt, rowptr, col, val, bias, n0, n1, acc); break;                  \
+        default: rows4_##SUF(xt, rowptr, col, val, bias, n0, n1, acc); break;                 \
+      }                                                                                       \
+      tile_out(acc, W, n1 - n0, mv, y + n0, ldy);                                             \
+    }                                                                                         \
+  }
+
+/* Tiles of TILE tokens; the last one W = the smallest power of two >= 4 holding the rest. */
+static void tiling(int64_t M, int64_t *full, int64_t *rem, int64_t *wl, int64_t *ntile) {
+  *full = M / TILE;
+  *rem = M % TILE;
+  *wl = 0;
+  if (*rem) {
+    *wl = 4;
+    while (*wl < *rem) *wl *= 2;
+  }
+  *ntile = *full + (*rem ? 1 : 0);
+}
+
+/* Whole tiles per thread when that keeps every thread busy; else shared (tile, rows) items. */
+static int tile_mode(int64_t ntile, int nthreads) {
+  return ntile >= 4 * (int64_t)nthreads || ntile % nthreads == 0;
+}
+
+/* Floats of scratch hs_csr_linear_* needs for M tokens of K features on nthreads threads. */
+int64_t hs_work_floats(int64_t M, int64_t K, int nthreads) {
+  int64_t full, rem, wl, ntile;
+  if (nthreads < 1) nthreads = 1;
+  if (M <= 1) return 0;
+  tiling(M, &full, &rem, &wl, &ntile);
+  const int64_t tiles = tile_mode(ntile, nthreads) ? (ntile < nthreads ? ntile : nthreads) : ntile;
+  return tiles * TILE * K + (int64_t)nthreads * RB * TILE;
+}
+
+/* hs_csr_linear_<idx>: see the top of the file. work holds hs_work_floats(M, K, nthreads)
+ * floats, 64-byte aligned. ldx is x's row stride (x's rows are contiguous). Returns 0. */
 #define ENTRY(IDX, SUF)                                                                       \
-  ROWS(rows64_##SUF, v16, 16, 4, 2, IDX)                                                      \
+  ROWS(rows64_##SUF, v16, 16, 4, 4, IDX)                                                      \
   ROWS(rows32_##SUF, v16, 16, 2, 4, IDX)                                                      \
-  ROWS(rows16_##SUF, v16, 16, 1, 4, IDX)                                                      \
-  ROWS(rows8_##SUF, v8, 8, 1, 4, IDX)                                                         \
-  ROWS(rows4_##SUF, v4, 4, 1, 4, IDX)                                                         \
+  ROWS(rows16_##SUF, v16, 16, 1, 8, IDX)                                                      \
+  ROWS(rows8_##SUF, v8, 8, 1, 8, IDX)                                                         \
+  ROWS(rows4_##SUF, v4, 4, 1, 8, IDX)                                                         \
   SPMV(spmv_##SUF, IDX)                                                                       \
+  ITEM(item_##SUF, IDX, SUF)                                                                  \
   int hs_csr_linear_##SUF(int64_t M, int64_t K, int64_t N, const float *x, int64_t ldx,       \
                           const int32_t *rowptr, const IDX *col, const float *val,            \
                           const float *bias, float *y, float *work, int nthreads) {           \
@@ -125,36 +240,37 @@ typedef float v4 __attribute__((vector_size(16), aligned(4)));
       }                                                                                       \
       return 0;                                                                               \
     }                                                                                         \
-    const int64_t full = M / TILE, rem = M % TILE;                                            \
-    int64_t wl = 0;                                                                           \
-    if (rem) {                                                                                \
-      wl = 4;                                                                                 \
-      while (wl < rem) wl *= 2;                                                               \
-    }                                                                                         \
-    const int64_t ntile = full + (rem ? 1 : 0);                                               \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                        \
-    for (int64_t t = 0; t < ntile; ++t) {                                                     \
-      const int64_t W = t < full ? TILE : wl, mv = t < full ? TILE : rem;                     \
-      const float *src = x + t * TILE * ldx;                                                  \
-      float *dst = work + t * TILE * K;                                                       \
-      for (int64_t k = 0; k < K; ++k) {                                                       \
-        for (int64_t i = 0; i < mv; ++i) dst[k * W + i] = src[i * ldx + k];                   \
-        for (int64_t i = mv; i < W; ++i) dst[k * W + i] = 0.0f;                               \
+    int64_t full, rem, wl, ntile;                                                             \
+    tiling(M, &full, &rem, &wl, &ntile);                                                      \
+    if (tile_mode(ntile, nthreads)) {                                                         \
+      const int64_t tiles = ntile < nthreads ? ntile : nthreads;                              \
+      _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                  \
+      for (int64_t t = 0; t < ntile; ++t) {                                                   \
+        const int64_t W = t < full ? TILE : wl, mv = t < full ? TILE : rem;                   \
+        const int id = thread_id();                                                           \
+        float *xt = work + id * TILE * K;                                                     \
+        tile_in(x + t * TILE * ldx, ldx, mv, K, W, xt);                                       \
+        item_##SUF(xt, W, mv, rowptr, col, val, bias, 0, N, y + t * TILE * N, N,              \
+                   work + tiles * TILE * K + id * RB * TILE);                                 \
       }                                                                                       \
+      return 0;                                                                               \
     }                                                                                         \
-    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                    \
-    for (int64_t q = 0; q < ntile * nch; ++q) {                                               \
-      const int64_t t = q / nch, c = q % nch;                                                 \
-      const int64_t n0 = c * CHUNK, n1 = (c + 1) * CHUNK < N ? (c + 1) * CHUNK : N;           \
-      const float *xt = work + t * TILE * K;                                                  \
-      float *yt = y + t * TILE * N;                                                           \
-      const int64_t W = t < full ? TILE : wl, mv = t < full ? TILE : rem;                     \
-      switch (W) {                                                                            \
-        case 64: rows64_##SUF(xt, rowptr, col, val, bias, n0, n1, yt, N, mv); break;          \
-        case 32: rows32_##SUF(xt, rowptr, col, val, bias, n0, n1, yt, N, mv); break;          \
-        case 16: rows16_##SUF(xt, rowptr, col, val, bias, n0, n1, yt, N, mv); break;          \
-        case 8: rows8_##SUF(xt, rowptr, col, val, bias, n0, n1, yt, N, mv); break;            \
-        default: rows4_##SUF(xt, rowptr, col, val, bias, n0, n1, yt, N, mv); break;           \
+    _Pragma("omp parallel num_threads(nthreads)") {                                           \
+      const int64_t kc = 64, nkc = (K + kc - 1) / kc;                                         \
+      _Pragma("omp for schedule(static)")                                                     \
+      for (int64_t q = 0; q < ntile * nkc; ++q) {                                             \
+        const int64_t t = q / nkc, k0 = (q % nkc) * kc, k1 = k0 + kc < K ? k0 + kc : K;       \
+        const int64_t W = t < full ? TILE : wl, mv = t < full ? TILE : rem;                   \
+        tile_in(x + t * TILE * ldx + k0, ldx, mv, k1 - k0, W, work + t * TILE * K + k0 * W);  \
+      }                                                                                       \
+      float *acc = work + ntile * TILE * K + thread_id() * RB * TILE;                         \
+      _Pragma("omp for schedule(dynamic, 1)")                                                 \
+      for (int64_t q = 0; q < ntile * nch; ++q) {                                             \
+        const int64_t t = q / nch, c = q % nch;                                               \
+        const int64_t n0 = c * CHUNK, n1 = (c + 1) * CHUNK < N ? (c + 1) * CHUNK : N;         \
+        const int64_t W = t < full ? TILE : wl, mv = t < full ? TILE : rem;                   \
+        item_##SUF(work + t * TILE * K, W, mv, rowptr, col, val, bias, n0, n1,                \
+                   y + t * TILE * N, N, acc);                                                 \
       }                                                                                       \
     }                                                                                         \
     return 0;                                                                                 \
@@ -164,4 +280,4 @@ ENTRY(uint16_t, u16)
 ENTRY(int32_t, i32)
 
 /* Lets the loader check that it has the library it compiled. */
-int hs_kernels_abi(void) { return 1; }
+int hs_kernels_abi(void) { return 2; }

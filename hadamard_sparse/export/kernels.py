@@ -40,7 +40,7 @@ from ..errors import InvalidArgumentError, InvalidTypeError
 __all__ = ["CSRWeight", "csr_linear", "kernel_status", "pack_csr"]
 
 _SOURCE = Path(__file__).with_name("_kernels.c")
-_ABI = 1
+_ABI = 2
 #: Largest number of input features stored with uint16 column indices.
 _U16_MAX_COLS = 1 << 16
 #: Multiply-adds per extra thread: smaller calls use fewer threads (a fork/join costs microseconds on
@@ -55,7 +55,12 @@ class _Status:
     path: str | None = None
 
 
+#: Largest scratch buffer (in floats) kept between calls, per Python thread; larger ones are
+#: allocated per call.
+_KEEP_SCRATCH = 1 << 22
+
 _lock = threading.Lock()
+_scratch = threading.local()
 _lib: ctypes.CDLL | None = None
 _status: _Status | None = None
 _warned = False
@@ -158,6 +163,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn = getattr(lib, name)
         fn.restype = ctypes.c_int
         fn.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.hs_work_floats.restype = i64
+    lib.hs_work_floats.argtypes = [i64, i64, ctypes.c_int]
 
 
 def _load() -> ctypes.CDLL | None:
@@ -361,6 +368,16 @@ def _torch_csr_linear(x2: torch.Tensor, weight: CSRWeight, bias: torch.Tensor | 
     return y.to(dtype)
 
 
+def _work(floats: int) -> torch.Tensor:
+    """Scratch for the kernel: a buffer reused between calls of this thread when it is small."""
+    if floats > _KEEP_SCRATCH:
+        return torch.empty(floats, dtype=torch.float32)
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < floats:
+        buf = _scratch.buf = torch.empty(max(floats, 1 << 16), dtype=torch.float32)
+    return buf
+
+
 def _run_kernel(x2: torch.Tensor, weight: CSRWeight, bias: torch.Tensor | None) -> torch.Tensor:
     lib = _lib
     assert lib is not None
@@ -374,8 +391,8 @@ def _run_kernel(x2: torch.Tensor, weight: CSRWeight, bias: torch.Tensor | None) 
     b = bias
     if b is not None and (b.dtype is not torch.float32 or not b.is_contiguous()):
         b = b.detach().to(torch.float32).contiguous()
-    work = torch.empty(((m + 63) // 64) * 64 * k, dtype=torch.float32) if m > 1 else None
     threads = max(1, min(torch.get_num_threads(), weight.values.numel() * m // _MIN_WORK_PER_THREAD))
+    work = _work(int(lib.hs_work_floats(m, k, threads))) if m > 1 else None
     fn = lib.hs_csr_linear_u16 if weight.col.dtype is torch.uint16 else lib.hs_csr_linear_i32
     fn(
         m,
