@@ -12,8 +12,8 @@
  *   into a zero-padded tile of W tokens, xt[K][W] (W = 64, or 32/16/8/4 for the last tile); for
  *   each output row and each of its nonzeros, one contiguous multiply-add of W lanes,
  *   val[j] * xt[col[j]][:], into accumulators held in registers (the scheme of XNNPACK's sparse
- *   inference kernels, with tokens in the place of pixels). Finished rows go to acc[RB][W],
- *   which is transposed back into y 16 x 16 at a time (16 sequential output streams).
+ *   inference kernels, with tokens in the place of pixels). Every 16 finished rows go to
+ *   acc[16][W], which is transposed back into y 16 x 16 in registers (whole 64-byte lines).
  * Threads: with enough tiles each thread transposes whole tiles into its own scratch (kept in
  *   its L2) and computes all their rows; with few tiles (a short batch) the tiles are
  *   transposed together first and (tile, 16 rows) items are shared out. Each output element
@@ -33,7 +33,8 @@ typedef int32_t vi16 __attribute__((vector_size(64)));
 
 #define TILE 64  /* tokens per full tile: 4 x 16 lanes */
 #define CHUNK 16 /* output rows per shared work item */
-#define RB 128   /* output rows per pass through acc[RB][W] before it is transposed into y */
+#define RB 16    /* output rows per pass through acc[RB][W] before it is transposed into y (16 x 16
+                    blocks, one 64-byte line per token; 128 rows measured ~5% slower at N = 1536) */
 
 #if defined(__clang__)
 #define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
