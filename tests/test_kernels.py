@@ -118,6 +118,39 @@ def test_same_bits_for_any_thread_count() -> None:
     assert all(torch.equal(a, b) for o in outs[1:] for a, b in zip(o, outs[0]))
 
 
+@pytest.mark.parametrize("tokens", [320, 1000])
+def test_many_tiles_row_strided_any_thread_count(tokens: int) -> None:
+    """Whole tiles per thread (1000 tokens: 16 tiles, the last 40 wide) and shared tiles (320
+    tokens: 5 tiles on 2-3 threads); features and outputs not multiples of 16; x's rows strided."""
+    w = _weight(100, 390, 0.1)
+    b = torch.randn(100)
+    x = torch.randn(tokens, 400)[:, :390]
+    p = K.pack_csr(w)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3, 4):
+            torch.set_num_threads(threads)
+            outs.append(K.csr_linear(x, p, b, backend="kernel"))
+    finally:
+        torch.set_num_threads(before)
+    _check(outs[0], x, w, b)
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+
+
+def test_scratch_reused_across_shapes_and_large_scratch_per_call(monkeypatch) -> None:
+    cases = [
+        (_weight(48, 72, 0.2, seed=1), 130),
+        (_weight(30, 500, 0.1, seed=2), 70),
+        (_weight(48, 72, 0.2), 3),
+    ]
+    for keep in (K._KEEP_SCRATCH, 0):  # reused buffer, then a buffer per call
+        monkeypatch.setattr(K, "_KEEP_SCRATCH", keep)
+        for w, tokens in cases * 2:
+            x = torch.randn(tokens, w.shape[1])
+            _check(K.csr_linear(x, K.pack_csr(w), None, backend="kernel"), x, w, None)
+
+
 def test_pack_round_trip_and_refusals() -> None:
     w = _weight(17, 23, 0.3)
     p = K.pack_csr(w)
