@@ -21,6 +21,7 @@ runtime as torch when both use libgomp).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -198,6 +199,7 @@ def _reset_for_tests() -> None:
     global _lib, _status, _warned
     with _lock:
         _lib, _status, _warned = None, None, False
+        _work_floats.cache_clear()
 
 
 @dataclass
@@ -282,9 +284,8 @@ def kernel_applies(x: torch.Tensor, weight: CSRWeight) -> bool:
     return (
         x.dtype is torch.float32
         and v.dtype is torch.float32
-        and not x.is_cuda  # cheap checks first: this runs on every forward
-        and x.device.type == "cpu"
-        and v.device.type == "cpu"
+        and x.is_cpu  # cheap checks only (no device objects): this runs on every forward
+        and v.is_cpu
         and not (x.requires_grad and torch.is_grad_enabled())
         and (_lib is not None or _load() is not None)
     )
@@ -335,8 +336,8 @@ def csr_linear(
         raise InvalidArgumentError(
             f"x must have {n_in} features in its last dimension, got shape {tuple(x.shape)}"
         )
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, n_in)
+    flat = x.dim() == 2  # the common case skips both reshapes (about 1 us each)
+    x2 = x if flat else x.reshape(-1, n_in)
     use_kernel = backend != "torch" and kernel_applies(x2, weight)
     if backend == "kernel" and not use_kernel:
         _, why = kernel_status()
@@ -350,7 +351,7 @@ def csr_linear(
         if backend == "auto" and _status is not None and not _status.available:
             _warn_fallback()
         y = _torch_csr_linear(x2, weight, bias)
-    return y.reshape(*lead, n_out)
+    return y if flat else y.reshape(*x.shape[:-1], n_out)
 
 
 def _torch_csr_linear(x2: torch.Tensor, weight: CSRWeight, bias: torch.Tensor | None) -> torch.Tensor:
@@ -366,6 +367,13 @@ def _torch_csr_linear(x2: torch.Tensor, weight: CSRWeight, bias: torch.Tensor | 
     if bias is not None:
         y = y + bias
     return y.to(dtype)
+
+
+@functools.lru_cache(maxsize=1024)
+def _work_floats(m: int, k: int, threads: int) -> int:
+    """Scratch floats the kernel needs (its own rule, asked once per shape)."""
+    assert _lib is not None
+    return int(_lib.hs_work_floats(m, k, threads))
 
 
 def _work(floats: int) -> torch.Tensor:
@@ -392,7 +400,7 @@ def _run_kernel(x2: torch.Tensor, weight: CSRWeight, bias: torch.Tensor | None) 
     if b is not None and (b.dtype is not torch.float32 or not b.is_contiguous()):
         b = b.detach().to(torch.float32).contiguous()
     threads = max(1, min(torch.get_num_threads(), weight.values.numel() * m // _MIN_WORK_PER_THREAD))
-    work = _work(int(lib.hs_work_floats(m, k, threads))) if m > 1 else None
+    work = _work(_work_floats(m, k, threads)) if m > 1 else None
     fn = lib.hs_csr_linear_u16 if weight.col.dtype is torch.uint16 else lib.hs_csr_linear_i32
     fn(
         m,
