@@ -85,7 +85,7 @@ def test_int32_indices_for_wide_layers() -> None:
     w = _weight(6, 70_000, 0.01)
     p = K.pack_csr(w)
     assert p.col.dtype == torch.int32
-    for tokens in (1, 5):
+    for tokens in (1, 5, 70):
         x = torch.randn(tokens, 70_000)
         _check(K.csr_linear(x, p, None, backend="kernel"), x, w, None)
     assert K.pack_csr(_weight(6, 65_536, 0.001)).col.dtype == torch.uint16
