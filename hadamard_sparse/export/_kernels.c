@@ -9,7 +9,7 @@
  *
  * M == 1 (memory/gather bound): one gathered dot product per output row.
  * M >= 2 (compute bound): weight-stationary SpMM. x is transposed, 16 x 16 blocks in registers,
- *   into a zero-padded tile of W tokens, xt[K][W] (W = 64, or 32/16/8/4 for the last tile); for
+ *   into a zero-padded tile of W tokens, xt[K][W] (W = 32, or 16/8/4 for the last tile); for
  *   each output row and each of its nonzeros, one contiguous multiply-add of W lanes,
  *   val[j] * xt[col[j]][:], into accumulators held in registers (the scheme of XNNPACK's sparse
  *   inference kernels, with tokens in the place of pixels). Every 16 finished rows go to
@@ -31,7 +31,8 @@ typedef float v8 __attribute__((vector_size(32), aligned(4)));
 typedef float v4 __attribute__((vector_size(16), aligned(4)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
 
-#define TILE 64  /* tokens per full tile: 4 x 16 lanes */
+#define TILE 32  /* tokens per full tile: 2 x 16 lanes (64 measured 0-20% slower: its tile is twice
+                    as large in L1/L2 and pads more tokens) */
 #define CHUNK 16 /* output rows per shared work item */
 #define RB 16    /* output rows per pass through acc[RB][W] before it is transposed into y (16 x 16
                     blocks, one 64-byte line per token; 128 rows measured ~5% slower at N = 1536) */
@@ -181,7 +182,6 @@ static void tile_out(const float *restrict acc, int64_t W, int64_t nr, int64_t m
     for (int64_t n0 = r0; n0 < r1; n0 += RB) {                                                \
       const int64_t n1 = n0 + RB < r1 ? n0 + RB : r1;                                         \
       switch (W) {                                                                            \
-        case 64: rows64_##SUF(xt, rowptr, col, val, bias, n0, n1, acc); break;                \
         case 32: rows32_##SUF(xt, rowptr, col, val, bias, n0, n1, acc); break;                \
         case 16: rows16_##SUF(xt, rowptr, col, val, bias, n0, n1, acc); break;                \
         case 8: rows8_##SUF(xt, rowptr, col, val, bias, n0, n1, acc); break;                  \
@@ -221,8 +221,7 @@ int64_t hs_work_floats(int64_t M, int64_t K, int nthreads) {
 /* hs_csr_linear_<idx>: see the top of the file. work holds hs_work_floats(M, K, nthreads)
  * floats, 64-byte aligned. ldx is x's row stride (x's rows are contiguous). Returns 0. */
 #define ENTRY(IDX, SUF)                                                                       \
-  ROWS(rows64_##SUF, v16, 16, 4, 4, IDX)                                                      \
-  ROWS(rows32_##SUF, v16, 16, 2, 4, IDX)                                                      \
+  ROWS(rows32_##SUF, v16, 16, 2, 8, IDX)                                                      \
   ROWS(rows16_##SUF, v16, 16, 1, 8, IDX)                                                      \
   ROWS(rows8_##SUF, v8, 8, 1, 8, IDX)                                                         \
   ROWS(rows4_##SUF, v4, 4, 1, 8, IDX)                                                         \
