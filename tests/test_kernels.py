@@ -120,8 +120,8 @@ def test_same_bits_for_any_thread_count() -> None:
 
 @pytest.mark.parametrize("tokens", [320, 1000])
 def test_many_tiles_row_strided_any_thread_count(tokens: int) -> None:
-    """Whole tiles per thread (1000 tokens: 16 tiles, the last 40 wide) and shared tiles (320
-    tokens: 5 tiles on 2-3 threads); features and outputs not multiples of 16; x's rows strided."""
+    """Whole tiles per thread (1000 tokens: 31 tiles of 32 and one of 8) and shared tiles (320
+    tokens: 10 tiles on 3 or 4 threads); features and outputs not multiples of 16; x's rows strided."""
     w = _weight(100, 390, 0.1)
     b = torch.randn(100)
     x = torch.randn(tokens, 400)[:, :390]
