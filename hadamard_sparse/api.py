@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import reconstruct, sparsegpt
+from . import dsnot, reconstruct, ria, sparsegpt
 from ._checks import (
     Selectors,
     check_distribution,
@@ -63,6 +63,12 @@ register_score(
     needs_gram=True,
     pruner=reconstruct.prune_blocks,
 )(sparsegpt.obs_saliency)
+# "ria": relative importance x activations, mask only (ria.py); "dsnot": Wanda's masks, then DSnoT's
+# training-free prune-and-grow swaps per row (dsnot.py), mask only too; its score is Wanda's.
+register_score("ria", needs_calibration=True, scopes=ria.SCOPES)(ria.ria_score)
+register_score("dsnot", needs_calibration=True, scopes=dsnot.SCOPES, pruner=dsnot.prune)(
+    reconstruct.wanda_score
+)
 
 
 def register_mask(module: nn.Module, name: str = "weight", mask: torch.Tensor | None = None) -> HadamardMask:

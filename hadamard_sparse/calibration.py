@@ -56,6 +56,9 @@ class LayerStats:
         n_rows: how many input rows (tokens, pixels...) were summed.
         sq_sum: ``(B, F)`` float64, ``sum_rows x_j^2`` per block and input feature.
         gram: ``(B, F, F)`` float32 ``sum_rows x x^T``, or ``None`` when not requested.
+        groups: conv groups (``1`` for other layers).
+        x_sum: ``(B, F)`` float64, ``sum_rows x_j`` per block and input feature (``None`` for statistics
+            built without it); with ``sq_sum`` it gives each feature's mean and variance (DSnoT).
     """
 
     name: str
@@ -66,10 +69,25 @@ class LayerStats:
     sq_sum: torch.Tensor
     gram: torch.Tensor | None = None
     groups: int = 1
+    x_sum: torch.Tensor | None = None
 
     def input_norms(self) -> torch.Tensor:
         """``(B, F)``: the L2 norm ``||X_j||_2`` of each input feature over all calibration rows."""
         return self.sq_sum.sqrt()
+
+    def input_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, F)`` mean and variance of each input feature over all calibration rows (float64).
+
+        Raises:
+            InvalidArgumentError: the statistics hold no ``x_sum`` (built by hand without it).
+        """
+        if self.x_sum is None or self.n_rows == 0:
+            raise InvalidArgumentError(
+                f"{self.name}: these statistics have no per-feature sums (x_sum=None); gather them with "
+                "hs.calibrate(model, batches)"
+            )
+        mean = self.x_sum / self.n_rows
+        return mean, (self.sq_sum / self.n_rows - mean.square()).clamp_min(0.0)
 
     def to_blocks(self, w: torch.Tensor) -> torch.Tensor:
         """View a tensor of the weight's shape as ``(B, R, F)``: blocks of outputs x input features."""
@@ -150,6 +168,7 @@ class _Accumulator:
     gram: bool
     n_rows: int = 0
     sq_sum: torch.Tensor | None = None
+    x_sum: torch.Tensor | None = None
     gram_sum: torch.Tensor | None = None
     batch_calls: int = 0
     calls: list[int] = field(default_factory=list)
@@ -161,10 +180,12 @@ class _Accumulator:
         if self.sq_sum is None:
             n, d = len(fs), fs[0].shape[1]
             self.sq_sum = torch.zeros(n, d, dtype=torch.float64, device=fs[0].device)
+            self.x_sum = torch.zeros(n, d, dtype=torch.float64, device=fs[0].device)
             if self.gram:  # float32 like the reference implementation; in place, no temporaries
                 self.gram_sum = torch.zeros(n, d, d, dtype=torch.float32, device=fs[0].device)
         for i, f in enumerate(fs):
             self.sq_sum[i] += f.square().sum(dim=0)
+            self.x_sum[i] += f.sum(dim=0)  # type: ignore[index]
             if self.gram_sum is not None:
                 self.gram_sum[i].addmm_(f.t(), f)
         self.n_rows += fs[0].shape[0]
@@ -284,7 +305,15 @@ def collect(
             kind = acc.rule.kind
             groups = int(getattr(acc.target.module, "groups", 1)) if kind.startswith("conv") else 1
             layers[name] = LayerStats(
-                name, kind, acc.target.tensor_name, w.shape, acc.n_rows, acc.sq_sum, acc.gram_sum, groups
+                name,
+                kind,
+                acc.target.tensor_name,
+                w.shape,
+                acc.n_rows,
+                acc.sq_sum,
+                acc.gram_sum,
+                groups,
+                acc.x_sum,
             )
     if warn and skipped:
         warnings.warn(
