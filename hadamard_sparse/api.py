@@ -332,7 +332,8 @@ def sparsify(
         sparsity: fraction of targeted weights (of groups, with a ``structure``) set to zero, in
             ``[0, 1]`` (at most ``N/M`` for ``"N:M"``). Default ``None``: ``0.7``, or ``N/M`` for
             an ``"N:M"`` structure.
-        method: a registered score (``"magnitude"``, ``"random"``, ``"wanda"``, ``"sparsegpt"``, ...).
+        method: a registered score (``"magnitude"``, ``"random"``, ``"wanda"``, ``"ria"``, ``"dsnot"``,
+            ``"sparsegpt"``, ...).
             Default: ``"magnitude"``. ``"sparsegpt"`` also rewrites the kept weights (see
             ``docs/pretrained.md``); every other method only sets masks.
         scope: ``"global"`` (one threshold over all targets), ``"layer"`` (each tensor on its own) or
