@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import minilm_path
+from conftest import LAYER_CASES, LayerCase, minilm_path
 from torch import nn
 
 import hadamard_sparse as hs
@@ -15,7 +15,7 @@ from hadamard_sparse import _select
 from hadamard_sparse.calibration import calibrate
 from hadamard_sparse.cli import build_parser
 from hadamard_sparse.dsnot import dsnot_rows, expected_error
-from hadamard_sparse.layers import resolve_targets
+from hadamard_sparse.layers import resolve_targets, weight_dims
 from hadamard_sparse.ria import channel_permutation, permuted_nm_keep
 from hadamard_sparse.scores import ScoreContext, get_score
 
@@ -215,3 +215,31 @@ def test_methods_are_registered_and_on_the_command_line() -> None:
     sub = choices["sparsify"]
     method = next(a for a in sub._actions if a.dest == "method")
     assert {"ria", "dsnot"} <= set(method.choices)
+
+
+@pytest.mark.parametrize("case", LAYER_CASES, ids=[c.id for c in LAYER_CASES])
+@pytest.mark.parametrize("method", ["ria", "dsnot"])
+def test_every_layer_type_prunes_or_refuses_as_wanda_does(case: LayerCase, method: str) -> None:
+    """Reference: Wanda on the same layer and data (same statistics, same counts or the same refusal)."""
+    torch.manual_seed(0)
+    model = case.make()
+    calib = [case.input() for _ in range(3)]
+    ref_model, got_model = copy.deepcopy(model), copy.deepcopy(model)
+    try:
+        hs.sparsify(ref_model, 0.5, method="wanda", calibration=calib, exclude="*out_proj")
+    except ValueError as e:
+        with pytest.raises(type(e)):
+            hs.sparsify(got_model, 0.5, method=method, calibration=calib, exclude="*out_proj")
+        assert not hs.masks(got_model)
+        return
+    hs.sparsify(got_model, 0.5, method=method, calibration=calib, exclude="*out_proj")
+    ref, got = hs.masks(ref_model), hs.masks(got_model)
+    assert list(got) == list(ref)
+    for name, keep in got.items():
+        mod = got_model.get_submodule(name.rpartition(".")[0])
+        out_dim = weight_dims(mod, name.rpartition(".")[2])[0]
+        dims = [d for d in range(keep.dim()) if d != out_dim]
+        assert torch.equal(keep.sum(dims), ref[name].sum(dims)), name  # same count per output row
+    with torch.no_grad():
+        x = case.input()
+        assert torch.isfinite(got_model(x)).all()
