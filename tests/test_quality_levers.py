@@ -243,3 +243,39 @@ def test_every_layer_type_prunes_or_refuses_as_wanda_does(case: LayerCase, metho
     with torch.no_grad():
         x = case.input()
         assert torch.isfinite(got_model(x)).all()
+
+
+@pytest.mark.slow  # the real model loaded twice and saved once; registration is checked above
+def test_command_line_dsnot_2_4_on_minilm_matches_python(tmp_path, capsys) -> None:
+    from hadamard_sparse import cli
+
+    src = minilm_path()
+    lines = ["The cat sat on the mat.", "Interest rates were left unchanged.", "A storm hit the valley."]
+    (tmp_path / "calib.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    include = "encoder.layer.5.*"  # keeps the test short
+    argv = [
+        "sparsify",
+        src,
+        str(out),
+        "--method",
+        "dsnot",
+        "--structure",
+        "2:4",
+        "--bake",
+        "--include",
+        include,
+    ]
+    assert cli.main([*argv, "--calibration", str(tmp_path / "calib.txt")]) == 0, capsys.readouterr().err
+    tok = transformers.AutoTokenizer.from_pretrained(src)
+    ref = transformers.AutoModel.from_pretrained(src).eval()
+    samples = [dict(tok(x, return_tensors="pt")) for x in lines]
+    hs.sparsify(ref, method="dsnot", structure="2:4", calibration=samples, include=include)
+    loaded = transformers.AutoModel.from_pretrained(out).eval()
+    batch = tok(["A sentence about the weather."], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(**batch).last_hidden_state, ref(**batch).last_hidden_state, rtol=0, atol=0
+        )
+    w = loaded.encoder.layer[5].output.dense.weight
+    assert _is_nm(w != 0, 2, 4)
