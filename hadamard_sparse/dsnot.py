@@ -90,6 +90,15 @@ def dsnot_rows(
 
     Returns:
         The new bool keep-mask ``(R, F)``.
+
+    Example::
+
+        >>> st = hs.calibrate(model, batches)["0.weight"]  # a Linear's statistics
+        >>> mean, var = (t[0] for t in st.input_moments())
+        >>> start = row_keep_mask(w.abs() * st.sq_sum[0].sqrt().float(), 0.5)  # Wanda's mask
+        >>> keep = dsnot_rows(w, start, mean, var, st.sq_sum[0])
+        >>> torch.equal(keep.sum(1), start.sum(1))
+        True
     """
     wd = w.to(torch.float64)
     metric = wd * mean.to(torch.float64)  # W_ij mu_j: what pruning j adds to e_i

@@ -71,6 +71,12 @@ def channel_permutation(scores: torch.Tensor, m: int) -> torch.Tensor:
 
     Returns:
         ``perm`` ``(F,)`` long: group ``g`` is the columns ``perm[g * m : (g + 1) * m]``.
+
+    Example::
+
+        >>> scores = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]])
+        >>> channel_permutation(scores, 4)  # one column of each band of 2 per group: sums 18 and 18
+        tensor([7, 4, 3, 0, 6, 5, 2, 1])
     """
     f = scores.shape[-1]
     if m < 1 or f % m:
