@@ -27,6 +27,7 @@ from .._checks import check_norm
 from ..api import remove_parametrizations
 from ..errors import InvalidArgumentError
 from ..groups import Member, TensorGroups
+from ..layers import weight_dims
 from ..structures import register_model_structure
 from .graph import ChannelFlow, as_inputs, capture
 from .heads import attention_blocks
@@ -165,11 +166,17 @@ class Heads(TensorGroups):
                 out[idx] = g
             return out
 
+        tied: dict[str, int] = {}  # tie key -> first group of the blocks sharing their heads (T5)
         for b in attention_blocks(model):
-            first = len(labels)
-            for g in range(b.n_kv):
-                labels.append(b.name)
-                names.append(f"{b.name}.head{g}")
+            if b.tie is not None and b.tie in tied:
+                first = tied[b.tie]
+            else:
+                first = len(labels)
+                for g in range(b.n_kv):
+                    labels.append(b.tie or b.name)
+                    names.append(f"{b.tie or b.name}.head{g}")
+                if b.tie is not None:
+                    tied[b.tie] = first
             groups = range(first, first + b.n_kv)
             q_parts = [(gi, b.q_rows(g)) for g, gi in enumerate(groups)]
             kv_parts = [(gi, b.kv_rows(g)) for g, gi in enumerate(groups)]
@@ -185,13 +192,18 @@ class Heads(TensorGroups):
                 if getattr(model.get_submodule(b.name), "in_proj_bias", None) is not None:
                     members[_join(b.name, "in_proj_bias")] = Member(rows_of(3 * e, parts), None, False)
             else:
-                for proj, parts in ((b.q, q_parts), (b.k, kv_parts), (b.v, kv_parts)):
+                by_module: dict[str, list[tuple[int, torch.Tensor]]] = {}  # GPT-2: q, k, v in one c_attn
+                for proj, off, parts in ((b.q, b.offsets[0], q_parts), (b.k, b.offsets[1], kv_parts),
+                                         (b.v, b.offsets[2], kv_parts)):  # fmt: skip
+                    by_module.setdefault(proj, []).extend((g, r + off) for g, r in parts)
+                for proj, parts in by_module.items():
                     mod = model.get_submodule(proj)
-                    n = mod.weight.shape[0]
+                    n = mod.weight.shape[weight_dims(mod)[0]]
                     members[_join(proj, "weight")] = Member(rows_of(n, parts), None, True)
                     if getattr(mod, "bias", None) is not None:
                         members[_join(proj, "bias")] = Member(rows_of(n, parts), None, False)
-            members[_join(b.o, "weight")] = Member(None, rows_of(o.weight.shape[1], q_parts), True)
+            n_in = o.weight.shape[weight_dims(o)[1]]
+            members[_join(b.o, "weight")] = Member(None, rows_of(n_in, q_parts), True)
         super().__init__(members, labels, names, norm)
 
 

@@ -23,6 +23,7 @@ one), which is folded into the output projection's bias.
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..layers import layer_rule
 from .attention import ProjectedMultiheadAttention, mha_problem
 
 __all__ = ["ATTENTION_FINDERS", "AttentionBlock", "attention_blocks", "attention_finder", "prune_zero_heads"]
@@ -51,6 +53,12 @@ class AttentionBlock:
     attrs: list[tuple[str, str, str]] = field(default_factory=list)
     packed: bool = False  # nn.MultiheadAttention: q/k/v rows stacked in ``in_proj_weight``
     separate: bool = False  # ... or, with kdim/vdim, in ``q_proj_weight``/``k_proj_weight``/``v_proj_weight``
+    #: first output row of q, k and v in their modules (GPT-2: q, k and v are thirds of one ``c_attn``)
+    offsets: tuple[int, int, int] = (0, 0, 0)
+    #: blocks with the same key share their head groups (T5: a stack's layers add one position bias)
+    tie: str | None = None
+    #: an ``nn.Embedding`` whose columns are this block's heads (T5's ``relative_attention_bias``)
+    bias_table: str | None = None
 
     @property
     def group_size(self) -> int:
@@ -87,7 +95,10 @@ def _join(*parts: str) -> str:
 
 @attention_finder
 def _proj_style(name: str, mod: nn.Module) -> AttentionBlock | None:
-    q, k, v, o = (_linear(mod, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    if isinstance(mod, ProjectedMultiheadAttention):
+        return None  # its own finder below
+    out = "o_proj" if _linear(mod, "o_proj") is not None else "out_proj"
+    q, k, v, o = (_linear(mod, a) for a in ("q_proj", "k_proj", "v_proj", out))
     hd = getattr(mod, "head_dim", None)
     if q is None or k is None or v is None or o is None or not isinstance(hd, int) or hd <= 0:
         return None
@@ -108,8 +119,69 @@ def _proj_style(name: str, mod: nn.Module) -> AttentionBlock | None:
     ]
     j = _join
     return AttentionBlock(
-        name, j(name, "q_proj"), j(name, "k_proj"), j(name, "v_proj"), j(name, "o_proj"), hd, n, n_kv, attrs
+        name, j(name, "q_proj"), j(name, "k_proj"), j(name, "v_proj"), j(name, out), hd, n, n_kv, attrs
     )
+
+
+def _is_conv1d(mod: nn.Module | None) -> bool:
+    """Hugging Face's GPT-2 ``Conv1D``: a linear layer with weight ``(in, out)`` and ``nf`` outputs."""
+    rule = layer_rule(mod) if mod is not None else None
+    return rule is not None and rule.kind == "hf_conv1d" and isinstance(getattr(mod, "nf", None), int)
+
+
+@attention_finder
+def _gpt2_style(name: str, mod: nn.Module) -> AttentionBlock | None:
+    """GPT-2: q, k, v packed in one ``Conv1D`` ``c_attn`` split by ``split_size`` (cross-attention:
+    ``q_attn`` for q, ``c_attn`` for k and v), ``c_proj`` reads the heads."""
+    c_attn, c_proj = getattr(mod, "c_attn", None), getattr(mod, "c_proj", None)
+    hd, n, width = (getattr(mod, a, None) for a in ("head_dim", "num_heads", "split_size"))
+    if not (_is_conv1d(c_attn) and _is_conv1d(c_proj)):
+        return None
+    if not all(isinstance(x, int) and x > 0 for x in (hd, n, width)) or hd * n != width:
+        return None
+    q_attn = getattr(mod, "q_attn", None)
+    cross = _is_conv1d(q_attn)
+    if c_attn.nf != (2 if cross else 3) * width or c_proj.weight.shape[0] != width:
+        return None
+    if cross and q_attn.nf != width:
+        return None
+    j = _join
+    q = j(name, "q_attn") if cross else j(name, "c_attn")
+    offsets = (0, 0, width) if cross else (0, width, 2 * width)
+    attrs = [(name, "num_heads", "heads"), (name, "split_size", "width")]
+    return AttentionBlock(
+        name, q, j(name, "c_attn"), j(name, "c_attn"), j(name, "c_proj"), hd, n, n, attrs, offsets=offsets
+    )
+
+
+@attention_finder
+def _t5_style(name: str, mod: nn.Module) -> AttentionBlock | None:
+    """T5: ``q``, ``k``, ``v``, ``o`` (no biases), ``n_heads`` x ``key_value_proj_dim``.
+
+    The position bias (``relative_attention_bias``, one column per head, in the first layer of a
+    stack; zeros elsewhere) is computed once per stack and added in every layer, so the heads of one
+    kind (self- or cross-attention) are tied across the layers of a stack: head ``h`` is one group.
+    """
+    q, k, v, o = (_linear(mod, a) for a in ("q", "k", "v", "o"))
+    hd, n = getattr(mod, "key_value_proj_dim", None), getattr(mod, "n_heads", None)
+    if q is None or k is None or v is None or o is None:
+        return None
+    if not (isinstance(hd, int) and isinstance(n, int) and hd > 0 and n > 0):
+        return None
+    if not q.out_features == k.out_features == v.out_features == o.in_features == n * hd:
+        return None
+    table = getattr(mod, "relative_attention_bias", None)
+    if table is not None and not (isinstance(table, nn.Embedding) and table.embedding_dim == n):
+        return None
+    attrs = [(name, "n_heads", "heads")]
+    if isinstance(getattr(mod, "inner_dim", None), int):
+        attrs.append((name, "inner_dim", "width"))
+    j = _join
+    return AttentionBlock(
+        name, j(name, "q"), j(name, "k"), j(name, "v"), j(name, "o"), hd, n, n, attrs,
+        tie=re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", name),
+        bias_table=j(name, "relative_attention_bias") if table is not None else None,
+    )  # fmt: skip
 
 
 @attention_finder
@@ -184,17 +256,26 @@ def attention_blocks(model: nn.Module) -> list[AttentionBlock]:
 # --------------------------------------------------------------------------------------------
 
 
+def _out_in(mod: nn.Module) -> torch.Tensor:
+    """The weight of a Linear or HF ``Conv1D`` as ``(out, in)`` (detached; a view)."""
+    w = mod.weight.detach()
+    return w.t() if _is_conv1d(mod) else w
+
+
 def _sliced(
-    lin: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None, delta: torch.Tensor | None
-) -> nn.Linear:
-    """A shallow copy of ``lin`` keeping ``rows``/``cols`` (``None``: all), ``delta`` added to the bias."""
+    lin: nn.Module, rows: torch.Tensor | None, cols: torch.Tensor | None, delta: torch.Tensor | None
+) -> nn.Module:
+    """A shallow copy of a Linear / HF ``Conv1D`` keeping ``rows``/``cols`` (outputs/inputs; ``None``:
+    all), ``delta`` added to the bias."""
+    conv1d = _is_conv1d(lin)
+    out_dim, in_dim = (1, 0) if conv1d else (0, 1)
     new = copy.copy(lin)
     new._parameters = dict(lin._parameters)  # type: ignore[assignment]
     w = lin.weight.detach()
     if rows is not None:
-        w = w.index_select(0, rows.to(w.device))
+        w = w.index_select(out_dim, rows.to(w.device))
     if cols is not None:
-        w = w.index_select(1, cols.to(w.device))
+        w = w.index_select(in_dim, cols.to(w.device))
     new.weight = nn.Parameter(w.clone().contiguous(), requires_grad=lin.weight.requires_grad)
     if lin.bias is not None:
         b = lin.bias.detach()
@@ -203,7 +284,20 @@ def _sliced(
         if rows is not None:
             b = b.index_select(0, rows.to(b.device))
         new.bias = nn.Parameter(b.clone().contiguous(), requires_grad=lin.bias.requires_grad)
-    new.out_features, new.in_features = new.weight.shape
+    if conv1d:
+        new.nx, new.nf = new.weight.shape
+    else:
+        new.out_features, new.in_features = new.weight.shape
+    return new
+
+
+def _sliced_table(emb: nn.Embedding, cols: torch.Tensor) -> nn.Embedding:
+    """A shallow copy of an ``nn.Embedding`` keeping the columns ``cols`` (T5's per-head position bias)."""
+    new = copy.copy(emb)
+    new._parameters = dict(emb._parameters)  # type: ignore[assignment]
+    w = emb.weight.detach().index_select(1, cols.to(emb.weight.device))
+    new.weight = nn.Parameter(w.clone().contiguous(), requires_grad=emb.weight.requires_grad)
+    new.embedding_dim = w.shape[1]
     return new
 
 
@@ -244,38 +338,59 @@ def _unpack_mha(model: nn.Module, b: AttentionBlock) -> AttentionBlock | None:
     return _projected_mha(b.name, new)
 
 
+def _value_rows(model: nn.Module, b: AttentionBlock) -> tuple[torch.Tensor, torch.Tensor]:
+    """The value weight rows ``(n_kv * head_dim, in)`` of a block and their bias (float64; zeros if none)."""
+    v = model.get_submodule(b.v)
+    rows = slice(b.offsets[2], b.offsets[2] + b.n_kv * b.head_dim)
+    vw = _out_in(v)[rows]
+    vb = v.bias.detach()[rows].to(torch.float64) if v.bias is not None else torch.zeros(vw.shape[0])
+    return vw, vb.to(torch.float64)
+
+
 def prune_zero_heads(model: nn.Module) -> list[str]:
     """Remove, in place, the head groups whose value rows are all zero; return the changed module names.
 
     The removed groups' value biases are folded into the output projection's bias (a group with a
     nonzero value bias is kept when that projection has no bias). At least one group of each block
-    is kept. An ``nn.MultiheadAttention`` with such heads is replaced by a
+    is kept. Blocks tied together (T5: the layers of a stack share one position bias) lose only the
+    groups that are zero in all of them, and a position-bias table loses its removed heads' columns.
+    An ``nn.MultiheadAttention`` with such heads is replaced by a
     :class:`~hadamard_sparse.export.attention.ProjectedMultiheadAttention` holding the other heads
     (one whose configuration it cannot reproduce, e.g. ``add_bias_kv=True``, is kept whole with a
     warning saying why).
     """
     changed: list[str] = []
+    blocks: list[AttentionBlock] = []
     for b in attention_blocks(model):
         if b.packed:
             unpacked = _unpack_mha(model, b)
             if unpacked is None:
                 continue
             b = unpacked
-        q, k, v, o = (model.get_submodule(n) for n in (b.q, b.k, b.v, b.o))
-        vw = v.weight.detach()
-        vb = (
-            v.bias.detach().to(torch.float64)
-            if v.bias is not None
-            else torch.zeros(vw.shape[0], dtype=torch.float64)
-        )
-        gone = _zero_groups(b, vw, vb, o.bias is not None)
+        blocks.append(b)
+    gone_of: dict[str, set[int]] = {}
+    for b in blocks:
+        vw, vb = _value_rows(model, b)
+        gone_of[b.name] = set(_zero_groups(b, vw, vb, model.get_submodule(b.o).bias is not None))
+    tied: dict[str, list[AttentionBlock]] = {}
+    for b in blocks:
+        if b.tie is not None:
+            tied.setdefault(b.tie, []).append(b)
+    for same in tied.values():
+        common = set.intersection(*(gone_of[b.name] for b in same))
+        for b in same:
+            gone_of[b.name] = common
+    for b in blocks:
+        gone = sorted(gone_of[b.name])
         if not gone:
             continue
         if len(gone) == b.n_kv:
             gone = gone[1:]
         keep = [g for g in range(b.n_kv) if g not in gone]
-        delta = torch.zeros(o.weight.shape[0], dtype=torch.float64)
-        ow = o.weight.detach().to(torch.float64).cpu()
+        o = model.get_submodule(b.o)
+        _, vb = _value_rows(model, b)
+        ow = _out_in(o).to(torch.float64).cpu()
+        delta = torch.zeros(ow.shape[0], dtype=torch.float64)
         for g in gone:
             bias_v = vb[b.kv_rows(g)].cpu()
             for h in range(b.group_size):
@@ -283,15 +398,26 @@ def prune_zero_heads(model: nn.Module) -> list[str]:
                 delta += ow[:, cols] @ bias_v
         q_keep = torch.cat([b.q_rows(g) for g in keep])
         kv_keep = torch.cat([b.kv_rows(g) for g in keep])
-        set_submodule(model, b.q, _sliced(q, q_keep, None, None))
-        set_submodule(model, b.k, _sliced(k, kv_keep, None, None))
-        set_submodule(model, b.v, _sliced(v, kv_keep, None, None))
+        rows: dict[str, list[tuple[int, torch.Tensor]]] = {}  # GPT-2: q, k and v rows of one module
+        for proj, off, idx in (
+            (b.q, b.offsets[0], q_keep),
+            (b.k, b.offsets[1], kv_keep),
+            (b.v, b.offsets[2], kv_keep),
+        ):
+            rows.setdefault(proj, []).append((off, idx + off))
+        for proj, parts in rows.items():
+            kept = torch.cat([idx for _, idx in sorted(parts, key=lambda p: p[0])])
+            set_submodule(model, proj, _sliced(model.get_submodule(proj), kept, None, None))
         set_submodule(model, b.o, _sliced(o, None, q_keep, delta if o.bias is not None else None))
         values = {"heads": len(keep) * b.group_size, "kv_heads": len(keep), "width": len(q_keep)}
         for mod_name, attr, what in b.attrs:
             setattr(model.get_submodule(mod_name), attr, values[what])
+        if b.bias_table is not None:
+            heads = torch.tensor([g * b.group_size + h for g in keep for h in range(b.group_size)])
+            set_submodule(model, b.bias_table, _sliced_table(model.get_submodule(b.bias_table), heads))
+            changed.append(b.bias_table)
         block = model.get_submodule(b.name)
         if isinstance(block, ProjectedMultiheadAttention):  # 3-D attn_masks keep the original heads' rows
             block.head_ids = [block.head_ids[g] for g in keep]
-        changed += [b.name, b.q, b.k, b.v, b.o] + [m for m, _, _ in b.attrs]
+        changed += [b.name, *rows, b.o] + [m for m, _, _ in b.attrs]
     return changed
