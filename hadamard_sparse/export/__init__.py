@@ -27,6 +27,7 @@ per layer type, and ``shrink``), ``sparse.py`` (formats, ``SparseLinear``, ``to_
 See ``docs/speed.md`` for the rules, their reasons and measured speed-ups.
 """
 
+from . import rules_hf  # noqa: F401  (registers the HF Conv1D rules; imports shrink)
 from .attention import ProjectedMultiheadAttention
 from .groups import ChannelGroups, Heads
 from .shrink import shrink

@@ -34,7 +34,14 @@ from torch import nn
 from ..layers import layer_rule
 from .attention import ProjectedMultiheadAttention, mha_problem
 
-__all__ = ["ATTENTION_FINDERS", "AttentionBlock", "attention_blocks", "attention_finder", "prune_zero_heads"]
+__all__ = [
+    "ATTENTION_FINDERS",
+    "AttentionBlock",
+    "attention_blocks",
+    "attention_finder",
+    "is_hf_conv1d",
+    "prune_zero_heads",
+]
 
 
 @dataclass
@@ -123,10 +130,15 @@ def _proj_style(name: str, mod: nn.Module) -> AttentionBlock | None:
     )
 
 
-def _is_conv1d(mod: nn.Module | None) -> bool:
-    """Hugging Face's GPT-2 ``Conv1D``: a linear layer with weight ``(in, out)`` and ``nf`` outputs."""
-    rule = layer_rule(mod) if mod is not None else None
-    return rule is not None and rule.kind == "hf_conv1d" and isinstance(getattr(mod, "nf", None), int)
+def is_hf_conv1d(mod: object) -> bool:
+    """Whether ``mod`` is Hugging Face's GPT-2 ``Conv1D``: weight ``(nx, nf)`` (inputs, outputs)."""
+    rule = layer_rule(mod) if isinstance(mod, nn.Module) else None
+    return (
+        rule is not None
+        and rule.kind == "hf_conv1d"
+        and isinstance(getattr(mod, "nf", None), int)
+        and isinstance(getattr(mod, "nx", None), int)
+    )
 
 
 @attention_finder
@@ -135,12 +147,12 @@ def _gpt2_style(name: str, mod: nn.Module) -> AttentionBlock | None:
     ``q_attn`` for q, ``c_attn`` for k and v), ``c_proj`` reads the heads."""
     c_attn, c_proj = getattr(mod, "c_attn", None), getattr(mod, "c_proj", None)
     hd, n, width = (getattr(mod, a, None) for a in ("head_dim", "num_heads", "split_size"))
-    if not (_is_conv1d(c_attn) and _is_conv1d(c_proj)):
+    if not (is_hf_conv1d(c_attn) and is_hf_conv1d(c_proj)):
         return None
     if not all(isinstance(x, int) and x > 0 for x in (hd, n, width)) or hd * n != width:
         return None
     q_attn = getattr(mod, "q_attn", None)
-    cross = _is_conv1d(q_attn)
+    cross = is_hf_conv1d(q_attn)
     if c_attn.nf != (2 if cross else 3) * width or c_proj.weight.shape[0] != width:
         return None
     if cross and q_attn.nf != width:
@@ -259,7 +271,7 @@ def attention_blocks(model: nn.Module) -> list[AttentionBlock]:
 def _out_in(mod: nn.Module) -> torch.Tensor:
     """The weight of a Linear or HF ``Conv1D`` as ``(out, in)`` (detached; a view)."""
     w = mod.weight.detach()
-    return w.t() if _is_conv1d(mod) else w
+    return w.t() if is_hf_conv1d(mod) else w
 
 
 def _sliced(
@@ -267,7 +279,7 @@ def _sliced(
 ) -> nn.Module:
     """A shallow copy of a Linear / HF ``Conv1D`` keeping ``rows``/``cols`` (outputs/inputs; ``None``:
     all), ``delta`` added to the bias."""
-    conv1d = _is_conv1d(lin)
+    conv1d = is_hf_conv1d(lin)
     out_dim, in_dim = (1, 0) if conv1d else (0, 1)
     new = copy.copy(lin)
     new._parameters = dict(lin._parameters)  # type: ignore[assignment]

@@ -158,8 +158,10 @@ def _consume(
     flow.plans[name].in_cols.append((info.ids, info.const, droppable))
 
 
-def _linear_or_conv(flow: ChannelFlow, node: fx.Node, name: str, mod: nn.Module, kind: str) -> None:
-    src = node.args[0]
+def _linear_or_conv(
+    flow: ChannelFlow, node: fx.Node, name: str, mod: nn.Module, kind: str, src: Any = None
+) -> None:
+    src = node.args[0] if src is None else src
     info = flow.tensor_info(src)
     in_shape, out_shape = flow.shape(src), flow.shape(node)
     if in_shape is None or out_shape is None:
@@ -204,8 +206,9 @@ def _couple(flow: ChannelFlow, ids: torch.Tensor, groups: int) -> None:
 
 
 @module_rule(nn.Linear, weighted=True)
-def linear_flow(flow: ChannelFlow, node: fx.Node, name: str, mod: nn.Module) -> None:
-    _linear_or_conv(flow, node, name, mod, "linear")
+def linear_flow(flow: ChannelFlow, node: fx.Node, name: str, mod: nn.Module, src: Any = None) -> None:
+    """``mod`` (an ``nn.Linear``) run by ``node`` on ``src`` (default: the node's first argument)."""
+    _linear_or_conv(flow, node, name, mod, "linear", src)
 
 
 @module_rule(*CONV_DIMS, weighted=True)

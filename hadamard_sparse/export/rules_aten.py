@@ -118,6 +118,7 @@ def _aten_norm(flow: ChannelFlow, node: fx.Node) -> None:
 _UNARY_NAMES = (
     "relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardtanh", "leaky_relu", "elu", "selu",
     "celu", "mish", "softplus", "hardswish", "hardsigmoid", "neg", "abs", "square", "exp", "log_sigmoid",
+    "pow",  # x ** scalar (GPT-2's gelu_new); a tensor exponent is refused by the rule
 )  # fmt: skip
 _UNARY = _packets(*_UNARY_NAMES, *(n + "_" for n in _UNARY_NAMES))  # in-place variants (ReLU(inplace=True))
 _PASS = _packets("dropout", "feature_dropout", "alpha_dropout", "contiguous", "clone", "alias", "detach")
