@@ -25,7 +25,7 @@ from torch import nn
 
 from .._checks import check_norm
 from ..api import remove_parametrizations
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, NoTargetsError
 from ..groups import Member, TensorGroups
 from ..layers import weight_dims
 from ..structures import register_model_structure
@@ -166,8 +166,11 @@ class Heads(TensorGroups):
                 out[idx] = g
             return out
 
+        blocks = attention_blocks(model)
+        if not blocks:
+            raise NoTargetsError(_no_blocks_message(model))
         tied: dict[str, int] = {}  # tie key -> first group of the blocks sharing their heads (T5)
-        for b in attention_blocks(model):
+        for b in blocks:
             if b.tie is not None and b.tie in tied:
                 first = tied[b.tie]
             else:
@@ -205,6 +208,28 @@ class Heads(TensorGroups):
             n_in = o.weight.shape[weight_dims(o)[1]]
             members[_join(b.o, "weight")] = Member(None, rows_of(n_in, q_parts), True)
         super().__init__(members, labels, names, norm)
+
+
+def _no_blocks_message(model: nn.Module) -> str:
+    """Why :class:`Heads` found nothing: the families it knows, and the modules that look like attention."""
+    looks = [
+        f"{name} ({type(mod).__name__})"
+        for name, mod in model.named_modules()
+        if name and ("attn" in type(mod).__name__.lower() or "attention" in type(mod).__name__.lower())
+    ]
+    hint = (
+        f"; these modules look like attention but match no finder: {', '.join(looks[:5])}"
+        + (f" and {len(looks) - 5} more" if len(looks) > 5 else "")
+        + " (add a finder with hadamard_sparse.export.heads.attention_finder)"
+        if looks
+        else ""
+    )
+    return (
+        f"Heads: {type(model).__name__} has no attention block shrink knows: recognised are Hugging Face "
+        "BERT/RoBERTa/ViT/Llama/Whisper/wav2vec2-style (q/k/v projections and head_dim), GPT-2 (c_attn, "
+        "c_proj), T5 (q, k, v, o, n_heads) blocks, nn.MultiheadAttention and ProjectedMultiheadAttention"
+        + hint
+    )
 
 
 @register_model_structure("channel_group", "channel_groups")
