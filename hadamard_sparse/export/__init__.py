@@ -16,7 +16,7 @@ baking, two exports make the zeros pay:
 
 Layout: ``graph.py`` (capture with ``torch.export``, fx as fallback; module guards, the
 channel-flow traversal and its rule tables), ``rules.py`` (one channel rule per op),
-``rules_aten.py`` (the same for ATen ops), ``attention.py`` (``ProjectedMultiheadAttention``:
+``rules_aten.py`` (the same for ATen ops), ``rules_hf.py`` (Hugging Face ``Conv1D``), ``attention.py`` (``ProjectedMultiheadAttention``:
 torch's multi-head attention with projection modules, for removed heads and sparse projections),
 ``heads.py`` (attention blocks, head removal),
 ``groups.py`` (ChannelGroups, Heads), ``shrink.py`` (one rebuild rule

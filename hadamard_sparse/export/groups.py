@@ -136,8 +136,10 @@ class ChannelGroups(TensorGroups):
 class Heads(TensorGroups):
     r"""Attention heads of ``model`` as groups: q/k/v rows (and biases) of a head and the output projection's columns.
 
-    Blocks are found by ``export/heads.py``: Hugging Face BERT/RoBERTa/ViT/Llama-style attention and
-    ``nn.MultiheadAttention``. With grouped-query attention (fewer key/value heads, Llama) a group is
+    Blocks are found by ``export/heads.py``: Hugging Face BERT/RoBERTa/ViT/Llama/Whisper/wav2vec2,
+    GPT-2 and T5 attention and ``nn.MultiheadAttention``. T5 adds one position bias (a column per
+    head) computed once per stack to every layer, so its heads are tied across the layers of a stack
+    (one group per head and stack, for self- and cross-attention apart). With grouped-query attention (fewer key/value heads, Llama) a group is
     one key/value head with all the query heads that read it, so a pruned group leaves the
     ``num_key_value_groups`` ratio unchanged. ``sparsity`` is the fraction of groups pruned
     (``scope="layer"``: in every block). :func:`~hadamard_sparse.shrink` removes pruned heads (an
@@ -148,6 +150,10 @@ class Heads(TensorGroups):
         model: the model (not changed).
         example_inputs: unused (accepted so that every model structure is built the same way).
         norm: ``"l2"`` or ``"l1"``.
+
+    Raises:
+        NoTargetsError: ``model`` has no attention block a finder recognises (the message names the
+            modules that look like attention).
 
     Example::
 

@@ -232,7 +232,7 @@ def shrink(model: nn.Module, example_inputs: torch.Tensor | Sequence[Any] | dict
     the model's outputs, LayerNorm/GroupNorm over the channel dimension, a shared module or a
     module whose tensors the forward reads directly are kept.
 
-    Attention heads (BERT, ViT, Llama-style blocks; see ``export/heads.py``) whose value
+    Attention heads (BERT, ViT, Llama, GPT-2, T5, Whisper, wav2vec2 blocks; see ``export/heads.py``) whose value
     rows are all zero are removed with their query/key rows and the output projection's
     columns (grouped-query attention: a key/value head goes with all its query heads), and
     the block's ``num_heads``-like attributes are updated. An ``nn.MultiheadAttention`` with such
