@@ -258,3 +258,28 @@ def test_heads_on_a_model_without_attention_says_so() -> None:
     with pytest.raises(hs.NoTargetsError, match="no attention block"):
         hs.sparsify(nn.Sequential(nn.Linear(8, 8)), 0.5, structure="head")
     assert not hs.masks(model)
+
+
+def test_heads_warns_about_attention_it_does_not_know() -> None:
+    class MyAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = nn.Linear(8, 24)
+
+    model = nn.Sequential(nn.MultiheadAttention(8, 2), MyAttention())
+    with pytest.warns(UserWarning, match=r"look like attention.*1 \(MyAttention\)"):
+        assert hs.Heads(model).n == 2
+
+
+def test_gpt2_cross_attention_heads_q_attn_and_c_attn() -> None:
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(
+        transformers.GPT2Config(**{**gpt2().config.to_dict(), "add_cross_attention": True})
+    )
+    x = {"input_ids": IDS, "encoder_hidden_states": torch.randn(2, 4, 32)}
+    model.eval()
+    assert hs.Heads(model).n == 2 * 2 * 4  # self- and cross-attention of 2 layers
+    hs.sparsify(model, 0.5, structure="head", scope="layer")
+    shrunk = shrink_matches_masked(model, x)
+    cross = shrunk.h[0].crossattention
+    assert cross.q_attn.nf == 16 and cross.c_attn.nf == 32 and cross.split_size == 16 and cross.num_heads == 2

@@ -17,6 +17,7 @@ its query heads, the output projection's columns and the q/k/v biases.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -175,6 +176,14 @@ class Heads(TensorGroups):
         blocks = attention_blocks(model)
         if not blocks:
             raise NoTargetsError(_no_blocks_message(model))
+        missed = _unrecognised(model, [b.name for b in blocks])
+        if missed:
+            warnings.warn(
+                f"Heads: these modules look like attention but match no finder, so their heads are not "
+                f"pruned: {_listed(missed)} ({_FAMILIES}; {_ADD})",
+                UserWarning,
+                stacklevel=2,
+            )
         tied: dict[str, int] = {}  # tie key -> first group of the blocks sharing their heads (T5)
         for b in blocks:
             if b.tie is not None and b.tie in tied:
@@ -216,26 +225,38 @@ class Heads(TensorGroups):
         super().__init__(members, labels, names, norm)
 
 
-def _no_blocks_message(model: nn.Module) -> str:
-    """Why :class:`Heads` found nothing: the families it knows, and the modules that look like attention."""
-    looks = [
+def _unrecognised(model: nn.Module, blocks: Sequence[str]) -> list[str]:
+    """Modules whose class name says attention, neither a found block nor inside or above one."""
+
+    def related(name: str) -> bool:
+        return any(name == b or name.startswith(b + ".") or b.startswith(name + ".") for b in blocks)
+
+    return [
         f"{name} ({type(mod).__name__})"
         for name, mod in model.named_modules()
-        if name and ("attn" in type(mod).__name__.lower() or "attention" in type(mod).__name__.lower())
+        if name and any(w in type(mod).__name__.lower() for w in ("attn", "attention")) and not related(name)
     ]
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+_FAMILIES = (
+    "recognised are Hugging Face BERT/RoBERTa/ViT/Llama/Whisper/wav2vec2-style (q/k/v projections and "
+    "head_dim), GPT-2 (c_attn, c_proj), T5 (q, k, v, o, n_heads) blocks, nn.MultiheadAttention and "
+    "ProjectedMultiheadAttention"
+)
+_ADD = "add a finder with hadamard_sparse.export.heads.attention_finder"
+
+
+def _no_blocks_message(model: nn.Module) -> str:
+    """Why :class:`Heads` found nothing: the families it knows, and the modules that look like attention."""
+    looks = _unrecognised(model, [])
     hint = (
-        f"; these modules look like attention but match no finder: {', '.join(looks[:5])}"
-        + (f" and {len(looks) - 5} more" if len(looks) > 5 else "")
-        + " (add a finder with hadamard_sparse.export.heads.attention_finder)"
-        if looks
-        else ""
+        f"; these modules look like attention but match no finder: {_listed(looks)} ({_ADD})" if looks else ""
     )
-    return (
-        f"Heads: {type(model).__name__} has no attention block shrink knows: recognised are Hugging Face "
-        "BERT/RoBERTa/ViT/Llama/Whisper/wav2vec2-style (q/k/v projections and head_dim), GPT-2 (c_attn, "
-        "c_proj), T5 (q, k, v, o, n_heads) blocks, nn.MultiheadAttention and ProjectedMultiheadAttention"
-        + hint
-    )
+    return f"Heads: {type(model).__name__} has no attention block shrink knows: {_FAMILIES}{hint}"
 
 
 @register_model_structure("channel_group", "channel_groups")
