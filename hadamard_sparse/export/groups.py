@@ -184,17 +184,18 @@ class Heads(TensorGroups):
                 UserWarning,
                 stacklevel=2,
             )
-        tied: dict[str, int] = {}  # tie key -> first group of the blocks sharing their heads (T5)
+        tied: dict[str, tuple[int, int]] = {}  # tie key -> (first group, groups) of blocks sharing heads (T5)
         for b in blocks:
-            if b.tie is not None and b.tie in tied:
-                first = tied[b.tie]
+            if b.tie is not None and tied.get(b.tie, (0, -1))[1] == b.n_kv:
+                first = tied[b.tie][0]
             else:
+                own = b.tie if b.tie is not None and b.tie not in tied else b.name
                 first = len(labels)
                 for g in range(b.n_kv):
-                    labels.append(b.tie or b.name)
-                    names.append(f"{b.tie or b.name}.head{g}")
-                if b.tie is not None:
-                    tied[b.tie] = first
+                    labels.append(own)
+                    names.append(f"{own}.head{g}")
+                if b.tie is not None and own == b.tie:
+                    tied[b.tie] = (first, b.n_kv)
             groups = range(first, first + b.n_kv)
             q_parts = [(gi, b.q_rows(g)) for g, gi in enumerate(groups)]
             kv_parts = [(gi, b.kv_rows(g)) for g, gi in enumerate(groups)]

@@ -5,8 +5,14 @@ with :func:`attention_finder`); each returns an :class:`AttentionBlock` naming t
 projections, the output projection that reads the concatenated heads, the head size, the
 number of query and key/value heads, and the attributes to update when heads go:
 
-- Llama / Mistral / Qwen / ViT (transformers 5) style: ``q_proj``, ``k_proj``, ``v_proj``,
-  ``o_proj`` children and ``head_dim``; grouped-query attention (fewer k/v heads) supported.
+- Llama / Mistral / Qwen / ViT / Whisper / wav2vec2 (transformers 5) style: ``q_proj``, ``k_proj``,
+  ``v_proj``, ``o_proj`` (or ``out_proj``) children and ``head_dim``; grouped-query attention (fewer
+  k/v heads) supported.
+- GPT-2: q, k and v are thirds of one Hugging Face ``Conv1D`` ``c_attn`` (``offsets``; weight
+  ``(in, out)``), split by ``split_size``; cross-attention reads q from ``q_attn``.
+- T5: ``q``, ``k``, ``v``, ``o`` and ``n_heads``. A stack's position bias (``relative_attention_bias``
+  columns in its first layer, zeros elsewhere) is computed once and added in every layer, so the
+  blocks of one kind in a stack are *tied* (``tie``): they keep and lose the same heads.
 - BERT / RoBERTa / MiniLM style: a block with ``self.query/key/value`` (and
   ``self.attention_head_size``) and ``output.dense``.
 - ``nn.MultiheadAttention`` (q/k/v rows in ``in_proj_weight``, or with ``kdim``/``vdim`` in
