@@ -125,9 +125,13 @@ static void tile_out(const float *restrict acc, int64_t W, int64_t nr, int64_t m
         for (int q = 0; q < NV; ++q) a[0][q] += v * r[q];                                     \
       }                                                                                       \
       const float b = bias ? bias[n] : 0.0f;                                                  \
+      const int short_row = e - rowptr[n] < U; /* only a[0] used: skip the U - 1 zero adds */ \
       for (int q = 0; q < NV; ++q) {                                                          \
         VT s = a[0][q];                                                                       \
-        for (int u = 1; u < U; ++u) s += a[u][q];                                             \
+        if (short_row)                                                                        \
+          s += 0.0f; /* the same bits as adding the zero chains (-0 becomes +0) */            \
+        else                                                                                  \
+          for (int u = 1; u < U; ++u) s += a[u][q];                                           \
         s += b;                                                                               \
         memcpy(acc + (n - n0) * W + q * VW, &s, sizeof s);                                    \
       }                                                                                       \
@@ -279,5 +283,103 @@ int64_t hs_work_floats(int64_t M, int64_t K, int nthreads) {
 ENTRY(uint16_t, u16)
 ENTRY(int32_t, i32)
 
+/* Direct convolution (no im2col matrix, no transposes), channels-first in and out:
+ *
+ *   y[n, o, p] = sum_k W[o, k] * patch(n, p)[k] + b[o],   p = oh * Wo + ow,  k = (a * kw + b) * C + c
+ *
+ * (the column order of SparseConv's 'csr_kernel' layout). The tokens of one tile are W
+ * consecutive output positions of one sample; conv_tile_in reads them straight from x
+ * (N, C, H, Wd) into xt[K][W] (zero outside the input: padding by bounds), the same ROWS loop as
+ * hs_csr_linear_* runs on it, and each finished output row of acc is a contiguous run of y's
+ * (N, O, Ho * Wo) layout. Whole tiles per thread, so the bits do not depend on the thread count
+ * (and equal hs_csr_linear_* on the im2col matrix: each lane sums in the same order).
+ * g: N, C, H, Wd, O, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw (ph, pw: top/left zero padding). */
+enum { G_N, G_C, G_H, G_W, G_O, G_HO, G_WO, G_KH, G_KW, G_SH, G_SW, G_PH, G_PW, G_DH, G_DW, G_LEN };
+
+/* xt[k * W + i] = patch(p0 + i)[k] for i < mv, 0 for mv <= i < W, for one sample xs (C, H, Wd). */
+static void conv_tile_in(const float *restrict xs, const int64_t *g, int64_t p0, int64_t mv, int64_t W,
+                         float *restrict xt) {
+  const int64_t C = g[G_C], H = g[G_H], Wd = g[G_W], Wo = g[G_WO], kh = g[G_KH], kw = g[G_KW];
+  const int64_t sh = g[G_SH], sw = g[G_SW], ph = g[G_PH], pw = g[G_PW], dh = g[G_DH], dw = g[G_DW];
+  const int64_t K = kh * kw * C;
+  for (int64_t i = 0; i < mv;) { /* runs of tokens on one output row */
+    const int64_t oh = (p0 + i) / Wo, ow = (p0 + i) % Wo;
+    const int64_t run = mv - i < Wo - ow ? mv - i : Wo - ow;
+    for (int64_t c = 0; c < C; ++c) {
+      const float *plane = xs + c * H * Wd;
+      for (int64_t a = 0; a < kh; ++a) {
+        const int64_t ih = oh * sh - ph + a * dh;
+        for (int64_t b = 0; b < kw; ++b) {
+          float *restrict d = xt + ((a * kw + b) * C + c) * W + i;
+          if (ih < 0 || ih >= H) {
+            for (int64_t t = 0; t < run; ++t) d[t] = 0.0f;
+            continue;
+          }
+          const float *restrict s = plane + ih * Wd;
+          const int64_t iw0 = ow * sw - pw + b * dw;
+          if (sw == 1) {
+            const int64_t lo = iw0 < 0 ? (-iw0 < run ? -iw0 : run) : 0;
+            const int64_t hi = Wd - iw0 < run ? (Wd - iw0 > lo ? Wd - iw0 : lo) : run;
+            for (int64_t t = 0; t < lo; ++t) d[t] = 0.0f;
+            for (int64_t t = lo; t < hi; ++t) d[t] = s[iw0 + t];
+            for (int64_t t = hi; t < run; ++t) d[t] = 0.0f;
+          } else {
+            for (int64_t t = 0; t < run; ++t) {
+              const int64_t iw = iw0 + t * sw;
+              d[t] = iw >= 0 && iw < Wd ? s[iw] : 0.0f;
+            }
+          }
+        }
+      }
+    }
+    i += run;
+  }
+  if (mv < W)
+    for (int64_t k = 0; k < K; ++k) memset(xt + k * W + mv, 0, (size_t)(W - mv) * sizeof(float));
+}
+
+/* Floats of scratch hs_conv_* needs for K = kh * kw * C on nthreads threads. */
+int64_t hs_conv_work_floats(int64_t K, int nthreads) {
+  if (nthreads < 1) nthreads = 1;
+  return (int64_t)nthreads * (TILE * K + RB * TILE);
+}
+
+#define CONV_ENTRY(IDX, SUF)                                                                  \
+  int hs_conv_##SUF(const int64_t *g, const float *x, const int32_t *rowptr, const IDX *col,  \
+                    const float *val, const float *bias, float *y, float *work, int nthreads) { \
+    const int64_t C = g[G_C], H = g[G_H], Wd = g[G_W], O = g[G_O];                            \
+    const int64_t P = g[G_HO] * g[G_WO], K = g[G_KH] * g[G_KW] * C;                            \
+    int64_t full, rem, wl, tps;                                                               \
+    if (nthreads < 1) nthreads = 1;                                                           \
+    tiling(P, &full, &rem, &wl, &tps);                                                        \
+    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                    \
+    for (int64_t q = 0; q < g[G_N] * tps; ++q) {                                              \
+      const int64_t n = q / tps, t = q % tps;                                                 \
+      const int64_t W = t < full ? TILE : wl, mv = t < full ? TILE : rem, p0 = t * TILE;      \
+      float *xt = work + thread_id() * (TILE * K + RB * TILE), *acc = xt + TILE * K;          \
+      float *yn = y + n * O * P + p0;                                                         \
+      conv_tile_in(x + n * C * H * Wd, g, p0, mv, W, xt);                                     \
+      for (int64_t n0 = 0; n0 < O; n0 += RB) {                                                \
+        const int64_t n1 = n0 + RB < O ? n0 + RB : O;                                         \
+        switch (W) {                                                                          \
+          case 32: rows32_##SUF(xt, rowptr, col, val, bias, n0, n1, acc); break;              \
+          case 16: rows16_##SUF(xt, rowptr, col, val, bias, n0, n1, acc); break;              \
+          case 8: rows8_##SUF(xt, rowptr, col, val, bias, n0, n1, acc); break;                \
+          default: rows4_##SUF(xt, rowptr, col, val, bias, n0, n1, acc); break;               \
+        }                                                                                     \
+        if (mv == TILE) /* a fixed size: inlined vector copies, no libc call per row */       \
+          for (int64_t r = n0; r < n1; ++r)                                                   \
+            memcpy(yn + r * P, acc + (r - n0) * W, TILE * sizeof(float));                     \
+        else                                                                                  \
+          for (int64_t r = n0; r < n1; ++r)                                                   \
+            memcpy(yn + r * P, acc + (r - n0) * W, (size_t)mv * sizeof(float));               \
+      }                                                                                       \
+    }                                                                                         \
+    return 0;                                                                                 \
+  }
+
+CONV_ENTRY(uint16_t, u16)
+CONV_ENTRY(int32_t, i32)
+
 /* Lets the loader check that it has the library it compiled. */
-int hs_kernels_abi(void) { return 2; }
+int hs_kernels_abi(void) { return 3; }

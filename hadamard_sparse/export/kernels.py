@@ -38,10 +38,10 @@ import torch
 
 from ..errors import InvalidArgumentError, InvalidTypeError
 
-__all__ = ["CSRWeight", "csr_linear", "kernel_status", "pack_csr"]
+__all__ = ["CSRWeight", "csr_conv2d", "csr_linear", "kernel_status", "pack_csr"]
 
 _SOURCE = Path(__file__).with_name("_kernels.c")
-_ABI = 2
+_ABI = 3
 #: Largest number of input features stored with uint16 column indices.
 _U16_MAX_COLS = 1 << 16
 #: Multiply-adds per extra thread: smaller calls use fewer threads (a fork/join costs microseconds on
@@ -166,6 +166,12 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
     lib.hs_work_floats.restype = i64
     lib.hs_work_floats.argtypes = [i64, i64, ctypes.c_int]
+    for name in ("hs_conv_u16", "hs_conv_i32"):
+        fn = getattr(lib, name)
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.hs_conv_work_floats.restype = i64
+    lib.hs_conv_work_floats.argtypes = [i64, ctypes.c_int]
 
 
 def _load() -> ctypes.CDLL | None:
@@ -414,6 +420,117 @@ def _run_kernel(x2: torch.Tensor, weight: CSRWeight, bias: torch.Tensor | None) 
         None if b is None else b.data_ptr(),
         y.data_ptr(),
         None if work is None else work.data_ptr(),
+        threads,
+    )
+    return y
+
+
+def _pair_arg(name: str, v: tuple[int, ...], least: int) -> tuple[int, int]:
+    if not isinstance(v, (tuple, list)) or len(v) != 2 or any(not isinstance(i, int) or i < least for i in v):
+        raise InvalidArgumentError(f"{name} must be a pair of ints >= {least}, got {v!r}")
+    return int(v[0]), int(v[1])
+
+
+def csr_conv2d(
+    x: torch.Tensor,
+    weight: CSRWeight,
+    bias: torch.Tensor | None,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+    dilation: tuple[int, int] = (1, 1),
+) -> torch.Tensor:
+    r"""A zero-padded 2-D convolution (``groups=1``) with the weight in CSR, straight from channels-first input.
+
+    The compiled kernel builds each tile of 32 output positions from ``x`` itself (zero
+    padding by bounds): no im2col matrix, no padded or channels-last copy and no transposes;
+    the output is written channels-first. A 1-D convolution is the ``(1, k)`` case of an
+    ``(N, C, 1, L)`` input. Bits do not depend on the thread count. Needs the compiled kernel
+    (float32 CPU tensors, no autograd): see :func:`kernel_status`; ``SparseConv`` falls back
+    to im2col + :func:`csr_linear` elsewhere.
+
+    Args:
+        x: input ``(N, C, H, W)``, float32, CPU.
+        weight: ``(out_channels, kh * kw * C)`` with columns in ``(kernel row, kernel column,
+            channel)`` order: ``w.permute(0, 2, 3, 1).reshape(out_channels, -1)`` of a dense
+            ``(out, C, kh, kw)`` weight, packed by :func:`pack_csr`.
+        bias: ``(out_channels,)`` or ``None``.
+        kernel_size: ``(kh, kw)``.
+        stride: ``(sh, sw)``.
+        padding: zero padding ``(left, right, top, bottom)`` (``F.pad``'s order).
+        dilation: ``(dh, dw)``.
+
+    Returns:
+        ``(N, out_channels, Ho, Wo)``, float32.
+
+    Raises:
+        InvalidArgumentError: a shape or geometry argument does not fit, or the kernel cannot
+            run on these tensors.
+
+    Example::
+
+        >>> w = torch.randn(8, 4, 3, 3) * (torch.rand(8, 4, 3, 3) < 0.2)
+        >>> p = pack_csr(w.permute(0, 2, 3, 1).reshape(8, -1))
+        >>> csr_conv2d(torch.randn(2, 4, 10, 10), p, None, (3, 3), padding=(1, 1, 1, 1)).shape
+        torch.Size([2, 8, 10, 10])
+    """
+    kh, kw = _pair_arg("kernel_size", kernel_size, 1)
+    sh, sw = _pair_arg("stride", stride, 1)
+    dh, dw = _pair_arg("dilation", dilation, 1)
+    if not isinstance(padding, (tuple, list)) or len(padding) != 4 or any(int(p) < 0 for p in padding):
+        raise InvalidArgumentError(f"padding must be 4 ints >= 0 (left, right, top, bottom), got {padding!r}")
+    pl, pr, pt, pb = (int(p) for p in padding)
+    if x.dim() != 4:
+        raise InvalidArgumentError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    o = weight.shape[0]
+    if weight.shape[1] != kh * kw * c:
+        raise InvalidArgumentError(
+            f"weight has {weight.shape[1]} columns, expected kh * kw * C = {kh} * {kw} * {c} = {kh * kw * c}"
+        )
+    if bias is not None and tuple(bias.shape) != (o,):
+        raise InvalidArgumentError(f"bias must have shape ({o},), got {tuple(bias.shape)}")
+    ho, wo = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    if ho <= 0 or wo <= 0:
+        raise InvalidArgumentError(
+            f"padded input of spatial size ({h + pt + pb}, {w + pl + pr}) is smaller than the kernel "
+            f"({kh}, {kw}) with dilation ({dh}, {dw})"
+        )
+    if not kernel_applies(x, weight):
+        _, why = kernel_status()
+        raise InvalidArgumentError(
+            "csr_conv2d needs a float32 CPU input without autograd and a built kernel; "
+            f"got dtype {x.dtype} on {x.device}, kernel: {why}"
+        )
+    if w == 1 and kw == 1 and pl == pr == 0 and h > 1:
+        # (k, 1) kernels on width-1 inputs (CREPE): run as (1, k) on (N, C, 1, H), so that the
+        # tokens of a tile are consecutive in memory (the column order is the same).
+        y = csr_conv2d(x.view(n, c, 1, h), weight, bias, (1, kh), (1, sh), (pt, pb, 0, 0), (1, dh))
+        return y.view(n, o, ho, wo)
+    lib = _lib
+    assert lib is not None
+    y = torch.empty(n, o, ho, wo, dtype=torch.float32)
+    if y.numel() == 0:
+        return y
+    x = x.contiguous()
+    b = bias
+    if b is not None and (b.dtype is not torch.float32 or not b.is_contiguous()):
+        b = b.detach().to(torch.float32).contiguous()
+    geom = torch.tensor([n, c, h, w, o, ho, wo, kh, kw, sh, sw, pt, pl, dh, dw], dtype=torch.int64)
+    threads = max(
+        1, min(torch.get_num_threads(), weight.values.numel() * n * ho * wo // _MIN_WORK_PER_THREAD)
+    )
+    work = _work(int(lib.hs_conv_work_floats(kh * kw * c, threads)))
+    fn = lib.hs_conv_u16 if weight.col.dtype is torch.uint16 else lib.hs_conv_i32
+    fn(
+        geom.data_ptr(),
+        x.data_ptr(),
+        weight.crow.data_ptr(),
+        weight.col.data_ptr(),
+        weight.values.data_ptr(),
+        None if b is None else b.data_ptr(),
+        y.data_ptr(),
+        work.data_ptr(),
         threads,
     )
     return y

@@ -122,6 +122,9 @@ class SparseConv(nn.Module):
         self.kernel_size, self.stride = tuple(conv.kernel_size), tuple(conv.stride)
         self.dilation, self.padding = tuple(conv.dilation), conv.padding
         self.padding_mode = conv.padding_mode
+        #: ``csr_kernel`` on float32 CPU inputs: build the patches inside the compiled kernel
+        #: (:func:`~.kernels.csr_conv2d`) rather than im2col + :func:`~.kernels.csr_linear`.
+        self.direct = True
         # (left, right) padding per spatial dim of the (1, L) / (H, W) view, in F.pad's reversed order.
         rev = [int(p) for p in conv._reversed_padding_repeated_twice]
         self._pad = [*rev, 0, 0] if self.dims == 1 else rev
@@ -206,6 +209,16 @@ class SparseConv(nn.Module):
             x4 = x4.unsqueeze(2)
         if self.layout == "csr":
             out, (n, ho, wo) = self._forward_channels_first(x4)
+        elif self.direct and self.values.is_cpu and kernels.kernel_applies(x4, self._packed()):
+            if self.padding_mode != "zeros" and any(self._pad):
+                x4 = F.pad(x4, self._pad, mode=self.padding_mode)
+                pad = (0, 0, 0, 0)
+            else:
+                pad = tuple(self._pad)
+            out = kernels.csr_conv2d(
+                x4, self._packed(), self.bias, self._kernel2, self._stride2, pad, self._dilation2
+            )
+            n, _, ho, wo = out.shape
         else:
             cols, (n, ho, wo) = self._patches(x4)
             y = kernels.csr_linear(cols, self._packed(), self.bias)
