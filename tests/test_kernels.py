@@ -240,3 +240,58 @@ def test_compiles_into_cache_and_reuses_it(tmp_path) -> None:
     stamp = built[0].stat().st_mtime_ns
     K._reset_for_tests()
     assert K.kernel_status()[0] and built[0].stat().st_mtime_ns == stamp
+
+
+def _conv_ref(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, pad: tuple, **kw) -> tuple:
+    """float64 F.conv2d on the F.pad-padded input, and the bound's scale."""
+    xd = F.pad(x.double(), pad)
+    ref = F.conv2d(xd, w.double(), None if b is None else b.double(), **kw)
+    scale = F.conv2d(xd.abs(), w.double().abs(), None if b is None else b.double().abs(), **kw)
+    return ref, scale
+
+
+@pytest.mark.parametrize(
+    ("cin", "shape", "kernel", "stride", "pad", "dilation"),
+    [
+        (5, (2, 5, 9, 40), (3, 3), (1, 1), (2, 0, 1, 3), (1, 1)),  # asymmetric padding, wide rows
+        (3, (1, 3, 33, 1), (5, 1), (2, 1), (0, 0, 2, 2), (1, 1)),  # (k, 1) on width 1: run as (1, k)
+        (7300, (1, 7300, 4, 5), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),  # 65700 columns: int32 indices
+        (4, (2, 4, 12, 12), (2, 3), (3, 2), (1, 1, 0, 0), (2, 2)),
+    ],
+    ids=["asymmetric-pad", "k1-width1", "int32-cols", "strided-dilated"],
+)
+def test_csr_conv2d_matches_dense(
+    cin: int, shape: tuple, kernel: tuple, stride: tuple, pad: tuple, dilation: tuple
+) -> None:
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(21, cin, *kernel, generator=g) * (torch.rand(21, cin, *kernel, generator=g) < 0.05)
+    b = torch.randn(21, generator=g)
+    x = torch.randn(*shape, generator=g)
+    p = K.pack_csr(w.permute(0, 2, 3, 1).reshape(21, -1))
+    assert p.col.dtype == (torch.int32 if cin == 7300 else torch.uint16)
+    y = K.csr_conv2d(x, p, b, kernel, stride, pad, dilation)
+    ref, scale = _conv_ref(x, w, b, pad, stride=stride, dilation=dilation)
+    n = int((w != 0).flatten(1).sum(1).max())
+    assert y.shape == ref.shape and y.dtype == torch.float32
+    assert bool(((y.double() - ref).abs() <= (n + 2) * EPS32 * scale + 1e-30).all())
+    # non-contiguous input: same bits
+    xs = torch.randn(shape[0], shape[1], shape[2], shape[3] + 2)[..., 1:-1].copy_(x)
+    assert torch.equal(K.csr_conv2d(xs, p, b, kernel, stride, pad, dilation), y)
+
+
+def test_csr_conv2d_refusals() -> None:
+    w = torch.randn(6, 4, 3, 3)
+    p = K.pack_csr(w.permute(0, 2, 3, 1).reshape(6, -1))
+    x = torch.randn(1, 4, 8, 8)
+    bad = [
+        ((x[0], p, None, (3, 3)), "must be 4-D"),
+        ((torch.randn(1, 5, 8, 8), p, None, (3, 3)), "expected kh \\* kw \\* C"),
+        ((x, p, torch.randn(5), (3, 3)), "bias must have shape"),
+        ((x, p, None, (3, 0)), "kernel_size must be a pair"),
+        ((x, p, None, (3, 3), (1, 1), (1, 1, 1)), "padding must be 4 ints"),
+        ((x, p, None, (3, 3), (1, 1), (0, 0, 0, 0), (1, 9)), "smaller than the kernel"),
+        ((x.double(), p, None, (3, 3)), "needs a float32 CPU input"),
+    ]
+    for args, match in bad:
+        with pytest.raises(HadamardSparseError, match=match):
+            K.csr_conv2d(*args)

@@ -93,6 +93,73 @@ def test_sparse_conv_matches_the_convolution(case: tuple[type, dict], bias: bool
     assert sc.density == pytest.approx(float(conv.weight.count_nonzero()) / conv.weight.numel())
 
 
+# The direct kernel (kernels.csr_conv2d): odd sizes, several tiles per sample with a partial last
+# one, zero padding wider than the kernel's reach, strides in the width (the strided tile fill),
+# (k, 1) kernels on width-1 inputs (run as (1, k)), a 1-channel Conv1d, a non-zero padding mode.
+DIRECT_CASES = [
+    (nn.Conv1d, {"kernel_size": 3, "padding": 1}, (2, 7, 75)),
+    (nn.Conv1d, {"kernel_size": 10, "stride": 5}, (2, 1, 203)),  # wav2vec2's first conv
+    (nn.Conv1d, {"kernel_size": 3, "stride": 2, "padding": 4, "dilation": 2}, (1, 7, 50)),
+    (nn.Conv2d, {"kernel_size": 3, "padding": 1}, (2, 7, 13, 11)),
+    (
+        nn.Conv2d,
+        {"kernel_size": (3, 5), "stride": (2, 3), "padding": (2, 3), "dilation": (2, 1)},
+        (2, 7, 17, 19),
+    ),
+    (nn.Conv2d, {"kernel_size": (9, 1), "padding": "same"}, (3, 7, 41, 1)),  # CREPE-style
+    (nn.Conv2d, {"kernel_size": (4, 1), "padding": "same", "dilation": (2, 1)}, (2, 7, 40, 1)),
+    (nn.Conv2d, {"kernel_size": 1}, (2, 7, 9, 8)),
+    (nn.Conv2d, {"kernel_size": 3, "padding": 1, "padding_mode": "reflect"}, (2, 7, 10, 12)),
+]
+
+
+@pytest.mark.parametrize("case", DIRECT_CASES, ids=lambda c: _ids(c[:2]) + "-" + "x".join(map(str, c[2])))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_direct_kernel_matches_the_convolution_and_im2col(
+    case: tuple[type, dict, tuple[int, ...]], bias: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """csr_kernel on float32 CPU runs the direct kernel (never csr_linear), within the float32
+    bound of the convolution and bit for bit equal to im2col + csr_linear (same order per output)."""
+    kind, kw, shape = case
+    torch.manual_seed(1)
+    conv = kind(shape[1], 20, bias=bias, **kw).eval()
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand(conv.weight.shape) < 0.3)
+    x = torch.randn(*shape)
+    sc = SparseConv(conv, "csr_kernel")
+    with torch.inference_mode():
+        sc.direct = False
+        im2col = sc(x), sc(x[0])
+        sc.direct = True
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "csr_linear", None)  # the direct path does not call it
+            got = sc(x), sc(x[0])
+    _check_bound(got[0], x, conv)
+    _check_bound(got[1], x[0], conv)
+    assert torch.equal(got[0], im2col[0]) and torch.equal(got[1], im2col[1])
+    assert torch.equal(got[1], got[0][0])
+
+
+def test_direct_kernel_same_bits_for_any_thread_count() -> None:
+    torch.manual_seed(2)
+    conv = nn.Conv2d(19, 40, 3, padding=1, stride=(1, 2)).eval()
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand(conv.weight.shape) < 0.2)
+    x = torch.randn(3, 19, 37, 45)
+    sc = SparseConv(conv, "csr_kernel")
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3, 4):
+            torch.set_num_threads(threads)
+            with torch.inference_mode():
+                outs.append(sc(x))
+    finally:
+        torch.set_num_threads(before)
+    _check_bound(outs[0], x, conv)
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+
+
 @pytest.mark.parametrize("layout", ["csr_kernel", "csr"])
 def test_sparse_conv_channels_last_float64_and_bfloat16(layout: str) -> None:
     conv = _sparse_conv(nn.Conv2d, {"kernel_size": 3, "padding": 1})
