@@ -1,4 +1,4 @@
-"""``to_sparse`` on convolutions: ``SparseConv`` (im2col + the CSR kernel) vs the dense convolution.
+"""``to_sparse`` on convolutions: ``SparseConv`` (the direct CSR conv kernel, or im2col) vs the dense convolution.
 
 Called by ``benchmarks/inference_speed.py --only conv`` (its clock and timer); see that script.
 """
@@ -57,33 +57,44 @@ def bench_conv(
     timed_choice: Callable[[str, dict[str, Callable[[], object]]], dict[str, float]],
 ) -> None:
     """Each conv case at 80/90/95% (magnitude, per layer): dense, SparseConv forced, to_sparse timed."""
-    rows.append("## Convolutions: SparseConv (im2col + CSR kernel) vs dense\n")
+    rows.append("## Convolutions: SparseConv (direct CSR conv kernel) vs dense\n")
     rows.append(
         "Each conv pruned by magnitude to the sparsity, baked. `csr_kernel` = `SparseConv(conv, 'csr_kernel')` "
-        "(channels-last im2col + the compiled kernel); `csr` = `SparseConv(conv, 'csr')` (channels-first "
+        "(the direct kernel `kernels.csr_conv2d`: patch tiles built from the channels-first input, channels-first "
+        "output); `im2col` = the same layout with `direct = False` (channels-last im2col + `csr_linear`, the path "
+        "before the direct kernel); `csr` = `SparseConv(conv, 'csr')` (channels-first "
         "patches, `torch.sparse.mm(W, patches)` per sample, MKL); "
         "`to_sparse` = `to_sparse(nn.Sequential(conv), example_inputs=x)` (dense vs csr_kernel vs csr timed "
         "on `x`, fastest kept; never slower than dense up to timing noise). Ratio = dense time / variant time.\n"
     )
-    rows.append("| conv | sparsity | dense ms | csr_kernel | csr | to_sparse (kept) | max abs diff |")
-    rows.append("|---|---|---|---|---|---|---|")
+    rows.append(
+        "| conv | sparsity | dense ms | csr_kernel | im2col | csr | to_sparse (kept) | max abs diff |"
+    )
+    rows.append("|---|---|---|---|---|---|---|---|")
     for name, make, shape in CONV_CASES:
         x = torch.randn(*shape)
         for sp in CONV_SPARSITIES:
             conv = _random_sparse(make, sp, seed=0)
             forced = SparseConv(conv, "csr_kernel").eval()
             mkl = SparseConv(conv, "csr").eval()
+            im2col = SparseConv(conv, "csr_kernel").eval()
+            im2col.direct = False
             exported, report = to_sparse(
                 nn.Sequential(copy.deepcopy(conv)), example_inputs=x, timer=timed_choice, return_report=True
             )
             with torch.inference_mode():
                 ref = conv(x)
                 diff = max(float((forced(x) - ref).abs().max()), float((mkl(x) - ref).abs().max()))
-                fns = {"dense": partial(conv, x), "forced": partial(forced, x), "mkl": partial(mkl, x)}
+                fns = {
+                    "dense": partial(conv, x),
+                    "forced": partial(forced, x),
+                    "im2col": partial(im2col, x),
+                    "mkl": partial(mkl, x),
+                }
                 t = time_interleaved({**fns, "exported": partial(exported, x)}, budget_s=budget)
             d = t["dense"]
             rows.append(
-                f"| {name} | {sp} | {d * 1e3:.3f} | {d / t['forced']:.2f}x | {d / t['mkl']:.2f}x | "
+                f"| {name} | {sp} | {d * 1e3:.3f} | {d / t['forced']:.2f}x | {d / t['im2col']:.2f}x | {d / t['mkl']:.2f}x | "
                 f"{d / t['exported']:.2f}x ({report[0].layout}) | {diff:.1e} |"
             )
             print(rows[-1], flush=True)
