@@ -140,12 +140,21 @@ def test_direct_kernel_matches_the_convolution_and_im2col(
     assert torch.equal(got[1], got[0][0])
 
 
-def test_direct_kernel_same_bits_for_any_thread_count() -> None:
+@pytest.mark.parametrize(
+    ("conv", "shape"),
+    [
+        (nn.Conv2d(19, 40, 3, padding=1, stride=(1, 2)), (3, 19, 37, 45)),
+        # K = 10: groups of 16 tiles share each pass over the output rows (3 groups per sample)
+        (nn.Conv1d(1, 40, 10, stride=5), (2, 1, 5001)),
+    ],
+    ids=["conv2d", "conv1d-1-channel"],
+)
+def test_direct_kernel_same_bits_for_any_thread_count(conv: nn.Module, shape: tuple[int, ...]) -> None:
     torch.manual_seed(2)
-    conv = nn.Conv2d(19, 40, 3, padding=1, stride=(1, 2)).eval()
+    conv = conv.eval()
     with torch.no_grad():
         conv.weight.mul_(torch.rand(conv.weight.shape) < 0.2)
-    x = torch.randn(3, 19, 37, 45)
+    x = torch.randn(*shape)
     sc = SparseConv(conv, "csr_kernel")
     before = torch.get_num_threads()
     outs = []
@@ -158,6 +167,9 @@ def test_direct_kernel_same_bits_for_any_thread_count() -> None:
         torch.set_num_threads(before)
     _check_bound(outs[0], x, conv)
     assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    sc.direct = False
+    with torch.inference_mode():
+        assert torch.equal(sc(x), outs[0])  # im2col + csr_linear: the same bits
 
 
 @pytest.mark.parametrize("layout", ["csr_kernel", "csr"])

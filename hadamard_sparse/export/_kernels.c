@@ -338,41 +338,56 @@ static void conv_tile_in(const float *restrict xs, const int64_t *g, int64_t p0,
     for (int64_t k = 0; k < K; ++k) memset(xt + k * W + mv, 0, (size_t)(W - mv) * sizeof(float));
 }
 
+/* Tiles per work item: with a short K (few input channels) a group of consecutive tiles of one
+   sample shares each pass over the output rows, so that every row of y is written in runs of
+   up to GROUP * TILE floats, not 32 (1 -> 512 channels, K = 10: 512 rows of y per tile). The
+   group's patch tiles stay within 32 KiB; GROUP depends on K alone (bits do not depend on it). */
+static int64_t conv_group(int64_t K) {
+  const int64_t g = 8192 / (TILE * K);
+  return g < 1 ? 1 : g > 16 ? 16 : g;
+}
+
 /* Floats of scratch hs_conv_* needs for K = kh * kw * C on nthreads threads. */
 int64_t hs_conv_work_floats(int64_t K, int nthreads) {
   if (nthreads < 1) nthreads = 1;
-  return (int64_t)nthreads * (TILE * K + RB * TILE);
+  return (int64_t)nthreads * (conv_group(K) * TILE * K + RB * TILE);
 }
 
 #define CONV_ENTRY(IDX, SUF)                                                                  \
   int hs_conv_##SUF(const int64_t *g, const float *x, const int32_t *rowptr, const IDX *col,  \
                     const float *val, const float *bias, float *y, float *work, int nthreads) { \
     const int64_t C = g[G_C], H = g[G_H], Wd = g[G_W], O = g[G_O];                            \
-    const int64_t P = g[G_HO] * g[G_WO], K = g[G_KH] * g[G_KW] * C;                            \
+    const int64_t P = g[G_HO] * g[G_WO], K = g[G_KH] * g[G_KW] * C, G = conv_group(K);        \
     int64_t full, rem, wl, tps;                                                               \
     if (nthreads < 1) nthreads = 1;                                                           \
     tiling(P, &full, &rem, &wl, &tps);                                                        \
+    const int64_t gps = (tps + G - 1) / G; /* groups per sample */                            \
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                    \
-    for (int64_t q = 0; q < g[G_N] * tps; ++q) {                                              \
-      const int64_t n = q / tps, t = q % tps;                                                 \
-      const int64_t W = t < full ? TILE : wl, mv = t < full ? TILE : rem, p0 = t * TILE;      \
-      float *xt = work + thread_id() * (TILE * K + RB * TILE), *acc = xt + TILE * K;          \
-      float *yn = y + n * O * P + p0;                                                         \
-      conv_tile_in(x + n * C * H * Wd, g, p0, mv, W, xt);                                     \
+    for (int64_t q = 0; q < g[G_N] * gps; ++q) {                                              \
+      const int64_t n = q / gps, t0 = (q % gps) * G, t1 = t0 + G < tps ? t0 + G : tps;        \
+      float *xt = work + thread_id() * (G * TILE * K + RB * TILE), *acc = xt + G * TILE * K;  \
+      for (int64_t t = t0; t < t1; ++t)                                                       \
+        conv_tile_in(x + n * C * H * Wd, g, t * TILE, t < full ? TILE : rem,                  \
+                     t < full ? TILE : wl, xt + (t - t0) * TILE * K);                          \
       for (int64_t n0 = 0; n0 < O; n0 += RB) {                                                \
         const int64_t n1 = n0 + RB < O ? n0 + RB : O;                                         \
-        switch (W) {                                                                          \
-          case 32: rows32_##SUF(xt, rowptr, col, val, bias, n0, n1, acc); break;              \
-          case 16: rows16_##SUF(xt, rowptr, col, val, bias, n0, n1, acc); break;              \
-          case 8: rows8_##SUF(xt, rowptr, col, val, bias, n0, n1, acc); break;                \
-          default: rows4_##SUF(xt, rowptr, col, val, bias, n0, n1, acc); break;               \
+        for (int64_t t = t0; t < t1; ++t) {                                                   \
+          const int64_t W = t < full ? TILE : wl, mv = t < full ? TILE : rem;                 \
+          const float *xg = xt + (t - t0) * TILE * K;                                         \
+          float *yn = y + n * O * P + t * TILE;                                               \
+          switch (W) {                                                                        \
+            case 32: rows32_##SUF(xg, rowptr, col, val, bias, n0, n1, acc); break;            \
+            case 16: rows16_##SUF(xg, rowptr, col, val, bias, n0, n1, acc); break;            \
+            case 8: rows8_##SUF(xg, rowptr, col, val, bias, n0, n1, acc); break;              \
+            default: rows4_##SUF(xg, rowptr, col, val, bias, n0, n1, acc); break;             \
+          }                                                                                   \
+          if (mv == TILE) /* a fixed size: inlined vector copies, no libc call per row */     \
+            for (int64_t r = n0; r < n1; ++r)                                                 \
+              memcpy(yn + r * P, acc + (r - n0) * W, TILE * sizeof(float));                   \
+          else                                                                                \
+            for (int64_t r = n0; r < n1; ++r)                                                 \
+              memcpy(yn + r * P, acc + (r - n0) * W, (size_t)mv * sizeof(float));             \
         }                                                                                     \
-        if (mv == TILE) /* a fixed size: inlined vector copies, no libc call per row */       \
-          for (int64_t r = n0; r < n1; ++r)                                                   \
-            memcpy(yn + r * P, acc + (r - n0) * W, TILE * sizeof(float));                     \
-        else                                                                                  \
-          for (int64_t r = n0; r < n1; ++r)                                                   \
-            memcpy(yn + r * P, acc + (r - n0) * W, (size_t)mv * sizeof(float));               \
       }                                                                                       \
     }                                                                                         \
     return 0;                                                                                 \
