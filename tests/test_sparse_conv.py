@@ -352,15 +352,23 @@ def test_to_sparse_measured_choice_on_a_real_clock() -> None:
         torch.testing.assert_close(model(x), dense(x), atol=1e-5, rtol=1e-5)
 
 
-def test_rule_without_example_inputs_keeps_convs_dense() -> None:
+def test_rule_without_example_inputs_converts_convs_from_90_percent() -> None:
+    """CONV_MAX_DENSITY: csr_kernel at density <= 0.1 (the direct kernel), csr never, denser never."""
     dense = _pruned_cnn(0.95)
     model, report = to_sparse(copy.deepcopy(dense), return_report=True)
-    convs = [c for c in report if c.kind.startswith("Conv")]
-    assert all(c.layout == "dense" for c in convs) and len(convs) == 5
-    assert "Conv1d stays dense without example_inputs or max_density" in report[0].reason
+    convs = {c.name: c for c in report if c.kind.startswith("Conv")}
+    assert len(convs) == 5 and convs["grouped"].layout == "dense"
+    assert all(convs[n].layout == "csr_kernel" for n in ("front", "conv1", "conv2", "conv3"))
+    assert "rule: density" in convs["front"].reason
+    x = torch.randn(2, 1, 400)
+    with torch.inference_mode():
+        _check_bound(model.front(x), x, dense.front)
+        torch.testing.assert_close(model(x), dense(x), atol=1e-5, rtol=1e-5)
     _, report = to_sparse(copy.deepcopy(dense), "csr", return_report=True)
     assert report[1].layout == "dense" and "stays dense without example_inputs" in report[1].reason
-    assert all(type(m) in (nn.Conv1d, nn.Conv2d) for n, m in model.named_children() if n != "head")
+    denser, report = to_sparse(copy.deepcopy(_pruned_cnn(0.8)), return_report=True)
+    assert report[0].layout == "dense" and "> 0.100" in report[0].reason
+    assert all(type(m) in (nn.Conv1d, nn.Conv2d) for n, m in denser.named_children() if n != "head")
     # an explicit max_density applies to convs too; BSR does not apply to them
     forced, report = to_sparse(copy.deepcopy(dense), "csr_kernel", max_density=1.0, return_report=True)
     assert sum(isinstance(m, SparseConv) for m in forced.modules()) == 4

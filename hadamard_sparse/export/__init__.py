@@ -11,7 +11,7 @@ baking, two exports make the zeros pay:
 * :func:`to_sparse` stores the baked weights of linear-like layers sparse in a
   :class:`SparseLinear` inference module (CSR run by the compiled kernel of
   ``kernels.py`` on CPU, ``torch.sparse`` CSR/BSR, 2:4 semi-structured on CUDA), and of
-  ``Conv1d``/``Conv2d`` in :class:`SparseConv` (im2col + the same kernel), keeping
+  ``Conv1d``/``Conv2d`` in :class:`SparseConv` (a direct CSR convolution kernel), keeping
   per layer whichever is fastest on example inputs.
 
 Layout: ``graph.py`` (capture with ``torch.export``, fx as fallback; module guards, the
@@ -21,7 +21,7 @@ torch's multi-head attention with projection modules, for removed heads and spar
 ``heads.py`` (attention blocks, head removal),
 ``groups.py`` (ChannelGroups, Heads), ``shrink.py`` (one rebuild rule
 per layer type, and ``shrink``), ``sparse.py`` (formats, ``SparseLinear``, ``to_sparse``),
-``sparse_conv.py`` (``SparseConv``: convolutions as im2col + CSR),
+``sparse_conv.py`` (``SparseConv``: convolutions through the direct CSR kernel or im2col + CSR),
 ``choice.py`` (the per-layer choice: density rule, timing, report), ``kernels.py`` +
 ``_kernels.c`` (the compiled CPU kernel, built at first use).
 See ``docs/speed.md`` for the rules, their reasons and measured speed-ups.

@@ -406,9 +406,10 @@ def to_sparse(
     ``k_proj``, ``v_proj`` and ``out_proj`` (named ``"<attention>.q_proj"`` ... in the report and
     selectors) are chosen like any Linear, and replaced by one when a projection goes sparse
     (an attention it cannot reproduce, e.g. ``add_bias_kv=True``, stays, and the report says
-    why), and ``nn.Conv1d``/``nn.Conv2d`` with ``groups=1`` (as :class:`SparseConv`: im2col +
-    CSR; layouts ``csr_kernel``/``csr``; without ``example_inputs`` or ``max_density`` they stay
-    dense, as oneDNN's dense convolutions were faster on most measured shapes). Grouped
+    why), and ``nn.Conv1d``/``nn.Conv2d`` with ``groups=1`` (as :class:`SparseConv`: a direct
+    CSR convolution kernel, or im2col + CSR; layouts ``csr_kernel``/``csr``; without
+    ``example_inputs`` or ``max_density`` they convert as ``csr_kernel`` at density <= 0.1 when
+    the compiled kernel is built, :data:`~.sparse_conv.CONV_MAX_DENSITY`, else stay dense). Grouped
     convolutions and other layers stay dense. The model must be baked (no parametrization of
     this library left); run :func:`remove_parametrizations` first.
 

@@ -1,11 +1,14 @@
 """Sparse execution of baked ``nn.Conv1d`` / ``nn.Conv2d`` layers: :class:`SparseConv`.
 
-Two layouts, both im2col + a CSR matmul:
+Two layouts:
 
-* ``"csr_kernel"``: the input is copied once into channels-last order (zero padding written in
-  the same buffer), the patches are a strided view of it (``(tokens, kernel positions x
-  channels)`` rows), and :func:`~.kernels.csr_linear` (the compiled kernel) multiplies them by
-  the weight held as ``(out_channels, kernel positions x in_channels)`` CSR;
+* ``"csr_kernel"``: the weight held as ``(out_channels, kernel positions x in_channels)`` CSR.
+  On float32 CPU inputs with the compiled kernel, :func:`~.kernels.csr_conv2d` builds the patch
+  tiles straight from the channels-first input and writes the output channels-first (no im2col
+  matrix); elsewhere (or with ``direct = False``) the input is copied once into channels-last
+  order (zero padding written in the same buffer), the patches are a strided view of it
+  (``(tokens, kernel positions x channels)`` rows), and :func:`~.kernels.csr_linear` multiplies
+  them by the weight;
 * ``"csr"``: channels-first patches ``(in_channels x kernel positions, tokens)`` (none for a 1x1
   convolution with stride 1: the input itself) and ``torch.sparse.mm(W, patches)`` per sample
   (MKL on CPU), whose ``(out_channels, tokens)`` result is already the output's layout.
@@ -32,11 +35,11 @@ __all__ = ["CONV_LAYOUTS", "CONV_MAX_DENSITY", "SparseConv", "conv_weight_bias"]
 #: same buffers.
 CONV_LAYOUTS = ("csr_kernel", "csr")
 #: Largest density at which ``to_sparse`` converts a convolution without ``example_inputs``.
-#: 0.0: convolutions stay dense unless timed on example inputs (or ``max_density`` is given).
-#: Measured (docs/speed.md, ``benchmarks/inference_speed.py --only conv``): oneDNN's dense
-#: convolutions beat im2col + the CSR kernel at up to 95% sparsity on the 2-D shapes, and the
-#: Conv1d front-end wins only from about 90%: too shape-dependent for a density rule.
-CONV_MAX_DENSITY: dict[str, float] = {"csr_kernel": 0.0, "csr": 0.0, "bsr": 0.0, "semi_structured": 0.0}
+#: ``csr_kernel`` 0.1 (90% sparsity; the direct kernel, float32 CPU with the kernel built): it
+#: measured 1.0-3.5x dense oneDNN at 90% on every convolution tried (ResNet 1x1/3x3/7x7 stem,
+#: CREPE (64, 1), wav2vec2 Conv1d including the 1-channel one, 1 thread, docs/speed.md; the
+#: 1x1 one is the break-even case) and 0.8-1.6x at 80%. ``csr`` (torch.sparse, no kernel) stays 0: it loses on most shapes.
+CONV_MAX_DENSITY: dict[str, float] = {"csr_kernel": 0.1, "csr": 0.0, "bsr": 0.0, "semi_structured": 0.0}
 
 
 def conv_weight_bias(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | str:
