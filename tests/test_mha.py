@@ -175,6 +175,10 @@ REFUSED = {
     "add_zero_attn": lambda: _mha(add_zero_attn=True, batch_first=True),
     "overrides": lambda: SubMHA(E, H, batch_first=True),
     "parametrized": lambda: hs.sparsify(nn.Sequential(_mha(batch_first=True)), 0.5)[0],
+    # only out_proj masked: a copy would bake its mask into a plain Linear and drop it
+    "out_proj parametrized": lambda: hs.sparsify(
+        nn.Sequential(_mha(batch_first=True)), 0.5, include=["0.out_proj.weight"]
+    )[0],
 }
 
 
@@ -183,7 +187,11 @@ def test_from_mha_refuses_what_it_cannot_reproduce(option: str) -> None:
     mha = REFUSED[option]()
     before = {k: v.clone() for k, v in mha.state_dict().items()}
     with pytest.raises(
-        InvalidArgumentError, match=option if option != "overrides" else "overrides .*forward"
+        InvalidArgumentError,
+        match={
+            "overrides": "overrides .*forward",
+            "out_proj parametrized": "parametrized \\(out_proj\\)",
+        }.get(option, option),
     ):
         ProjectedMultiheadAttention.from_mha(mha)
     after = mha.state_dict()

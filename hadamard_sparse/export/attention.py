@@ -48,7 +48,8 @@ def mha_problem(mha: nn.Module) -> str | None:
     """Why ``mha`` cannot become a :class:`ProjectedMultiheadAttention` (``None``: it can).
 
     Refused: types other than ``nn.MultiheadAttention``, subclasses overriding its ``forward``,
-    ``add_bias_kv=True``, ``add_zero_attn=True`` and modules still parametrized (bake first).
+    ``add_bias_kv=True``, ``add_zero_attn=True`` and modules still parametrized, ``out_proj``
+    included (bake first: a copy would silently drop the parametrization).
     """
     if not isinstance(mha, nn.MultiheadAttention):
         return f"it is a {type(mha).__name__}, not an nn.MultiheadAttention"
@@ -58,8 +59,9 @@ def mha_problem(mha: nn.Module) -> str | None:
         return "add_bias_kv=True (learned bias_k/bias_v appended to the keys and values) is not supported"
     if mha.add_zero_attn:
         return "add_zero_attn=True (a zero key/value appended to every sequence) is not supported"
-    if parametrize.is_parametrized(mha):
-        return "it is still parametrized; run hs.remove_parametrizations(model) first"
+    held = [n or "itself" for n, m in mha.named_modules() if parametrize.is_parametrized(m)]
+    if held:
+        return f"it is still parametrized ({', '.join(held)}); run hs.remove_parametrizations(model) first"
     return None
 
 
