@@ -78,9 +78,8 @@ def channel_permutation(scores: torch.Tensor, m: int) -> torch.Tensor:
         >>> channel_permutation(scores, 4)  # one column of each band of 2 per group: sums 18 and 18
         tensor([7, 4, 3, 0, 6, 5, 2, 1])
     """
-    f = scores.shape[-1]
-    if m < 1 or f % m:
-        raise InvalidArgumentError(f"m must divide the number of columns {f}, got m={m!r}")
+    _check_scores_m(scores, m)
+    f = scores.shape[1]
     k = f // m
     order = scores.to(torch.float64).sum(0).argsort(descending=True, stable=True)
     band = torch.arange(f) // k  # the band (0 = most important) of the i-th column in `order`
@@ -92,15 +91,53 @@ def channel_permutation(scores: torch.Tensor, m: int) -> torch.Tensor:
     return perm.to(scores.device)
 
 
+def _check_scores_m(scores: torch.Tensor, m: int) -> None:
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
+        got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise InvalidArgumentError(f"scores must be a 2-D (R, F) tensor, got {got}")
+    f = scores.shape[1]
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1 or f % m:
+        raise InvalidArgumentError(
+            f"m must be a positive int dividing the number of columns {f}, got m={m!r}"
+        )
+
+
 def permuted_nm_keep(scores: torch.Tensor, n: int, m: int, perm: torch.Tensor | None = None) -> torch.Tensor:
     """Keep-mask ``(R, F)`` pruning the ``n`` lowest scores of every group of ``m`` columns of ``perm``.
 
-    With ``perm=None`` :func:`channel_permutation` is used. The mask is in the *original* column order;
-    each row has exactly ``n`` zeros in every permuted group (consecutive groups only when ``perm`` is
-    the identity).
+    The mask is in the *original* column order; each row has exactly ``n`` zeros in every permuted
+    group (consecutive groups only when ``perm`` is the identity).
+
+    Args:
+        scores: ``(R, F)`` scores, ``F`` divisible by ``m``.
+        n: how many of each group to prune, ``0 <= n <= m``.
+        m: the group size ``M``.
+        perm: ``(F,)`` a permutation of the columns (default: :func:`channel_permutation`).
+
+    Returns:
+        The bool keep-mask ``(R, F)``.
+
+    Example::
+
+        >>> scores = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]])
+        >>> permuted_nm_keep(scores, 2, 4)  # groups {7, 4, 3, 0} and {6, 5, 2, 1}: keeps 7, 4 and 6, 5
+        tensor([[False, False, False, False,  True,  True,  True,  True]])
     """
+    _check_scores_m(scores, m)
     r, f = scores.shape
-    perm = channel_permutation(scores, m) if perm is None else perm
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= m:
+        raise InvalidArgumentError(f"n must be an int in [0, m={m}], got n={n!r}")
+    if perm is None:
+        perm = channel_permutation(scores, m)
+    elif (
+        not isinstance(perm, torch.Tensor)
+        or perm.dim() != 1
+        or not torch.equal(perm.detach().cpu().sort().values, torch.arange(f))
+    ):
+        got = tuple(perm.shape) if isinstance(perm, torch.Tensor) else type(perm).__name__
+        raise InvalidArgumentError(
+            f"perm must be a permutation of the {f} columns (a 1-D long tensor), got {got}"
+        )
     ps = scores[:, perm].reshape(r, f // m, m)
     low = ps.argsort(dim=2, stable=True)[:, :, :n]
     keep_p = torch.ones_like(ps, dtype=torch.bool).scatter_(2, low, False).reshape(r, f)

@@ -15,6 +15,7 @@ from hadamard_sparse import _select
 from hadamard_sparse.calibration import calibrate
 from hadamard_sparse.cli import build_parser
 from hadamard_sparse.dsnot import dsnot_rows, expected_error
+from hadamard_sparse.errors import InvalidArgumentError
 from hadamard_sparse.layers import resolve_targets, weight_dims
 from hadamard_sparse.ria import channel_permutation, permuted_nm_keep
 from hadamard_sparse.scores import ScoreContext, get_score
@@ -117,6 +118,27 @@ def test_channel_permutation_is_a_balanced_permutation_and_permuted_nm_counts_ho
             cols = perm[4 * g : 4 * (g + 1)]
             best = set(cols[scores[r, cols].argsort(descending=True)[:2]].tolist())
             assert set(cols[keep[r, cols]].tolist()) == best
+
+
+def test_permutation_functions_refuse_bad_arguments_naming_them() -> None:
+    scores = torch.rand(3, 8)
+    bad = [
+        ((scores, 5, 4), "n must be an int in \\[0, m=4\\], got n=5"),  # used to give an all-pruned mask
+        ((scores, -1, 4), "got n=-1"),
+        ((scores, 2, 3), "m must be a positive int dividing the number of columns 8, got m=3"),
+        ((scores[0], 2, 4), "scores must be a 2-D"),
+        ((scores, 2, 4, torch.tensor([0, 1, 2, 3, 4, 5, 6, 6])), "perm must be a permutation of the 8"),
+        ((scores, 2, 4, torch.arange(4)), "perm must be a permutation"),
+    ]
+    for args, message in bad:
+        with pytest.raises(InvalidArgumentError, match=message):
+            permuted_nm_keep(*args)
+    with pytest.raises(InvalidArgumentError, match="got m=True"):
+        channel_permutation(scores, True)  # type: ignore[arg-type]
+    # the identity permutation is plain N:M over consecutive groups (an independent reference)
+    keep = permuted_nm_keep(scores, 2, 4, torch.arange(8))
+    ref = scores.view(3, 2, 4) >= scores.view(3, 2, 4).sort(dim=2).values[:, :, 2:3]
+    assert torch.equal(keep, ref.view(3, 8))
 
 
 @pytest.fixture(scope="module")
