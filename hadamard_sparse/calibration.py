@@ -79,12 +79,12 @@ class LayerStats:
         """``(B, F)`` mean and variance of each input feature over all calibration rows (float64).
 
         Raises:
-            InvalidArgumentError: the statistics hold no ``x_sum`` (built by hand without it).
+            InvalidArgumentError: the statistics hold no ``x_sum`` (built by hand without it) or no rows.
         """
         if self.x_sum is None or self.n_rows == 0:
+            why = "no per-feature sums (x_sum=None)" if self.x_sum is None else "no input rows (n_rows=0)"
             raise InvalidArgumentError(
-                f"{self.name}: these statistics have no per-feature sums (x_sum=None); gather them with "
-                "hs.calibrate(model, batches)"
+                f"{self.name}: these statistics have {why}; gather them with hs.calibrate(model, batches)"
             )
         mean = self.x_sum / self.n_rows
         return mean, (self.sq_sum / self.n_rows - mean.square()).clamp_min(0.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 
 import numpy as np
@@ -16,6 +17,7 @@ import hadamard_sparse as hs
 from hadamard_sparse import layers
 from hadamard_sparse._engine import compute_keep_masks
 from hadamard_sparse.calibration import ActivationStats, calibrate
+from hadamard_sparse.errors import InvalidArgumentError
 from hadamard_sparse.sparsegpt import obs_prune
 
 # --------------------------------------------------------------------------- reference input norms
@@ -108,6 +110,21 @@ def test_mha_in_proj_blocks_use_query_key_value() -> None:
     for block, x in enumerate((q, k, v)):
         ref = x.reshape(-1, 4).norm(dim=0)
         torch.testing.assert_close(got[4 * block : 4 * block + 4], ref.expand(4, 4))
+
+
+def test_input_moments_match_numpy_and_refuse_statistics_without_sums() -> None:
+    torch.manual_seed(0)
+    xs = [torch.randn(2, 3, 4) * 2 + 1, torch.randn(1, 5, 4) - 0.5]  # batches of different lengths
+    stats = calibrate(nn.Sequential(nn.Linear(4, 3)), xs)["0.weight"]
+    rows = np.concatenate([x.reshape(-1, 4).double().numpy() for x in xs])
+    mean, var = stats.input_moments()
+    # per-call sums are float32 (accumulated in float64): float32 rounding of E[x] and E[x^2]
+    np.testing.assert_allclose(mean[0].numpy(), rows.mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(var[0].numpy(), rows.var(0), rtol=0, atol=1e-6 * (rows**2).mean(0).max())
+    with pytest.raises(InvalidArgumentError, match="0.weight: these statistics have no per-feature sums"):
+        dataclasses.replace(stats, x_sum=None).input_moments()
+    with pytest.raises(InvalidArgumentError, match="0.weight: these statistics have no input rows"):
+        dataclasses.replace(stats, n_rows=0).input_moments()
 
 
 # --------------------------------------------------------------------------- calibrate behaviour
