@@ -32,10 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._engine import compute_keep_masks, pre_mask_value
+from ._engine import pre_mask_value
 from .calibration import LayerStats
 from .errors import InvalidArgumentError
 from .layers import Target
+from .reconstruct import wanda_keep_masks
 from .sparsegpt import Apply, stats_for
 from .structures import NM
 
@@ -198,11 +199,7 @@ def prune(
     stats = stats_for(model, targets, calibration, method="dsnot", need_gram=False)
     for t in targets:
         stats[t.qualified].input_moments()  # refuse statistics without sums before anything changes
-    per = list(sparsities)
-    same = all(abs(s - per[0]) < 1e-12 for s in per)
-    keeps = compute_keep_masks(
-        targets, per[0] if same else per, method="wanda", scope=scope, stats=stats, structure=structure
-    )
+    keeps = wanda_keep_masks(targets, sparsities, scope=scope, stats=stats, structure=structure)
     news = [_dsnot_target(t, stats[t.qualified], k, nm) for t, k in zip(targets, keeps)]
     for t, keep in zip(targets, news):
         apply(t, keep, pre_mask_value(t.module, t.tensor_name).detach())

@@ -59,6 +59,7 @@ __all__ = [
     "prune_wanda_refit",
     "reconstruct_block",
     "refit_rows",
+    "wanda_keep_masks",
     "wanda_score",
 ]
 
@@ -127,6 +128,22 @@ def _refit_target(t: Target, st: LayerStats, keep: torch.Tensor) -> torch.Tensor
     return torch.where(keep, new, dense)
 
 
+def wanda_keep_masks(
+    targets: Sequence[Target],
+    sparsities: Sequence[float],
+    *,
+    scope: str,
+    stats: ActivationStats,
+    structure: Any,
+) -> list[torch.Tensor]:
+    """Wanda's keep-masks of ``targets`` (one sparsity, or one per target), the start of ``"wanda_refit"`` and ``"dsnot"``."""
+    per = list(sparsities)
+    same = all(abs(s - per[0]) < 1e-12 for s in per)
+    return compute_keep_masks(
+        targets, per[0] if same else per, method="wanda", scope=scope, stats=stats, structure=structure
+    )
+
+
 def prune_wanda_refit(
     model: nn.Module,
     targets: Sequence[Target],
@@ -141,16 +158,7 @@ def prune_wanda_refit(
     """The ``"wanda_refit"`` pruner: Wanda masks, then the support-restricted least-squares refit."""
     _sgpt._check(targets, structure, sparsities)
     stats = _sgpt.stats_for(model, targets, calibration, method="wanda_refit", need_gram=True)
-    per = list(sparsities)
-    same = all(abs(s - per[0]) < 1e-12 for s in per)
-    keeps = compute_keep_masks(
-        targets,
-        per[0] if same else per,
-        method="wanda",
-        scope=scope,
-        stats=stats,
-        structure=structure,
-    )
+    keeps = wanda_keep_masks(targets, sparsities, scope=scope, stats=stats, structure=structure)
     news = [_refit_target(t, stats[t.qualified], k) for t, k in zip(targets, keeps)]  # all before any change
     for t, keep, new in zip(targets, keeps, news):
         apply(t, keep.expand(new.shape), new)
