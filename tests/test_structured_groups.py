@@ -533,6 +533,32 @@ def test_grouped_conv_with_unaligned_pruning_keeps_the_channels_exactly() -> Non
     assert shrunk.grouped.groups == 4 and shrunk.grouped.weight.shape[1] == 5
 
 
+@pytest.mark.parametrize("dims", [2, 1], ids=["Conv2d", "Conv1d"])
+def test_grouped_conv_folds_each_groups_constant_channels_into_its_own_rows(dims: int) -> None:
+    """Removed channels that carry a constant (BN bias through ReLU): each group's output rows get
+    their own group's constants in the bias (a grouped conv with a bias)."""
+    torch.manual_seed(0)
+    model = ResNeXtBlock(dims=dims)
+    conv = nn.Conv2d if dims == 2 else nn.Conv1d
+    model.grouped = conv(24, 24, 1, groups=4, bias=True)  # 1x1: no zero padding, so constants fold
+    randomize_bn(model)
+    with torch.no_grad():
+        model.reduce_bn.bias.copy_(torch.linspace(0.5, 3.0, 24))  # every channel's constant differs (> 0)
+    x = torch.randn(2, 3, 8, 8) if dims == 2 else torch.randn(2, 3, 20)
+    hs.register_mask(model.reduce, "weight")
+    hs.register_mask(model.reduce_bn, "weight")
+    pruned = [1, 7, 13, 19, 4, 10, 16, 22]  # channels 1 and 4 of every group: relu(bias) constants
+    with torch.no_grad():
+        for t in (
+            model.reduce.parametrizations.weight[0].mask,
+            model.reduce_bn.parametrizations.weight[0].mask,
+        ):
+            t[pruned] = False
+    shrunk = shrink_matches_masked(model, x)  # exact against the masked model
+    assert (shrunk.grouped.in_channels, shrunk.grouped.groups) == (16, 4)
+    assert not torch.equal(shrunk.grouped.bias, model.grouped.bias)  # the constants went into the bias
+
+
 class PermutedGrouped(nn.Module):
     def __init__(self) -> None:
         super().__init__()
