@@ -425,6 +425,31 @@ def test_to_sparse_times_each_projection_on_its_input() -> None:
         torch.testing.assert_close(model(x), dense(x), atol=1e-5, rtol=1e-5)
 
 
+def test_to_sparse_runs_the_users_attention_hooks_once_per_call() -> None:
+    """The copy to_sparse times the projections through carries the attention's hooks; they must not
+    run a second time on the copy (a pre-hook would change the projections' inputs twice)."""
+    dense = _baked(_encoder_stack())
+    x = torch.randn(L, N, E)
+    calls: list[str] = []
+    att = dense.layers[0].self_attn
+    att.register_forward_pre_hook(lambda m, a: calls.append("pre") or (a[0] * 2, *a[1:]))
+    att.register_forward_hook(lambda m, a, o: calls.append("post"))
+    with torch.no_grad():
+        dense(x)
+    once = list(calls)
+    assert once == ["pre", "post"]
+    calls.clear()
+    model = hs.to_sparse(
+        dense, example_inputs=x, timer=lambda n, fns: {c: float(c == "dense") + 0.1 for c in fns}
+    )
+    assert calls == once  # the model ran once on example_inputs, each hook once
+    assert type(model.layers[0].self_attn) is ProjectedMultiheadAttention  # hooks carried over
+    calls.clear()
+    with torch.no_grad():
+        model(x)
+    assert calls == once
+
+
 @pytest.mark.parametrize("option", ["add_bias_kv", "add_zero_attn"])
 def test_to_sparse_keeps_an_attention_it_cannot_reproduce_and_reports_why(option: str) -> None:
     model = nn.Sequential()

@@ -445,7 +445,9 @@ def shadow_runs(pairs: dict[nn.Module, nn.Module]) -> Iterator[None]:
     """While inside, each call of a key module also runs its value module on the same inputs (no grad).
 
     ``to_sparse`` uses it to see the inputs of a converted attention's projections while the
-    model still holds the ``nn.MultiheadAttention``. A shadow that raises is ignored.
+    model still holds the ``nn.MultiheadAttention``. A shadow that raises is ignored. The shadow's
+    ``forward`` is called, not the module: the forward hooks it copied from the key module have run
+    on these inputs already (a pre-hook's changes included) and must not run twice.
     """
 
     def hook(mod: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
@@ -454,7 +456,7 @@ def shadow_runs(pairs: dict[nn.Module, nn.Module]) -> Iterator[None]:
         try:
             shadow.train(mod.training)
             with torch.no_grad():
-                shadow(*args, **kwargs)
+                shadow.forward(*args, **kwargs)
         except Exception:  # the shadow only records inputs; the model's own call decides
             pass
         finally:
