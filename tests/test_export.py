@@ -480,6 +480,21 @@ def test_to_sparse_state_dict_round_trip(layout: str) -> None:
     assert sp[0].weight.layout in (torch.sparse_csr, torch.sparse_bsr)
 
 
+@pytest.mark.parametrize("layout", ["csr", "bsr", "csr_kernel"])
+def test_state_dict_with_a_wrong_bias_is_refused_like_a_linear(layout: str) -> None:
+    dense = sparse_mlp()
+    sd = dense.state_dict()
+    sd["0.bias"] = torch.zeros(63)
+    with pytest.raises(RuntimeError, match="size mismatch for 0.bias"):
+        copy.deepcopy(dense).load_state_dict(sd)  # the reference: what nn.Linear says
+    sp = to_sparse(copy.deepcopy(dense), layout, blocksize=(8, 8), max_density=1.0)
+    assert isinstance(sp[0], SparseLinear)
+    with pytest.raises(
+        RuntimeError, match="size mismatch for 0.bias: expected shape \\(64,\\), got \\(63,\\)"
+    ):
+        sp.load_state_dict(sd)
+
+
 def test_to_sparse_validates_before_changing() -> None:
     model = sparsify(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), 0.8)
     with pytest.raises(ValueError, match="remove_parametrizations"):

@@ -274,8 +274,15 @@ class SparseLinear(nn.Module):
             missing_keys.append(key)
         bkey = prefix + "bias"
         if self.bias is not None and bkey in state_dict:
-            with torch.no_grad():
-                self.bias.copy_(state_dict[bkey])
+            b = state_dict[bkey]
+            if not isinstance(b, torch.Tensor) or tuple(b.shape) != tuple(self.bias.shape):
+                got = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
+                error_msgs.append(
+                    f"size mismatch for {bkey}: expected shape {tuple(self.bias.shape)}, got {got}"
+                )
+            else:
+                with torch.no_grad():
+                    self.bias.copy_(b)
         elif self.bias is not None and strict:
             missing_keys.append(bkey)
         if strict:
