@@ -226,6 +226,18 @@ def test_fallback_without_the_kernel_is_exact(kind: type, no_kernel: None) -> No
         _check_bound(model(x), x, conv)
 
 
+@pytest.mark.parametrize("entry", ["bias", "weight"])
+def test_state_dict_with_a_wrong_shape_is_refused_like_a_conv(entry: str) -> None:
+    conv = _sparse_conv(nn.Conv2d, {"kernel_size": 3, "padding": 1})
+    sd = conv.state_dict()
+    sd[entry] = sd[entry][:-1]
+    with pytest.raises(RuntimeError, match=f"size mismatch for {entry}"):
+        copy.deepcopy(conv).load_state_dict(sd)  # the reference: what nn.Conv2d says
+    sc = SparseConv(conv)
+    with pytest.raises(RuntimeError, match=f"size mismatch for {entry}: expected"):
+        sc.load_state_dict(sd)
+
+
 def test_state_dict_round_trip_deepcopy_and_save() -> None:
     conv = _sparse_conv(nn.Conv2d, {"kernel_size": 3, "padding": 1})
     sc = SparseConv(conv)

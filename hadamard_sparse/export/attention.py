@@ -202,7 +202,11 @@ class ProjectedMultiheadAttention(nn.Module):
 
         ``in_proj_weight`` is split into the three projections (or ``q/k/v_proj_weight`` are used
         when ``kdim``/``vdim`` differ from ``embed_dim``), ``in_proj_bias`` likewise; ``out_proj``
-        becomes a plain ``nn.Linear`` with the same tensors' values.
+        becomes a plain ``nn.Linear`` with the same tensors' values. The forward hooks registered
+        on ``mha`` keep running on the new module, but the handles returned when they were
+        registered refer to ``mha``: ``handle.remove()`` no longer removes them from the new
+        module (remove them from its ``_forward_hooks``/``_forward_pre_hooks`` dicts, or register
+        them again on it).
 
         Args:
             mha: the module (not changed).

@@ -93,7 +93,12 @@ def _rebuild_linear_or_conv(new: nn.Module, mod: nn.Module, plan: LayerPlan, rem
         gone = removed(ids)
         if groups > 1:  # coupled across the groups: the same columns go in each
             gone_g = gone.view(groups, -1)
-            assert bool((gone_g == gone_g[0]).all()), "grouped conv channels must be removed group-aligned"
+            if not bool((gone_g == gone_g[0]).all()):  # the channel rules couple them; never expected
+                raise UnsupportedGraphError(
+                    f"shrink: the input channels removed from a grouped {type(mod).__name__}({mod.in_channels}, "
+                    f"{mod.out_channels}, groups={groups}) differ between its groups; a grouped conv needs "
+                    "the same channels removed in every group"
+                )
             keep_cols &= ~gone_g[0]
             fold = gone_g & (const.view(groups, -1) != 0)  # (groups, in per group)
             if fold.any():  # row o reads the constants of its own group

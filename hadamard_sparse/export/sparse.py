@@ -41,6 +41,7 @@ from .choice import (
     rule_choice,
     split_inputs,
 )
+from .dense_state import load_dense_entries
 from .sparse_conv import CONV_LAYOUTS, CONV_MAX_DENSITY, SparseConv, conv_weight_bias
 
 __all__ = ["DEFAULT_MAX_DENSITY", "LayerChoice", "SparseLinear", "to_sparse"]
@@ -253,42 +254,25 @@ class SparseLinear(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        key = prefix + "weight"
-        if key in state_dict:
-            w = state_dict[key]
-            expected = (self.out_features, self.in_features)
-            if self.transposed:
-                expected = expected[::-1]
-            if not isinstance(w, torch.Tensor) or tuple(w.shape) != expected:
-                got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
-                error_msgs.append(
-                    f"size mismatch for {key}: expected a dense tensor of shape {expected}, got {got}"
-                )
-            else:
-                dense = w.to_dense() if w.layout != torch.strided else w
-                if self.transposed:
-                    dense = dense.t()
-                ref = self.values if self.layout == "csr_kernel" else self.weight
-                self._set_dense(dense.to(ref.device, ref.dtype))
-        elif strict:
-            missing_keys.append(key)
-        bkey = prefix + "bias"
-        if self.bias is not None and bkey in state_dict:
-            b = state_dict[bkey]
-            if not isinstance(b, torch.Tensor) or tuple(b.shape) != tuple(self.bias.shape):
-                got = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
-                error_msgs.append(
-                    f"size mismatch for {bkey}: expected shape {tuple(self.bias.shape)}, got {got}"
-                )
-            else:
-                with torch.no_grad():
-                    self.bias.copy_(b)
-        elif self.bias is not None and strict:
-            missing_keys.append(bkey)
-        if strict:
-            for k in state_dict:
-                if k.startswith(prefix) and k not in (key, bkey) and "." not in k[len(prefix) :]:
-                    unexpected_keys.append(k)
+        expected = (self.out_features, self.in_features)
+        if self.transposed:
+            expected = expected[::-1]
+        ref = self.values if self.layout == "csr_kernel" else self.weight
+
+        def set_dense(w: torch.Tensor) -> None:
+            self._set_dense((w.t() if self.transposed else w).to(ref.device, ref.dtype))
+
+        load_dense_entries(
+            state_dict,
+            prefix,
+            strict,
+            missing_keys,
+            unexpected_keys,
+            error_msgs,
+            expected=expected,
+            set_dense=set_dense,
+            bias=self.bias,
+        )
 
     def extra_repr(self) -> str:
         return (

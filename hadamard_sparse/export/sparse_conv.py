@@ -28,6 +28,7 @@ from torch import nn
 
 from ..errors import InvalidArgumentError, InvalidTypeError
 from . import kernels
+from .dense_state import load_dense_entries
 
 __all__ = ["CONV_LAYOUTS", "CONV_MAX_DENSITY", "SparseConv", "conv_weight_bias"]
 
@@ -282,29 +283,17 @@ class SparseConv(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        key, bkey = prefix + "weight", prefix + "bias"
-        expected = (self.out_channels, self.in_channels, *self.kernel_size)
-        if key in state_dict:
-            w = state_dict[key]
-            if not isinstance(w, torch.Tensor) or tuple(w.shape) != expected:
-                got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
-                error_msgs.append(
-                    f"size mismatch for {key}: expected a dense tensor of shape {expected}, got {got}"
-                )
-            else:
-                w = w.to_dense() if w.layout != torch.strided else w
-                self._set_dense(w.to(self.values.device, self.values.dtype))
-        elif strict:
-            missing_keys.append(key)
-        if self.bias is not None and bkey in state_dict:
-            with torch.no_grad():
-                self.bias.copy_(state_dict[bkey])
-        elif self.bias is not None and strict:
-            missing_keys.append(bkey)
-        if strict:
-            for k in state_dict:
-                if k.startswith(prefix) and k not in (key, bkey) and "." not in k[len(prefix) :]:
-                    unexpected_keys.append(k)
+        load_dense_entries(
+            state_dict,
+            prefix,
+            strict,
+            missing_keys,
+            unexpected_keys,
+            error_msgs,
+            expected=(self.out_channels, self.in_channels, *self.kernel_size),
+            set_dense=lambda w: self._set_dense(w.to(self.values.device, self.values.dtype)),
+            bias=self.bias,
+        )
 
     def extra_repr(self) -> str:
         return (
