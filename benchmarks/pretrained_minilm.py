@@ -431,7 +431,7 @@ def main() -> None:
         sys.exit(f"--methods: unknown {unknown}, known: {list(PLAN)}")
     global RESULTS
     if "--out" in sys.argv:
-        RESULTS = RESULTS.parent / sys.argv[sys.argv.index("--out") + 1]
+        RESULTS = Path(sys.argv[sys.argv.index("--out") + 1])
     elif "--methods" in sys.argv:
         RESULTS = RESULTS.parent / f"pretrained_minilm_{'_'.join(only).replace('+', '')}.md"
     work = [

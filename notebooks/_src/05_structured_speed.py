@@ -170,8 +170,9 @@ for n_tokens in (1, 64):
     print(f"  live: dense {t_dense:.2f} ms, to_sparse(example_inputs) {t_auto:.2f} ms ({t_dense / t_auto:.1f}x)")
 
 # %% [markdown]
-# The benchmark's figures for the kernel (Linear 4096², the never-slower sweep and the real
-# all-MiniLM-L6-v2 end to end), when its results file is present:
+# The benchmark's figures for the kernels (Linear 4096², the never-slower sweep, the real
+# all-MiniLM-L6-v2 end to end, convolutions through `SparseConv` and Hugging Face's wav2vec2
+# feature encoder; 2 threads, quiet machine), when its results file is present:
 
 # %%
 kernel_results = Path("..") / "benchmarks" / "results" / "inference_speed_t2.md"
@@ -179,7 +180,7 @@ if kernel_results.exists():
     text = kernel_results.read_text()
     parts = text.split("\n## ")
     keep = [line for line in parts[0].splitlines() if line.startswith(("Command", "torch"))]
-    keep += ["### " + sec.strip() for sec in parts[1:] if sec.startswith(("Linear", "Sweep", "all-MiniLM"))]
+    keep += ["### " + sec.strip() for sec in parts[1:] if sec.startswith(("Linear", "Sweep", "all-MiniLM", "Convolutions", "wav2vec2"))]
     display(Markdown("\n\n".join(keep)))
 else:
     print("benchmarks/results/inference_speed_t2.md not found: run `python benchmarks/inference_speed.py --threads 2`")
@@ -247,7 +248,7 @@ if results.exists():
     for sec in sections[1:]:
         if sec.startswith(("MLP", "CNN")):
             keep.append("### " + sec.strip())
-    structured = Path("..") / "benchmarks" / "results" / "structured_speed.md"
+    structured = Path("..") / "benchmarks" / "results" / "structured_speed_t2.md"
     if structured.exists():
         keep += ["### " + sec.strip() for sec in structured.read_text().split("\n## ")[1:]]
     display(Markdown("\n\n".join(keep)))
