@@ -283,3 +283,30 @@ def test_gpt2_cross_attention_heads_q_attn_and_c_attn() -> None:
     shrunk = shrink_matches_masked(model, x)
     cross = shrunk.h[0].crossattention
     assert cross.q_attn.nf == 16 and cross.c_attn.nf == 32 and cross.split_size == 16 and cross.num_heads == 2
+
+
+@pytest.mark.parametrize("config", ["gpt2", "llama"])
+def test_shrink_of_a_decoder_with_its_default_cache(config: str) -> None:
+    """Default configs return a generation cache object (not a tensor tree ``torch.export`` can output);
+    the capture runs with ``use_cache=False`` unless the caller set it, so heads and neurons still go."""
+    if config == "gpt2":
+        cfg = transformers.GPT2Config(
+            vocab_size=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
+        )
+    else:
+        cfg = transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=48,
+        )  # fmt: skip
+    model = transformers.AutoModel.from_config(cfg).eval()
+    assert model.config.use_cache
+    x = {"input_ids": IDS}
+    hs.sparsify(model, 0.5, structure="head", scope="layer")
+    hs.sparsify(model, 0.5, structure="neuron", example_inputs=x, scope="layer")
+    before = n_params(model)
+    with torch.no_grad():
+        ref = model(**x).last_hidden_state
+    shrunk = hs.shrink(copy.deepcopy(model), x)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(**x).last_hidden_state, ref, atol=ATOL, rtol=1e-4)
+    assert n_params(shrunk) < before

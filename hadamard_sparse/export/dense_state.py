@@ -3,8 +3,9 @@
 :class:`~hadamard_sparse.export.sparse.SparseLinear` and
 :class:`~hadamard_sparse.export.sparse_conv.SparseConv` save their weight densified under the
 original ``weight`` key (and ``bias``), so that their checkpoints and the dense layer's load into
-each other; :func:`load_dense_entries` is their shared ``_load_from_state_dict`` body, with
-``nn.Linear``'s "size mismatch" messages.
+each other; :func:`save_dense_entries` and :func:`load_dense_entries` are their shared
+``_save_to_state_dict`` / ``_load_from_state_dict`` bodies, the latter with ``nn.Linear``'s "size
+mismatch" messages.
 """
 
 from __future__ import annotations
@@ -14,7 +15,22 @@ from typing import Any
 
 import torch
 
-__all__ = ["load_dense_entries"]
+__all__ = ["load_dense_entries", "save_dense_entries"]
+
+
+def save_dense_entries(
+    destination: dict[str, Any], prefix: str, keep_vars: bool, weight: torch.Tensor, bias: torch.Tensor | None
+) -> None:
+    """Write ``prefix + "weight"`` (the dense weight as the dense layer stores it) and ``prefix + "bias"``.
+
+    Args:
+        destination, prefix, keep_vars: as in ``nn.Module._save_to_state_dict``.
+        weight: the densified weight.
+        bias: the module's bias Parameter, or None.
+    """
+    destination[prefix + "weight"] = weight
+    if bias is not None:
+        destination[prefix + "bias"] = bias if keep_vars else bias.detach()
 
 
 def load_dense_entries(

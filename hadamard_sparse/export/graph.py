@@ -17,6 +17,7 @@ without a rule is fine unless it reads candidate (pruned) channels.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -455,6 +456,22 @@ def _frozen_by_use(gm: fx.GraphModule, params: dict[str, str]) -> set[str]:
     return frozen
 
 
+def _without_cache(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``use_cache=False`` for a forward that takes it and was not given it.
+
+    Hugging Face decoders (GPT-2, Llama, T5, Whisper) otherwise return a generation cache object,
+    which is not a tree of tensors that ``torch.export`` can output; the channel analysis does not
+    need it.
+    """
+    if "use_cache" in kwargs:
+        return kwargs
+    try:
+        takes = "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # no signature to read (builtins, some C++ modules)
+        return kwargs
+    return {**kwargs, "use_cache": False} if takes else kwargs
+
+
 def capture(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Capture:
     """Capture the forward of ``model`` on the example inputs: ``torch.export`` first, fx as fallback.
 
@@ -463,6 +480,7 @@ def capture(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     Only when export fails is ``torch.fx.symbolic_trace`` tried (with shapes from ``ShapeProp``).
     """
     errors = []
+    kwargs = _without_cache(model, kwargs)
     with _eval_no_grad(model):
         try:
             ep = torch.export.export(model, args, kwargs, strict=False)

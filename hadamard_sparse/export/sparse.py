@@ -41,7 +41,7 @@ from .choice import (
     rule_choice,
     split_inputs,
 )
-from .dense_state import load_dense_entries
+from .dense_state import load_dense_entries, save_dense_entries
 from .sparse_conv import CONV_LAYOUTS, CONV_MAX_DENSITY, SparseConv, conv_weight_bias
 
 __all__ = ["DEFAULT_MAX_DENSITY", "LayerChoice", "SparseLinear", "to_sparse"]
@@ -240,9 +240,9 @@ class SparseLinear(nn.Module):
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         w = self.dense_weight()
-        destination[prefix + "weight"] = w.t().contiguous() if self.transposed else w
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        save_dense_entries(
+            destination, prefix, keep_vars, w.t().contiguous() if self.transposed else w, self.bias
+        )
 
     def _load_from_state_dict(
         self,

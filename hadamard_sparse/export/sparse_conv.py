@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import InvalidArgumentError, InvalidTypeError
 from . import kernels
-from .dense_state import load_dense_entries
+from .dense_state import load_dense_entries, save_dense_entries
 
 __all__ = ["CONV_LAYOUTS", "CONV_MAX_DENSITY", "SparseConv", "conv_weight_bias"]
 
@@ -269,9 +269,7 @@ class SparseConv(nn.Module):
         return ho, wo
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        destination[prefix + "weight"] = self.dense_weight()
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        save_dense_entries(destination, prefix, keep_vars, self.dense_weight(), self.bias)
 
     def _load_from_state_dict(
         self,
