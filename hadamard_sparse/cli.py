@@ -14,7 +14,9 @@ Commands (``hadamard-sparse`` or ``python -m hadamard_sparse``)::
 prunes it, and writes a complete directory (config, tokenizer and other files copied, safetensors
 weights) that plain ``from_pretrained`` loads; with ``--compress`` the weights are written compressed
 (``model.compressed.safetensors``, loaded back with ``hs.load_pretrained``). Every argument is checked before any work starts;
-a refused argument exits with status 2 and a one-line message, without a traceback.
+a refused argument, and a model directory that cannot be loaded, exit with status 2 and one line on stderr
+(``hadamard-sparse sparsify: error: ... (see 'hadamard-sparse sparsify --help')``), without a usage block or
+a traceback.
 
 The demo runs the whole story on real data that ships with scikit-learn (the 8x8 digits images,
 no download): train a small CNN, sparsify it, fine-tune, print the sparsity report and dense vs
@@ -253,17 +255,105 @@ def _has_transformers() -> bool:
     return importlib.util.find_spec("transformers") is not None
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line on stderr (no usage block), with a ``--help`` hint.
+
+    Its sub-parsers are of the same class (``add_subparsers`` builds them with ``type(self)``).
+    """
+
+    def error(self, message: str) -> Any:  # argparse's signature says NoReturn; typeshed's says Never
+        """Print ``PROG: error: MESSAGE (see 'PROG --help')`` as one line on stderr and exit with status 2."""
+        text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+        self.exit(2, f"{self.prog}: error: {text} (see '{self.prog} --help')\n")
+
+
+def _check_out_dir(
+    parser: argparse.ArgumentParser, model_dir: str, out_dir: str, *, out_name: str = "OUT_DIR"
+) -> None:
+    """Refuse an output directory that could overwrite or swallow the model directory. Exits with 2 on error.
+
+    Symlinks and relative paths are resolved first. Refused, in this order: the same directory; one
+    inside the other (an OUT_DIR inside MODEL_DIR would be copied into every later output, a MODEL_DIR
+    inside OUT_DIR would be written over); an OUT_DIR that exists and is not an empty directory.
+
+    Args:
+        parser: the (sub-)parser whose ``error`` reports the problem.
+        model_dir: the source model directory (MODEL_DIR).
+        out_dir: the directory to be written.
+        out_name: how the command line names ``out_dir`` in messages.
+    """
+    src, out = Path(model_dir), Path(out_dir)
+    src_r, out_r = src.resolve(), out.resolve()
+    if out_r == src_r:
+        parser.error(f"{out_name} must differ from MODEL_DIR: both are {str(src_r)!r}")
+    if out_r.is_relative_to(src_r) or src_r.is_relative_to(out_r):
+        inner, outer = (
+            (f"{out_name}", "MODEL_DIR") if out_r.is_relative_to(src_r) else ("MODEL_DIR", out_name)
+        )
+        parser.error(
+            f"{inner} must not be inside {outer} (nor {outer} inside {inner}): {out_name} {str(out)!r} "
+            f"resolves to {str(out_r)!r}, MODEL_DIR {str(src)!r} to {str(src_r)!r}"
+        )
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        parser.error(f"{out_name} {str(out)!r} exists and is not an empty directory; choose a new one")
+
+
+def _safetensors_errors() -> tuple[type[BaseException], ...]:
+    """safetensors' own error type (a corrupt file), when safetensors is installed."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return ()
+    return (SafetensorError,)
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What loading a model directory raises on a missing, unreadable, truncated or corrupt file."""
+    return (
+        OSError,
+        ValueError,
+        KeyError,
+        EOFError,
+        RuntimeError,
+        pickle.UnpicklingError,
+        *_safetensors_errors(),
+    )
+
+
+def _unreadable_safetensors(model_dir: Path) -> list[str]:
+    """The names of the ``*.safetensors`` files of ``model_dir`` whose header safetensors cannot read."""
+    from safetensors import safe_open
+
+    bad = []
+    for f in sorted(model_dir.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (OSError, *_safetensors_errors()):
+            bad.append(f.name)
+    return bad
+
+
+def _load_model(parser: argparse.ArgumentParser, model_dir: str | Path) -> nn.Module:
+    """``load_pretrained(model_dir)``; a directory it cannot load (a truncated weights file, ...) exits with 2."""
+    try:
+        return load_pretrained(model_dir)
+    except _load_errors() as e:
+        hint = ""
+        if isinstance(e, _safetensors_errors()):
+            bad = _unreadable_safetensors(Path(model_dir))
+            hint = f" ({', '.join(bad)} truncated or corrupt)" if bad else ""
+        parser.error(f"cannot load {str(model_dir)!r}{hint}: {type(e).__name__}: {e}")
+
+
 def _check_sparsify_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
     """Every check that needs no model; returns ``(tokenizer, lines)`` when calibrating. Exits with 2 on error."""
     if not _has_transformers():
         parser.error('sparsify needs transformers: pip install "hadamard-sparse[examples]"')
-    src, out = Path(args.model_dir), Path(args.out_dir)
+    src = Path(args.model_dir)
     if not (src / "config.json").is_file():
         parser.error(f"MODEL_DIR {str(src)!r} is not a Hugging Face model directory (no config.json)")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        parser.error(f"OUT_DIR {str(out)!r} exists and is not an empty directory; choose a new one")
-    if out.resolve() == src.resolve():
-        parser.error("OUT_DIR must differ from MODEL_DIR")
+    _check_out_dir(parser, args.model_dir, args.out_dir)
     if args.compress and importlib.util.find_spec("safetensors") is None:
         parser.error('--compress needs safetensors: pip install "hadamard-sparse[examples]"')
     entry = get_score(args.method)
@@ -323,10 +413,7 @@ def _cmd_sparsify(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     calib = _check_sparsify_args(parser, args)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     t0 = time.perf_counter()
-    try:
-        model = load_pretrained(args.model_dir)
-    except (OSError, ValueError, KeyError) as e:
-        parser.error(f"cannot load MODEL_DIR {args.model_dir!r} with transformers: {e}")
+    model = _load_model(parser, args.model_dir)
     print(f"loaded {type(model).__name__} from {args.model_dir}")
     include: list[Any] | None = args.include
     if args.embeddings:  # a type selector opts embeddings in; "*" keeps every other target
@@ -409,15 +496,6 @@ def _file_report(path: Path, masks_only: bool = False) -> tuple[SparsityReport, 
     return SparsityReport(tuple(weights)), SparsityReport(tuple(masks)), other
 
 
-def _safetensors_errors() -> tuple[type[BaseException], ...]:
-    """safetensors' own error type (a corrupt file), when safetensors is installed."""
-    try:
-        from safetensors import SafetensorError
-    except ImportError:
-        return ()
-    return (SafetensorError,)
-
-
 def _cmd_report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     path = Path(args.path)
     if path.is_file():
@@ -433,10 +511,7 @@ def _cmd_report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         )
     if path.is_dir():
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        try:
-            model = load_pretrained(path)
-        except (OSError, ValueError, KeyError) as e:
-            parser.error(f"cannot load {str(path)!r} with transformers: {e}")
+        model = _load_model(parser, path)
         print(f"{type(model).__name__} from {path}: targeted weights (Linear, Conv, attention, ...)")
         print(sparsity_report(model))
         masks = _file_report(path, masks_only=True)[1] if importlib.util.find_spec("safetensors") else None
@@ -467,7 +542,7 @@ def _cmd_demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``hadamard-sparse`` command (method choices come from the score registry)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hadamard-sparse",
         description="Sparsify Hugging Face checkpoints with exact counts, report their sparsity, or run a demo.",
     )
@@ -571,5 +646,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit status: 0 on success. Refused arguments exit with status 2 (``SystemExit``).
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # named by the sub-command's parser, so that the --help hint is the sub-command's
+        getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(extras)}")
     return args.run(args.parser, args)
