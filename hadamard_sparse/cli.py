@@ -42,10 +42,11 @@ from torch import nn
 
 from . import __version__
 from ._checks import SCOPES, check_fraction
+from ._cli_common import OneLineParser, check_out_dir, load_model, safetensors_errors
 from .api import remove_parametrizations, sparsify
 from .compress import load_compressed
 from .errors import HadamardSparseError
-from .hf import is_compressed_file, load_pretrained, save_pretrained
+from .hf import is_compressed_file, save_pretrained
 from .layers import resolve_targets
 from .report import SparsityReport, TensorSparsity, sparsity_report
 from .scores import available_scores, get_score
@@ -255,97 +256,6 @@ def _has_transformers() -> bool:
     return importlib.util.find_spec("transformers") is not None
 
 
-class _Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line on stderr (no usage block), with a ``--help`` hint.
-
-    Its sub-parsers are of the same class (``add_subparsers`` builds them with ``type(self)``).
-    """
-
-    def error(self, message: str) -> Any:  # argparse's signature says NoReturn; typeshed's says Never
-        """Print ``PROG: error: MESSAGE (see 'PROG --help')`` as one line on stderr and exit with status 2."""
-        text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
-        self.exit(2, f"{self.prog}: error: {text} (see '{self.prog} --help')\n")
-
-
-def _check_out_dir(
-    parser: argparse.ArgumentParser, model_dir: str, out_dir: str, *, out_name: str = "OUT_DIR"
-) -> None:
-    """Refuse an output directory that could overwrite or swallow the model directory. Exits with 2 on error.
-
-    Symlinks and relative paths are resolved first. Refused, in this order: the same directory; one
-    inside the other (an OUT_DIR inside MODEL_DIR would be copied into every later output, a MODEL_DIR
-    inside OUT_DIR would be written over); an OUT_DIR that exists and is not an empty directory.
-
-    Args:
-        parser: the (sub-)parser whose ``error`` reports the problem.
-        model_dir: the source model directory (MODEL_DIR).
-        out_dir: the directory to be written.
-        out_name: how the command line names ``out_dir`` in messages.
-    """
-    src, out = Path(model_dir), Path(out_dir)
-    src_r, out_r = src.resolve(), out.resolve()
-    if out_r == src_r:
-        parser.error(f"{out_name} must differ from MODEL_DIR: both are {str(src_r)!r}")
-    if out_r.is_relative_to(src_r) or src_r.is_relative_to(out_r):
-        inner, outer = (
-            (f"{out_name}", "MODEL_DIR") if out_r.is_relative_to(src_r) else ("MODEL_DIR", out_name)
-        )
-        parser.error(
-            f"{inner} must not be inside {outer} (nor {outer} inside {inner}): {out_name} {str(out)!r} "
-            f"resolves to {str(out_r)!r}, MODEL_DIR {str(src)!r} to {str(src_r)!r}"
-        )
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        parser.error(f"{out_name} {str(out)!r} exists and is not an empty directory; choose a new one")
-
-
-def _safetensors_errors() -> tuple[type[BaseException], ...]:
-    """safetensors' own error type (a corrupt file), when safetensors is installed."""
-    try:
-        from safetensors import SafetensorError
-    except ImportError:
-        return ()
-    return (SafetensorError,)
-
-
-def _load_errors() -> tuple[type[BaseException], ...]:
-    """What loading a model directory raises on a missing, unreadable, truncated or corrupt file."""
-    return (
-        OSError,
-        ValueError,
-        KeyError,
-        EOFError,
-        RuntimeError,
-        pickle.UnpicklingError,
-        *_safetensors_errors(),
-    )
-
-
-def _unreadable_safetensors(model_dir: Path) -> list[str]:
-    """The names of the ``*.safetensors`` files of ``model_dir`` whose header safetensors cannot read."""
-    from safetensors import safe_open
-
-    bad = []
-    for f in sorted(model_dir.glob("*.safetensors")):
-        try:
-            with safe_open(str(f), framework="pt"):
-                pass
-        except (OSError, *_safetensors_errors()):
-            bad.append(f.name)
-    return bad
-
-
-def _load_model(parser: argparse.ArgumentParser, model_dir: str | Path) -> nn.Module:
-    """``load_pretrained(model_dir)``; a directory it cannot load (a truncated weights file, ...) exits with 2."""
-    try:
-        return load_pretrained(model_dir)
-    except _load_errors() as e:
-        hint = ""
-        if isinstance(e, _safetensors_errors()):
-            bad = _unreadable_safetensors(Path(model_dir))
-            hint = f" ({', '.join(bad)} truncated or corrupt)" if bad else ""
-        parser.error(f"cannot load {str(model_dir)!r}{hint}: {type(e).__name__}: {e}")
-
-
 def _check_sparsify_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
     """Every check that needs no model; returns ``(tokenizer, lines)`` when calibrating. Exits with 2 on error."""
     if not _has_transformers():
@@ -353,7 +263,7 @@ def _check_sparsify_args(parser: argparse.ArgumentParser, args: argparse.Namespa
     src = Path(args.model_dir)
     if not (src / "config.json").is_file():
         parser.error(f"MODEL_DIR {str(src)!r} is not a Hugging Face model directory (no config.json)")
-    _check_out_dir(parser, args.model_dir, args.out_dir)
+    check_out_dir(parser, args.model_dir, args.out_dir)
     if args.compress and importlib.util.find_spec("safetensors") is None:
         parser.error('--compress needs safetensors: pip install "hadamard-sparse[examples]"')
     entry = get_score(args.method)
@@ -413,7 +323,7 @@ def _cmd_sparsify(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     calib = _check_sparsify_args(parser, args)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     t0 = time.perf_counter()
-    model = _load_model(parser, args.model_dir)
+    model = load_model(parser, args.model_dir)
     print(f"loaded {type(model).__name__} from {args.model_dir}")
     include: list[Any] | None = args.include
     if args.embeddings:  # a type selector opts embeddings in; "*" keeps every other target
@@ -511,14 +421,14 @@ def _cmd_report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         )
     if path.is_dir():
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        model = _load_model(parser, path)
+        model = load_model(parser, path)
         print(f"{type(model).__name__} from {path}: targeted weights (Linear, Conv, attention, ...)")
         print(sparsity_report(model))
         masks = _file_report(path, masks_only=True)[1] if importlib.util.find_spec("safetensors") else None
     else:
         try:
             weights, masks, other = _file_report(path)
-        except (OSError, RuntimeError, pickle.UnpicklingError, *_safetensors_errors()) as e:
+        except (OSError, RuntimeError, pickle.UnpicklingError, *safetensors_errors()) as e:
             parser.error(f"cannot read {str(path)!r} as a weights file: {e}")
         print(f"{path}: floating-point tensors with 2 or more dimensions ({other} other tensors not shown)")
         print(weights)
@@ -542,7 +452,7 @@ def _cmd_demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``hadamard-sparse`` command (method choices come from the score registry)."""
-    parser = _Parser(
+    parser = OneLineParser(
         prog="hadamard-sparse",
         description="Sparsify Hugging Face checkpoints with exact counts, report their sparsity, or run a demo.",
     )

@@ -17,6 +17,7 @@ from conftest import minilm_path
 
 import hadamard_sparse as hs
 from hadamard_sparse import cli
+from hadamard_sparse._cli_common import check_out_dir
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -202,9 +203,9 @@ def test_sparsify_refuses_out_dir_inside_or_around_model_dir(
         assert "Traceback" not in err and _listing(tmp_path) == before  # nothing written
     parser = cli.build_parser()  # the rule is a helper that other sub-commands call with their own names
     with pytest.raises(SystemExit):
-        cli._check_out_dir(parser, str(src), str(src / "x"), out_name="--out")
+        check_out_dir(parser, str(src), str(src / "x"), out_name="--out")
     assert "--out must not be inside MODEL_DIR" in capsys.readouterr().err
-    cli._check_out_dir(parser, str(src), str(tmp_path / "elsewhere"))  # accepted: returns
+    check_out_dir(parser, str(src), str(tmp_path / "elsewhere"))  # accepted: returns
 
 
 def _truncated_copy(src: Path, dst: Path, name: str) -> Path:
@@ -351,3 +352,9 @@ def test_subprocess_smoke(gpt2_dir: Path, tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert "h.0.mlp.c_fc.weight" in r.stdout and "wrote" in r.stdout
+    bad = _truncated_copy(gpt2_dir, tmp_path / "bad", "model.safetensors")  # the whole process's stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "hadamard_sparse", "report", str(bad)], capture_output=True, text=True, env=env
+    )
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "model.safetensors truncated or corrupt" in r.stderr
