@@ -42,6 +42,7 @@ halves it. Batches must repeat exactly (same examples in the same order, same pa
 from __future__ import annotations
 
 import copy
+import difflib
 import math
 import numbers
 import re
@@ -287,8 +288,9 @@ class Distiller(nn.Module):
             rx = _glob_regex(p)
             found = [n for n in all_names if rx.fullmatch(n)]
             if not found:
+                near = difflib.get_close_matches(p, all_names, n=5, cutoff=0.3) or all_names[:5]
                 raise InvalidArgumentError(
-                    f"features: pattern {p!r} matches no module of the student (e.g. {all_names[:5]}); "
+                    f"features: pattern {p!r} matches no module of the student (near: {near}); "
                     "'*' stays within one dotted component, '**' crosses them"
                 )
             names += [n for n in found if n not in names]

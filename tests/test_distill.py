@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import math
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import mlp
+from conftest import mlp, run_ranks
 from torch import nn
 
 import hadamard_sparse as hs
@@ -421,3 +423,158 @@ def test_ddp_wrapper_is_unwrapped_for_hooks_and_called_as_given() -> None:
     assert calls == [1, 1]
     with pytest.raises(hs.InvalidArgumentError, match="student= must be the distiller's student"):
         ref(x, student=teacher)
+
+
+def _tiny_sentence_transformer(tmp_path: object) -> nn.Module:
+    st = pytest.importorskip("sentence_transformers")
+    models = pytest.importorskip("sentence_transformers.models")
+    d = str(tmp_path)
+    words = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        *"the a cat dog sat on mat runs fast red sky is".split(),
+    ]
+    with open(f"{d}/vocab.txt", "w") as f:
+        f.write("\n".join(words) + "\n")
+    tok = transformers.BertTokenizerFast(vocab_file=f"{d}/vocab.txt")
+    bert = _tiny_bert(initializer_range=0.2)
+    bert.resize_token_embeddings(len(words))
+    bert.save_pretrained(d)
+    tok.save_pretrained(d)
+    return st.SentenceTransformer(modules=[models.Transformer(d), models.Pooling(16, "mean")], device="cpu")
+
+
+def test_sentence_transformer_student(tmp_path: object) -> None:
+    model = _tiny_sentence_transformer(tmp_path)
+    encode = getattr(model, "preprocess", None) or model.tokenize
+    batch = encode(["the cat sat on the mat", "a dog runs fast", "the sky is red"])
+    keys = set(batch)
+    d = hs.Distiller(model, features="**.encoder.layer.*", embedding="cosine", cache="lazy")
+    assert len(d.features) == 2
+    hs.sparsify(model, 0.8, scope="layer")
+    loss = d(batch)
+    assert set(batch) == keys  # the SentenceTransformer wrote its outputs into a copy, not the batch
+    s = model(dict(batch))["sentence_embedding"]
+    t = d.teacher(dict(batch))["sentence_embedding"]
+    torch.testing.assert_close(
+        d.last["embedding"], (1 - F.cosine_similarity(s, t)).mean().item(), rtol=1e-4, atol=1e-6
+    )
+    assert loss.item() == pytest.approx(d.last["embedding"] + d.last["features"], rel=1e-5)
+    before = loss.item()
+    _, after = _train(d, [batch], steps=15, lr=3e-3)
+    assert after < 0.6 * before, (before, after)
+
+
+class _DistillingTrainer(transformers.Trainer):
+    """The docs' Trainer subclass: its loss is the distiller's."""
+
+    def __init__(self, *args: object, distiller: hs.Distiller, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.distiller = distiller
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+        return self.distiller(inputs, student=model, return_outputs=return_outputs)
+
+
+def test_hugging_face_trainer_with_compute_loss(tmp_path: object) -> None:
+    pytest.importorskip("accelerate")
+    student = _tiny_bert(transformers.BertForSequenceClassification, num_labels=3, initializer_range=0.2)
+    d = hs.Distiller(student, hardness=1.0, temperature=2.0)  # oBERT's setting: the teacher's logits only
+    hs.sparsify(student, 0.8, scope="layer", exclude="classifier")
+    teacher_before = copy.deepcopy(d.teacher.state_dict())
+    g = torch.Generator().manual_seed(0)
+    data = [
+        {"input_ids": torch.randint(1, 60, (9,), generator=g), "labels": torch.tensor(i % 3)}
+        for i in range(8)
+    ]
+
+    def kl() -> float:
+        with torch.no_grad():
+            return sum(d({k: v[None] for k, v in ex.items()}).item() for ex in data)
+
+    before = kl()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=20,
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    _DistillingTrainer(model=student, args=args, train_dataset=data, distiller=d).train()
+    after = kl()
+    assert after < 0.5 * before, (before, after)
+    assert set(d.last) == {"logits", "distill", "task", "loss"}  # the labels' loss is reported, not mixed in
+    assert d.last["loss"] == d.last["logits"]
+    assert all(torch.equal(v, teacher_before[k]) for k, v in d.teacher.state_dict().items())
+
+
+_DDP_WORKER = textwrap.dedent(
+    """
+    import copy, json, sys
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    import hadamard_sparse as hs
+
+    rank, world, init_file, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    report = {}
+    for variant in ["per_call", "wrapped"]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+        if variant == "per_call":  # the default teacher, the trainer's DDP wrapper given per call
+            d = hs.Distiller(model, features=["0", "2"], logits=True)
+            hs.sparsify(model, 0.8, scope="layer")
+            ddp = nn.parallel.DistributedDataParallel(model)
+        else:  # the distiller built on the DDP wrapper, with a teacher kept from before pruning
+            teacher = copy.deepcopy(model)
+            hs.sparsify(model, 0.8, scope="layer")
+            ddp = nn.parallel.DistributedDataParallel(model)
+            d = hs.Distiller(ddp, teacher, features=["0", "2"], logits=True)
+        teacher0 = copy.deepcopy(d.teacher.state_dict())
+        opt = torch.optim.Adam(ddp.parameters(), lr=1e-2)
+        g = torch.Generator().manual_seed(100 + rank)  # different data on each rank
+        xs = [torch.randn(16, 10, generator=g) for _ in range(4)]
+        losses = []
+        for step in range(30):
+            x = xs[step % 4]
+            loss = d(x, student=ddp) if variant == "per_call" else d(x)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        report[variant] = {
+            "same_params": all(torch.equal(gathered[0], t) for t in gathered),
+            "first": sum(losses[:4]) / 4,
+            "last": sum(losses[-4:]) / 4,
+            "teacher_unchanged": all(torch.equal(v, teacher0[k]) for k, v in d.teacher.state_dict().items()),
+        }
+    dist.destroy_process_group()
+    with open(out, "w") as f:
+        json.dump(report, f)
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="torch.distributed with gloo is not available",
+)
+def test_ddp_two_ranks_gloo(tmp_path: Path) -> None:
+    for report in run_ranks(tmp_path, _DDP_WORKER, timeout=180):
+        for variant, r in report.items():
+            assert r["same_params"], variant  # DDP averaged the gradients of the hooked, distilled model
+            assert r["teacher_unchanged"], variant
+            assert r["last"] < 0.9 * r["first"], (variant, r)  # a pruned MLP plateaus near 0.75x
