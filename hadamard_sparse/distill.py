@@ -46,6 +46,7 @@ import difflib
 import math
 import numbers
 import re
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Union
 
@@ -105,6 +106,12 @@ def _check_weight(value: object, arg: str) -> float:
     return float(value)
 
 
+def _remove_handles(handles: list[Any]) -> None:
+    for h in handles:
+        h.remove()
+    handles.clear()
+
+
 def _to_cache(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     t = t.detach().to("cpu")
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t.clone()
@@ -151,6 +158,32 @@ class Distiller(nn.Module):
         ...     loss = distiller(batch)
         ...     loss.backward(); optimizer.step(); optimizer.zero_grad()
     """
+
+    student: nn.Module
+    teacher: nn.Module
+    owns_teacher: bool
+    logits: bool
+    temperature: float
+    hardness: float
+    logit_weight: float
+    features: tuple[str, ...]
+    feature_weight: float
+    embedding: str | None
+    embedding_weight: float
+    pooling: Pooling
+    eps: float
+    cache: str | None
+    cache_dtype: torch.dtype | None
+    _call_fn: Callable[[nn.Module, Any], Any]
+    _cache: dict[str, dict[str, Any]]
+    _hits: int
+    _misses: int
+    _recording: bool
+    _removed: bool
+    _handles: list[Any]
+    _s_feats: dict[str, list[torch.Tensor]]
+    _t_feats: dict[str, list[torch.Tensor]]
+    _last: dict[str, torch.Tensor]
 
     def __init__(
         self,
@@ -279,6 +312,8 @@ class Distiller(nn.Module):
         s_modules = dict(inner.named_modules())
         self._handles = [s_modules[n].register_forward_hook(self._hook(self._s_feats, n)) for n in names]
         self._handles += [t_modules[n].register_forward_hook(self._hook(self._t_feats, n)) for n in names]
+        # a distiller dropped without remove() takes its hooks with it (they hold it only weakly)
+        weakref.finalize(self, _remove_handles, self._handles)
 
     @staticmethod
     def _resolve_features(inner: nn.Module, patterns: list[str]) -> list[str]:
@@ -297,8 +332,11 @@ class Distiller(nn.Module):
         return names
 
     def _hook(self, store: dict[str, list[torch.Tensor]], name: str) -> Callable[..., None]:
+        owner = weakref.ref(self)
+
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if self._recording:
+            distiller = owner()
+            if distiller is not None and distiller._recording:
                 store.setdefault(name, []).append(first_tensor(output, f"module {name!r}"))
 
         return hook
@@ -307,9 +345,7 @@ class Distiller(nn.Module):
 
     def remove(self) -> None:
         """Remove the forward hooks from student and teacher (idempotent); the distiller cannot be called after."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        _remove_handles(self._handles)
         self._removed = True
 
     def __enter__(self) -> Distiller:
@@ -482,9 +518,10 @@ class Distiller(nn.Module):
                     f"logits: student {tuple(s_logits.shape)} and teacher {tuple(t_logits.shape)} differ in shape"
                 )
             mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-            use_mask = isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(s_logits.shape[:-1])
+            if not (isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(s_logits.shape[:-1])):
+                mask = None  # rows weighted by the attention mask only for (B, L, V) logits
             kl = kl_distill_loss(
-                s_logits, t_logits, self.temperature, mask.to(s_logits.device) if use_mask else None
+                s_logits, t_logits, self.temperature, None if mask is None else mask.to(s_logits.device)
             )
             add("logits", kl, self.logit_weight)
         if self.features:
@@ -530,6 +567,7 @@ class Distiller(nn.Module):
         return (loss, out) if return_outputs else loss
 
     def _task_loss(self, task_loss: TaskLoss, out: Any) -> torch.Tensor | None:
+        task: Any
         if isinstance(task_loss, torch.Tensor):
             task = task_loss
         elif task_loss is not None:

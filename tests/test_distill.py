@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import textwrap
+import weakref
 from pathlib import Path
 
 import pytest
@@ -252,6 +254,13 @@ def test_hooks_are_removed_by_remove_and_by_with() -> None:
     with pytest.raises(RuntimeError), hs.Distiller(student, teacher, features="*"):
         raise RuntimeError("boom")
     assert _hooks(student) == 0
+    # a distiller dropped without remove() takes its hooks (and its teacher copy) with it
+    dropped = hs.Distiller(student, features="*")
+    copy_ref = weakref.ref(dropped.teacher)
+    assert _hooks(student) == 5
+    del dropped
+    gc.collect()
+    assert _hooks(student) == 0 and copy_ref() is None
 
 
 def test_hooks_record_only_inside_a_call() -> None:
