@@ -35,7 +35,8 @@ a hash of the batch's tensor contents, so that epochs after the first run no tea
 cache entry holds is what the selected losses need: the logits (``B x V``, or ``B x L x V`` for a
 language model: large), the pooled embedding (``B x D``: small), and every hooked module's output
 (``B x L x H`` per layer: about the activations of one forward pass); ``cache_dtype=torch.float16``
-halves it. Batches must repeat exactly (same examples in the same order, same padding): a shuffling
+halves it (with ``"lazy"``, a batch's first step uses the teacher's exact outputs, later steps the cast
+ones). Batches must repeat exactly (same examples in the same order, same padding): a shuffling
 ``DataLoader`` makes new batches every epoch, so build a fixed list of batches and shuffle that list.
 """
 
