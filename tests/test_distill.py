@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import mlp, run_ranks
+from conftest import minilm_path, mlp, run_ranks
 from torch import nn
 
 import hadamard_sparse as hs
@@ -587,3 +587,50 @@ def test_ddp_two_ranks_gloo(tmp_path: Path) -> None:
             assert r["same_params"], variant  # DDP averaged the gradients of the hooked, distilled model
             assert r["teacher_unchanged"], variant
             assert r["last"] < 0.9 * r["first"], (variant, r)  # a pruned MLP plateaus near 0.75x
+
+
+@pytest.mark.slow
+def test_real_minilm_at_90_percent_gains_held_out_cosine() -> None:
+    """The packaged all-MiniLM-L6-v2, magnitude-pruned to 90% per layer, distilled for 20 steps on 8
+    sentences (SquareHead blocks + embedding cosine): the cosine to the dense embedding rises on 4
+    held-out sentences (measured 0.227 -> 0.306; 0.337 with 40 steps). Not a recipe: a smoke test."""
+    path = minilm_path()
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_pretrained(path)
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    train = [
+        "A man is playing a guitar.",
+        "The new movie is awesome.",
+        "A cat sits on the mat.",
+        "Sparse models run faster on CPUs.",
+        "The weather is cold today.",
+        "She reads a book in the garden.",
+        "Two dogs are running in a field.",
+        "He cooks pasta for dinner.",
+    ]
+    held = [
+        "A woman is slicing an onion.",
+        "The stock market fell sharply.",
+        "Children are playing football outside.",
+        "I forgot my umbrella at home.",
+    ]
+    batches = [tok(train[i : i + 4], padding=True, return_tensors="pt") for i in (0, 4)]
+    held_batch = tok(held, padding=True, return_tensors="pt")
+    d = hs.Distiller(model, features="encoder.layer.*", embedding="cosine", cache="lazy")
+    hs.sparsify(model, 0.9, scope="layer")
+
+    def held_cosine() -> float:
+        with torch.no_grad():
+            d(held_batch)
+        return 1 - d.last["embedding"]
+
+    before = held_cosine()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    for _ in range(10):
+        for b in batches:
+            loss = d(b)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    after = held_cosine()
+    assert after > before + 0.05, (before, after)
