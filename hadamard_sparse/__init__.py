@@ -13,11 +13,13 @@ from .calibration import ActivationStats, LayerStats, calibrate
 from .checkpoint import load_sparse_state_dict
 from .compress import compress_state_dict, decompress_state_dict, load_compressed, save_compressed
 from .densities import layer_densities
+from .distill import Distiller
 from .errors import (
     HadamardSparseError,
     InvalidArgumentError,
     InvalidTypeError,
     NoTargetsError,
+    TeacherCacheMissError,
     UnsupportedGraphError,
 )
 from .export import (
@@ -56,6 +58,7 @@ __all__ = [
     "Block",
     "ChannelGroups",
     "Channels",
+    "Distiller",
     "FakeQuant",
     "GradualPruning",
     "HadamardFactorization",
@@ -75,6 +78,7 @@ __all__ = [
     "SparseLinear",
     "SparsityReport",
     "Structure",
+    "TeacherCacheMissError",
     "TensorSparsity",
     "UnsupportedGraphError",
     "__version__",

@@ -9,6 +9,7 @@ working for callers that do not know this library, and every one of them is a
 - :class:`InvalidTypeError`: an argument has a refused type (also a :class:`TypeError`).
 - :class:`NoTargetsError`: the model has no tensor the operation can act on.
 - :class:`UnsupportedGraphError`: a model's graph cannot be transformed safely.
+- :class:`TeacherCacheMissError`: a batch is not in a distiller's strict teacher cache.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidTypeError",
     "NoTargetsError",
+    "TeacherCacheMissError",
     "UnsupportedGraphError",
 ]
 
@@ -40,3 +42,7 @@ class NoTargetsError(HadamardSparseError):
 
 class UnsupportedGraphError(HadamardSparseError):
     """Raised when a model's graph cannot be transformed safely (e.g. by ``shrink``)."""
+
+
+class TeacherCacheMissError(HadamardSparseError):
+    """Raised when a :class:`~hadamard_sparse.distill.Distiller` with ``cache="strict"`` meets a batch it has not cached."""
