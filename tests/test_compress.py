@@ -6,6 +6,7 @@ import copy
 import math
 import os
 import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import hadamard_sparse as hs
-from hadamard_sparse import compress as C
+from hadamard_sparse.compress import layouts as C
 from hadamard_sparse.errors import HadamardSparseError
 
 safetensors_torch = pytest.importorskip("safetensors.torch", reason="safetensors is not installed")
@@ -428,3 +429,65 @@ def test_minilm_90_percent_file_ratio(tmp_path) -> None:
     assert ratio <= 0.20, ratio
     assert math.isclose(ratio, 0.16, abs_tol=0.02)
     assert_bitwise(hs.load_compressed(comp), sd)
+    key = "encoder.layer.3.attention.self.query.weight.__values__"
+    _flip_byte(comp, key, at=1000)
+    with pytest.raises(hs.InvalidArgumentError, match=f"stored tensor '{key}' fails its checksum"):
+        hs.load_compressed(comp)
+
+
+def _flip_byte(path, key: str, at: int = 0) -> None:
+    """Flips the bits of byte ``at`` of stored tensor ``key``, located through the safetensors header
+    (8-byte little-endian header length, JSON header, data), read independently of safetensors."""
+    import json
+    import struct
+
+    raw = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", raw[:8])
+    begin, end = json.loads(raw[8 : 8 + n])[key]["data_offsets"]
+    assert 0 <= at < end - begin
+    raw[8 + n + begin + at] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_checksums_catch_a_flipped_byte(tmp_path) -> None:
+    """A flipped byte in a stored values tensor of a saved (tiny BERT, 90% baked) file is an error naming the
+    tensor; verify=False loads it (and shows the wrong weight); a file written without checksums (the format
+    before them) still loads."""
+    model, _ = _hf("bert")
+    hs.remove_parametrizations(hs.sparsify(model, 0.9, scope="layer"))
+    sd = model.state_dict()
+    path = tmp_path / "m.safetensors"
+    hs.save_compressed(sd, path)
+    with safetensors_torch.safe_open(str(path), "pt") as f:
+        sums = f.metadata()[hs.compress.CHECKSUM_KEY].split(",")
+        keys = sorted(f.keys())
+    assert len(sums) == len(keys)
+    stored = safetensors_torch.load_file(str(path))
+    assert [int(s, 16) for s in sums] == [
+        zlib.crc32(stored[k].reshape(-1).view(torch.uint8).numpy()) for k in keys
+    ]
+    assert_bitwise(hs.load_compressed(path), sd)
+    key = "encoder.layer.1.intermediate.dense.weight"
+    assert f"{key}.__values__" in keys
+    _flip_byte(path, f"{key}.__values__", at=5)
+    with pytest.raises(
+        hs.InvalidArgumentError, match=rf"stored tensor '{key}.__values__' fails its checksum"
+    ):
+        hs.load_compressed(path)
+    back = hs.load_compressed(path, verify=False)  # opt-out: loads, with one wrong weight
+    diff = [k for k in sd if not torch.equal(bits(back[k]), bits(sd[k]))]
+    assert diff == [key]
+    # a file as written before checksums: same tensors, no checksum metadata
+    old = tmp_path / "old.safetensors"
+    safetensors_torch.save_file(hs.compress_state_dict(sd), str(old), metadata=dict(C.FILE_METADATA))
+    assert_bitwise(hs.load_compressed(old), sd)
+    # a malformed record is refused, not ignored
+    bad = tmp_path / "bad.safetensors"
+    meta = {**C.FILE_METADATA, hs.compress.CHECKSUM_KEY: ",".join(sums[:-1])}
+    safetensors_torch.save_file(hs.compress_state_dict(sd), str(bad), metadata=meta)
+    with pytest.raises(hs.InvalidArgumentError, match="checksum metadata .* is malformed"):
+        hs.load_compressed(bad)
+    with pytest.raises(hs.InvalidArgumentError, match="reserved"):
+        hs.save_compressed(sd, bad, metadata={hs.compress.CHECKSUM_KEY: "x"})
+    with pytest.raises(hs.InvalidTypeError, match="verify must be a bool"):
+        hs.load_compressed(path, verify=1)  # type: ignore[arg-type]

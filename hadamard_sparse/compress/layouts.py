@@ -48,19 +48,17 @@ Example::
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
 import torch
 
-from .errors import InvalidArgumentError, InvalidTypeError
+from ..errors import InvalidArgumentError, InvalidTypeError
 
 __all__ = [
     "DTYPE_CODES",
+    "FILE_METADATA",
     "compress_state_dict",
     "decompress_state_dict",
-    "load_compressed",
-    "save_compressed",
 ]
 
 FORMAT_VERSION = 1
@@ -438,62 +436,3 @@ def decompress_state_dict(compressed: Mapping[str, torch.Tensor]) -> dict[str, t
     for is_group, key in order:
         out[key] = built[key] if is_group else compressed[key]
     return out
-
-
-def save_compressed(
-    state_dict: Mapping[str, torch.Tensor],
-    path: str | os.PathLike[str],
-    *,
-    metadata: dict[str, str] | None = None,
-) -> None:
-    """Writes ``compress_state_dict(state_dict)`` to a safetensors file.
-
-    Tensors that share storage (tied weights) are written once each (cloned), as
-    safetensors requires. The file's metadata holds :data:`FILE_METADATA` plus ``metadata``.
-
-    Args:
-        state_dict: names to tensors, e.g. a baked model's ``state_dict()``.
-        path: the file to write.
-        metadata: extra string metadata for the file header.
-
-    Example::
-
-        >>> hs.save_compressed(model.state_dict(), "model.safetensors")
-        >>> model.load_state_dict(hs.load_compressed("model.safetensors"))
-    """
-    from safetensors.torch import save_file
-
-    if metadata is not None and not (
-        isinstance(metadata, dict)
-        and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
-    ):
-        raise InvalidTypeError(f"metadata must be a dict of str to str or None, got {metadata!r}")
-    tensors = compress_state_dict(state_dict)
-    seen: set[int] = set()
-    for key, t in tensors.items():
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen and t.numel():
-            tensors[key] = t.clone()
-        seen.add(ptr)
-    save_file(tensors, os.fspath(path), metadata={**(metadata or {}), **FILE_METADATA})
-
-
-def load_compressed(
-    path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
-) -> dict[str, torch.Tensor]:
-    """Reads a safetensors file written by :func:`save_compressed` (or any safetensors file).
-
-    Args:
-        path: the file to read.
-        device: where the tensors are loaded.
-
-    Returns:
-        ``decompress_state_dict(safetensors.torch.load_file(path, device))``.
-
-    Example::
-
-        >>> model.load_state_dict(hs.load_compressed("model.safetensors"))
-    """
-    from safetensors.torch import load_file
-
-    return decompress_state_dict(load_file(os.fspath(path), device=str(device)))
