@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -33,7 +33,7 @@ def tensor_crc32(t: torch.Tensor) -> int:
     flat = t.detach().reshape(-1)
     if flat.device.type != "cpu":
         flat = flat.cpu()
-    return zlib.crc32(flat.contiguous().view(torch.uint8).numpy())
+    return zlib.crc32(flat.contiguous().view(torch.uint8).numpy().data)
 
 
 def save_compressed(
@@ -41,8 +41,11 @@ def save_compressed(
     path: str | os.PathLike[str],
     *,
     metadata: dict[str, str] | None = None,
+    quantize: str | None = None,
+    quantize_include: Sequence[str] | None = None,
+    quantize_exclude: Sequence[str] = (),
 ) -> None:
-    """Writes ``compress_state_dict(state_dict)`` to a safetensors file, with checksums.
+    """Writes ``compress_state_dict(state_dict, quantize=...)`` to a safetensors file, with checksums.
 
     Tensors that share storage (tied weights) are written once each (cloned), as
     safetensors requires. The file's metadata holds :data:`FILE_METADATA`, a CRC-32 of every
@@ -52,11 +55,17 @@ def save_compressed(
         state_dict: names to tensors, e.g. a baked model's ``state_dict()``.
         path: the file to write.
         metadata: extra string metadata for the file header.
+        quantize: ``None`` (every tensor bitwise) or ``"int8"`` (floating tensors of two or more
+            dimensions as int8 with per-row scales, within ``max|row| / 254`` per entry; see
+            :func:`~hadamard_sparse.compress.compress_state_dict`).
+        quantize_include: glob patterns of the keys to quantize, replacing the default rule.
+        quantize_exclude: glob patterns of keys kept exact.
 
     Example::
 
         >>> hs.save_compressed(model.state_dict(), "model.safetensors")
         >>> model.load_state_dict(hs.load_compressed("model.safetensors"))
+        >>> hs.save_compressed(model.state_dict(), "model-int8.safetensors", quantize="int8")
     """
     from safetensors.torch import save_file
 
@@ -67,7 +76,9 @@ def save_compressed(
         raise InvalidTypeError(f"metadata must be a dict of str to str or None, got {metadata!r}")
     if metadata is not None and CHECKSUM_KEY in metadata:
         raise InvalidArgumentError(f"metadata key {CHECKSUM_KEY!r} is reserved for the checksums")
-    tensors = compress_state_dict(state_dict)
+    tensors = compress_state_dict(
+        state_dict, quantize=quantize, quantize_include=quantize_include, quantize_exclude=quantize_exclude
+    )
     seen: set[int] = set()
     for key, t in tensors.items():
         ptr = t.untyped_storage().data_ptr()
@@ -102,6 +113,8 @@ def load_compressed(
     path: str | os.PathLike[str], *, device: str | torch.device = "cpu", verify: bool = True
 ) -> dict[str, torch.Tensor]:
     """Reads a safetensors file written by :func:`save_compressed` (or any safetensors file).
+
+    Int8-quantized tensors come back dequantized, in their original dtype; all others bitwise.
 
     Args:
         path: the file to read.
