@@ -609,12 +609,15 @@ def test_int8_which_tensors_and_options() -> None:
         ),
         ({"quantize": "int8", "quantize_include": ["s"]}, hs.InvalidArgumentError, "selects 's'"),
         ({"quantize": "int8"}, hs.InvalidArgumentError, "'inf' holds non-finite values"),
+        ({"quantize": "int8"}, hs.InvalidArgumentError, "'big' holds values beyond float32's range"),
     ],
 )
 def test_int8_refusals(kwargs: dict, error: type, match: str) -> None:
     sd = {"w": torch.randn(4, 4), "mask": torch.ones(4, 4, dtype=torch.bool), "s": torch.tensor(1.0)}
     if match.startswith("'inf'"):
         sd["inf"] = torch.tensor([[1.0, float("inf")]])
+    if match.startswith("'big'"):
+        sd["big"] = torch.tensor([[1.0, 1e39]], dtype=torch.float64)
     before = {k: v.clone() for k, v in sd.items()}
     with pytest.raises(error, match=match):
         hs.compress_state_dict(sd, **kwargs)

@@ -106,6 +106,11 @@ def quantized_keys(
                 f"state_dict entry {key!r} holds non-finite values (or no data) and cannot be stored as int8; "
                 "keep it exact with quantize_exclude"
             )
+        if t.element_size() > 4 and float(t.abs().max()) > torch.finfo(torch.float32).max:
+            raise InvalidArgumentError(
+                f"state_dict entry {key!r} holds values beyond float32's range, which the float32 scales "
+                "cannot represent; keep it exact with quantize_exclude"
+            )
     return out
 
 
