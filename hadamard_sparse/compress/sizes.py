@@ -24,7 +24,8 @@ class TensorSize:
         name: the state_dict key.
         shape: its shape.
         dtype: its dtype, e.g. ``"float32"``.
-        nnz: entries that are not zero (``-0.0`` counts as zero).
+        nnz: entries that are not zero (``-0.0`` counts as zero); ``numel`` for tensors that are
+            never encoded (0-d, empty, dtypes outside ``DTYPE_CODES``).
         quantized: whether ``quantize="int8"`` stores it as int8 (else it stays exact).
         dense: bytes as ``safetensors.torch.save_file`` stores it (``numel * itemsize``).
         dense_int8: bytes as int8 in the dense layout (entries, a float32 scale per row and the
