@@ -11,7 +11,15 @@ Example::
 from .api import masks, register_mask, remove_parametrizations, sparsify
 from .calibration import ActivationStats, LayerStats, calibrate
 from .checkpoint import load_sparse_state_dict
-from .compress import compress_state_dict, decompress_state_dict, load_compressed, save_compressed
+from .compress import (
+    SizeReport,
+    TensorSize,
+    compress_state_dict,
+    decompress_state_dict,
+    load_compressed,
+    save_compressed,
+    size_report,
+)
 from .densities import layer_densities
 from .distill import Distiller
 from .errors import (
@@ -74,11 +82,13 @@ __all__ = [
     "ProjectedMultiheadAttention",
     "RigL",
     "ScoreContext",
+    "SizeReport",
     "SparseConv",
     "SparseLinear",
     "SparsityReport",
     "Structure",
     "TeacherCacheMissError",
+    "TensorSize",
     "TensorSparsity",
     "UnsupportedGraphError",
     "__version__",
@@ -103,6 +113,7 @@ __all__ = [
     "save_compressed",
     "save_pretrained",
     "shrink",
+    "size_report",
     "sparsify",
     "sparsity_report",
     "to_sparse",
