@@ -38,6 +38,7 @@ from .factorization import (
     l1_penalty,
     register_factorization,
 )
+from .gradient_scores import GradientScores
 from .hf import load_pretrained, save_pretrained
 from .parametrizations import HadamardMask
 from .quantization import FakeQuant, fake_quantize, register_fake_quant
@@ -57,6 +58,7 @@ __all__ = [
     "ChannelGroups",
     "Channels",
     "FakeQuant",
+    "GradientScores",
     "GradualPruning",
     "HadamardFactorization",
     "HadamardMask",
