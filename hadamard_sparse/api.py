@@ -70,9 +70,8 @@ register_score("ria", needs_calibration=True, scopes=ria.SCOPES)(ria.ria_score)
 register_score("dsnot", needs_calibration=True, scopes=dsnot.SCOPES, pruner=dsnot.prune)(
     reconstruct.wanda_score
 )
-# Scores for pruning during fine-tuning, from the gradients an hs.GradientScores recorded (gradient_scores.py):
-# "movement" (mask only) and "obs" (oBERT; its pruner also applies the OBS update to the kept weights).
-register_score("movement", scopes=gradient_scores.SCOPES, needs_gradients=True)(
+# From the gradients an hs.GradientScores recorded: "movement" (mask only), "obs" (oBERT; its pruner updates weights).
+register_score("movement", scopes=gradient_scores.MOVEMENT_SCOPES, needs_gradients=True)(
     gradient_scores.movement_score
 )
 register_score("obs", scopes=gradient_scores.SCOPES, needs_gradients=True, pruner=gradient_scores.obs_prune)(
@@ -412,11 +411,6 @@ def sparsify(
     scope_given = scope is not None
     s = (0.7 if st is None else st.default_sparsity) if sparsity is None else check_sparsity(sparsity)
     entry, scope = check_method(method, scope, calibration=calibration)
-    if entry.needs_gradients and st is not None:
-        raise InvalidArgumentError(
-            f"method {method!r} prunes unstructured only (its scores are signed or per weight), got "
-            f"structure={structure!r}"
-        )
     groups = st if isinstance(st, TensorGroups) else None
     if groups is not None and (entry.pruner is not None or distribution is not None):
         raise InvalidArgumentError(
@@ -471,25 +465,18 @@ def sparsify(
         check_structure(st, targets, [per] if isinstance(per, float) else per)
     check_mask_shapes(targets, st, structure)
     if entry.needs_gradients:  # "movement", "obs": the GradientScores must hold gradients of every target
-        check_gradients(calibration, targets, method, need_data=True)
+        check_gradients(calibration, targets, method, need_data=True, structure=st)
     if entry.pruner is not None:  # e.g. sparsegpt: also rewrites the kept weights
         per_list = [per] * len(targets) if isinstance(per, float) else per
-        floor = {"min_keep": min_keep if scope == "global" else 0} if entry.needs_gradients else {}
+        kw: dict[str, Any] = (
+            {"min_keep": min_keep if scope == "global" else 0} if entry.needs_gradients else {}
+        )
         _run_pruner(
-            entry.pruner,
-            model,
-            targets,
-            per_list,
-            scope=scope,
-            structure=st,
-            calibration=calibration,
-            **floor,
+            entry.pruner, model, targets, per_list, scope=scope, structure=st, calibration=calibration, **kw
         )
         return model
-    stats = None
-    if entry.needs_gradients:
-        stats = calibration
-    elif entry.needs_calibration:
+    stats = calibration if entry.needs_gradients else None  # a GradientScores maps names to gradient states
+    if entry.needs_calibration:
         stats = stats_for(model, targets, calibration, method=method, need_gram=entry.needs_gram)
     keeps: list[torch.Tensor | None] = compute_keep_masks(  # type: ignore[assignment]
         targets,

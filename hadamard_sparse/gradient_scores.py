@@ -41,6 +41,7 @@ from .parametrizations import HadamardMask
 from .scores import ScoreContext
 
 __all__ = [
+    "MOVEMENT_SCOPES",
     "SCOPES",
     "GradientScores",
     "TensorGradients",
@@ -51,7 +52,9 @@ __all__ = [
     "obs_score",
 ]
 
-#: The scopes of "movement" and "obs" (both scores estimate a change of the loss, comparable across tensors).
+#: The scopes of "movement" (the first is the default: each tensor on its own, as Sanh et al.'s top-k per
+#: layer; gradient scales differ a lot between layer types) and of "obs" (oBERT prunes globally).
+MOVEMENT_SCOPES = ("layer", "global")
 SCOPES = ("global", "layer")
 _CHUNK = 2048  # Fisher blocks inverted at once (2048 x 50 x 50 float64: 41 MB)
 
@@ -324,6 +327,38 @@ class GradientScores(Mapping[str, TensorGradients]):
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The recorded state (tensors and ints, readable with ``torch.load(..., weights_only=True)``)."""
+        return {
+            "config": {"num_grads": self.num_grads, "block_size": self.block_size, "damp": self.damp},
+            "tensors": {
+                name: {"steps": tg.steps, "movement": tg.movement.clone(), "grads": tg.grads}
+                for name, tg in self._tensors.items()
+            },
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a state saved by :meth:`state_dict` on an accumulator built with the same arguments."""
+        if not isinstance(state_dict, Mapping) or not {"config", "tensors"} <= set(state_dict):
+            raise InvalidArgumentError("state_dict must be one saved by GradientScores.state_dict()")
+        mine = {"num_grads": self.num_grads, "block_size": self.block_size, "damp": self.damp}
+        if dict(state_dict["config"]) != mine or set(state_dict["tensors"]) != set(self._tensors):
+            raise InvalidArgumentError(
+                f"state_dict was saved by a GradientScores with config {dict(state_dict['config'])} over "
+                f"{len(state_dict['tensors'])} tensors; this one has {mine} over {len(self)}: build it with the "
+                "same arguments on the same model"
+            )
+        with torch.no_grad():
+            for name, saved in state_dict["tensors"].items():
+                tg = self._tensors[name]
+                tg.movement.copy_(saved["movement"])
+                if tg.grads is not None:
+                    tg.grads.copy_(saved["grads"])
+                tg.steps = int(saved["steps"])
+                tg._diag = None
+
     # -- after a schedule's pruning step ----------------------------------------------------------
 
     def pruned(self, method: str, targets: Sequence[Target], new_masks: Sequence[torch.Tensor]) -> None:
@@ -348,7 +383,7 @@ class GradientScores(Mapping[str, TensorGradients]):
 
 
 def check_gradients(
-    calibration: Any, targets: Sequence[Target], method: str, *, need_data: bool
+    calibration: Any, targets: Sequence[Target], method: str, *, need_data: bool, structure: Any = None
 ) -> GradientScores:
     """Refuse ``calibration`` unless it is a :class:`GradientScores` tracking every target (with data if asked).
 
@@ -357,7 +392,10 @@ def check_gradients(
         targets: the tensors about to be scored.
         method: ``"movement"`` or ``"obs"``, for the messages.
         need_data: also require at least one recorded gradient for every target.
+        structure: the parsed structure; only ``None`` is allowed (the scores are signed, or per weight).
     """
+    if structure is not None:
+        raise InvalidArgumentError(f"method {method!r} prunes unstructured only, got structure={structure}")
     if not isinstance(calibration, GradientScores):
         raise InvalidTypeError(
             f"method {method!r} needs calibration to be the hs.GradientScores(model) that recorded the "
@@ -442,9 +480,7 @@ def obs_prune(
     min_keep: int = 0,
 ) -> None:
     """The ``"obs"`` pruner: oBERT masks from the recorded gradients, then the OBS update of the kept weights."""
-    if structure is not None:
-        raise InvalidArgumentError(f"method 'obs' prunes unstructured only, got structure={structure}")
-    tracker = check_gradients(calibration, targets, "obs", need_data=True)
+    tracker = check_gradients(calibration, targets, "obs", need_data=True, structure=structure)
     per: float | list[float] = float(sparsities[0]) if scope == "global" else [float(s) for s in sparsities]
     keeps = compute_keep_masks(targets, per, method="obs", scope=scope, stats=tracker, min_keep=min_keep)
     results = []

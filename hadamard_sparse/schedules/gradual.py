@@ -136,8 +136,6 @@ class GradualPruning(Schedule):
                     f"got method={method!r} with calibration={type(calibration).__name__}"
                 )
             return None
-        if parsed is not None:
-            raise InvalidArgumentError(f"method {method!r} prunes unstructured only, got structure={parsed}")
         if sharded.mesh_of(self._masked, self._who) is not None:
             raise InvalidArgumentError(f"method {method!r} does not support FSDP2-sharded weights yet")
         if method == "obs" and is_distributed():
@@ -145,7 +143,7 @@ class GradualPruning(Schedule):
                 "method 'obs' updates the kept weights from each rank's own gradients, which would make "
                 "the replicas differ under torch.distributed; use method='movement' there"
             )
-        return check_gradients(calibration, self._masked, method, need_data=False)
+        return check_gradients(calibration, self._masked, method, need_data=False, structure=parsed)
 
     def _curve_value(self, step: int) -> float:
         if isinstance(self.curve, str):
