@@ -68,9 +68,9 @@ def leaf_of(module: nn.Module, name: str) -> torch.Tensor | None:
     """
     if parametrize.is_parametrized(module, name):
         plist = module.parametrizations[name]  # type: ignore[index, union-attr]
-        if not plist.is_tensor or not isinstance(plist[0], HadamardMask):
+        if not plist.is_tensor or not isinstance(plist[0], HadamardMask):  # type: ignore[union-attr, index]
             return None
-        return plist.original
+        return plist.original  # type: ignore[union-attr, no-any-return]
     p = module._parameters.get(name)
     return p if isinstance(p, nn.Parameter) else None
 
@@ -258,13 +258,15 @@ class GradientScores(Mapping[str, TensorGradients]):
                 f"GradientScores needs every tracked tensor to be one trainable Parameter (plain or masked, "
                 f"mask first in its chain); not so for {bad}: exclude them with exclude=[...]"
             )
-        self.num_grads, self.block_size, self.damp = num_grads, block_size, float(damp)
-        self._tensors = {
+        self.num_grads: int = num_grads
+        self.block_size: int = block_size
+        self.damp: float = float(damp)
+        self._tensors: dict[str, TensorGradients] = {
             t.qualified: TensorGradients(t.qualified, p, num_grads, block_size, self.damp)  # type: ignore[arg-type]
             for t, p in zip(targets, leaves)
         }
-        self._hooked = hooks
-        self._handles = (
+        self._hooked: bool = hooks
+        self._handles: list[Any] = (
             [tg.param.register_hook(self._hook(tg)) for tg in self._tensors.values()] if hooks else []
         )
 
