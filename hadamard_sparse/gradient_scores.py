@@ -134,7 +134,14 @@ class TensorGradients:
         g = self.grads[:k].view(k, self.n_blocks, b)[:, start:stop].permute(1, 0, 2).to(torch.float64)
         eye = torch.eye(b, dtype=torch.float64, device=g.device)
         f = g.transpose(1, 2) @ g / k + self.damp * eye
-        return torch.cholesky_inverse(torch.linalg.cholesky(f))
+        chol, info = torch.linalg.cholesky_ex(f)
+        if bool((info != 0).any()):
+            raise InvalidArgumentError(
+                f"method 'obs': a Fisher block of {self.name} is not positive definite in float64 with "
+                f"damp={self.damp:g} (its gradients are too large for this dampening); build the "
+                "GradientScores with a larger damp"
+            )
+        return torch.cholesky_inverse(chol)
 
     def fisher_inverse_diag(self) -> torch.Tensor:
         """The diagonal of the block Fisher inverse, flat (padded numel), float64; cached until the next gradient."""
@@ -456,7 +463,7 @@ def _masked_out(ctx: ScoreContext, scores: torch.Tensor) -> torch.Tensor:
 def movement_score(ctx: ScoreContext) -> torch.Tensor:
     """Movement ``-sum_t w_t g_t`` since the last reset; entries masked now score ``-inf``."""
     st = _state(ctx, "movement")
-    return _masked_out(ctx, st.movement.to(ctx.weight.device).clone())
+    return _masked_out(ctx, st.movement.to(device=ctx.weight.device, dtype=torch.float32, copy=True))
 
 
 def obs_score(ctx: ScoreContext) -> torch.Tensor:

@@ -418,3 +418,15 @@ def _save(obj: object) -> io.BytesIO:
     torch.save(obj, buf)
     buf.seek(0)
     return buf
+
+
+def test_obs_refuses_a_fisher_the_dampening_cannot_make_positive_definite() -> None:
+    torch.manual_seed(12)
+    lin = nn.Linear(8, 4)
+    tracker = hs.GradientScores(lin, num_grads=4, block_size=8, damp=1e-7)
+    for _ in range(2):  # rank 2 < 8, gradients ~1e12: F + 1e-7 I is singular in float64
+        (1e12 * lin(torch.randn(2, 8)).sum()).backward()
+    before = _state(lin)
+    with pytest.raises(hs.InvalidArgumentError, match="larger damp"):
+        hs.sparsify(lin, 0.5, method="obs", calibration=tracker)
+    assert _same(lin, before) and not hs.masks(lin)
