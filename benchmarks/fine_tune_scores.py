@@ -6,7 +6,9 @@ fine-tuned on the other half (5-9) while ``hs.GradualPruning`` prunes it (cubic 
 over the first 60% of the fine-tuning steps, ``--events`` pruning steps, Adam). Methods:
 
 - ``magnitude``: global magnitude (the schedule's default);
-- ``movement_layer`` / ``movement_global``: ``method="movement"`` with an ``hs.GradientScores``;
+- ``movement_layer`` / ``movement_global``: ``method="movement"`` with an ``hs.GradientScores``
+  (``movement="run"``: summed over the whole fine-tuning, as Sanh et al.);
+- ``movement_layer_since_prune``: the same with ``movement="since_prune"`` (reset at each pruning step);
 - ``obs``: ``method="obs"`` (oBERT: block Fisher of the last ``--num-grads`` gradients, blocks of
   ``--block-size``, OBS update of the kept weights at each pruning step), global.
 
@@ -36,7 +38,7 @@ from _common import Data, evaluate, lenet_300_100, load_data, steps_per_epoch, t
 
 import hadamard_sparse as hs
 
-METHODS = ("dense", "magnitude", "movement_layer", "movement_global", "obs")
+METHODS = ("dense", "magnitude", "movement_layer", "movement_global", "movement_layer_since_prune", "obs")
 
 
 def _split(data: Data, classes: range) -> Data:
@@ -59,7 +61,9 @@ def _run(
     kw: dict = {"method": "magnitude", "scope": "global"}
     tracker = None
     if method.startswith("movement"):
-        tracker = hs.GradientScores(model)
+        tracker = hs.GradientScores(
+            model, movement="since_prune" if method.endswith("since_prune") else "run"
+        )
         kw = {"method": "movement", "scope": method.split("_")[1], "calibration": tracker}
     elif method == "obs":
         tracker = hs.GradientScores(

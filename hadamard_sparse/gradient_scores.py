@@ -42,6 +42,7 @@ from .scores import ScoreContext
 
 __all__ = [
     "MOVEMENT_SCOPES",
+    "MOVEMENT_WINDOWS",
     "SCOPES",
     "GradientScores",
     "TensorGradients",
@@ -55,6 +56,8 @@ __all__ = [
 #: The scopes of "movement" (the first is the default: each tensor on its own, as Sanh et al.'s top-k per
 #: layer; gradient scales differ a lot between layer types) and of "obs" (oBERT prunes globally).
 MOVEMENT_SCOPES = ("layer", "global")
+#: What a schedule's pruning step does to the movement: nothing ("run") or reset it ("since_prune").
+MOVEMENT_WINDOWS = ("run", "since_prune")
 SCOPES = ("global", "layer")
 _CHUNK = 2048  # Fisher blocks inverted at once (2048 x 50 x 50 float64: 41 MB)
 
@@ -81,7 +84,9 @@ class TensorGradients:
     Attributes:
         name: the qualified tensor name.
         param: the Parameter whose gradients are recorded.
-        steps: backward passes recorded since the last :meth:`reset`.
+        steps: backward passes summed into :attr:`movement` since it was last reset.
+        grad_steps: gradients written to :attr:`grads` since they were last reset (the Fisher uses the
+            last ``min(grad_steps, num_grads)``).
         movement: ``-sum w * g`` over those passes (the tensor's shape; float32, float64 for float64 weights).
         grads: ``(num_grads, padded numel)`` ring buffer of flattened gradients (same dtype), or ``None``.
     """
@@ -92,6 +97,7 @@ class TensorGradients:
         self.block_size = block_size
         self.damp = damp
         self.steps = 0
+        self.grad_steps = 0
         dtype = torch.promote_types(param.dtype, torch.float32)  # float32, or float64 for a float64 weight
         self.movement = torch.zeros(param.shape, dtype=dtype, device=param.device)
         self.n_blocks = math.ceil(param.numel() / block_size)
@@ -108,8 +114,8 @@ class TensorGradients:
 
     @property
     def stored(self) -> int:
-        """How many gradients the Fisher is built from (``min(steps, num_grads)``)."""
-        return min(self.steps, self.num_grads)
+        """How many gradients the Fisher is built from (``min(grad_steps, num_grads)``)."""
+        return min(self.grad_steps, self.num_grads)
 
     def add(self, grad: torch.Tensor) -> None:
         """Record one gradient of :attr:`param` (taken at its current value)."""
@@ -117,15 +123,19 @@ class TensorGradients:
             g = grad.detach().to(self.movement.dtype)
             self.movement.sub_(self.param.detach().to(g.dtype) * g)
             if self.grads is not None:
-                self.grads[self.steps % self.num_grads, : g.numel()].copy_(g.reshape(-1))
+                self.grads[self.grad_steps % self.num_grads, : g.numel()].copy_(g.reshape(-1))
             self.steps += 1
+            self.grad_steps += 1
             self._diag = None
 
-    def reset(self) -> None:
-        """Forget every recorded gradient."""
-        self.movement.zero_()
-        self.steps = 0
-        self._diag = None
+    def reset(self, *, movement: bool = True, fisher: bool = True) -> None:
+        """Forget the recorded movement and/or the kept gradients."""
+        if movement:
+            self.movement.zero_()
+            self.steps = 0
+        if fisher:
+            self.grad_steps = 0
+            self._diag = None
 
     def fisher_inverse(self, start: int, stop: int) -> torch.Tensor:
         """``(F + damp I)^-1`` of blocks ``start:stop``, float64, shape ``(stop - start, B, B)``."""
@@ -198,8 +208,10 @@ class GradientScores(Mapping[str, TensorGradients]):
     with :meth:`remove`, or use it as a context manager) and records every backward pass: the
     movement ``-sum w * g`` and, with ``num_grads > 0``, the last ``num_grads`` gradients for
     oBERT's block Fisher. Pass it as ``calibration`` to :func:`~hadamard_sparse.sparsify` or to
-    :class:`~hadamard_sparse.GradualPruning` (which calls :meth:`reset` after each pruning step).
-    No optimizer is wrapped and no weight is changed by the hooks.
+    :class:`~hadamard_sparse.GradualPruning`. After each of the schedule's pruning steps the kept
+    gradients are dropped (oBERT builds each step's Fisher from fresh gradients) and, with
+    ``movement="since_prune"``, the movement too. No optimizer is wrapped and no weight is changed
+    by the hooks.
 
     Each backward pass is one gradient (with gradient accumulation, each micro-batch). Gradients
     are the local ones (before DDP averages them). With a ``GradScaler`` or a learning-rate
@@ -219,6 +231,10 @@ class GradientScores(Mapping[str, TensorGradients]):
         exclude: which tensors to skip.
         hooks: record automatically at each backward pass (``True``) or only when
             :meth:`update` is called (``False``). Default: ``True``.
+        movement: ``"run"``: the movement sums every pass since the accumulator was built (or
+            :meth:`reset`), as Sanh et al.'s scores; ``"since_prune"``: a schedule's pruning step
+            also resets it, so each step ranks by the movement since the previous one. Default:
+            ``"run"`` (on ``benchmarks/fine_tune_scores.py`` it kept far more accuracy).
 
     Raises:
         InvalidArgumentError: a bad argument, or a targeted tensor without a single trainable
@@ -246,6 +262,7 @@ class GradientScores(Mapping[str, TensorGradients]):
         include: Selectors = None,
         exclude: Selectors = None,
         hooks: bool = True,
+        movement: str = "run",
     ) -> None:
         check_module(model)
         check_not_wrapped(model)
@@ -255,6 +272,8 @@ class GradientScores(Mapping[str, TensorGradients]):
             raise InvalidArgumentError(f"damp must be a finite real number > 0, got {damp!r}")
         if not isinstance(hooks, bool):
             raise InvalidTypeError(f"hooks must be a bool, got {hooks!r}")
+        if movement not in MOVEMENT_WINDOWS:
+            raise InvalidArgumentError(f"movement must be one of {list(MOVEMENT_WINDOWS)}, got {movement!r}")
         targets = resolve_targets(model, include, exclude)
         if not targets:
             raise NoTargetsError(f"GradientScores: model {type(model).__name__} has no tensor to track")
@@ -268,6 +287,7 @@ class GradientScores(Mapping[str, TensorGradients]):
         self.num_grads: int = num_grads
         self.block_size: int = block_size
         self.damp: float = float(damp)
+        self.movement: str = movement
         self._tensors: dict[str, TensorGradients] = {
             t.qualified: TensorGradients(t.qualified, p, num_grads, block_size, self.damp)  # type: ignore[arg-type]
             for t, p in zip(targets, leaves)
@@ -298,14 +318,14 @@ class GradientScores(Mapping[str, TensorGradients]):
     def __repr__(self) -> str:
         return (
             f"GradientScores({len(self)} tensors, steps={self.steps}, num_grads={self.num_grads}, "
-            f"block_size={self.block_size}, damp={self.damp:g}, hooks={'on' if self._handles else 'off'})"
+            f"block_size={self.block_size}, damp={self.damp:g}, movement={self.movement!r}, hooks={'on' if self._handles else 'off'})"
         )
 
     # -- recording ------------------------------------------------------------------------------
 
     @property
     def steps(self) -> int:
-        """Backward passes recorded since the last :meth:`reset` (the most over the tracked tensors)."""
+        """Backward passes in the movement since it was last reset (the most over the tracked tensors)."""
         return max((tg.steps for tg in self._tensors.values()), default=0)
 
     def update(self) -> None:
@@ -320,7 +340,7 @@ class GradientScores(Mapping[str, TensorGradients]):
                 tg.add(tg.param.grad)
 
     def reset(self) -> None:
-        """Forget every recorded gradient (schedules call it after each pruning step)."""
+        """Forget everything recorded: movement and kept gradients (e.g. after a one-shot ``sparsify``)."""
         for tg in self._tensors.values():
             tg.reset()
 
@@ -341,9 +361,14 @@ class GradientScores(Mapping[str, TensorGradients]):
     def state_dict(self) -> dict[str, Any]:
         """The recorded state (tensors and ints, readable with ``torch.load(..., weights_only=True)``)."""
         return {
-            "config": {"num_grads": self.num_grads, "block_size": self.block_size, "damp": self.damp},
+            "config": self._config(),
             "tensors": {
-                name: {"steps": tg.steps, "movement": tg.movement.clone(), "grads": tg.grads}
+                name: {
+                    "steps": tg.steps,
+                    "grad_steps": tg.grad_steps,
+                    "movement": tg.movement.clone(),
+                    "grads": tg.grads,
+                }
                 for name, tg in self._tensors.items()
             },
         }
@@ -352,7 +377,7 @@ class GradientScores(Mapping[str, TensorGradients]):
         """Restore a state saved by :meth:`state_dict` on an accumulator built with the same arguments."""
         if not isinstance(state_dict, Mapping) or not {"config", "tensors"} <= set(state_dict):
             raise InvalidArgumentError("state_dict must be one saved by GradientScores.state_dict()")
-        mine = {"num_grads": self.num_grads, "block_size": self.block_size, "damp": self.damp}
+        mine = self._config()
         if dict(state_dict["config"]) != mine or set(state_dict["tensors"]) != set(self._tensors):
             raise InvalidArgumentError(
                 f"state_dict was saved by a GradientScores with config {dict(state_dict['config'])} over "
@@ -366,12 +391,23 @@ class GradientScores(Mapping[str, TensorGradients]):
                 if tg.grads is not None:
                     tg.grads.copy_(saved["grads"])
                 tg.steps = int(saved["steps"])
+                tg.grad_steps = int(saved["grad_steps"])
                 tg._diag = None
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "num_grads": self.num_grads,
+            "block_size": self.block_size,
+            "damp": self.damp,
+            "movement": self.movement,
+        }
 
     # -- after a schedule's pruning step ----------------------------------------------------------
 
     def pruned(self, method: str, targets: Sequence[Target], new_masks: Sequence[torch.Tensor]) -> None:
-        """Called by schedules before writing ``new_masks``: ``"obs"`` updates the kept weights, then :meth:`reset`.
+        """Called by schedules before writing ``new_masks``: ``"obs"`` updates the kept weights, then resets.
+
+        The kept gradients are dropped; the movement only with ``movement="since_prune"``.
 
         Args:
             method: the schedule's method.
@@ -388,7 +424,8 @@ class GradientScores(Mapping[str, TensorGradients]):
             with torch.no_grad():
                 for t, new in zip(targets, news):
                     self._tensors[t.qualified].param.copy_(new)
-        self.reset()
+        for tg in self._tensors.values():
+            tg.reset(movement=self.movement == "since_prune", fisher=True)
 
 
 def check_gradients(
@@ -427,10 +464,15 @@ def check_gradients(
             "build it with e.g. hs.GradientScores(model, num_grads=64)"
         )
     if need_data:
-        empty = [t.qualified for t in targets if calibration[t.qualified].steps == 0]
+        empty = [t.qualified for t in targets if _count(calibration[t.qualified], method) == 0]
         if empty:
             raise InvalidArgumentError(_no_data(method, empty))
     return calibration
+
+
+def _count(tg: TensorGradients, method: str) -> int:
+    """The passes ``method`` would score from: kept gradients for ``"obs"``, movement passes otherwise."""
+    return tg.grad_steps if method == "obs" else tg.steps
 
 
 def _no_data(method: str, names: Sequence[str]) -> str:
@@ -448,7 +490,7 @@ def _state(ctx: ScoreContext, method: str) -> TensorGradients:
             f"method {method!r} needs the hs.GradientScores(model) of the training run (as calibration) "
             f"for {ctx.name}, got {st!r}"
         )
-    if st.steps == 0:
+    if _count(st, method) == 0:
         raise InvalidArgumentError(_no_data(method, [ctx.name]))
     return st
 
@@ -461,7 +503,7 @@ def _masked_out(ctx: ScoreContext, scores: torch.Tensor) -> torch.Tensor:
 
 
 def movement_score(ctx: ScoreContext) -> torch.Tensor:
-    """Movement ``-sum_t w_t g_t`` since the last reset; entries masked now score ``-inf``."""
+    """Movement ``-sum_t w_t g_t`` (see ``GradientScores(movement=...)``); entries masked now score ``-inf``."""
     st = _state(ctx, "movement")
     return _masked_out(ctx, st.movement.to(device=ctx.weight.device, dtype=torch.float32, copy=True))
 

@@ -320,7 +320,8 @@ def test_gradual_obs_first_event_is_exact_obs() -> None:
     np.testing.assert_allclose(
         lin.parametrizations.weight.original.detach().reshape(-1).numpy(), new, rtol=1e-6
     )
-    assert tracker.steps == 0  # reset after the pruning step
+    assert tracker["weight"].grad_steps == 0  # the kept gradients are dropped after the pruning step
+    assert tracker.steps == 8  # the movement is not (movement="run")
 
 
 def _tiny_bert() -> nn.Module:
@@ -363,8 +364,9 @@ def test_gradual_pruning_on_tiny_bert(method: str) -> None:
         now = hs.masks(model)
         assert all(not (now[k] & ~previous[k]).any() for k in now)  # nested
         previous = {k: v.clone() for k, v in now.items()}
-        if step in (4, 6):  # reset after each pruning step (step 2 prunes to 0: nothing to score)
-            assert tracker.steps == 0
+        if step in (4, 6):  # kept gradients dropped after each pruning step (step 2 prunes to 0: no scores)
+            assert all(tg.grad_steps == 0 for tg in tracker.values())
+            assert tracker.steps == step  # movement="run": summed over the whole run
     assert torch.isfinite(loss)
     assert [round(t, 6) for _, t, _ in sched.history] == [round(sched.target_at(s), 6) for s in (2, 4, 6)]
     m = hs.masks(model)  # every mask is driven (the classifier has none)
@@ -430,3 +432,37 @@ def test_obs_refuses_a_fisher_the_dampening_cannot_make_positive_definite() -> N
     with pytest.raises(hs.InvalidArgumentError, match="larger damp"):
         hs.sparsify(lin, 0.5, method="obs", calibration=tracker)
     assert _same(lin, before) and not hs.masks(lin)
+
+
+@pytest.mark.parametrize("window", ["run", "since_prune"])
+def test_movement_window_in_a_schedule(window: str) -> None:
+    """movement="run" sums -w*g over every step; "since_prune" restarts after each pruning step."""
+    torch.manual_seed(13)
+    lin = hs.sparsify(nn.Linear(4, 3, bias=False), 0.0)
+    tracker = hs.GradientScores(lin, movement=window)
+    sched = hs.GradualPruning(
+        lin, 0.5, initial_sparsity=0.25, start_step=2, end_step=4, every=2, method="movement",
+        calibration=tracker, scope="layer",
+    )  # fmt: skip
+    orig = lin.parametrizations.weight.original
+    opt = torch.optim.SGD([orig], lr=0.05)
+    total, since = torch.zeros(3, 4), torch.zeros(3, 4)
+    for step in range(1, 4):  # the pruning step at step 2 prunes to 0.25
+        x, v = torch.randn(5, 4), torch.randn(5, 3)
+        term = -orig.detach() * ((v.T @ x) * hs.masks(lin)["weight"])  # the original's gradient: mask * dL/dW
+        total, since = total + term, since + term
+        (lin(x) * v).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        if step == 2:
+            since = torch.zeros(3, 4)
+            assert not hs.masks(lin)["weight"].all()
+    if window == "since_prune":
+        torch.testing.assert_close(tracker["weight"].movement, since, rtol=1e-5, atol=1e-6)
+        assert tracker.steps == 1
+    else:
+        torch.testing.assert_close(tracker["weight"].movement, total, rtol=1e-5, atol=1e-6)
+        assert tracker.steps == 3
+    with pytest.raises(hs.InvalidArgumentError, match="movement must be one of"):
+        hs.GradientScores(lin, movement="all")
