@@ -341,7 +341,8 @@ class Schedule:
         """Prune the masks to ``target`` keeping them nested (masked entries are pruned first).
 
         ``stats``: an ``hs.GradientScores`` for methods that read recorded gradients; it is handed to
-        the scores, told about the new masks (``"obs"`` updates the kept weights) and reset.
+        the scores and told about the new masks (``"obs"`` updates the kept weights; the tracker
+        drops its kept gradients) before they are written.
         """
         if stats is not None and target <= 0:  # nothing to prune: no scores needed, keep recording
             return

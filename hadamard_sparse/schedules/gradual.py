@@ -52,9 +52,9 @@ class GradualPruning(Schedule):
             ``final_sparsity`` the floor cannot reach is refused here. ``0``: no floor. Default: ``1``.
         calibration: for the methods that read gradients recorded during training (``"movement"``,
             ``"obs"``): the :class:`~hadamard_sparse.GradientScores` built on the model before training.
-            It is reset after every pruning step, so each step scores the gradients since the last
-            one; with ``"obs"`` each step also applies the OBS update to the kept weights. ``None``
-            for every other method.
+            After every pruning step it drops its kept gradients (and its movement, if built with
+            ``movement="since_prune"``); with ``"obs"`` each step also applies the OBS update to the
+            kept weights. ``None`` for every other method.
 
     Example::
 
