@@ -48,6 +48,7 @@ from .factorization import (
     l1_penalty,
     register_factorization,
 )
+from .gradient_scores import GradientScores
 from .hf import load_pretrained, save_pretrained
 from .parametrizations import HadamardMask
 from .quantization import FakeQuant, fake_quantize, register_fake_quant
@@ -68,6 +69,7 @@ __all__ = [
     "Channels",
     "Distiller",
     "FakeQuant",
+    "GradientScores",
     "GradualPruning",
     "HadamardFactorization",
     "HadamardMask",
