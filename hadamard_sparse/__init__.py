@@ -14,6 +14,7 @@ from .checkpoint import load_sparse_state_dict
 from .compress import compress_state_dict, decompress_state_dict, load_compressed, save_compressed
 from .densities import layer_densities
 from .errors import (
+    CalibrationError,
     HadamardSparseError,
     InvalidArgumentError,
     InvalidTypeError,
@@ -54,6 +55,7 @@ __all__ = [
     "SET",
     "ActivationStats",
     "Block",
+    "CalibrationError",
     "ChannelGroups",
     "Channels",
     "FakeQuant",
