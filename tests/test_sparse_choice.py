@@ -392,3 +392,32 @@ def test_a_load_burst_during_the_timing_keeps_a_90_percent_layer_sparse(monkeypa
     assert choice_.layout != "dense" and choice_.reason == "timed", choice_
     assert choice_.speedup == pytest.approx(4.0)
     assert isinstance(model[0], SparseLinear)
+
+
+def test_a_timing_that_contradicts_the_rule_is_repeated() -> None:
+    """Dense wins the first timing of a 90%-sparse layer (an unlucky round), not the second: sparse kept."""
+    every = ("csr_kernel", "csr", "bsr")
+    rounds: list[dict[str, float]] = [
+        {"dense": 1.0, **dict.fromkeys(every, 2.0)},
+        {"dense": 1.0, **dict.fromkeys(every, 0.25)},
+    ]
+    asked: list[str] = []
+
+    def timer(name: str, fns: dict[str, object]) -> dict[str, float]:
+        asked.append(name)
+        return {c: rounds[min(len(asked), len(rounds)) - 1][c] for c in fns}
+
+    dense = _prune(nn.Sequential(nn.Linear(32, 32)), {"0": 0.1})
+    _, report = to_sparse(dense, example_inputs=torch.randn(2, 32), timer=timer, return_report=True)
+    assert asked == ["0", "0"] and report[0].layout != "dense" and report[0].reason == "timed"
+    assert report[0].speedup == pytest.approx(4.0) and report[0].seconds["dense"] == 1.0
+    # dense every time: after the repeats, dense stays (timing beats the rule when it is consistent)
+    rounds[1] = rounds[0]
+    asked.clear()
+    _, report = to_sparse(
+        _prune(nn.Sequential(nn.Linear(32, 32)), {"0": 0.1}),
+        example_inputs=torch.randn(2, 32),
+        timer=timer,
+        return_report=True,
+    )
+    assert asked == ["0", "0", "0"] and report[0].layout == "dense" and report[0].reason == "timed"

@@ -562,7 +562,7 @@ def to_sparse(
             with torch.inference_mode():
                 seconds = run(name, fns)
             ruled = rule_choice(layout, w, density, max_density, rule.max_density, rule.kind)
-            chosen, why = timed_choice(seconds, sparse, *ruled)
+            chosen, why, seconds = timed_choice(seconds, sparse, *ruled, lambda: run(name, fns))  # noqa: B023
             report.append(LayerChoice(name, rule.kind, density, chosen, why, seconds, tuple(x.shape)))
             if chosen != "dense":
                 built[name] = mods[chosen]
