@@ -23,6 +23,7 @@ from .compress import (
 from .densities import layer_densities
 from .distill import Distiller
 from .errors import (
+    CalibrationError,
     HadamardSparseError,
     InvalidArgumentError,
     InvalidTypeError,
@@ -65,6 +66,7 @@ __all__ = [
     "SET",
     "ActivationStats",
     "Block",
+    "CalibrationError",
     "ChannelGroups",
     "Channels",
     "Distiller",
