@@ -30,10 +30,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import parametrize
 
 from ._checks import Selectors, check_int, check_module
+from ._dtensor import is_dtensor
 from ._engine import compute_keep_masks, mask_of
 from .errors import InvalidArgumentError, InvalidTypeError, NoTargetsError
 from .layers import Target, check_not_wrapped, resolve_targets
@@ -214,7 +216,8 @@ class GradientScores(Mapping[str, TensorGradients]):
     by the hooks.
 
     Each backward pass is one gradient (with gradient accumulation, each micro-batch). Gradients
-    are the local ones (before DDP averages them). With a ``GradScaler`` or a learning-rate
+    are the local ones (the hooks fire before DDP averages them): under DDP, :meth:`synchronize`
+    averages the movement over the ranks (schedules call it before pruning). With a ``GradScaler`` or a learning-rate
     dependent weighting, build it with ``hooks=False`` and call :meth:`update` after
     ``scaler.unscale_(optimizer)``: it reads each Parameter's ``.grad`` instead.
 
@@ -338,6 +341,35 @@ class GradientScores(Mapping[str, TensorGradients]):
         for tg in self._tensors.values():
             if tg.param.grad is not None:
                 tg.add(tg.param.grad)
+
+    def synchronize(self) -> None:
+        """Under ``torch.distributed``, average the movement over the ranks, in place (one all-reduce).
+
+        The hooks see each rank's *local* gradient: they fire before DDP averages the gradients, so
+        every rank sums ``-w * g`` of its own micro-batches (the weights are the same on every rank).
+        Averaging the sums gives, on every rank, the movement of the averaged gradients, the one a
+        single process would record on the concatenated batch (for a loss averaged over equal
+        per-rank batches). :class:`~hadamard_sparse.GradualPruning` calls it before each pruning
+        step; call it yourself before a one-shot ``hs.sparsify(..., method="movement")`` on every
+        rank, so that every rank computes the same masks. Averaging equal values changes nothing,
+        so a second call is harmless. Tensors sharded with FSDP2 are skipped: their gradients are
+        already reduce-scattered (each rank holds its own block). Without a process group of more
+        than one rank it does nothing.
+        """
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        local = [tg.movement for tg in self._tensors.values() if not is_dtensor(tg.param)]
+        if not local:
+            return
+        dtype = torch.float64 if any(t.dtype == torch.float64 for t in local) else torch.float32
+        with torch.no_grad():
+            flat = torch.cat([t.reshape(-1).to(dtype) for t in local])
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            offset = 0
+            for t in local:
+                t.copy_(flat[offset : offset + t.numel()].view(t.shape))
+                offset += t.numel()
 
     def reset(self) -> None:
         """Forget everything recorded: movement and kept gradients (e.g. after a one-shot ``sparsify``)."""

@@ -346,6 +346,8 @@ class Schedule:
         """
         if stats is not None and target <= 0:  # nothing to prune: no scores needed, keep recording
             return
+        if stats is not None and is_distributed():  # DDP: score the movement of the averaged gradients
+            stats.synchronize()
         mesh = sharded.mesh_of(self._masked, self._who)
         if mesh is not None:  # FSDP2: each rank scores its shard, thresholds from all-reduced histograms
             sharded.check_no_structure(self._masked, structure, self._who)
