@@ -64,6 +64,33 @@ SCOPES = ("global", "layer")
 _CHUNK = 2048  # Fisher blocks inverted at once (2048 x 50 x 50 float64: 41 MB)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's block of an FSDP2-sharded DTensor, or ``t`` itself."""
+    return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined, no-any-return]
+
+
+def _sharded_targets(model: nn.Module, include: Selectors, exclude: Selectors) -> list[Target] | None:
+    """The masked tensors of an FSDP2-sharded model (those its schedules prune), or ``None`` if not sharded.
+
+    ``fully_shard`` changes the class of the modules it shards, so the layer registry does not
+    recognise them; the masks (registered before sharding) say what is targeted.
+    """
+    if not any(is_dtensor(p) for p in model.parameters()):
+        return None
+    if include is not None or exclude is not None:
+        raise InvalidArgumentError(
+            f"GradientScores on an FSDP2-sharded model tracks its masked tensors; include={include!r} and "
+            f"exclude={exclude!r} must be None there (choose the tensors when registering the masks)"
+        )
+    return [
+        Target(name, module, tname)
+        for name, module in model.named_modules()
+        if parametrize.is_parametrized(module)
+        for tname in module.parametrizations  # type: ignore[union-attr]
+        if mask_of(module, tname) is not None
+    ]
+
+
 def leaf_of(module: nn.Module, name: str) -> torch.Tensor | None:
     """The Parameter whose gradient the optimizer sees for ``module.<name>``, or ``None`` if there is not one.
 
@@ -101,7 +128,10 @@ class TensorGradients:
         self.steps = 0
         self.grad_steps = 0
         dtype = torch.promote_types(param.dtype, torch.float32)  # float32, or float64 for a float64 weight
-        self.movement = torch.zeros(param.shape, dtype=dtype, device=param.device)
+        #: FSDP2: the movement of this rank's block of rows only (gradients are reduce-scattered).
+        self.sharded = is_dtensor(param)
+        local = _local(param)
+        self.movement = torch.zeros(local.shape, dtype=dtype, device=local.device)
         self.n_blocks = math.ceil(param.numel() / block_size)
         self.grads = (
             torch.zeros(num_grads, self.n_blocks * block_size, dtype=dtype, device=param.device)
@@ -122,8 +152,8 @@ class TensorGradients:
     def add(self, grad: torch.Tensor) -> None:
         """Record one gradient of :attr:`param` (taken at its current value)."""
         with torch.no_grad():
-            g = grad.detach().to(self.movement.dtype)
-            self.movement.sub_(self.param.detach().to(g.dtype) * g)
+            g = _local(grad.detach()).to(self.movement.dtype)
+            self.movement.sub_(_local(self.param.detach()).to(g.dtype) * g)
             if self.grads is not None:
                 self.grads[self.grad_steps % self.num_grads, : g.numel()].copy_(g.reshape(-1))
             self.steps += 1
@@ -222,8 +252,13 @@ class GradientScores(Mapping[str, TensorGradients]):
     ``scaler.unscale_(optimizer)``: it reads each Parameter's ``.grad`` instead.
 
     Args:
-        model: the model to be trained (plain: build the accumulator before wrapping in DDP).
-            Masks may be registered before or after.
+        model: the model to be trained: under DDP, the plain model before wrapping it; under
+            FSDP2, the model *after* ``fully_shard`` (which replaces the Parameters): each rank
+            then records the movement of its own block of rows from the reduce-scattered
+            gradient (read from ``.grad`` in a post-accumulate-grad hook: zero the gradients
+            between backward passes, or skip the reduce-scatter of all micro-batches but the
+            last with ``set_requires_gradient_sync(False)``). Masks may be registered before or
+            after (under FSDP2: before sharding).
         num_grads: how many of the last gradients to keep for ``"obs"`` (``m``; ``0``: none,
             ``"movement"`` only). oBERT uses ``m`` above ``block_size``. Memory: ``m`` float32
             copies of every targeted tensor. Default: ``0``.
@@ -268,7 +303,8 @@ class GradientScores(Mapping[str, TensorGradients]):
         movement: str = "run",
     ) -> None:
         check_module(model)
-        check_not_wrapped(model)
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            check_not_wrapped(model)  # DDP: build on the plain model before wrapping it
         num_grads = check_int(num_grads, "num_grads", 0)
         block_size = check_int(block_size, "block_size", 1)
         if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not 0 < damp < math.inf:
@@ -277,7 +313,9 @@ class GradientScores(Mapping[str, TensorGradients]):
             raise InvalidTypeError(f"hooks must be a bool, got {hooks!r}")
         if movement not in MOVEMENT_WINDOWS:
             raise InvalidArgumentError(f"movement must be one of {list(MOVEMENT_WINDOWS)}, got {movement!r}")
-        targets = resolve_targets(model, include, exclude)
+        targets = _sharded_targets(model, include, exclude)
+        if targets is None:
+            targets = resolve_targets(model, include, exclude)
         if not targets:
             raise NoTargetsError(f"GradientScores: model {type(model).__name__} has no tensor to track")
         leaves = [leaf_of(t.module, t.tensor_name) for t in targets]
@@ -286,6 +324,13 @@ class GradientScores(Mapping[str, TensorGradients]):
             raise InvalidArgumentError(
                 f"GradientScores needs every tracked tensor to be one trainable Parameter (plain or masked, "
                 f"mask first in its chain); not so for {bad}: exclude them with exclude=[...]"
+            )
+        sharded = [t.qualified for t, p in zip(targets, leaves) if is_dtensor(p)]
+        if sharded and num_grads:
+            raise InvalidArgumentError(
+                f"GradientScores: num_grads={num_grads} keeps gradients for 'obs', whose block Fisher needs "
+                f"whole rows of every tensor, but {sharded[:3]} are sharded with FSDP2; build it with "
+                "num_grads=0 ('movement' works on shards)"
             )
         self.num_grads: int = num_grads
         self.block_size: int = block_size
@@ -296,16 +341,13 @@ class GradientScores(Mapping[str, TensorGradients]):
             for t, p in zip(targets, leaves)
         }
         self._hooked: bool = hooks
-        self._handles: list[Any] = (
-            [tg.param.register_hook(self._hook(tg)) for tg in self._tensors.values()] if hooks else []
-        )
+        self._handles: list[Any] = [self._register(tg) for tg in self._tensors.values()] if hooks else []
 
     @staticmethod
-    def _hook(tg: TensorGradients) -> Any:
-        def hook(grad: torch.Tensor) -> None:
-            tg.add(grad)
-
-        return hook
+    def _register(tg: TensorGradients) -> Any:
+        if tg.sharded:  # FSDP2 sets the sharded .grad after its reduce-scatter, outside autograd
+            return tg.param.register_post_accumulate_grad_hook(lambda p: tg.add(p.grad))  # type: ignore[arg-type]
+        return tg.param.register_hook(lambda grad: tg.add(grad))
 
     # -- Mapping --------------------------------------------------------------------------------
 
@@ -488,7 +530,8 @@ def check_gradients(
     if missing:
         raise InvalidArgumentError(
             f"method {method!r}: the GradientScores does not track {missing} of this model; build it on "
-            "this model, with the same include/exclude, before training"
+            "this model, with the same include/exclude, before training (under FSDP2: after fully_shard, "
+            "which replaces the Parameters)"
         )
     if method == "obs" and calibration.num_grads == 0:
         raise InvalidArgumentError(
@@ -535,8 +578,30 @@ def _masked_out(ctx: ScoreContext, scores: torch.Tensor) -> torch.Tensor:
 
 
 def movement_score(ctx: ScoreContext) -> torch.Tensor:
-    """Movement ``-sum_t w_t g_t`` (see ``GradientScores(movement=...)``); entries masked now score ``-inf``."""
+    """Movement ``-sum_t w_t g_t`` (see ``GradientScores(movement=...)``); entries masked now score ``-inf``.
+
+    FSDP2 (``ctx.weight`` a sharded DTensor): a DTensor of the same sharding built from each rank's
+    block (no communication); the schedule masks out the masked entries of its block itself.
+    """
     st = _state(ctx, "movement")
+    if st.sharded:
+        from torch.distributed.tensor import DTensor
+
+        w = ctx.weight
+        if not is_dtensor(w) or _local(w).shape != st.movement.shape:
+            raise InvalidArgumentError(
+                f"method 'movement': {ctx.name} was recorded on FSDP2 shards of shape "
+                f"{tuple(st.movement.shape)}, but is scored as {type(w).__name__} of local shape "
+                f"{tuple(_local(w).shape)}; prune it with the same sharding (e.g. GradualPruning)"
+            )
+        return DTensor.from_local(
+            st.movement.to(torch.float32),
+            w.device_mesh,  # type: ignore[attr-defined]
+            w.placements,  # type: ignore[attr-defined]
+            run_check=False,
+            shape=w.shape,
+            stride=w.stride(),
+        )
     return _masked_out(ctx, st.movement.to(device=ctx.weight.device, dtype=torch.float32, copy=True))
 
 

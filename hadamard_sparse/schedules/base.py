@@ -353,8 +353,17 @@ class Schedule:
             sharded.check_no_structure(self._masked, structure, self._who)
             seed = draw_seed(self._gen)
             new = sharded.prune_nested(
-                self._masked, target, method=method, scope=scope, seed=seed, mesh=mesh, min_keep=min_keep
+                self._masked,
+                target,
+                method=method,
+                scope=scope,
+                seed=seed,
+                mesh=mesh,
+                min_keep=min_keep,
+                stats=stats,
             )
+            if stats is not None:
+                stats.pruned(method, self._masked, new)
             write_masks(self._masked, new)
             return
         keeps = compute_keep_masks(

@@ -136,8 +136,11 @@ class GradualPruning(Schedule):
                     f"got method={method!r} with calibration={type(calibration).__name__}"
                 )
             return None
-        if sharded.mesh_of(self._masked, self._who) is not None:
-            raise InvalidArgumentError(f"method {method!r} does not support FSDP2-sharded weights yet")
+        if method == "obs" and sharded.mesh_of(self._masked, self._who) is not None:
+            raise InvalidArgumentError(
+                "method 'obs' does not support FSDP2-sharded weights: its block Fisher and OBS update need "
+                "whole rows of gradients, which no rank holds; use method='movement' there"
+            )
         if method == "obs" and is_distributed():
             raise InvalidArgumentError(
                 "method 'obs' updates the kept weights from each rank's own gradients, which would make "
