@@ -303,8 +303,8 @@ class GradientScores(Mapping[str, TensorGradients]):
         movement: str = "run",
     ) -> None:
         check_module(model)
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            check_not_wrapped(model)  # DDP: build on the plain model before wrapping it
+        if not any(is_dtensor(p) for p in model.parameters()):  # FSDP2 shards in place: build after it
+            check_not_wrapped(model)  # DDP, FSDP1: build on the plain model before wrapping it
         num_grads = check_int(num_grads, "num_grads", 0)
         block_size = check_int(block_size, "block_size", 1)
         if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not 0 < damp < math.inf:

@@ -172,6 +172,15 @@ _FSDP_WORKER = textwrap.dedent(
         model = hs.sparsify(build(kind), 0.0)
         model = shard(model) if sharded else model
         tracker = hs.GradientScores(model)  # after fully_shard
+        refusals = []
+        if sharded:  # obs needs whole rows: refused on shards, both the kept gradients and the schedule
+            for make in [lambda: hs.GradientScores(model, num_grads=4),
+                         lambda: hs.GradualPruning(model, 0.5, method="obs", calibration=tracker)]:
+                try:
+                    make()
+                    refusals.append(False)
+                except InvalidArgumentError:
+                    refusals.append(True)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         sched = hs.GradualPruning(model, 0.8, start_step=2, end_step=8, every=2, method="movement",
                                   calibration=tracker, scope="layer")
@@ -184,7 +193,7 @@ _FSDP_WORKER = textwrap.dedent(
             opt.step()
             sched.step()
             masks.append(flat_masks(model))
-        return torch.stack(masks), flat_params(model), tracker
+        return torch.stack(masks), flat_params(model), tracker, refusals
 
     def distill(kind, sharded):
         dense = build(kind)
@@ -223,13 +232,14 @@ _FSDP_WORKER = textwrap.dedent(
 
     report = {}
     for kind in kinds:
-        ref_m, ref_w, _ = movement(kind, False)
-        m, w, tracker = movement(kind, True)
+        ref_m, ref_w, _, _ = movement(kind, False)
+        m, w, tracker, refusals = movement(kind, True)
         report[f"movement-{kind}"] = {
             "flips": int((m != ref_m).sum()),
             "numel": m.numel(),
             "max_weight_diff": float((w - ref_w).abs().max()),
             "sparsity": float(1 - m[-1].float().mean()),
+            "obs_refused": refusals,
             "local_movement": all(tg.sharded and tg.movement.shape == tg.param.to_local().shape
                                   for tg in tracker.values()),
         }
@@ -261,6 +271,7 @@ def _check_fsdp(reports: list[dict], kind: str) -> None:
     mv, di = reports[0][f"movement-{kind}"], reports[0][f"distill-{kind}"]
     assert mv["local_movement"]  # each rank recorded its own block of rows
     assert abs(mv["sparsity"] - 0.8) < 0.02
+    assert mv["obs_refused"] == [True, True]
     assert mv["flips"] <= 0.002 * mv["numel"], mv  # reduce-scattered gradients: the whole batch's movement
     assert mv["max_weight_diff"] < 1e-4, mv
     assert di["refused_without_teacher"]  # teacher=None cannot copy a sharded student; nothing changed

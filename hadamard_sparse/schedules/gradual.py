@@ -54,7 +54,9 @@ class GradualPruning(Schedule):
             ``"obs"``): the :class:`~hadamard_sparse.GradientScores` built on the model before training.
             After every pruning step it drops its kept gradients (and its movement, if built with
             ``movement="since_prune"``); with ``"obs"`` each step also applies the OBS update to the
-            kept weights. ``None`` for every other method.
+            kept weights. ``None`` for every other method. Under DDP the movement is averaged over
+            the ranks before each pruning step (:meth:`~hadamard_sparse.GradientScores.synchronize`);
+            under FSDP2 build the tracker after ``fully_shard`` (``"movement"`` only).
 
     Example::
 
