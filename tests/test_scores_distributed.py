@@ -183,7 +183,7 @@ _FSDP_WORKER = textwrap.dedent(
                     refusals.append(True)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         sched = hs.GradualPruning(model, 0.8, start_step=2, end_step=8, every=2, method="movement",
-                                  calibration=tracker, scope="layer")
+                                  calibration=tracker, scope="global" if kind == "mlp" else "layer")
         masks = []
         for x, y in batches(kind):
             if sharded:
