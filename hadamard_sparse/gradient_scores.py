@@ -276,7 +276,9 @@ class GradientScores(Mapping[str, TensorGradients]):
 
     Raises:
         InvalidArgumentError: a bad argument, or a targeted tensor without a single trainable
-            Parameter (e.g. a factorized one).
+            Parameter (e.g. a factorized one); on an FSDP2-sharded model, ``num_grads > 0`` or
+            ``include`` / ``exclude``.
+        InvalidTypeError: a model wrapped in DDP or FSDP1 (build it on the plain model first).
 
     Example::
 
