@@ -28,7 +28,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils import parametrize
 
-from ..errors import InvalidTypeError, UnsupportedGraphError
+from .._model_io import as_inputs, eval_mode
+from ..errors import UnsupportedGraphError
 from ..layers import shared_parameter_ids
 from ..parametrizations import SparseParametrization
 
@@ -409,20 +410,6 @@ def _clean_path(path: str) -> str:
     return path.strip(".")
 
 
-def as_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """``example_inputs`` as ``(positional inputs, keyword inputs)``."""
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    if isinstance(example_inputs, dict) and all(isinstance(k, str) for k in example_inputs):
-        return (), dict(example_inputs)
-    raise InvalidTypeError(
-        "example_inputs must be a tensor, a tuple of the model's positional inputs or a dict of its "
-        f"keyword inputs, got {type(example_inputs).__name__}"
-    )
-
-
 @dataclass
 class Capture:
     """A captured forward: the graph, the module tree it reads and how parameters enter it."""
@@ -437,14 +424,8 @@ class Capture:
 @contextlib.contextmanager
 def _eval_no_grad(model: nn.Module) -> Iterator[None]:
     """``model`` in eval mode without gradients; the modes of all modules restored afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for m, mode in modes:
-            m.train(mode)
+    with eval_mode(model), torch.no_grad():
+        yield
 
 
 def _frozen_by_use(gm: fx.GraphModule, params: dict[str, str]) -> set[str]:
