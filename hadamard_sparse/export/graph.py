@@ -16,10 +16,9 @@ without a rule is fine unless it reads candidate (pruned) channels.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -421,13 +420,6 @@ class Capture:
     frozen: set[str]
 
 
-@contextlib.contextmanager
-def _eval_no_grad(model: nn.Module) -> Iterator[None]:
-    """``model`` in eval mode without gradients; the modes of all modules restored afterwards."""
-    with eval_mode(model), torch.no_grad():
-        yield
-
-
 def _frozen_by_use(gm: fx.GraphModule, params: dict[str, str]) -> set[str]:
     """Modules whose parameters a captured graph reads more than once (shared or read directly)."""
     frozen: set[str] = set()
@@ -462,7 +454,7 @@ def capture(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     """
     errors = []
     kwargs = _without_cache(model, kwargs)
-    with _eval_no_grad(model):
+    with eval_mode(model), torch.no_grad():
         try:
             ep = torch.export.export(model, args, kwargs, strict=False)
         except Exception as exc:  # export raises many types for code it cannot capture
