@@ -10,13 +10,12 @@ pieces of a chain without side effects and apply ``right_inverse`` the way
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._model_io import eval_mode
 from .parametrizations import SparseParametrization
 
 __all__: list[str] = []
@@ -34,22 +33,6 @@ def split_chain(
     for j, p in enumerate(plist):
         (ours if isinstance(p, SparseParametrization) else foreign).append((j, p))  # type: ignore[arg-type]
     return ours, foreign
-
-
-@contextmanager
-def eval_mode(modules: list[nn.Module]) -> Iterator[None]:
-    """Temporarily put ``modules`` in eval mode, so that computing a value has no side effect.
-
-    (``spectral_norm`` runs a power iteration, updating its buffers, at every forward in training mode.)
-    """
-    flags = [(m, m.training) for p in modules for m in p.modules()]
-    try:
-        for m, _ in flags:
-            m.training = False
-        yield
-    finally:
-        for m, t in flags:
-            m.training = t
 
 
 def right_inverse(chain: list[nn.Module], value: torch.Tensor) -> Any:
@@ -84,7 +67,7 @@ def tensor_shape(module: nn.Module, name: str) -> torch.Size:
     plist = module.parametrizations[name]  # type: ignore[index, union-attr]
     if plist.is_tensor and all(isinstance(p, SparseParametrization) for p in plist):
         return plist.original.shape  # ours keep the shape
-    with torch.no_grad(), eval_mode(list(plist)):
+    with torch.no_grad(), eval_mode(*plist):  # no side effect (spectral_norm's power iteration)
         return getattr(module, name).shape
 
 

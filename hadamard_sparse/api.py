@@ -28,6 +28,7 @@ from ._engine import (
     mask_of,
     pre_mask_value,
 )
+from ._model_io import join_name
 from .allocation import check_allocation, owl_sparsities
 from .checkpoint import bake, drop_load_hook, ensure_load_hook
 from .densities import densities_for_shapes
@@ -504,7 +505,7 @@ def _iter_masks(model: nn.Module) -> Iterator[tuple[str, HadamardMask]]:
         for tname in module.parametrizations:  # type: ignore[union-attr]
             m = mask_of(module, tname)
             if m is not None:
-                yield (f"{mod_name}.{tname}" if mod_name else tname), m
+                yield join_name(mod_name, tname), m
 
 
 def _masked_shape(module: nn.Module, name: str) -> torch.Size:

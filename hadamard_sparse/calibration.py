@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ._checks import Selectors, check_module
+from ._model_io import as_inputs, eval_mode
 from .errors import (
     CalibrationError,
     CalibrationRuntimeError,
@@ -215,17 +216,15 @@ def call_batch(model: nn.Module, batch: Any, index: int, *, passthrough: tuple[t
     the original chained; exceptions of the ``passthrough`` types (stop signals of the caller's hooks)
     propagate unchanged.
     """
-    if isinstance(batch, torch.Tensor):
-        how, args, kwargs = "model(batch)", (batch,), {}
-    elif isinstance(batch, Mapping):
-        how, args, kwargs = "model(**batch)", (), dict(batch)
-    elif isinstance(batch, (tuple, list)):
-        how, args, kwargs = "model(*batch)", tuple(batch), {}
-    else:
+    try:
+        args, kwargs = as_inputs(batch)  # no model: a dict is always model(**batch) here (see the hint)
+    except InvalidTypeError:
         raise InvalidTypeError(
             f"calibration batches must be tensors, tuples/lists of positional arguments or dicts of "
             f"keyword arguments, got {type(batch).__name__} at index {index} (0-based)"
-        )
+        ) from None
+    tensor, positional = isinstance(batch, torch.Tensor), isinstance(batch, (tuple, list))
+    how = "model(batch)" if tensor else "model(*batch)" if positional else "model(**batch)"
     try:
         model(*args, **kwargs)
     except passthrough:
@@ -344,12 +343,10 @@ def collect(
         return hook
 
     handles = []
-    modes = {m: m.training for m in model.modules()}
     try:
         for module, group in by_module.values():
             handles.append(module.register_forward_pre_hook(make_hook(group), with_kwargs=True))
-        model.eval()
-        with torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             for index, batch in enumerate(with_progress(batches, progress, "calibrate")):
                 for acc in accs.values():
                     acc.batch_calls = 0
@@ -363,8 +360,6 @@ def collect(
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
 
     layers: dict[str, LayerStats] = {}
     for name, acc in accs.items():

@@ -51,7 +51,6 @@ from torch.nn.utils import parametrize
 from ._chains import (
     Keep,
     current_originals,
-    eval_mode,
     forward,
     fresh_class,
     is_ours,
@@ -62,6 +61,7 @@ from ._chains import (
     split_chain,
     tensor_shape,
 )
+from ._model_io import eval_mode, join_name
 from .errors import InvalidArgumentError, InvalidTypeError
 from .parametrizations import SparseParametrization
 
@@ -113,7 +113,7 @@ def _write_plain_view(
         else:
             # The baked model's view: their chain (ours removed) holding the value after our last one.
             head_chain, theirs_in_head, _ = split_at_ours(plist, ours, foreign)
-            with eval_mode([p for _, p in foreign]):
+            with eval_mode(*[p for _, p in foreign]):
                 value = forward(head_chain, current_originals(plist)).detach()
             # Their right_inverse may update their own state (orthogonal does): run it on copies.
             copies = {id(p): copy.deepcopy(p) for p in theirs_in_head}
@@ -309,7 +309,7 @@ def bake(model: nn.Module, threshold: float) -> nn.Module:
                 work.append((module, tname, [], [], None))
                 continue
             head_chain, theirs_in_head, tail = split_at_ours(plist, ours, foreign)
-            with torch.no_grad(), eval_mode([p for _, p in foreign]):
+            with torch.no_grad(), eval_mode(*[p for _, p in foreign]):
                 value = forward(head_chain, current_originals(plist)).detach().clone()
                 if threshold > 0:
                     value.masked_fill_(value.abs() <= threshold, 0.0)
@@ -320,7 +320,7 @@ def bake(model: nn.Module, threshold: float) -> nn.Module:
                     again = forward(chain, right_inverse(chain, value))
                     ok = again.shape == value.shape and bool(torch.allclose(again, value))
             if not ok:
-                qualified = f"{mod_name}.{tname}" if mod_name else tname
+                qualified = join_name(mod_name, tname)
                 why = (
                     f"{lacking} have no right_inverse"
                     if lacking
@@ -349,7 +349,7 @@ def bake(model: nn.Module, threshold: float) -> nn.Module:
                     t.masked_fill_(t.abs() <= threshold, 0.0)
             drop_load_hook(module)
             continue
-        with eval_mode(theirs_in_head + tail):
+        with eval_mode(*theirs_in_head, *tail):
             parametrize.remove_parametrizations(module, tname, leave_parametrized=True)
         first = theirs_in_head or [Keep()]
         for p in first:
@@ -505,7 +505,7 @@ def load_sparse_state_dict(
     optional: set[str] = set()  # record keys of tensors already parametrized: a dense checkpoint keeps them
     for (mod_name, tname), keys in _records(model, state_dict, modules).items():
         module = modules[mod_name]
-        qualified = f"{mod_name}.{tname}" if mod_name else tname
+        qualified = join_name(mod_name, tname)
         head = f"{qualified}_"
         types = [cls for s, cls in SparseParametrization._TYPES.items() if s in keys]
         if not types:

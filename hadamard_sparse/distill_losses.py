@@ -4,9 +4,9 @@
 - :func:`squarehead_loss`: SquareHead's per-layer feature loss normalised by the teacher's scale.
 - :func:`embedding_loss`: ``1 - cos`` or MSE of pooled embeddings.
 - :func:`logits_of`, :func:`embedding_of`, :func:`first_tensor`: what to compare in a model's output.
-- :func:`call_model`: run a model on a batch (tensor, tuple/list or mapping); :func:`batch_key`: hash a batch.
+- :func:`call_model` (from :mod:`_model_io`): run a model on a batch (tensor, tuple/list or mapping); :func:`batch_key`: hash a batch.
 
-This module sits just above :mod:`errors`.
+This module sits just above :mod:`errors` and :mod:`_model_io`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any, Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from ._model_io import call_model, unwrap_parallel
 from .errors import InvalidTypeError
 
 __all__ = [
@@ -89,30 +89,6 @@ def embedding_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "co
     if kind == "cosine":
         return (1.0 - F.cosine_similarity(s, t, dim=-1)).mean()
     return F.mse_loss(s, t)
-
-
-def unwrap_parallel(model: nn.Module) -> nn.Module:
-    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper."""
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        return model.module
-    return model
-
-
-def call_model(model: nn.Module, batch: Any) -> Any:
-    """``model(batch)`` for a tensor (or a dict given to an ``nn.Sequential``, as sentence-transformers
-    takes its features), ``model(**batch)`` for other mappings, ``model(*batch)`` for tuples/lists."""
-    if isinstance(batch, torch.Tensor):
-        return model(batch)
-    if isinstance(batch, Mapping):
-        if isinstance(unwrap_parallel(model), nn.Sequential):
-            return model(dict(batch))  # a copy: SentenceTransformer writes its outputs into the dict
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    raise InvalidTypeError(
-        f"batch must be a tensor, a tuple/list of positional arguments or a mapping of keyword arguments, "
-        f"got {type(batch).__name__}"
-    )
 
 
 def batch_key(batch: Any) -> str:

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ._model_io import join_name
 from .checkpoint import ensure_load_hook
 from .errors import InvalidArgumentError, InvalidTypeError, NoTargetsError
 from .layers import Selectors, Target, check_not_wrapped, resolve_targets, weight_dims
@@ -504,7 +505,7 @@ def _iter_factorizations(
             continue
         for tname, plist in module.parametrizations.items():  # type: ignore[union-attr]
             if len(plist) and isinstance(plist[0], HadamardFactorization):
-                yield (f"{mod_name}.{tname}" if mod_name else tname), plist, plist[0]
+                yield join_name(mod_name, tname), plist, plist[0]
 
 
 def factor_param_groups(

@@ -41,6 +41,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ._checks import Selector, Selectors, check_selectors
+from ._model_io import join_name
 from .errors import InvalidArgumentError, InvalidTypeError
 
 __all__ = [
@@ -412,7 +413,7 @@ def shared_parameter_ids(model: nn.Module) -> dict[int, list[str]]:
         for pname, p in mod._parameters.items():
             if p is None:
                 continue
-            owners.setdefault(id(p), []).append(f"{mod_name}.{pname}" if mod_name else pname)
+            owners.setdefault(id(p), []).append(join_name(mod_name, pname))
     return {k: v for k, v in owners.items() if len(set(v)) > 1}
 
 

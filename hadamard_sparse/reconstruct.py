@@ -45,6 +45,7 @@ from torch import nn
 
 from . import sparsegpt as _sgpt
 from ._engine import compute_keep_masks, pre_mask_value
+from ._model_io import eval_mode
 from .calibration import ActivationStats, LayerStats, call_batch, collect, with_progress
 from .errors import InvalidArgumentError, InvalidTypeError
 from .layers import Target
@@ -229,7 +230,6 @@ def _run_model(
     model: nn.Module, batches: Sequence[Any], hooks: list[tuple[nn.Module, Any, bool]], first: int = 0
 ) -> None:
     """One no-grad eval-mode pass over ``batches`` (the first being batch ``first``) with temporary hooks."""
-    modes = {m: m.training for m in model.modules()}
     handles = []
     try:
         for module, fn, pre in hooks:
@@ -237,8 +237,7 @@ def _run_model(
                 handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
             else:
                 handles.append(module.register_forward_hook(fn))
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for index, batch in enumerate(batches):
                 try:
                     call_batch(model, batch, first + index, passthrough=(_Stop,))
@@ -247,8 +246,6 @@ def _run_model(
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
 
 
 def _dense_outputs(
@@ -329,14 +326,12 @@ def reconstruct_block(
     saved = [p.detach().clone() for p in params]
     flags = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
-    modes = {m: m.training for m in replay.modules()}
     opt = torch.optim.Adam(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
     try:
-        replay.eval()
         for p in params:
             p.requires_grad_(True)
-        with torch.enable_grad():
+        with eval_mode(replay), torch.enable_grad():
             for _ in range(steps):
                 i = int(torch.randint(len(dense_out), (1,), generator=g))
                 loss = F.mse_loss(replay(i), dense_out[i])
@@ -347,8 +342,6 @@ def reconstruct_block(
         for p, flag, gr in zip(params, flags, grads):
             p.requires_grad_(flag)
             p.grad = gr
-        for m, mode in modes.items():
-            m.training = mode
     after = _block_error(replay, dense_out)
     if not after <= before:  # also catches NaN
         with torch.no_grad():

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ._dtensor import is_dtensor
+from ._model_io import join_name
 from .errors import InvalidTypeError
 from .layers import resolve_targets
 
@@ -169,5 +170,5 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
             if parametrize.is_parametrized(module):
                 names += [n for n in module.parametrizations if n not in names]  # type: ignore[union-attr]
             for tname in names:
-                add(f"{mod_name}.{tname}" if mod_name else tname, getattr(module, tname))
+                add(join_name(mod_name, tname), getattr(module, tname))
     return SparsityReport(tuple(rows))

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .._model_io import join_name, train_mode
 from ..errors import InvalidArgumentError, InvalidTypeError
 
 __all__ = [
@@ -456,15 +457,11 @@ def shadow_runs(pairs: dict[nn.Module, nn.Module]) -> Iterator[None]:
 
     def hook(mod: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
         shadow = pairs[mod]
-        mode = shadow.training
         try:
-            shadow.train(mod.training)
-            with torch.no_grad():
+            with train_mode(shadow, mode=mod.training), torch.no_grad():
                 shadow.forward(*args, **kwargs)
         except Exception:  # the shadow only records inputs; the model's own call decides
             pass
-        finally:
-            shadow.train(mode)
 
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in pairs]
     try:
@@ -504,7 +501,7 @@ def unpacked_modules(model: nn.Module) -> Unpacked:
                 copies[name].mha_state_dict = True  # checkpoints keep the dense model's names
             else:
                 for child, _ in mod.named_children():
-                    refused[f"{name}.{child}" if name else child] = (
+                    refused[join_name(name, child)] = (
                         f"inside nn.MultiheadAttention {name!r}, which reads its weight directly and cannot "
                         f"be converted to ProjectedMultiheadAttention: {why}"
                     )

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import InvalidArgumentError, InvalidTypeError
+from .._model_io import as_inputs, eval_mode
+from ..errors import InvalidArgumentError
 from . import kernels
 
 __all__ = ["DEFAULT_MAX_DENSITY", "LayerChoice", "Timer", "measure", "timed_choice"]
@@ -154,16 +155,8 @@ def timed_choice(
 
 
 def split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    if isinstance(example_inputs, Mapping) and all(isinstance(k, str) for k in example_inputs):
-        return (), dict(example_inputs)
-    raise InvalidTypeError(
-        "example_inputs must be a tensor, a tuple of the model's positional inputs or a dict of its "
-        f"keyword inputs, got {type(example_inputs).__name__}"
-    )
+    """``example_inputs`` as ``(positional inputs, keyword inputs)`` (:func:`~hadamard_sparse._model_io.as_inputs`)."""
+    return as_inputs(example_inputs)
 
 
 def capture_inputs(
@@ -180,10 +173,8 @@ def capture_inputs(
                 seen[name] = a[0].detach().clone()
 
         handles.append(mod.register_forward_pre_hook(hook))
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             model(*args, **kwargs)
     except Exception as exc:
         raise InvalidArgumentError(
@@ -192,8 +183,6 @@ def capture_inputs(
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
     return seen
 
 

@@ -16,10 +16,9 @@ without a rule is fine unless it reads candidate (pruned) channels.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +27,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils import parametrize
 
-from ..errors import InvalidTypeError, UnsupportedGraphError
+from .._model_io import as_inputs, eval_mode
+from ..errors import UnsupportedGraphError
 from ..layers import shared_parameter_ids
 from ..parametrizations import SparseParametrization
 
@@ -409,20 +409,6 @@ def _clean_path(path: str) -> str:
     return path.strip(".")
 
 
-def as_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """``example_inputs`` as ``(positional inputs, keyword inputs)``."""
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    if isinstance(example_inputs, dict) and all(isinstance(k, str) for k in example_inputs):
-        return (), dict(example_inputs)
-    raise InvalidTypeError(
-        "example_inputs must be a tensor, a tuple of the model's positional inputs or a dict of its "
-        f"keyword inputs, got {type(example_inputs).__name__}"
-    )
-
-
 @dataclass
 class Capture:
     """A captured forward: the graph, the module tree it reads and how parameters enter it."""
@@ -432,19 +418,6 @@ class Capture:
     params: dict[str, str]  # placeholder name -> qualified parameter/buffer name (export only)
     mode: str  # "export" or "fx"
     frozen: set[str]
-
-
-@contextlib.contextmanager
-def _eval_no_grad(model: nn.Module) -> Iterator[None]:
-    """``model`` in eval mode without gradients; the modes of all modules restored afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for m, mode in modes:
-            m.train(mode)
 
 
 def _frozen_by_use(gm: fx.GraphModule, params: dict[str, str]) -> set[str]:
@@ -481,7 +454,7 @@ def capture(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     """
     errors = []
     kwargs = _without_cache(model, kwargs)
-    with _eval_no_grad(model):
+    with eval_mode(model), torch.no_grad():
         try:
             ep = torch.export.export(model, args, kwargs, strict=False)
         except Exception as exc:  # export raises many types for code it cannot capture

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .._checks import check_norm
+from .._model_io import join_name
 from ..api import remove_parametrizations
 from ..errors import InvalidArgumentError, NoTargetsError
 from ..groups import Member, TensorGroups
@@ -34,10 +35,6 @@ from .graph import ChannelFlow, as_inputs, capture
 from .heads import attention_blocks
 
 __all__ = ["ChannelGroups", "Heads"]
-
-
-def _join(*parts: str) -> str:
-    return ".".join(p for p in parts if p)
 
 
 class ChannelGroups(TensorGroups):
@@ -108,7 +105,7 @@ class ChannelGroups(TensorGroups):
 
         def add(name: str, tensor: str, m: Member) -> None:
             if any(x is not None and bool((x >= 0).any()) for x in (m.rows, m.cols)):
-                members[_join(name, tensor)] = m
+                members[join_name(name, tensor)] = m
 
         for name in flow.producer_order:  # producers first, so groups are numbered by producer
             gid(flow.plans[name].out_ids, name, True)  # type: ignore[arg-type]
@@ -205,11 +202,11 @@ class Heads(TensorGroups):
                 parts = q_parts + [(g, r + e) for g, r in kv_parts] + [(g, r + 2 * e) for g, r in kv_parts]
                 if b.separate:  # kdim/vdim: q_proj_weight, k_proj_weight, v_proj_weight
                     for t, p in (("q", q_parts), ("k", kv_parts), ("v", kv_parts)):
-                        members[_join(b.name, f"{t}_proj_weight")] = Member(rows_of(e, p), None, True)
+                        members[join_name(b.name, f"{t}_proj_weight")] = Member(rows_of(e, p), None, True)
                 else:
-                    members[_join(b.name, "in_proj_weight")] = Member(rows_of(3 * e, parts), None, True)
+                    members[join_name(b.name, "in_proj_weight")] = Member(rows_of(3 * e, parts), None, True)
                 if getattr(model.get_submodule(b.name), "in_proj_bias", None) is not None:
-                    members[_join(b.name, "in_proj_bias")] = Member(rows_of(3 * e, parts), None, False)
+                    members[join_name(b.name, "in_proj_bias")] = Member(rows_of(3 * e, parts), None, False)
             else:
                 by_module: dict[str, list[tuple[int, torch.Tensor]]] = {}  # GPT-2: q, k, v in one c_attn
                 for proj, off, parts in ((b.q, b.offsets[0], q_parts), (b.k, b.offsets[1], kv_parts),
@@ -218,11 +215,11 @@ class Heads(TensorGroups):
                 for proj, parts in by_module.items():
                     mod = model.get_submodule(proj)
                     n = mod.weight.shape[weight_dims(mod)[0]]
-                    members[_join(proj, "weight")] = Member(rows_of(n, parts), None, True)
+                    members[join_name(proj, "weight")] = Member(rows_of(n, parts), None, True)
                     if getattr(mod, "bias", None) is not None:
-                        members[_join(proj, "bias")] = Member(rows_of(n, parts), None, False)
+                        members[join_name(proj, "bias")] = Member(rows_of(n, parts), None, False)
             n_in = o.weight.shape[weight_dims(o)[1]]
-            members[_join(b.o, "weight")] = Member(None, rows_of(n_in, q_parts), True)
+            members[join_name(b.o, "weight")] = Member(None, rows_of(n_in, q_parts), True)
         super().__init__(members, labels, names, norm)
 
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .._model_io import join_name, set_submodule
 from ..layers import layer_rule
 from .attention import ProjectedMultiheadAttention, mha_problem
 
@@ -102,10 +103,6 @@ def _linear(mod: nn.Module, attr: str) -> nn.Linear | None:
     return child if isinstance(child, nn.Linear) else None
 
 
-def _join(*parts: str) -> str:
-    return ".".join(p for p in parts if p)
-
-
 @attention_finder
 def _proj_style(name: str, mod: nn.Module) -> AttentionBlock | None:
     if isinstance(mod, ProjectedMultiheadAttention):
@@ -130,7 +127,7 @@ def _proj_style(name: str, mod: nn.Module) -> AttentionBlock | None:
         for a in ("num_key_value_heads", "num_kv_heads")
         if isinstance(getattr(mod, a, None), int)
     ]
-    j = _join
+    j = join_name
     return AttentionBlock(
         name, j(name, "q_proj"), j(name, "k_proj"), j(name, "v_proj"), j(name, out), hd, n, n_kv, attrs
     )
@@ -163,7 +160,7 @@ def _gpt2_style(name: str, mod: nn.Module) -> AttentionBlock | None:
         return None
     if cross and q_attn.nf != width:
         return None
-    j = _join
+    j = join_name
     q = j(name, "q_attn") if cross else j(name, "c_attn")
     offsets = (0, 0, width) if cross else (0, width, 2 * width)
     attrs = [(name, "num_heads", "heads"), (name, "split_size", "width")]
@@ -194,7 +191,7 @@ def _t5_style(name: str, mod: nn.Module) -> AttentionBlock | None:
     attrs = [(name, "n_heads", "heads")]
     if isinstance(getattr(mod, "inner_dim", None), int):
         attrs.append((name, "inner_dim", "width"))
-    j = _join
+    j = join_name
     return AttentionBlock(
         name, j(name, "q"), j(name, "k"), j(name, "v"), j(name, "o"), hd, n, n, attrs,
         tie=re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", name),
@@ -214,10 +211,10 @@ def _bert_style(name: str, mod: nn.Module) -> AttentionBlock | None:
     if not q.out_features == k.out_features == v.out_features == o.in_features or q.out_features % hd:
         return None
     n = q.out_features // hd
-    s = _join(name, "self")
+    s = join_name(name, "self")
     attrs = [(s, "num_attention_heads", "heads"), (s, "all_head_size", "width")]
     attrs = [a for a in attrs if isinstance(getattr(sa, a[1], None), int)]
-    j = _join
+    j = join_name
     return AttentionBlock(
         name, j(s, "query"), j(s, "key"), j(s, "value"), j(name, "output", "dense"), hd, n, n, attrs
     )
@@ -228,7 +225,7 @@ def _torch_mha(name: str, mod: nn.Module) -> AttentionBlock | None:
     if not isinstance(mod, nn.MultiheadAttention):
         return None
     n, sep = mod.num_heads, not mod._qkv_same_embed_dim
-    o = _join(name, "out_proj")
+    o = join_name(name, "out_proj")
     return AttentionBlock(name, name, name, name, o, mod.head_dim, n, n, packed=True, separate=sep)
 
 
@@ -238,7 +235,7 @@ def _projected_mha(name: str, mod: nn.Module) -> AttentionBlock | None:
         return None
     if not all(isinstance(getattr(mod, a), nn.Linear) for a in ("q_proj", "k_proj", "v_proj", "out_proj")):
         return None  # sparse projections (to_sparse): nothing to slice
-    j = _join
+    j = join_name
     n = mod.num_heads
     return AttentionBlock(
         name,
@@ -317,11 +314,6 @@ def _sliced_table(emb: nn.Embedding, cols: torch.Tensor) -> nn.Embedding:
     new.weight = nn.Parameter(w.clone().contiguous(), requires_grad=emb.weight.requires_grad)
     new.embedding_dim = w.shape[1]
     return new
-
-
-def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, new)
 
 
 def _zero_groups(b: AttentionBlock, vw: torch.Tensor, vb: torch.Tensor, out_bias: bool) -> list[int]:

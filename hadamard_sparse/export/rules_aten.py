@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .._model_io import join_name
 from .graph import ChannelFlow, ChannelInfo, FixedSize, flat_nodes, function_rule, method_rule
 from .rules import (
     BINARY_FNS,
@@ -54,7 +55,7 @@ def _is_own(flow: ChannelFlow, node: Any, name: str, mod: nn.Module, attr: str) 
     """Whether graph value ``node`` is ``mod.<attr>`` (``None`` when the module has none)."""
     if node is None:
         return getattr(mod, attr, None) is None
-    return flow.param_of(node) == (f"{name}.{attr}" if name else attr)
+    return flow.param_of(node) == join_name(name, attr)
 
 
 def _weighted(flow: ChannelFlow, node: fx.Node, types: tuple[type, ...], weight: Any, bias: Any) -> Any:

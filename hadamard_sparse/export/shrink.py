@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .._model_io import eval_mode, set_submodule
 from ..api import masks, remove_parametrizations
 from ..errors import InvalidArgumentError, InvalidTypeError, UnsupportedGraphError
 from ..layers import weight_dims
@@ -28,7 +29,7 @@ from . import (
 )
 from .attention import disable_fused_paths
 from .graph import ChannelFlow, FixedSize, LayerPlan, as_inputs, capture
-from .heads import prune_zero_heads, set_submodule
+from .heads import prune_zero_heads
 from .rules import CONV_DIMS, no_padding
 
 __all__ = ["REBUILD_RULES", "rebuild", "rebuild_rule", "shrink"]
@@ -148,14 +149,8 @@ def _rebuild_batchnorm(new: nn.Module, mod: nn.Module, plan: LayerPlan, removed:
 
 def _run(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
     """The tensors ``model`` returns on the inputs (eval mode, no gradients), flattened."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            out = model(*args, **kwargs)
-    finally:
-        for m, mode in modes:
-            m.train(mode)
+    with eval_mode(model), torch.no_grad():
+        out = model(*args, **kwargs)
     leaves: list[torch.Tensor] = []
 
     def visit(x: Any) -> None:

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .._checks import Selectors, check_selectors
+from .._model_io import set_submodule
 from ..errors import InvalidArgumentError, InvalidTypeError
 from ..layers import check_all_used, layer_kind, selector_matches
 from ..parametrizations import SparseParametrization
@@ -587,11 +588,9 @@ def to_sparse(
     report.sort(key=lambda c: order[c.name])
     for name, copy_ in unpacked.copies.items():
         if any(b.startswith(name + ".") for b in built):
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, copy_)
+            set_submodule(model, name, copy_)
     for name, new in built.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, new)
+        set_submodule(model, name, new)
     disable_fused_paths(model)
     for choice in report:
         _log.info("to_sparse: %s", choice)
