@@ -341,6 +341,93 @@ int64_t hs_q8_work_floats(int64_t M, int64_t K, int nthreads) {
 ENTRY(uint16_t, u16)
 ENTRY(int32_t, i32)
 
+/* Batch 1 with int8 activations: the weight as 64-column bitmaps (mask[n * nb + b], bit c set when
+ * column b * 64 + c of row n is stored; the values are the CSR values, in the same order). x is
+ * quantized once, xu[k] = round(x[k] / sx) + 128 (unsigned), and each 64-column block is one
+ * vpexpandb of the row's next values into place and one vpdpbusd (64 products, int32 lanes):
+ * no gathers, and 1 byte per nonzero plus 1/8 byte per weight (the bitmap) read.
+ * y[n] = (acc - 128 * rowsum[n]) * scale[n] * sx + b[n]. Runtime dispatch: AVX512-VBMI2 + VNNI. */
+#if defined(__x86_64__) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 9))
+#include <immintrin.h>
+#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512vnni,popcnt")))
+VNNI_TARGET static void bitmap_rows(const uint8_t *restrict xu, const uint64_t *restrict mask,
+                                    int64_t nb, const int32_t *restrict rowptr,
+                                    const int8_t *restrict val, const int32_t *restrict rowsum,
+                                    const float *restrict scale, float sx,
+                                    const float *restrict bias, int64_t n0, int64_t n1,
+                                    float *restrict y) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t *v = val + rowptr[n];
+    const uint64_t *mk = mask + n * nb;
+    __m512i a[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                    _mm512_setzero_si512()}; /* 4 chains hide vpdpbusd's latency */
+    int64_t b = 0;
+    for (; b + 4 <= nb; b += 4) {
+      for (int u = 0; u < 4; ++u) {
+        const uint64_t k = mk[b + u];
+        const __m512i w = _mm512_maskz_expand_epi8(k, _mm512_loadu_si512((const void *)v));
+        v += __builtin_popcountll(k);
+        a[u] = _mm512_dpbusd_epi32(a[u], _mm512_loadu_si512((const void *)(xu + (b + u) * 64)), w);
+      }
+    }
+    for (; b < nb; ++b) {
+      const uint64_t k = mk[b];
+      const __m512i w = _mm512_maskz_expand_epi8(k, _mm512_loadu_si512((const void *)v));
+      v += __builtin_popcountll(k);
+      a[0] = _mm512_dpbusd_epi32(a[0], _mm512_loadu_si512((const void *)(xu + b * 64)), w);
+    }
+    const __m512i a01 = _mm512_add_epi32(a[0], a[1]), a23 = _mm512_add_epi32(a[2], a[3]);
+    const int32_t s = _mm512_reduce_add_epi32(_mm512_add_epi32(a01, a23)) - 128 * rowsum[n];
+    y[n] = (float)s * (scale[n] * sx) + (bias ? bias[n] : 0.0f);
+  }
+}
+static int have_vnni(void) {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("avx512vnni");
+}
+#define HAVE_VNNI_CODE 1
+#else
+#define HAVE_VNNI_CODE 0
+#endif
+
+/* Whether the bitmap + VNNI batch-1 path runs on this CPU. */
+int hs_q8_vnni(void) {
+#if HAVE_VNNI_CODE
+  return have_vnni();
+#else
+  return 0;
+#endif
+}
+
+/* y[N] for one token x[K]: quantizes x into xu (>= nb * 64 bytes of scratch), then the bitmap rows.
+ * values must be readable 64 bytes past the last stored value (the caller pads). Returns 0, or -1
+ * when the CPU lacks the instructions (nothing written). */
+int hs_q8_bitmap_spmv(int64_t K, int64_t N, const float *x, const uint64_t *mask, int64_t nb,
+                      const int32_t *rowptr, const int8_t *val, const int32_t *rowsum,
+                      const float *scale, const float *bias, float *y, uint8_t *xu, int nthreads) {
+#if HAVE_VNNI_CODE
+  if (!have_vnni()) return -1;
+  if (nthreads < 1) nthreads = 1;
+  float amax = 0.0f;
+  for (int64_t k = 0; k < K; ++k) amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
+  const float sx = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+  for (int64_t k = 0; k < K; ++k) xu[k] = (uint8_t)(lrintf(x[k] * inv) + 128);
+  memset(xu + K, 128, (size_t)(nb * 64 - K));
+  const int64_t nch = (N + 63) / 64;
+  _Pragma("omp parallel for schedule(dynamic, 4) num_threads(nthreads)")
+  for (int64_t c = 0; c < nch; ++c) {
+    const int64_t n1 = (c + 1) * 64 < N ? (c + 1) * 64 : N;
+    bitmap_rows(xu, mask, nb, rowptr, val, rowsum, scale, sx, bias, c * 64, n1, y);
+  }
+  return 0;
+#else
+  (void)K; (void)N; (void)x; (void)mask; (void)nb; (void)rowptr; (void)val; (void)rowsum;
+  (void)scale; (void)bias; (void)y; (void)xu; (void)nthreads;
+  return -1;
+#endif
+}
+
 /* Whether the AVX-512 batch-1 path is compiled in. */
 int hs_q8_simd(void) { return HAVE_SIMD; }
 

@@ -8,10 +8,14 @@ its own library. The weight is CSR with ``int8`` values and one float32 scale pe
 * ``activations="fp32"``: the input stays float32; each int8 value is converted in the loop and
   the row sum is multiplied by the row's scale at the end (3 bytes per nonzero instead of 6).
 * ``activations="int8"``: each token is quantized to int8 (symmetric, ``max|x| / 127``) and
-  products accumulate in int32 (``M >= 2`` only; a batch of one token runs ``"fp32"``).
+  products accumulate in int32. For one token on CPUs with AVX512-VBMI2 and AVX512-VNNI
+  (runtime check) the weight is read as 64-column bitmaps (``mask``) plus the values: one
+  ``vpexpandb`` + ``vpdpbusd`` per 64 columns, no gathers; elsewhere one token runs ``"fp32"``.
+* ``activations="auto"`` (default): ``"int8"`` for one token where the bitmap path runs, else
+  ``"fp32"`` (measured fastest per case, ``docs/speed.md``).
 
-``HADAMARD_SPARSE_INT8_PLAIN=1`` (or ``plain=True``) forces the plain C loops instead of the
-AVX-512 gathers of the batch-1 path (for tests on machines that have them). Threads:
+``HADAMARD_SPARSE_INT8_PLAIN=1`` (or ``plain=True``) forces the plain C loops (no AVX-512
+gathers, no VNNI bitmap path), for tests on machines that have them. Threads:
 ``torch.get_num_threads()``, fewer for small calls, as in :mod:`.kernels`; bits do not depend
 on the thread count.
 """
@@ -46,7 +50,8 @@ __all__ = [
 _SOURCE = Path(__file__).with_name("_kernels_int8.c")
 _ABI = 1
 #: The allowed values of ``activations``.
-ACTIVATIONS = ("fp32", "int8")
+ACTIVATIONS = ("auto", "fp32", "int8")
+_PAD = 64  # values are readable this many bytes past the last one (64-byte vector loads)
 _MIN_WORK_PER_THREAD = 1 << 18
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -113,6 +118,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.hs_q8_work_floats.restype = i64
     lib.hs_q8_work_floats.argtypes = [i64, i64, c_int]
     lib.hs_q8_simd.restype = c_int
+    lib.hs_q8_vnni.restype = c_int
+    lib.hs_q8_bitmap_spmv.restype = c_int
+    lib.hs_q8_bitmap_spmv.argtypes = [i64, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int]
 
 
 def _load() -> ctypes.CDLL | None:
@@ -129,7 +137,7 @@ def int8_kernel_status() -> tuple[bool, str]:
 
     Returns:
         ``(available, reason)``; ``reason`` ends with ``"; AVX-512 batch-1 path"`` when the
-        gathers are compiled in.
+        gathers are compiled in and ``"; VNNI bitmap path"`` when this CPU runs it.
 
     Example::
 
@@ -138,7 +146,10 @@ def int8_kernel_status() -> tuple[bool, str]:
     lib = _load()
     assert _reason is not None
     simd = lib is not None and bool(lib.hs_q8_simd())
-    return lib is not None, _reason + ("; AVX-512 batch-1 path" if simd else "")
+    vnni = lib is not None and bool(lib.hs_q8_vnni())
+    return lib is not None, _reason + ("; AVX-512 batch-1 path" if simd else "") + (
+        "; VNNI bitmap path" if vnni else ""
+    )
 
 
 def _reset_for_tests() -> None:
@@ -156,9 +167,12 @@ class CSRWeightInt8:
     Attributes:
         crow: ``int32[out_features + 1]`` row pointers.
         col: ``uint16`` column indices when ``in_features <= 65536``, else ``int32``.
-        values: ``int8[nnz]``, in ``[-127, 127]``.
+        values: ``int8[nnz + 64]`` in ``[-127, 127]`` (64 zeros of padding at the end).
         scale: ``float32[out_features]``.
         shape: ``(out_features, in_features)``.
+        mask: ``int64[out_features, ceil(in_features / 64)]``: bit ``c`` of ``mask[r, b]`` is set
+            when column ``64 * b + c`` of row ``r`` is stored (the batch-1 bitmap path).
+        rowsum: ``int32[out_features]``, the sum of each row's int8 values.
     """
 
     crow: torch.Tensor
@@ -166,10 +180,12 @@ class CSRWeightInt8:
     values: torch.Tensor
     scale: torch.Tensor
     shape: tuple[int, int]
+    mask: torch.Tensor
+    rowsum: torch.Tensor
 
     @property
     def nnz(self) -> int:
-        return int(self.values.numel())
+        return int(self.values.numel()) - _PAD
 
     def to_dense(self) -> torch.Tensor:
         """The dequantized weight, dense float32 (exact: ``q * scale`` in float32)."""
@@ -177,7 +193,7 @@ class CSRWeightInt8:
         w = torch.zeros(rows, cols, dtype=torch.float32)
         counts = (self.crow[1:] - self.crow[:-1]).long()
         r = torch.repeat_interleave(torch.arange(rows), counts)
-        w[r, self.col.to(torch.int64)] = self.values.to(torch.float32) * self.scale[r]
+        w[r, self.col.to(torch.int64)] = self.values[: self.nnz].to(torch.float32) * self.scale[r]
         return w
 
 
@@ -236,7 +252,24 @@ def pack_csr_int8(weight: torch.Tensor, scale: torch.Tensor | None = None) -> CS
     crow[1:] = nz.sum(1).cumsum(0).to(torch.int32)
     col = nz.nonzero()[:, 1].to(torch.int32)
     col = col.to(torch.uint16) if cols <= U16_MAX_COLS else col
-    return CSRWeightInt8(crow, col.contiguous(), q[nz].contiguous(), s.contiguous(), (int(rows), int(cols)))
+    nb = (cols + 63) // 64
+    bits = torch.nn.functional.pad(nz, (0, nb * 64 - cols)).reshape(rows, nb, 64).to(torch.int64)
+    mask = (bits << torch.arange(64, dtype=torch.int64)).sum(-1)  # bit 63 wraps to the sign: same bits
+    values = torch.cat([q[nz], torch.zeros(_PAD, dtype=torch.int8)])
+    rowsum = q.to(torch.int32).sum(1, dtype=torch.int32)
+    return CSRWeightInt8(
+        crow, col.contiguous(), values, s.contiguous(), (int(rows), int(cols)), mask.contiguous(), rowsum
+    )
+
+
+_vnni_cache: dict[int, bool] = {}
+
+
+def _vnni(lib: ctypes.CDLL) -> bool:
+    got = _vnni_cache.get(id(lib))
+    if got is None:
+        got = _vnni_cache[id(lib)] = bool(lib.hs_q8_vnni())
+    return got
 
 
 def _plain_forced() -> bool:
@@ -258,7 +291,11 @@ def _reference(
             "ignore", message="Sparse CSR tensor support is in beta", category=UserWarning
         )
         q = torch.sparse_csr_tensor(
-            crow, col.to(torch.int32), values.to(torch.float32), (n_out, x2.shape[1]), check_invariants=False
+            crow,
+            col.to(torch.int32),
+            values[: col.numel()].to(torch.float32),
+            (n_out, x2.shape[1]),
+            check_invariants=False,
         )
     y = torch.sparse.mm(q, x2.to(torch.float32).t().contiguous()).t() * scale
     return y if bias is None else y + bias
@@ -270,6 +307,8 @@ def _run(
     col: torch.Tensor,
     values: torch.Tensor,
     scale: torch.Tensor,
+    mask: torch.Tensor,
+    rowsum: torch.Tensor,
     bias: torch.Tensor | None,
     n_out: int,
     activations: str,
@@ -286,6 +325,8 @@ def _run(
                 stacklevel=4,
             )
         return _reference(x2, crow, col, values, scale, bias, n_out).to(x2.dtype)
+    if activations == "auto":
+        activations = "int8" if x2.shape[0] == 1 else "fp32"
     m, k = x2.shape
     if x2.stride(-1) != 1 or (m > 1 and x2.stride(0) < k):
         x2 = x2.contiguous()
@@ -296,6 +337,16 @@ def _run(
     if b is not None and (b.dtype is not torch.float32 or not b.is_contiguous()):
         b = b.detach().to(torch.float32).contiguous()
     threads = max(1, min(torch.get_num_threads(), values.numel() * m // _MIN_WORK_PER_THREAD))
+    plain = plain or _plain_forced()
+    if m == 1 and activations != "fp32" and not plain and _vnni(lib):
+        xu = torch.empty(mask.shape[1] * 64 + 64, dtype=torch.uint8)
+        ok = lib.hs_q8_bitmap_spmv(
+            k, n_out, x2.data_ptr(), mask.data_ptr(), mask.shape[1], crow.data_ptr(), values.data_ptr(),
+            rowsum.data_ptr(), scale.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
+            xu.data_ptr(), threads,
+        )  # fmt: skip
+        if ok == 0:
+            return y
     work = torch.empty(int(lib.hs_q8_work_floats(m, k, threads)) + 16, dtype=torch.float32) if m > 1 else None
     suf = "u16" if col.dtype is torch.uint16 else "i32"
     args = [
@@ -306,7 +357,7 @@ def _run(
     if activations == "int8" and m > 1:
         getattr(lib, f"hs_q8a_linear_{suf}")(*args)
     else:
-        getattr(lib, f"hs_q8_linear_{suf}")(*args, int(plain or _plain_forced()))
+        getattr(lib, f"hs_q8_linear_{suf}")(*args, int(plain))
     return y
 
 
@@ -317,13 +368,15 @@ def _csr_linear_int8_op(
     col: torch.Tensor,
     values: torch.Tensor,
     scale: torch.Tensor,
+    mask: torch.Tensor,
+    rowsum: torch.Tensor,
     bias: torch.Tensor | None,
     out_features: int,
     activations: str,
     plain: bool,
 ) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
-    y = _run(x2, crow, col, values, scale, bias, out_features, activations, plain)
+    y = _run(x2, crow, col, values, scale, mask, rowsum, bias, out_features, activations, plain)
     return y.reshape(*x.shape[:-1], out_features)
 
 
@@ -334,6 +387,8 @@ def _(
     col: torch.Tensor,
     values: torch.Tensor,
     scale: torch.Tensor,
+    mask: torch.Tensor,
+    rowsum: torch.Tensor,
     bias: torch.Tensor | None,
     out_features: int,
     activations: str,
@@ -347,7 +402,7 @@ def csr_linear_int8(
     weight: CSRWeightInt8,
     bias: torch.Tensor | None = None,
     *,
-    activations: str = "fp32",
+    activations: str = "auto",
     plain: bool = False,
 ) -> torch.Tensor:
     r"""``x @ W.T + bias`` with ``W`` in :class:`CSRWeightInt8` form, for any leading dimensions.
@@ -360,8 +415,9 @@ def csr_linear_int8(
         x: input ``(..., in_features)``.
         weight: the packed weight.
         bias: ``(out_features,)`` or ``None``.
-        activations: ``"fp32"`` (default) or ``"int8"`` (per-token dynamic quantization of ``x``).
-        plain: force the plain C loops (no AVX-512 intrinsics).
+        activations: ``"auto"`` (default), ``"fp32"`` or ``"int8"`` (per-token dynamic quantization
+            of ``x``); see the module docstring.
+        plain: force the plain C loops (no AVX-512 intrinsics, no VNNI bitmap path).
 
     Returns:
         ``(..., out_features)``, float32.
@@ -380,5 +436,15 @@ def csr_linear_int8(
             f"x must have {n_in} features in its last dimension, got shape {tuple(x.shape)}"
         )
     return _csr_linear_int8_op(
-        x, weight.crow, weight.col, weight.values, weight.scale, bias, n_out, activations, plain
+        x,
+        weight.crow,
+        weight.col,
+        weight.values,
+        weight.scale,
+        weight.mask,
+        weight.rowsum,
+        bias,
+        n_out,
+        activations,
+        plain,
     )

@@ -36,10 +36,13 @@ class SparseLinearInt8(nn.Module):
 
     ``forward(x) = (x @ Q.T) * scale + b``, with ``Q`` in CSR (``int32`` row pointers, ``uint16``
     column indices up to 65,536 inputs, else ``int32``; ``int8`` values) held in the non-persistent
-    buffers ``crow``, ``col``, ``values`` and ``scale``, run by the compiled kernel (float32 CPU;
-    elsewhere ``torch.sparse`` computes the same). Activations stay float32 by default
-    (``activations="fp32"``); ``"int8"`` quantizes each token dynamically (int32 accumulation),
-    which measured slower with unstructured CSR (see ``docs/speed.md``).
+    buffers ``crow``, ``col``, ``values`` and ``scale`` (plus ``mask``, 64-column bitmaps of the
+    same nonzeros, and ``rowsum``, for the batch-1 path), run by the compiled kernel (float32 CPU;
+    elsewhere ``torch.sparse`` computes the same). ``activations="auto"`` (default): a single
+    token is quantized to int8 and runs the bitmap + VNNI path where the CPU has it (AVX512-VBMI2
+    and AVX512-VNNI); more tokens keep float32 activations (the int8 values are converted in the
+    loop), which measured faster than per-token int8 activations with unstructured CSR (see
+    ``docs/speed.md``). ``"fp32"`` / ``"int8"`` force one of them.
 
     ``state_dict`` holds the dense float32 ``weight`` (the exact dequantized values ``q * scale``,
     transposed back for a Hugging Face ``Conv1D``) and ``bias`` under the dense layer's names, so
@@ -50,7 +53,7 @@ class SparseLinearInt8(nn.Module):
 
     Args:
         linear: the (baked) ``nn.Linear`` to convert.
-        activations: ``"fp32"`` or ``"int8"``.
+        activations: ``"auto"``, ``"fp32"`` or ``"int8"``.
 
     Example::
 
@@ -62,7 +65,7 @@ class SparseLinearInt8(nn.Module):
         torch.Size([3, 32])
     """
 
-    def __init__(self, linear: nn.Linear, *, activations: str = "fp32") -> None:
+    def __init__(self, linear: nn.Linear, *, activations: str = "auto") -> None:
         if not isinstance(linear, nn.Linear):
             raise InvalidTypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         self._setup(linear.weight.detach(), linear.bias, None, activations, transposed=False)
@@ -74,7 +77,7 @@ class SparseLinearInt8(nn.Module):
         bias: torch.Tensor | None = None,
         *,
         scale: torch.Tensor | None = None,
-        activations: str = "fp32",
+        activations: str = "auto",
         transposed: bool = False,
     ) -> SparseLinearInt8:
         """Build from a dense weight ``(out_features, in_features)``.
@@ -83,7 +86,7 @@ class SparseLinearInt8(nn.Module):
             weight: the dense weight, ``(out_features, in_features)`` (also when ``transposed``).
             bias: ``(out_features,)`` or ``None``.
             scale: per-row scales (``(out_features,)``, or one to broadcast); ``None``: ``max|row| / 127``.
-            activations: ``"fp32"`` or ``"int8"``.
+            activations: ``"auto"``, ``"fp32"`` or ``"int8"``.
             transposed: the original layer stores its weight ``(in, out)`` (Hugging Face ``Conv1D``);
                 the state_dict keeps that orientation.
 
@@ -117,15 +120,14 @@ class SparseLinearInt8(nn.Module):
             scale = scale.detach().to(torch.float32).reshape(-1).expand(w.shape[0])
         with torch.inference_mode(False), torch.no_grad():
             p = pack_csr_int8(w.detach().clone(), scale)
-        for name in ("crow", "col", "values", "scale"):
+        for name in ("crow", "col", "values", "scale", "mask", "rowsum"):
             self.register_buffer(name, getattr(p, name), persistent=False)
 
     def packed(self) -> CSRWeightInt8:
         """The weight as a :class:`~.kernels_int8.CSRWeightInt8` (views of the buffers)."""
         b = self._buffers
-        return CSRWeightInt8(
-            b["crow"], b["col"], b["values"], b["scale"], (self.out_features, self.in_features)
-        )  # type: ignore[arg-type]
+        shape = (self.out_features, self.in_features)
+        return CSRWeightInt8(b["crow"], b["col"], b["values"], b["scale"], shape, b["mask"], b["rowsum"])  # type: ignore[arg-type]
 
     def dense_weight(self) -> torch.Tensor:
         """The dequantized weight, dense float32 ``(out_features, in_features)``."""
@@ -135,7 +137,7 @@ class SparseLinearInt8(nn.Module):
     def density(self) -> float:
         """Stored nonzeros over ``out_features * in_features``."""
         n = self.out_features * self.in_features
-        return float(self.values.numel()) / n if n else 0.0
+        return float(self.col.numel()) / n if n else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return csr_linear_int8(x, self.packed(), self.bias, activations=self.activations)
