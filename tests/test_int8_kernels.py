@@ -126,7 +126,7 @@ def test_custom_op_compiles_and_exports():
         torch.ops.hadamard_sparse.csr_linear_int8.default,
         (
             x,
-            *(getattr(mod[0], n) for n in ("crow", "col", "values", "scale")),
+            *(getattr(mod[0], n) for n in ("crow", "col", "values", "scale", "mask", "rowsum")),
             mod[0].bias,
             32,
             "fp32",
