@@ -259,3 +259,18 @@ def test_state_dict_dense_weight_round_trip():
     assert torch.allclose(fresh[0].scale, mod[0].scale, rtol=2**-23, atol=0)
     assert torch.allclose(fresh(x), mod(x), rtol=1e-6, atol=1e-6)
     assert copy.deepcopy(mod)[0].values.data_ptr() != mod[0].values.data_ptr()
+
+
+@needs_kernel
+def test_fake_quant_after_factorization_and_mask():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16))
+    hs.factorize(model)
+    hs.sparsify(model, 0.8)
+    hs.register_fake_quant(model[0])
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        simulated = model(x)
+    q = hs.to_sparse(model, quantize="int8", max_density=1.0)
+    assert isinstance(q[0], SparseLinearInt8)
+    assert torch.allclose(q(x), simulated, rtol=1e-5, atol=1e-6)

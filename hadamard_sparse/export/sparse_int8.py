@@ -207,11 +207,19 @@ def _learned_scale(name: str, mod: nn.Module, out_dim: int) -> torch.Tensor:
             f"take symmetric scales per output row (channel_dim={out_dim}) or per tensor (None) with "
             "bits <= 8; register_fake_quant(..., bits=8, per_channel=True) maps exactly"
         )
-    with torch.no_grad():
-        x = chain.original
-        for p in list(chain)[:-1]:
-            x = p(x)
-        s = fq.scale(x).to(torch.float32)
+    seen: list[torch.Tensor] = []  # the FakeQuant's input, whatever the chain before it (mask, factors)
+    handle = fq.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            getattr(mod, "weight")  # noqa: B009  (runs the chain)
+    finally:
+        handle.remove()
+    if not seen:
+        raise InvalidArgumentError(
+            f"{where!r} came from a cache: call to_sparse outside parametrize.cached()"
+        )
+    x = seen[-1]
+    s = fq.scale(x).to(torch.float32)
     rows = x.shape[out_dim]
     return s.reshape(-1).expand(rows).clone() if s.numel() == 1 else s.reshape(rows)
 
