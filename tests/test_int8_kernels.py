@@ -274,3 +274,20 @@ def test_fake_quant_after_factorization_and_mask():
     q = hs.to_sparse(model, quantize="int8", max_density=1.0)
     assert isinstance(q[0], SparseLinearInt8)
     assert torch.allclose(q(x), simulated, rtol=1e-5, atol=1e-6)
+
+
+def test_without_compiled_kernel_falls_back_to_torch_sparse(monkeypatch):
+    w = _sparse(30, 50)
+    p = K.pack_csr_int8(w)
+    x = torch.randn(2, 3, 50)
+    monkeypatch.setenv("HADAMARD_SPARSE_KERNELS", "0")
+    K._reset_for_tests()
+    try:
+        with pytest.warns(RuntimeWarning, match="int8 kernel unavailable"):
+            y = K.csr_linear_int8(x, p)
+        assert not K.int8_kernel_status()[0]
+    finally:
+        monkeypatch.delenv("HADAMARD_SPARSE_KERNELS")
+        K._reset_for_tests()
+    ref = _reference(x.reshape(-1, 50), p, None).reshape(2, 3, 30)
+    assert torch.allclose(y, ref, atol=1e-5)

@@ -65,6 +65,13 @@ class SparseLinearInt8(nn.Module):
         torch.Size([3, 32])
     """
 
+    crow: torch.Tensor
+    col: torch.Tensor
+    values: torch.Tensor
+    scale: torch.Tensor
+    mask: torch.Tensor
+    rowsum: torch.Tensor
+
     def __init__(self, linear: nn.Linear, *, activations: str = "auto") -> None:
         if not isinstance(linear, nn.Linear):
             raise InvalidTypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
