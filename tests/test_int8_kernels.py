@@ -291,3 +291,22 @@ def test_without_compiled_kernel_falls_back_to_torch_sparse(monkeypatch):
         K._reset_for_tests()
     ref = _reference(x.reshape(-1, 50), p, None).reshape(2, 3, 30)
     assert torch.allclose(y, ref, atol=1e-5)
+
+
+@needs_kernel
+def test_timed_choice_builds_int8_candidates():
+    model = hs.remove_parametrizations(hs.sparsify(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8)), 0.9))
+    seen: dict[str, type] = {}
+
+    def timer(name, fns):  # sparse "faster" for the first layer, dense for the second
+        seen[name] = type(fns["csr_kernel"].__defaults__[0])
+        return {
+            c: (1.0 if c == "dense" else 0.1) if name == "0" else (0.1 if c == "dense" else 1.0) for c in fns
+        }
+
+    q, report = hs.to_sparse(
+        model, quantize="int8", example_inputs=torch.randn(4, 64), timer=timer, return_report=True
+    )
+    assert seen == {"0": SparseLinearInt8, "1": SparseLinearInt8}
+    assert isinstance(q[0], SparseLinearInt8) and isinstance(q[1], nn.Linear)
+    assert [c.layout for c in report] == ["csr_kernel", "dense"]
