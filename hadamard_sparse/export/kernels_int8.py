@@ -262,6 +262,21 @@ def pack_csr_int8(weight: torch.Tensor, scale: torch.Tensor | None = None) -> CS
     )
 
 
+_scratch = threading.local()
+#: Largest scratch buffer (floats) kept between calls, per Python thread.
+_KEEP_SCRATCH = 1 << 22
+
+
+def _work(floats: int) -> torch.Tensor:
+    """Scratch for the tile loop, reused between calls of this thread when it is small (no page faults)."""
+    if floats > _KEEP_SCRATCH:
+        return torch.empty(floats, dtype=torch.float32)
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < floats:
+        buf = _scratch.buf = torch.empty(max(floats, 1 << 16), dtype=torch.float32)
+    return buf
+
+
 _vnni_cache: dict[int, bool] = {}
 
 
@@ -347,7 +362,7 @@ def _run(
         )  # fmt: skip
         if ok == 0:
             return y
-    work = torch.empty(int(lib.hs_q8_work_floats(m, k, threads)) + 16, dtype=torch.float32) if m > 1 else None
+    work = _work(int(lib.hs_q8_work_floats(m, k, threads)) + 16) if m > 1 else None
     suf = "u16" if col.dtype is torch.uint16 else "i32"
     args = [
         m, k, n_out, x2.data_ptr(), x2.stride(0) if m > 1 else k, crow.data_ptr(), col.data_ptr(),
