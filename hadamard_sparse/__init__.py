@@ -39,6 +39,7 @@ from .export import (
     ProjectedMultiheadAttention,
     SparseConv,
     SparseLinear,
+    SparseLinearInt8,
     shrink,
     to_sparse,
 )
@@ -89,6 +90,7 @@ __all__ = [
     "SizeReport",
     "SparseConv",
     "SparseLinear",
+    "SparseLinearInt8",
     "SparsityReport",
     "Structure",
     "TeacherCacheMissError",

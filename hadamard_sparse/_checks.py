@@ -30,6 +30,7 @@ __all__ = [
     "SCOPES",
     "Selector",
     "Selectors",
+    "check_blocksize",
     "check_choice",
     "check_distribution",
     "check_fraction",
@@ -197,3 +198,14 @@ def check_selectors(selectors: Selectors, arg: str) -> list[Selector]:
                 f"(name, module) -> bool, got {s!r}"
             )
     return items
+
+
+def check_blocksize(blocksize: object) -> tuple[int, int]:
+    """A block shape: a pair of positive ints."""
+    if (
+        not isinstance(blocksize, (tuple, list))
+        or len(blocksize) != 2
+        or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in blocksize)
+    ):
+        raise InvalidArgumentError(f"blocksize must be a pair of positive ints, got {blocksize!r}")
+    return int(blocksize[0]), int(blocksize[1])

@@ -23,7 +23,8 @@ torch's multi-head attention with projection modules, for removed heads and spar
 per layer type, and ``shrink``), ``sparse.py`` (formats, ``SparseLinear``, ``to_sparse``),
 ``sparse_conv.py`` (``SparseConv``: convolutions through the direct CSR kernel or im2col + CSR),
 ``choice.py`` (the per-layer choice: density rule, timing, report), ``kernels.py`` +
-``_kernels.c`` (the compiled CPU kernel, built at first use).
+``_kernels.c`` (the compiled CPU kernel, built at first use), ``sparse_int8.py`` (``SparseLinearInt8``,
+``to_sparse(quantize="int8")``) + ``kernels_int8.py`` + ``_kernels_int8.c`` (its int8 CSR kernel).
 See ``docs/speed.md`` for the rules, their reasons and measured speed-ups.
 """
 
@@ -33,6 +34,7 @@ from .groups import ChannelGroups, Heads
 from .shrink import shrink
 from .sparse import DEFAULT_MAX_DENSITY, LayerChoice, SparseLinear, to_sparse
 from .sparse_conv import SparseConv
+from .sparse_int8 import SparseLinearInt8
 
 __all__ = [
     "DEFAULT_MAX_DENSITY",
@@ -42,6 +44,7 @@ __all__ = [
     "ProjectedMultiheadAttention",
     "SparseConv",
     "SparseLinear",
+    "SparseLinearInt8",
     "shrink",
     "to_sparse",
 ]

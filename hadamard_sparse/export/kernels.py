@@ -552,3 +552,9 @@ def csr_conv2d(
         threads,
     )
     return y
+
+
+# Shared with kernels_int8.py (the int8 kernel is built the same way, into its own library).
+U16_MAX_COLS, cache_dir, find_compiler, cpu_signature, flag_sets = (
+    _U16_MAX_COLS, _cache_dir, _compiler, _cpu_signature, _flag_sets
+)  # fmt: skip

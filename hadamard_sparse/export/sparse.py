@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .._checks import Selectors, check_selectors
+from .._checks import Selectors, check_blocksize, check_selectors
 from .._model_io import set_submodule
 from ..errors import InvalidArgumentError, InvalidTypeError
 from ..layers import check_all_used, layer_kind, selector_matches
@@ -44,6 +44,7 @@ from .choice import (
 )
 from .dense_state import load_dense_entries, save_dense_entries
 from .sparse_conv import CONV_LAYOUTS, CONV_MAX_DENSITY, SparseConv, conv_weight_bias
+from .sparse_int8 import SparseLinearInt8, int8_plan
 
 __all__ = ["DEFAULT_MAX_DENSITY", "LayerChoice", "SparseLinear", "to_sparse"]
 
@@ -321,16 +322,6 @@ def _rule_for(mod: nn.Module) -> _Rule | None:
     return None
 
 
-def _check_blocksize(blocksize: object) -> tuple[int, int]:
-    if (
-        not isinstance(blocksize, (tuple, list))
-        or len(blocksize) != 2
-        or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in blocksize)
-    ):
-        raise InvalidArgumentError(f"blocksize must be a pair of positive ints, got {blocksize!r}")
-    return int(blocksize[0]), int(blocksize[1])
-
-
 def _check_semi_structured(name: str, w: torch.Tensor) -> None:
     if w.device.type != "cuda":
         raise InvalidArgumentError(
@@ -359,6 +350,7 @@ def to_sparse(
     include: Selectors = ...,
     exclude: Selectors = ...,
     timer: Timer | None = ...,
+    quantize: str | None = ...,
     return_report: Literal[False] = ...,
 ) -> nn.Module: ...
 
@@ -374,6 +366,7 @@ def to_sparse(
     include: Selectors = ...,
     exclude: Selectors = ...,
     timer: Timer | None = ...,
+    quantize: str | None = ...,
     return_report: Literal[True],
 ) -> tuple[nn.Module, list[LayerChoice]]: ...
 
@@ -388,6 +381,7 @@ def to_sparse(
     include: Selectors = None,
     exclude: Selectors = None,
     timer: Timer | None = None,
+    quantize: str | None = None,
     return_report: bool = False,
 ) -> nn.Module | tuple[nn.Module, list[LayerChoice]]:
     r"""Replace the baked linear-like layers of ``model`` by :class:`SparseLinear` where it pays, in place.
@@ -440,6 +434,8 @@ def to_sparse(
             entry that matches no linear-like layer is refused before anything changes.
         timer: ``timer(layer_name, {candidate: fn}) -> {candidate: seconds}`` replacing the
             default :func:`measure` (for tests, or another clock).
+        quantize: ``None`` or ``"int8"``: linear-like layers become :class:`SparseLinearInt8` (int8 CSR, float scales per row;
+            layout ``"auto"``/``"csr_kernel"``); learned scales of a last-in-chain ``FakeQuant`` are kept.
         return_report: also return the per-layer :class:`LayerChoice` list.
 
     Returns:
@@ -464,7 +460,8 @@ def to_sparse(
         or not 0.0 <= float(max_density) <= 1.0
     ):
         raise InvalidArgumentError(f"max_density must be a float in [0, 1] or None, got {max_density!r}")
-    bs = _check_blocksize(blocksize)
+    bs = check_blocksize(blocksize)
+    layout, learned = int8_plan(model, quantize, layout)
     if timer is not None and not callable(timer):
         raise InvalidTypeError(f"timer must be callable or None, got {type(timer).__name__}")
     if example_inputs is not None:
@@ -485,7 +482,7 @@ def to_sparse(
     check_all_used(exc, exc_used, "exclude", model)
     foreign: dict[str, str] = {}  # other libraries' parametrizations (weight_norm): those layers stay
     for name, mod in model.named_modules():
-        if not parametrize.is_parametrized(mod):
+        if not parametrize.is_parametrized(mod) or name in learned:
             continue
         params = [p for plist in mod.parametrizations.values() for p in plist]  # type: ignore[union-attr]
         foreign[name] = f"parametrized by {', '.join(type(p).__name__ for p in params)}: left as is"
@@ -521,6 +518,8 @@ def to_sparse(
         rule, mod, w, b, _ = todo[name]
         if rule.build is not None:
             new = rule.build(mod, chosen)
+        elif quantize is not None:
+            new = SparseLinearInt8.from_weight(w, b, scale=learned.get(name), transposed=rule.transposed)
         else:
             new = SparseLinear.from_weight(
                 w.t() if rule.transposed else w, b, chosen, blocksize=bs, transposed=rule.transposed

@@ -1,0 +1,474 @@
+"""Compiled CPU kernels for int8 sparse linear layers, and the ``hadamard_sparse::csr_linear_int8`` operator.
+
+The C source (``_kernels_int8.c`` beside this file) is built like ``_kernels.c`` (same compiler
+choice, flags, cache directory and ``HADAMARD_SPARSE_KERNELS=0`` switch, see :mod:`.kernels`) into
+its own library. The weight is CSR with ``int8`` values and one float32 scale per output row
+(:class:`CSRWeightInt8`); two variants:
+
+* ``activations="fp32"``: the input stays float32; each int8 value is converted in the loop and
+  the row sum is multiplied by the row's scale at the end (3 bytes per nonzero instead of 6).
+* ``activations="int8"``: each token is quantized to int8 (symmetric, ``max|x| / 127``) and
+  products accumulate in int32. For one token on CPUs with AVX512-VBMI2 and AVX512-VNNI
+  (runtime check) the weight is read as 64-column bitmaps (``mask``) plus the values: one
+  ``vpexpandb`` + ``vpdpbusd`` per 64 columns, no gathers; elsewhere one token runs ``"fp32"``.
+* ``activations="auto"`` (default): ``"int8"`` for one token where the bitmap path runs, else
+  ``"fp32"`` (measured fastest per case, ``docs/speed.md``).
+
+``HADAMARD_SPARSE_INT8_PLAIN=1`` (or ``plain=True``) forces the plain C loops (no AVX-512
+gathers, no VNNI bitmap path), for tests on machines that have them. Threads:
+``torch.get_num_threads()``, fewer for small calls, as in :mod:`.kernels`; bits do not depend
+on the thread count.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..compress.quant import quantize_rows
+from ..errors import InvalidArgumentError
+from .kernels import U16_MAX_COLS, cache_dir, cpu_signature, find_compiler, flag_sets
+
+__all__ = [
+    "ACTIVATIONS",
+    "CSRWeightInt8",
+    "csr_linear_int8",
+    "int8_kernel_status",
+    "pack_csr_int8",
+]
+
+_SOURCE = Path(__file__).with_name("_kernels_int8.c")
+_ABI = 1
+#: The allowed values of ``activations``.
+ACTIVATIONS = ("auto", "fp32", "int8")
+_PAD = 64  # values are readable this many bytes past the last one (64-byte vector loads)
+_MIN_WORK_PER_THREAD = 1 << 18
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_reason: str | None = None
+_warned = False
+
+
+def _compile() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get("HADAMARD_SPARSE_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, "disabled by HADAMARD_SPARSE_KERNELS=0"
+    if not sys.platform.startswith(("linux", "darwin")):
+        return None, f"compiled kernels are built on Linux and macOS only, not {sys.platform}"
+    cc, why = find_compiler()
+    if cc is None:
+        return None, why
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        source = _SOURCE.read_bytes()
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"cannot run the C compiler {cc!r}: {e}"
+    errors = []
+    suffix = ".dylib" if sys.platform == "darwin" else ".so"
+    for flags in flag_sets():
+        parts = [source, cc.encode(), version.encode(), " ".join(flags).encode(), cpu_signature().encode()]
+        key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+        for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"hadamard_sparse-{os.getuid()}"):
+            path = folder / f"hs_kernels_int8_{key}{suffix}"
+            try:
+                if not path.exists():
+                    folder.mkdir(parents=True, exist_ok=True)
+                    fd, tmp = tempfile.mkstemp(suffix=suffix, dir=folder)
+                    os.close(fd)
+                    try:
+                        proc = subprocess.run(
+                            [cc, *flags, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300
+                        )
+                        if proc.returncode != 0:
+                            errors.append(f"{' '.join(flags)}: {proc.stderr.strip()[-500:]}")
+                            break
+                        os.replace(tmp, path)
+                    finally:
+                        if os.path.exists(tmp):
+                            os.unlink(tmp)
+                lib = ctypes.CDLL(str(path))
+                if lib.hs_q8_abi() != _ABI:
+                    errors.append(f"{path} has the wrong ABI version")
+                    break
+                _declare(lib)
+                return lib, "compiled with " + " ".join([os.path.basename(cc), *flags])
+            except (OSError, subprocess.SubprocessError) as e:
+                errors.append(f"{folder}: {e}")
+    return None, "the int8 kernel did not compile: " + " | ".join(errors)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    for suf in ("u16", "i32"):
+        fn = getattr(lib, f"hs_q8_linear_{suf}")
+        fn.restype = c_int
+        fn.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int, c_int]
+        fn = getattr(lib, f"hs_q8a_linear_{suf}")
+        fn.restype = c_int
+        fn.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int]
+    lib.hs_q8_work_floats.restype = i64
+    lib.hs_q8_work_floats.argtypes = [i64, i64, c_int]
+    lib.hs_q8_simd.restype = c_int
+    lib.hs_q8_vnni.restype = c_int
+    lib.hs_q8_bitmap_spmv.restype = c_int
+    lib.hs_q8_bitmap_spmv.argtypes = [i64, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int]
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _reason
+    if _reason is None:
+        with _lock:
+            if _reason is None:
+                _lib, _reason = _compile()
+    return _lib
+
+
+def int8_kernel_status() -> tuple[bool, str]:
+    """Whether the compiled int8 kernel is usable here, and why (or how it was built).
+
+    Returns:
+        ``(available, reason)``; ``reason`` ends with ``"; AVX-512 batch-1 path"`` when the
+        gathers are compiled in and ``"; VNNI bitmap path"`` when this CPU runs it.
+
+    Example::
+
+        >>> ok, why = int8_kernel_status()
+    """
+    lib = _load()
+    assert _reason is not None
+    simd = lib is not None and bool(lib.hs_q8_simd())
+    vnni = lib is not None and bool(lib.hs_q8_vnni())
+    return lib is not None, _reason + ("; AVX-512 batch-1 path" if simd else "") + (
+        "; VNNI bitmap path" if vnni else ""
+    )
+
+
+def _reset_for_tests() -> None:
+    global _lib, _reason, _warned
+    with _lock:
+        _lib, _reason, _warned = None, None, False
+
+
+@dataclass
+class CSRWeightInt8:
+    """A linear layer's weight as CSR with int8 values and one float32 scale per output row.
+
+    ``W[r, c] = values[j] * scale[r]`` for the stored ``j`` of row ``r``.
+
+    Attributes:
+        crow: ``int32[out_features + 1]`` row pointers.
+        col: ``uint16`` column indices when ``in_features <= 65536``, else ``int32``.
+        values: ``int8[nnz + 64]`` in ``[-127, 127]`` (64 zeros of padding at the end).
+        scale: ``float32[out_features]``.
+        shape: ``(out_features, in_features)``.
+        mask: ``int64[out_features, ceil(in_features / 64)]``: bit ``c`` of ``mask[r, b]`` is set
+            when column ``64 * b + c`` of row ``r`` is stored (the batch-1 bitmap path).
+        rowsum: ``int32[out_features]``, the sum of each row's int8 values.
+    """
+
+    crow: torch.Tensor
+    col: torch.Tensor
+    values: torch.Tensor
+    scale: torch.Tensor
+    shape: tuple[int, int]
+    mask: torch.Tensor
+    rowsum: torch.Tensor
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.numel()) - _PAD
+
+    def to_dense(self) -> torch.Tensor:
+        """The dequantized weight, dense float32 (exact: ``q * scale`` in float32)."""
+        rows, cols = self.shape
+        w = torch.zeros(rows, cols, dtype=torch.float32)
+        counts = (self.crow[1:] - self.crow[:-1]).long()
+        r = torch.repeat_interleave(torch.arange(rows), counts)
+        w[r, self.col.to(torch.int64)] = self.values[: self.nnz].to(torch.float32) * self.scale[r]
+        return w
+
+
+def pack_csr_int8(weight: torch.Tensor, scale: torch.Tensor | None = None) -> CSRWeightInt8:
+    """Quantize a dense 2-D float weight ``(out, in)`` to int8 per output row and pack it as CSR.
+
+    Args:
+        weight: dense 2-D floating-point tensor.
+        scale: ``(out,)`` float scales to use (e.g. a fake-quant's learned ones); entries are
+            ``round(w / scale)`` and must lie in ``[-127, 127]``. ``None``: the symmetric per-row
+            rule of :func:`hadamard_sparse.compress.quant.quantize_rows` (``max|row| / 127``,
+            rounded up to 17 significant bits so that ``q * scale`` is exact in float32). A row of
+            zeros may have scale 0.
+
+    Returns:
+        The packed weight; entries that round to 0 are not stored.
+
+    Raises:
+        InvalidArgumentError: a shape does not fit, values are not finite, or ``round(w / scale)``
+            leaves ``[-127, 127]``.
+
+    Example::
+
+        >>> w = torch.randn(8, 16) * (torch.rand(8, 16) < 0.2)
+        >>> p = pack_csr_int8(w)
+        >>> bool((p.to_dense() - w).abs().max() <= w.abs().amax() / 254 * 1.001)
+        True
+    """
+    if weight.dim() != 2 or weight.layout != torch.strided or not weight.is_floating_point():
+        raise InvalidArgumentError(
+            f"weight must be a dense 2-D floating-point tensor, got shape {tuple(weight.shape)}, "
+            f"layout {weight.layout}, dtype {weight.dtype}"
+        )
+    w = weight.detach().cpu()
+    rows, cols = w.shape
+    if not bool(torch.isfinite(w).all()):
+        raise InvalidArgumentError("weight holds non-finite values; int8 needs finite weights")
+    if scale is None:
+        qflat, s = quantize_rows(w)
+        q = qflat.reshape(rows, cols)
+    else:
+        s = scale.detach().cpu().to(torch.float32).reshape(-1)
+        if s.numel() != rows or not bool((s >= 0).all()) or not bool(torch.isfinite(s).all()):
+            raise InvalidArgumentError(
+                f"scale must hold {rows} finite floats >= 0 (one per output row), got shape {tuple(scale.shape)}"
+            )
+        zero = s == 0
+        if bool((w[zero] != 0).any()):
+            raise InvalidArgumentError("scale is 0 for a row with nonzero weights")
+        qd = torch.round(w.double() / torch.where(zero, 1.0, s.double()).unsqueeze(1))
+        if bool((qd.abs() > 127).any()):
+            raise InvalidArgumentError("round(weight / scale) leaves [-127, 127]; the scales do not fit int8")
+        q = qd.to(torch.int8)
+    nz = q != 0
+    crow = torch.zeros(rows + 1, dtype=torch.int32)
+    crow[1:] = nz.sum(1).cumsum(0).to(torch.int32)
+    col = nz.nonzero()[:, 1].to(torch.int32)
+    col = col.to(torch.uint16) if cols <= U16_MAX_COLS else col
+    nb = (cols + 63) // 64
+    bits = torch.nn.functional.pad(nz, (0, nb * 64 - cols)).reshape(rows, nb, 64).to(torch.int64)
+    mask = (bits << torch.arange(64, dtype=torch.int64)).sum(-1)  # bit 63 wraps to the sign: same bits
+    values = torch.cat([q[nz], torch.zeros(_PAD, dtype=torch.int8)])
+    rowsum = q.to(torch.int32).sum(1, dtype=torch.int32)
+    return CSRWeightInt8(
+        crow, col.contiguous(), values, s.contiguous(), (int(rows), int(cols)), mask.contiguous(), rowsum
+    )
+
+
+_scratch = threading.local()
+#: Largest scratch buffer (floats) kept between calls, per Python thread.
+_KEEP_SCRATCH = 1 << 22
+
+
+def _work(floats: int) -> torch.Tensor:
+    """Scratch for the tile loop, reused between calls of this thread when it is small (no page faults)."""
+    if floats > _KEEP_SCRATCH:
+        return torch.empty(floats, dtype=torch.float32)
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < floats:
+        buf = _scratch.buf = torch.empty(max(floats, 1 << 16), dtype=torch.float32)
+    return buf
+
+
+_vnni_cache: dict[int, bool] = {}
+
+
+def _vnni(lib: ctypes.CDLL) -> bool:
+    got = _vnni_cache.get(id(lib))
+    if got is None:
+        got = _vnni_cache[id(lib)] = bool(lib.hs_q8_vnni())
+    return got
+
+
+def _plain_forced() -> bool:
+    return os.environ.get("HADAMARD_SPARSE_INT8_PLAIN", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _reference(
+    x2: torch.Tensor,
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    values: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    n_out: int,
+) -> torch.Tensor:
+    """``torch.sparse`` fallback: (x @ Q^T) * scale + bias in float32."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="Sparse CSR tensor support is in beta", category=UserWarning
+        )
+        q = torch.sparse_csr_tensor(
+            crow,
+            col.to(torch.int32),
+            values[: col.numel()].to(torch.float32),
+            (n_out, x2.shape[1]),
+            check_invariants=False,
+        )
+    y = torch.sparse.mm(q, x2.to(torch.float32).t().contiguous()).t() * scale
+    return y if bias is None else y + bias
+
+
+def _run(
+    x2: torch.Tensor,
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    values: torch.Tensor,
+    scale: torch.Tensor,
+    mask: torch.Tensor,
+    rowsum: torch.Tensor,
+    bias: torch.Tensor | None,
+    n_out: int,
+    activations: str,
+    plain: bool,
+) -> torch.Tensor:
+    lib = _lib if _lib is not None else _load()
+    if lib is None or x2.dtype is not torch.float32 or not x2.is_cpu:
+        global _warned
+        if lib is None and not _warned:
+            _warned = True
+            warnings.warn(
+                f"hadamard_sparse: compiled int8 kernel unavailable ({_reason}); using torch.sparse instead",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return _reference(x2, crow, col, values, scale, bias, n_out).to(x2.dtype)
+    if activations == "auto":
+        activations = "int8" if x2.shape[0] == 1 else "fp32"
+    m, k = x2.shape
+    if x2.stride(-1) != 1 or (m > 1 and x2.stride(0) < k):
+        x2 = x2.contiguous()
+    y = torch.empty(m, n_out, dtype=torch.float32)
+    if m == 0 or n_out == 0:
+        return y
+    b = bias
+    if b is not None and (b.dtype is not torch.float32 or not b.is_contiguous()):
+        b = b.detach().to(torch.float32).contiguous()
+    threads = max(1, min(torch.get_num_threads(), values.numel() * m // _MIN_WORK_PER_THREAD))
+    plain = plain or _plain_forced()
+    if m == 1 and activations != "fp32" and not plain and _vnni(lib):
+        xu = torch.empty(mask.shape[1] * 64 + 64, dtype=torch.uint8)
+        ok = lib.hs_q8_bitmap_spmv(
+            k, n_out, x2.data_ptr(), mask.data_ptr(), mask.shape[1], crow.data_ptr(), values.data_ptr(),
+            rowsum.data_ptr(), scale.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
+            xu.data_ptr(), threads,
+        )  # fmt: skip
+        if ok == 0:
+            return y
+    work = _work(int(lib.hs_q8_work_floats(m, k, threads)) + 16) if m > 1 else None
+    suf = "u16" if col.dtype is torch.uint16 else "i32"
+    args = [
+        m, k, n_out, x2.data_ptr(), x2.stride(0) if m > 1 else k, crow.data_ptr(), col.data_ptr(),
+        values.data_ptr(), scale.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
+        None if work is None else work.data_ptr(), threads,
+    ]  # fmt: skip
+    if activations == "int8" and m > 1:
+        getattr(lib, f"hs_q8a_linear_{suf}")(*args)
+    else:
+        getattr(lib, f"hs_q8_linear_{suf}")(*args, int(plain))
+    return y
+
+
+@torch.library.custom_op("hadamard_sparse::csr_linear_int8", mutates_args=())
+def _csr_linear_int8_op(
+    x: torch.Tensor,
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    values: torch.Tensor,
+    scale: torch.Tensor,
+    mask: torch.Tensor,
+    rowsum: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_features: int,
+    activations: str,
+    plain: bool,
+) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    y = _run(x2, crow, col, values, scale, mask, rowsum, bias, out_features, activations, plain)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+@_csr_linear_int8_op.register_fake
+def _(
+    x: torch.Tensor,
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    values: torch.Tensor,
+    scale: torch.Tensor,
+    mask: torch.Tensor,
+    rowsum: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_features: int,
+    activations: str,
+    plain: bool,
+) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def csr_linear_int8(
+    x: torch.Tensor,
+    weight: CSRWeightInt8,
+    bias: torch.Tensor | None = None,
+    *,
+    activations: str = "auto",
+    plain: bool = False,
+) -> torch.Tensor:
+    r"""``x @ W.T + bias`` with ``W`` in :class:`CSRWeightInt8` form, for any leading dimensions.
+
+    Under ``torch.compile`` / ``torch.export`` (and for tensor subclasses) this is the
+    ``hadamard_sparse::csr_linear_int8`` operator, one node in the graph; in eager mode the same
+    function runs without the dispatcher. Float32 CPU inputs run the compiled kernel; others
+    (or no kernel) go through ``torch.sparse``. No autograd.
+
+    Args:
+        x: input ``(..., in_features)``.
+        weight: the packed weight.
+        bias: ``(out_features,)`` or ``None``.
+        activations: ``"auto"`` (default), ``"fp32"`` or ``"int8"`` (per-token dynamic quantization
+            of ``x``); see the module docstring.
+        plain: force the plain C loops (no AVX-512 intrinsics, no VNNI bitmap path).
+
+    Returns:
+        ``(..., out_features)``, float32.
+
+    Example::
+
+        >>> p = pack_csr_int8(torch.randn(32, 64) * (torch.rand(32, 64) < 0.1))
+        >>> csr_linear_int8(torch.randn(5, 7, 64), p).shape
+        torch.Size([5, 7, 32])
+    """
+    if activations not in ACTIVATIONS:
+        raise InvalidArgumentError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    n_out, n_in = weight.shape
+    if x.shape[-1:] != (n_in,):
+        raise InvalidArgumentError(
+            f"x must have {n_in} features in its last dimension, got shape {tuple(x.shape)}"
+        )
+    if type(x) is torch.Tensor and not torch.compiler.is_compiling():
+        # eager: the same function without the dispatcher's ~20 us per call (the op is for tracing)
+        flat = x.dim() == 2
+        y = _run(
+            x if flat else x.reshape(-1, n_in), weight.crow, weight.col, weight.values, weight.scale,
+            weight.mask, weight.rowsum, bias, n_out, activations, plain,
+        )  # fmt: skip
+        return y if flat else y.reshape(*x.shape[:-1], n_out)
+    return _csr_linear_int8_op(
+        x,
+        weight.crow,
+        weight.col,
+        weight.values,
+        weight.scale,
+        weight.mask,
+        weight.rowsum,
+        bias,
+        n_out,
+        activations,
+        plain,
+    )
