@@ -234,8 +234,21 @@ def _compile_and_check(kind: str) -> None:
     _close(compiled, dense, make(2, 8), make(2, 8))
 
 
-def test_compile_fullgraph_linear(backend: bool) -> None:
+def test_compile_fullgraph_linear() -> None:
     _compile_and_check("linear")
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_without_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HADAMARD_SPARSE_KERNELS", "0")  # the torch.sparse fallback inside the operator
+    K._reset_for_tests()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="hadamard_sparse: compiled sparse kernel unavailable")
+            _compile_and_check("linear")
+    finally:
+        monkeypatch.delenv("HADAMARD_SPARSE_KERNELS")
+        K._reset_for_tests()
 
 
 @pytest.mark.slow
@@ -258,7 +271,14 @@ def test_compile_dynamic_shapes_linear() -> None:
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
-@pytest.mark.parametrize("kind", ["linear", "conv", "attention"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "linear",
+        pytest.param("conv", marks=pytest.mark.slow),
+        pytest.param("attention", marks=pytest.mark.slow),
+    ],
+)
 def test_onnx_export_is_dense_and_correct(kind: str, dynamo: bool, tmp_path: Path) -> None:
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")

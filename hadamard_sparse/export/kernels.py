@@ -11,7 +11,8 @@ Environment variables:
     * ``HADAMARD_SPARSE_KERNELS=0`` disables the compiled kernel (the ``torch.sparse``
       fallback is used, with a warning);
     * ``HADAMARD_SPARSE_CACHE`` sets the cache directory (default
-      ``$XDG_CACHE_HOME/hadamard_sparse`` or ``~/.cache/hadamard_sparse``);
+      ``$XDG_CACHE_HOME/hadamard_sparse`` or ``~/.cache/hadamard_sparse``); a folder owned by
+      another user or writable by group/others is refused with a warning;
     * ``CC`` picks the compiler.
 
 Threads: the kernel runs on ``torch.get_num_threads()`` OpenMP threads (the same OpenMP

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.grad import conv2d_input
 
 from ..errors import InvalidArgumentError
 from . import kernels
@@ -357,7 +358,7 @@ def _conv_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, .
     gx = None
     if ctx.needs_input_grad[0]:
         w4 = _dense_conv_weight(crow, col, values, (kh, kw), c).to(grad.dtype)
-        gxp = torch.nn.grad.conv2d_input((n, c, h + pt + pb, w + pl + pr), w4, grad, stride, 0, dilation)
+        gxp = conv2d_input((n, c, h + pt + pb, w + pl + pr), w4, grad, stride, 0, dilation)
         gx = gxp[:, :, pt : pt + h, pl : pl + w]
     gb = grad.sum((0, 2, 3)) if ctx.bias_grad else None
     return gx, None, None, None, gb, None, None, None, None
