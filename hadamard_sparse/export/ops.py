@@ -2,7 +2,9 @@
 
 :mod:`.kernels` calls compiled C through :mod:`ctypes`, which nothing in PyTorch can see: a
 graph capture (``torch.compile``, ``torch.export``, ``torch.jit.trace``) either stops there or,
-worse, records the result as a constant. Registered with :func:`torch.library.custom_op`, each
+worse, records the result as a constant. Registered with :mod:`torch.library` (``define`` +
+``impl``, ``register_fake``, ``register_autograd``: the same as ``torch.library.custom_op``
+with a few microseconds less of Python per call), each
 kernel is one operator node with a fake implementation (output shape and dtype from the input
 shapes, symbolic sizes included), so
 
@@ -126,11 +128,17 @@ def plain_eager(x: torch.Tensor) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op(
-    "hadamard_sparse::csr_linear",
-    mutates_args=(),
-    schema="(Tensor x, Tensor crow, Tensor col, Tensor values, Tensor? bias, int in_features) -> Tensor",
+#: The ``hadamard_sparse`` operator namespace (kept alive for the life of the process).
+_LIB = torch.library.Library("hadamard_sparse", "DEF")
+_LIB.define(
+    "csr_linear(Tensor x, Tensor crow, Tensor col, Tensor values, Tensor? bias, int in_features) -> Tensor"
 )
+_LIB.define(
+    "csr_conv2d(Tensor x, Tensor crow, Tensor col, Tensor values, Tensor? bias, int[2] kernel_size, "
+    "int[2] stride, int[4] padding, int[2] dilation) -> Tensor"
+)
+
+
 def csr_linear(
     x: torch.Tensor,
     crow: torch.Tensor,
@@ -152,7 +160,6 @@ def csr_linear(
     return y.contiguous()
 
 
-@csr_linear.register_fake
 def _csr_linear_fake(
     x: torch.Tensor,
     crow: torch.Tensor,
@@ -183,7 +190,11 @@ def _linear_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None,
     return gx, None, None, None, gb, None
 
 
-csr_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+_LIB.impl("csr_linear", csr_linear, "CompositeExplicitAutograd")
+torch.library.register_fake("hadamard_sparse::csr_linear", _csr_linear_fake, lib=_LIB)
+torch.library.register_autograd(
+    "hadamard_sparse::csr_linear", _linear_backward, setup_context=_linear_setup, lib=_LIB
+)
 #: The operator overload itself: the cheapest way to call it from a module's forward.
 csr_linear_op = torch.ops.hadamard_sparse.csr_linear.default
 
@@ -274,13 +285,6 @@ def im2col_conv2d(
     return out.view(n, o, ho, wo)
 
 
-_CONV_SCHEMA = (
-    "(Tensor x, Tensor crow, Tensor col, Tensor values, Tensor? bias, int[2] kernel_size, "
-    "int[2] stride, int[4] padding, int[2] dilation) -> Tensor"
-)
-
-
-@torch.library.custom_op("hadamard_sparse::csr_conv2d", mutates_args=(), schema=_CONV_SCHEMA)
 def csr_conv2d(
     x: torch.Tensor,
     crow: torch.Tensor,
@@ -326,7 +330,6 @@ def run_conv2d(
     return im2col_conv2d(x, weight, bias, ks, st, pd, dl)
 
 
-@csr_conv2d.register_fake
 def _csr_conv2d_fake(
     x: torch.Tensor,
     crow: torch.Tensor,
@@ -364,7 +367,11 @@ def _conv_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, .
     return gx, None, None, None, gb, None, None, None, None
 
 
-csr_conv2d.register_autograd(_conv_backward, setup_context=_conv_setup)
+_LIB.impl("csr_conv2d", csr_conv2d, "CompositeExplicitAutograd")
+torch.library.register_fake("hadamard_sparse::csr_conv2d", _csr_conv2d_fake, lib=_LIB)
+torch.library.register_autograd(
+    "hadamard_sparse::csr_conv2d", _conv_backward, setup_context=_conv_setup, lib=_LIB
+)
 csr_conv2d_op = torch.ops.hadamard_sparse.csr_conv2d.default
 
 
