@@ -159,6 +159,18 @@ def test_export_runs_on_other_shapes(kind: str, backend: bool) -> None:
     _close(ep.module(), dense, x, other)
 
 
+def test_exported_program_saves_and_loads(tmp_path: Path) -> None:
+    dense, sparse, make, _ = _case("conv")
+    ep = torch.export.export(sparse, (make(4, 8),), dynamic_shapes=({0: torch.export.Dim("b", min=2)},))
+    torch.export.save(ep, tmp_path / "m.pt2")
+    loaded = torch.export.load(tmp_path / "m.pt2")
+    _close(loaded.module(), dense, make(3, 8))
+    with torch.no_grad():
+        traced = torch.jit.trace(sparse, (make(2, 8),), check_trace=False)
+    torch.jit.save(traced, tmp_path / "m.ts")
+    _close(torch.jit.load(tmp_path / "m.ts"), dense, make(5, 8))
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv", "conv1d", "attention"])
 def test_jit_trace_computes_on_its_input(kind: str, backend: bool) -> None:
     dense, sparse, make, _ = _case(kind)
