@@ -27,6 +27,7 @@ cheap); the index *values* are checked once, when a :class:`~.kernels.CSRWeight`
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -376,7 +377,7 @@ csr_conv2d_op = torch.ops.hadamard_sparse.csr_conv2d.default
 
 
 def _dense_conv_weight(
-    crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, kernel_size: tuple[int, int], c: int
+    crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, kernel_size: Sequence[int], c: int
 ) -> torch.Tensor:
     kh, kw = kernel_size
     w2 = csr_to_dense(crow, col, values, kh * kw * c)
@@ -389,10 +390,10 @@ def dense_conv2d(
     col: torch.Tensor,
     values: torch.Tensor,
     bias: torch.Tensor | None,
-    kernel_size: tuple[int, int],
-    stride: tuple[int, int],
-    padding: tuple[int, int, int, int],
-    dilation: tuple[int, int],
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
     in_channels: int,
 ) -> torch.Tensor:
     """The same as :func:`csr_conv2d` with the dense weight (for ONNX export; ``in_channels`` as a Python int)."""

@@ -111,6 +111,9 @@ class SparseLinear(nn.Module):
     """
 
     weight: torch.Tensor
+    crow: torch.Tensor
+    col: torch.Tensor
+    values: torch.Tensor
 
     def __init__(
         self, linear: nn.Linear, layout: str = "csr_kernel", *, blocksize: tuple[int, int] = (16, 16)
@@ -192,9 +195,8 @@ class SparseLinear(nn.Module):
 
     def _packed(self) -> kernels.CSRWeight:
         b = self._buffers  # direct access: this runs on every forward
-        return kernels.CSRWeight.unchecked(
-            b["crow"], b["col"], b["values"], (self.out_features, self.in_features)
-        )  # type: ignore[arg-type]
+        shape = (self.out_features, self.in_features)
+        return kernels.CSRWeight.unchecked(b["crow"], b["col"], b["values"], shape)  # type: ignore[arg-type]
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SparseLinear:
         # Sparse compressed tensors have no storage for copy.deepcopy: clone the weight instead.

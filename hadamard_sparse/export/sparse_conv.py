@@ -98,6 +98,10 @@ class SparseConv(nn.Module):
         torch.Size([2, 32, 8, 8])
     """
 
+    crow: torch.Tensor
+    col: torch.Tensor
+    values: torch.Tensor
+
     def __init__(self, conv: nn.Module, layout: str = "csr_kernel") -> None:
         super().__init__()
         if not isinstance(conv, (nn.Conv1d, nn.Conv2d)):
