@@ -22,9 +22,12 @@ torch's multi-head attention with projection modules, for removed heads and spar
 ``groups.py`` (ChannelGroups, Heads), ``shrink.py`` (one rebuild rule
 per layer type, and ``shrink``), ``sparse.py`` (formats, ``SparseLinear``, ``to_sparse``),
 ``sparse_conv.py`` (``SparseConv``: convolutions through the direct CSR kernel or im2col + CSR),
-``choice.py`` (the per-layer choice: density rule, timing, report), ``kernels.py`` +
-``_kernels.c`` (the compiled CPU kernel, built at first use), ``sparse_int8.py`` (``SparseLinearInt8``,
-``to_sparse(quantize="int8")``) + ``kernels_int8.py`` + ``_kernels_int8.c`` (its int8 CSR kernel).
+``choice.py`` (the per-layer choice: density rule, timing, report), ``csr_format.py``
+(``CSRWeight``, checked when built), ``kernels.py`` + ``_kernels.c`` (the compiled CPU kernel,
+built at first use), ``ops.py`` (the kernels as PyTorch operators, ``hadamard_sparse::csr_linear``
+and ``csr_conv2d``, so ``torch.compile``, ``torch.export`` and ``torch.jit.trace`` see them),
+``sparse_int8.py`` (``SparseLinearInt8``, ``to_sparse(quantize="int8")``) + ``kernels_int8.py`` +
+``_kernels_int8.c`` (its int8 CSR kernel).
 See ``docs/speed.md`` for the rules, their reasons and measured speed-ups.
 """
 

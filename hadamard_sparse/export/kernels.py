@@ -11,7 +11,8 @@ Environment variables:
     * ``HADAMARD_SPARSE_KERNELS=0`` disables the compiled kernel (the ``torch.sparse``
       fallback is used, with a warning);
     * ``HADAMARD_SPARSE_CACHE`` sets the cache directory (default
-      ``$XDG_CACHE_HOME/hadamard_sparse`` or ``~/.cache/hadamard_sparse``);
+      ``$XDG_CACHE_HOME/hadamard_sparse`` or ``~/.cache/hadamard_sparse``); a folder owned by
+      another user or writable by group/others is refused with a warning;
     * ``CC`` picks the compiler: one executable, a path or a name on ``PATH`` (no arguments).
       When it is set but not executable or not found, the kernel is not built with another
       compiler: :func:`kernel_status` and the fallback's warning say ``$CC='...' does not
@@ -39,14 +40,13 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InvalidArgumentError, InvalidTypeError
+from ..errors import InvalidArgumentError
+from .csr_format import CSRWeight, pack_csr
 
 __all__ = ["CSRWeight", "csr_conv2d", "csr_linear", "kernel_status", "pack_csr"]
 
 _SOURCE = Path(__file__).with_name("_kernels.c")
 _ABI = 3
-#: Largest number of input features stored with uint16 column indices.
-_U16_MAX_COLS = 1 << 16
 #: Multiply-adds per extra thread: smaller calls use fewer threads (a fork/join costs microseconds on
 #: a quiet machine, and up to a scheduler time slice when another process holds a core).
 _MIN_WORK_PER_THREAD = 1 << 18
@@ -105,17 +105,51 @@ def _compiler() -> tuple[str | None, str]:
 
 
 def _cpu_signature() -> str:
-    # -march=native output depends on the CPU: key the cache on its feature flags.
+    """What makes a ``-march=native`` build machine-specific: the platform, and the CPU's model and features."""
+    # Linux: /proc/cpuinfo's model and feature flags; macOS: sysctl's CPU brand and features
+    # (every Apple-silicon machine says "arm" to platform.processor()).
     found: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key = line.split(":", 1)[0].strip()
-                if key in ("flags", "Features", "model name", "CPU part") and key not in found:
+                if (
+                    key in ("flags", "Features", "model name", "CPU part", "CPU implementer")
+                    and key not in found
+                ):
                     found[key] = line
     except OSError:
         pass
-    return "".join(found.values()) or platform.processor() or platform.machine()
+    if sys.platform == "darwin":
+        for key in (
+            "machdep.cpu.brand_string",
+            "machdep.cpu.features",
+            "machdep.cpu.leaf7_features",
+            "hw.cpufamily",
+        ):
+            try:
+                out = subprocess.run(["sysctl", "-n", key], capture_output=True, text=True, timeout=10).stdout
+            except (OSError, subprocess.SubprocessError):
+                out = ""
+            found[key] = out.strip()
+    head = f"{sys.platform} {platform.machine()} {platform.processor()}\n"
+    return head + "".join(f"{k}: {v}" for k, v in sorted(found.items()))
+
+
+def _unsafe_folder(folder: Path) -> str | None:
+    """Why ``folder`` (existing) must not hold the kernel: not ours, or writable by others; ``None`` if safe."""
+    st = folder.stat()
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return f"{folder} is owned by uid {st.st_uid}, not by this user (uid {os.getuid()})"
+    if st.st_mode & 0o022:
+        return f"{folder} is writable by group or others (mode {oct(st.st_mode & 0o777)})"
+    return None
+
+
+def _safe_folder(folder: Path) -> str | None:
+    """Create ``folder`` (mode 0700) if needed; the reason it is unsafe for a shared library, or ``None``."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return _unsafe_folder(folder)
 
 
 def _flag_sets() -> list[list[str]]:
@@ -139,17 +173,23 @@ def _compile() -> tuple[ctypes.CDLL | None, _Status]:
         return None, _Status(False, f"cannot run the C compiler {cc!r}: {e}")
     errors = []
     for flags in _flag_sets():
-        key = hashlib.sha256(
-            b"\0".join(
-                [source, cc.encode(), version.encode(), " ".join(flags).encode(), _cpu_signature().encode()]
-            )
-        ).hexdigest()[:16]
+        parts = [source, cc.encode(), version.encode(), " ".join(flags).encode(), _cpu_signature().encode()]
+        key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
         suffix = ".dylib" if sys.platform == "darwin" else ".so"
         for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"hadamard_sparse-{os.getuid()}"):
             path = folder / f"hs_kernels_{key}{suffix}"
             try:
+                unsafe = _safe_folder(folder) or (path.exists() and _unsafe_folder(path))
+                if unsafe:
+                    errors.append(f"refused the cache folder: {unsafe}")
+                    warnings.warn(
+                        f"hadamard_sparse: refusing to build or load the compiled kernel there: {unsafe}; "
+                        "set HADAMARD_SPARSE_CACHE to a folder only you can write",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
+                    continue
                 if not path.exists():
-                    folder.mkdir(parents=True, exist_ok=True)
                     fd, tmp = tempfile.mkstemp(suffix=suffix, dir=folder)
                     os.close(fd)
                     try:
@@ -159,6 +199,7 @@ def _compile() -> tuple[ctypes.CDLL | None, _Status]:
                         if proc.returncode != 0:
                             errors.append(f"{' '.join(flags)}: {proc.stderr.strip()[-500:]}")
                             break  # a compile error does not depend on the folder
+                        os.chmod(tmp, 0o700)  # the linker's mode follows the umask: keep it ours only
                         os.replace(tmp, path)  # atomic: concurrent processes see a whole file
                     finally:
                         if os.path.exists(tmp):
@@ -226,82 +267,6 @@ def _reset_for_tests() -> None:
         _work_floats.cache_clear()
 
 
-@dataclass
-class CSRWeight:
-    """A linear layer's weight in CSR form, as plain tensors the compiled kernel reads.
-
-    Attributes:
-        crow: ``int32[out_features + 1]`` row pointers.
-        col: column indices, ``uint16`` when ``in_features <= 65536`` (6 bytes per nonzero
-            with the value), else ``int32``.
-        values: ``float32[nnz]`` nonzero values.
-        shape: ``(out_features, in_features)``.
-    """
-
-    crow: torch.Tensor
-    col: torch.Tensor
-    values: torch.Tensor
-    shape: tuple[int, int]
-
-    @property
-    def nnz(self) -> int:
-        return int(self.values.numel())
-
-    def to_dense(self) -> torch.Tensor:
-        """The weight as a dense tensor."""
-        return self.to_torch_csr().to_dense()
-
-    def to_torch_csr(self) -> torch.Tensor:
-        """The same weight as a ``torch.sparse_csr`` tensor (int32 indices)."""
-        with warnings.catch_warnings():
-            warnings.filterwarnings(
-                "ignore", message="Sparse CSR tensor support is in beta", category=UserWarning
-            )
-            return torch.sparse_csr_tensor(
-                self.crow, self.col.to(torch.int32), self.values, self.shape, check_invariants=False
-            )
-
-
-def pack_csr(weight: torch.Tensor) -> CSRWeight:
-    """Pack a dense 2-D float weight ``(out_features, in_features)`` into :class:`CSRWeight`.
-
-    Args:
-        weight: a dense (strided) 2-D floating-point tensor; zeros are dropped.
-
-    Returns:
-        The packed weight (values keep ``weight``'s dtype; the kernel runs float32).
-
-    Raises:
-        InvalidArgumentError: ``weight`` is not a 2-D floating-point strided tensor, or has
-            ``2**31`` nonzeros or more.
-
-    Example::
-
-        >>> w = torch.randn(8, 16) * (torch.rand(8, 16) < 0.1)
-        >>> p = pack_csr(w)
-        >>> torch.equal(p.to_dense(), w)
-        True
-    """
-    if not isinstance(weight, torch.Tensor):
-        raise InvalidTypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.dim() != 2 or weight.layout != torch.strided or not weight.is_floating_point():
-        raise InvalidArgumentError(
-            f"weight must be a dense 2-D floating-point tensor, got shape {tuple(weight.shape)}, "
-            f"layout {weight.layout}, dtype {weight.dtype}"
-        )
-    w = weight.detach()
-    rows, cols = w.shape
-    nz = w != 0
-    nnz = int(nz.sum())
-    if nnz >= 2**31:
-        raise InvalidArgumentError(f"weight has {nnz} nonzeros; the CSR kernel takes fewer than 2**31")
-    crow = torch.zeros(rows + 1, dtype=torch.int32)
-    crow[1:] = nz.sum(1).cumsum(0).to(torch.int32)
-    col = nz.nonzero()[:, 1]
-    col = col.to(torch.int32).to(torch.uint16) if cols <= _U16_MAX_COLS else col.to(torch.int32)
-    return CSRWeight(crow.contiguous(), col.contiguous(), w[nz].contiguous(), (int(rows), int(cols)))
-
-
 def kernel_applies(x: torch.Tensor, weight: CSRWeight) -> bool:
     """Whether :func:`csr_linear` would run the compiled kernel for this input (not a fallback)."""
     v = weight.values
@@ -360,6 +325,8 @@ def csr_linear(
         raise InvalidArgumentError(
             f"x must have {n_in} features in its last dimension, got shape {tuple(x.shape)}"
         )
+    if bias is not None and bias.shape != (n_out,):
+        raise InvalidArgumentError(f"bias must have shape ({n_out},), got {tuple(bias.shape)}")
     flat = x.dim() == 2  # the common case skips both reshapes (about 1 us each)
     x2 = x if flat else x.reshape(-1, n_in)
     use_kernel = backend != "torch" and kernel_applies(x2, weight)

@@ -24,10 +24,10 @@ from torch.nn.utils import parametrize
 
 from .._checks import Selectors, check_blocksize, check_selectors
 from .._model_io import set_submodule
-from ..errors import InvalidArgumentError, InvalidTypeError
+from ..errors import InvalidArgumentError, InvalidTypeError, UnsupportedGraphError
 from ..layers import check_all_used, layer_kind, selector_matches
 from ..parametrizations import SparseParametrization
-from . import kernels
+from . import kernels, ops
 from .attention import disable_fused_paths, shadow_runs, unpacked_modules
 from .choice import (
     DEFAULT_MAX_DENSITY,
@@ -113,6 +113,9 @@ class SparseLinear(nn.Module):
     """
 
     weight: torch.Tensor
+    crow: torch.Tensor
+    col: torch.Tensor
+    values: torch.Tensor
 
     def __init__(
         self, linear: nn.Linear, layout: str = "csr_kernel", *, blocksize: tuple[int, int] = (16, 16)
@@ -194,7 +197,8 @@ class SparseLinear(nn.Module):
 
     def _packed(self) -> kernels.CSRWeight:
         b = self._buffers  # direct access: this runs on every forward
-        return kernels.CSRWeight(b["crow"], b["col"], b["values"], (self.out_features, self.in_features))  # type: ignore[arg-type]
+        shape = (self.out_features, self.in_features)
+        return kernels.CSRWeight.unchecked(b["crow"], b["col"], b["values"], shape)  # type: ignore[arg-type]
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SparseLinear:
         # Sparse compressed tensors have no storage for copy.deepcopy: clone the weight instead.
@@ -227,18 +231,32 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == "csr_kernel":
-            return kernels.csr_linear(x, self._packed(), self.bias)
+            if ops.plain_eager(x):
+                return kernels.csr_linear(x, self._packed(), self.bias)
+            if torch.onnx.is_in_onnx_export():
+                ops.warn_onnx_dense("SparseLinear")
+                return ops.dense_linear(x, self.crow, self.col, self.values, self.bias, self.in_features)
+            return ops.csr_linear_op(x, self.crow, self.col, self.values, self.bias, self.in_features)
         if self.layout == "semi_structured":
             return F.linear(x, self.weight, self.bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] == 1:
+        if x2.shape[0] == 1 and ops.plain_eager(x):  # a tracer would freeze this branch
             y = torch.mv(self.weight, x2[0]).unsqueeze(0)
         else:
             y = torch.sparse.mm(self.weight, x2.t().contiguous()).t()
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script calls this before compiling the module: refuse clearly rather than fail in
+        # TorchScript's parser on Python-only code.
+        raise UnsupportedGraphError(
+            "torch.jit.script cannot compile SparseLinear (its forward is Python that picks a kernel); use "
+            "torch.jit.trace, torch.export.export or torch.compile, which record the "
+            "hadamard_sparse operators"
+        )
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         w = self.dense_weight()

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InvalidArgumentError, InvalidTypeError
-from . import kernels
+from ..errors import InvalidArgumentError, InvalidTypeError, UnsupportedGraphError
+from . import kernels, ops
 from .dense_state import load_dense_entries, save_dense_entries
 
 __all__ = ["CONV_LAYOUTS", "CONV_MAX_DENSITY", "SparseConv", "conv_weight_bias"]
@@ -60,18 +60,6 @@ def conv_weight_bias(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
     w = mod.weight.detach()
     w2 = w.unsqueeze(2) if w.dim() == 3 else w  # Conv1d as a (1, k) Conv2d
     return w2.permute(0, 2, 3, 1).reshape(w.shape[0], -1), mod.bias
-
-
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    """``(N, C, H, W)`` -> a ``(N, H * W, C)`` tensor with contiguous channels (a view when it already is)."""
-    n, c, h, w = x.shape
-    nhwc = x.permute(0, 2, 3, 1)
-    if nhwc.is_contiguous():
-        return nhwc.reshape(n, h * w, c)
-    out = x.new_empty(n, h * w, c)
-    for i in range(n):
-        out[i].copy_(x[i].reshape(c, h * w).t())  # 2-D transposes: faster than one 4-D permute copy
-    return out
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -109,6 +97,10 @@ class SparseConv(nn.Module):
         >>> sc(torch.randn(2, 16, 8, 8)).shape
         torch.Size([2, 32, 8, 8])
     """
+
+    crow: torch.Tensor
+    col: torch.Tensor
+    values: torch.Tensor
 
     def __init__(self, conv: nn.Module, layout: str = "csr_kernel") -> None:
         super().__init__()
@@ -157,7 +149,7 @@ class SparseConv(nn.Module):
     def _packed(self) -> kernels.CSRWeight:
         b = self._buffers
         k = self._kernel2[0] * self._kernel2[1] * self.in_channels
-        return kernels.CSRWeight(b["crow"], b["col"], b["values"], (self.out_channels, k))  # type: ignore[arg-type]
+        return kernels.CSRWeight.unchecked(b["crow"], b["col"], b["values"], (self.out_channels, k))  # type: ignore[arg-type]
 
     def dense_weight(self) -> torch.Tensor:
         """The weight as the dense convolution's ``(out_channels, in_channels, *kernel_size)`` tensor."""
@@ -175,28 +167,6 @@ class SparseConv(nn.Module):
         n = self.out_channels * self.in_channels * self._kernel2[0] * self._kernel2[1]
         return float(self.values.numel()) / n if n else 0.0
 
-    def _patches(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """The ``(N * Ho * Wo, kh * kw * C)`` patch matrix of a ``(N, C, H, W)`` input."""
-        n, c, h, w = x.shape
-        wl, wr, ht, hb = self._pad
-        if self.padding_mode != "zeros" and any(self._pad):
-            x = F.pad(x, self._pad, mode=self.padding_mode)
-            n, c, h, w = x.shape
-            wl = wr = ht = hb = 0
-        hp, wp = h + ht + hb, w + wl + wr
-        xc = _channels_last(x)
-        if wl or wr or ht or hb:
-            padded = x.new_zeros(n, hp, wp, c)
-            padded[:, ht : ht + h, wl : wl + w].copy_(xc.view(n, h, w, c))  # whole rows of w * c floats
-            xc = padded
-        (kh, kw), (sh, sw), (dh, dw) = self._kernel2, self._stride2, self._dilation2
-        ho, wo = self._out_size(hp, wp, (hp, wp))  # padded sizes
-        view = xc.as_strided(
-            (n, ho, wo, kh, kw, c),
-            (hp * wp * c, sh * wp * c, sw * c, dh * wp * c, dw * c, 1),
-        )
-        return view.reshape(n * ho * wo, kh * kw * c), (n, ho, wo)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         unbatched = x.dim() == self.dims + 1
         if x.dim() != self.dims + 2 and not unbatched:
@@ -213,22 +183,37 @@ class SparseConv(nn.Module):
             x4 = x4.unsqueeze(2)
         if self.layout == "csr":
             out, (n, ho, wo) = self._forward_channels_first(x4)
-        elif self.direct and self.values.is_cpu and kernels.kernel_applies(x4, self._packed()):
-            if self.padding_mode != "zeros" and any(self._pad):
+        else:
+            pad = tuple(self._pad)
+            if self.padding_mode != "zeros" and any(pad):
                 x4 = F.pad(x4, self._pad, mode=self.padding_mode)
                 pad = (0, 0, 0, 0)
+            geometry = (list(self._kernel2), list(self._stride2), list(pad), list(self._dilation2))
+            if self.direct and ops.plain_eager(x4):
+                out = ops.run_conv2d(x4, self._packed(), self.bias, *geometry)
+            elif torch.onnx.is_in_onnx_export():
+                ops.warn_onnx_dense("SparseConv")
+                out = ops.dense_conv2d(
+                    x4,
+                    self.crow,
+                    self.col,
+                    self.values,
+                    self.bias,
+                    *geometry,
+                    self.in_channels,  # type: ignore[arg-type]
+                )
+            elif self.direct:
+                out = ops.csr_conv2d_op(x4, self.crow, self.col, self.values, self.bias, *geometry)
             else:
-                pad = tuple(self._pad)
-            out = kernels.csr_conv2d(
-                x4, self._packed(), self.bias, self._kernel2, self._stride2, pad, self._dilation2
-            )
+                cols, (n, ho, wo) = ops.patches(x4, self._kernel2, self._stride2, pad, self._dilation2)  # type: ignore[arg-type]
+                k = cols.shape[1]
+                y = ops.csr_linear_op(cols, self.crow, self.col, self.values, self.bias, k)
+                out = (
+                    y.view(n, ho * wo, self.out_channels)
+                    .transpose(1, 2)
+                    .reshape(n, self.out_channels, ho, wo)
+                )
             n, _, ho, wo = out.shape
-        else:
-            cols, (n, ho, wo) = self._patches(x4)
-            y = kernels.csr_linear(cols, self._packed(), self.bias)
-            out = y.new_empty(n, self.out_channels, ho * wo)
-            for i, yi in enumerate(y.view(n, ho * wo, self.out_channels)):
-                out[i].copy_(yi.t())  # 2-D transposes: several times faster than one 4-D permute copy
         out = out.view(n, self.out_channels, wo) if self.dims == 1 else out.view(n, self.out_channels, ho, wo)
         return out.squeeze(0) if unbatched else out
 
@@ -267,6 +252,15 @@ class SparseConv(nn.Module):
                 f"{self.kernel_size} (dilation {self.dilation}, padding {self.padding})"
             )
         return ho, wo
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script calls this before compiling the module: refuse clearly rather than fail in
+        # TorchScript's parser on Python-only code.
+        raise UnsupportedGraphError(
+            "torch.jit.script cannot compile SparseConv (its forward is Python that picks a kernel); use "
+            "torch.jit.trace, torch.export.export or torch.compile, which record the "
+            "hadamard_sparse operators"
+        )
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         save_dense_entries(destination, prefix, keep_vars, self.dense_weight(), self.bias)
