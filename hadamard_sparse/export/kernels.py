@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,26 +159,45 @@ def _flag_sets() -> list[list[str]]:
     return [base + arch + ["-fopenmp"], base + arch, base]
 
 
-def _compile() -> tuple[ctypes.CDLL | None, _Status]:
+def build_library(
+    source: Path, stem: str, abi_symbol: str, abi: int, declare: Callable[[ctypes.CDLL], None]
+) -> tuple[ctypes.CDLL | None, str, str | None]:
+    """Compile ``source`` (or load its cached build) into a shared library and declare its entry points.
+
+    The one build-and-cache path of the compiled kernels (``_kernels.c`` and ``_kernels_int8.c``): the
+    ``$CC`` rules of :func:`kernel_status`, a cache key over the source, compiler, flags and CPU, and a
+    cache folder refused (with a warning) when another user owns it or others can write it.
+
+    Args:
+        source: the C file.
+        stem: the library's file-name stem in the cache folder.
+        abi_symbol: a function of the library returning its ABI version.
+        abi: the ABI version expected.
+        declare: sets the ``argtypes``/``restype`` of the library's entry points.
+
+    Returns:
+        ``(library or None, reason, path or None)``: ``reason`` names the compiler command, or why the
+        library could not be built or loaded.
+    """
     if os.environ.get("HADAMARD_SPARSE_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
-        return None, _Status(False, "disabled by HADAMARD_SPARSE_KERNELS=0")
+        return None, "disabled by HADAMARD_SPARSE_KERNELS=0", None
     if not sys.platform.startswith(("linux", "darwin")):
-        return None, _Status(False, f"compiled kernels are built on Linux and macOS only, not {sys.platform}")
+        return None, f"compiled kernels are built on Linux and macOS only, not {sys.platform}", None
     cc, why = _compiler()
     if cc is None:
-        return None, _Status(False, why)
+        return None, why, None
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        source = _SOURCE.read_bytes()
+        code = source.read_bytes()
     except (OSError, subprocess.SubprocessError) as e:
-        return None, _Status(False, f"cannot run the C compiler {cc!r}: {e}")
+        return None, f"cannot run the C compiler {cc!r}: {e}", None
     errors = []
     for flags in _flag_sets():
-        parts = [source, cc.encode(), version.encode(), " ".join(flags).encode(), _cpu_signature().encode()]
+        parts = [code, cc.encode(), version.encode(), " ".join(flags).encode(), _cpu_signature().encode()]
         key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
         suffix = ".dylib" if sys.platform == "darwin" else ".so"
         for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"hadamard_sparse-{os.getuid()}"):
-            path = folder / f"hs_kernels_{key}{suffix}"
+            path = folder / f"{stem}_{key}{suffix}"
             try:
                 unsafe = _safe_folder(folder) or (path.exists() and _unsafe_folder(path))
                 if unsafe:
@@ -186,7 +206,7 @@ def _compile() -> tuple[ctypes.CDLL | None, _Status]:
                         f"hadamard_sparse: refusing to build or load the compiled kernel there: {unsafe}; "
                         "set HADAMARD_SPARSE_CACHE to a folder only you can write",
                         RuntimeWarning,
-                        stacklevel=4,
+                        stacklevel=5,
                     )
                     continue
                 if not path.exists():
@@ -194,7 +214,7 @@ def _compile() -> tuple[ctypes.CDLL | None, _Status]:
                     os.close(fd)
                     try:
                         proc = subprocess.run(
-                            [cc, *flags, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300
+                            [cc, *flags, str(source), "-o", tmp], capture_output=True, text=True, timeout=300
                         )
                         if proc.returncode != 0:
                             errors.append(f"{' '.join(flags)}: {proc.stderr.strip()[-500:]}")
@@ -205,16 +225,19 @@ def _compile() -> tuple[ctypes.CDLL | None, _Status]:
                         if os.path.exists(tmp):
                             os.unlink(tmp)
                 lib = ctypes.CDLL(str(path))
-                if lib.hs_kernels_abi() != _ABI:
+                if getattr(lib, abi_symbol)() != abi:
                     errors.append(f"{path} has the wrong ABI version")
                     break
-                _declare(lib)
-                return lib, _Status(
-                    True, "compiled with " + " ".join([os.path.basename(cc), *flags]), str(path)
-                )
+                declare(lib)
+                return lib, "compiled with " + " ".join([os.path.basename(cc), *flags]), str(path)
             except (OSError, subprocess.SubprocessError) as e:
                 errors.append(f"{folder}: {e}")
-    return None, _Status(False, "the kernel did not compile: " + " | ".join(errors))
+    return None, f"{source.name} did not compile: " + " | ".join(errors), None
+
+
+def _compile() -> tuple[ctypes.CDLL | None, _Status]:
+    lib, reason, path = build_library(_SOURCE, "hs_kernels", "hs_kernels_abi", _ABI, _declare)
+    return lib, _Status(lib is not None, reason, path)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -519,9 +542,3 @@ def csr_conv2d(
         threads,
     )
     return y
-
-
-# Shared with kernels_int8.py (the int8 kernel is built the same way, into its own library).
-U16_MAX_COLS, cache_dir, find_compiler, cpu_signature, flag_sets = (
-    _U16_MAX_COLS, _cache_dir, _compiler, _cpu_signature, _flag_sets
-)  # fmt: skip

@@ -23,11 +23,7 @@ on the thread count.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import subprocess
-import sys
-import tempfile
 import threading
 import warnings
 from dataclasses import dataclass
@@ -37,7 +33,8 @@ import torch
 
 from ..compress.quant import quantize_rows
 from ..errors import InvalidArgumentError
-from .kernels import U16_MAX_COLS, cache_dir, cpu_signature, find_compiler, flag_sets
+from .csr_format import U16_MAX_COLS
+from .kernels import build_library
 
 __all__ = [
     "ACTIVATIONS",
@@ -60,50 +57,8 @@ _warned = False
 
 
 def _compile() -> tuple[ctypes.CDLL | None, str]:
-    if os.environ.get("HADAMARD_SPARSE_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
-        return None, "disabled by HADAMARD_SPARSE_KERNELS=0"
-    if not sys.platform.startswith(("linux", "darwin")):
-        return None, f"compiled kernels are built on Linux and macOS only, not {sys.platform}"
-    cc, why = find_compiler()
-    if cc is None:
-        return None, why
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        source = _SOURCE.read_bytes()
-    except (OSError, subprocess.SubprocessError) as e:
-        return None, f"cannot run the C compiler {cc!r}: {e}"
-    errors = []
-    suffix = ".dylib" if sys.platform == "darwin" else ".so"
-    for flags in flag_sets():
-        parts = [source, cc.encode(), version.encode(), " ".join(flags).encode(), cpu_signature().encode()]
-        key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
-        for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"hadamard_sparse-{os.getuid()}"):
-            path = folder / f"hs_kernels_int8_{key}{suffix}"
-            try:
-                if not path.exists():
-                    folder.mkdir(parents=True, exist_ok=True)
-                    fd, tmp = tempfile.mkstemp(suffix=suffix, dir=folder)
-                    os.close(fd)
-                    try:
-                        proc = subprocess.run(
-                            [cc, *flags, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300
-                        )
-                        if proc.returncode != 0:
-                            errors.append(f"{' '.join(flags)}: {proc.stderr.strip()[-500:]}")
-                            break
-                        os.replace(tmp, path)
-                    finally:
-                        if os.path.exists(tmp):
-                            os.unlink(tmp)
-                lib = ctypes.CDLL(str(path))
-                if lib.hs_q8_abi() != _ABI:
-                    errors.append(f"{path} has the wrong ABI version")
-                    break
-                _declare(lib)
-                return lib, "compiled with " + " ".join([os.path.basename(cc), *flags])
-            except (OSError, subprocess.SubprocessError) as e:
-                errors.append(f"{folder}: {e}")
-    return None, "the int8 kernel did not compile: " + " | ".join(errors)
+    lib, reason, _ = build_library(_SOURCE, "hs_kernels_int8", "hs_q8_abi", _ABI, _declare)
+    return lib, reason
 
 
 def _declare(lib: ctypes.CDLL) -> None:
