@@ -42,7 +42,7 @@ from .hf import load_pretrained, save_pretrained
 from .parametrizations import HadamardMask
 from .quantization import FakeQuant, fake_quantize, register_fake_quant
 from .report import SparsityReport, TensorSparsity, sparsity_report
-from .schedules import SET, GradualPruning, IterativePruning, RigL
+from .schedules import SET, GradualPruning, IterativePruning, RestartingLR, RigL, recovery_steps
 from .scores import ScoreContext, available_scores, register_score
 from .structures import NM, Block, Channels, Structure
 
@@ -69,6 +69,7 @@ __all__ = [
     "LayerStats",
     "NoTargetsError",
     "ProjectedMultiheadAttention",
+    "RestartingLR",
     "RigL",
     "ScoreContext",
     "SparseConv",
@@ -91,6 +92,7 @@ __all__ = [
     "load_pretrained",
     "load_sparse_state_dict",
     "masks",
+    "recovery_steps",
     "register_factorization",
     "register_fake_quant",
     "register_mask",

@@ -10,6 +10,7 @@ from torch import nn
 from .._checks import check_fraction, check_int
 from .._engine import check_floor
 from ..errors import InvalidArgumentError
+from ..layers import Selectors
 from ..structures import check_sparsity, check_targets, parse_structure
 from . import sharded
 from .base import Schedule, check_schedule_method, check_unstructured
@@ -48,6 +49,11 @@ class GradualPruning(Schedule):
         min_keep: with ``scope="global"``, the best ``min_keep`` weights (groups, with a structure)
             of every output unit are never pruned, as in :func:`~hadamard_sparse.sparsify`; a
             ``final_sparsity`` the floor cannot reach is refused here. ``0``: no floor. Default: ``1``.
+        include: only the masked tensors matching one of these selectors are driven (module types,
+            glob patterns on qualified names, callables ``(name, module) -> bool``, as in
+            :func:`~hadamard_sparse.sparsify`); the others keep their masks. ``None``: all.
+        exclude: masked tensors matching one of these selectors are left as they are. An
+            ``include``/``exclude`` entry that matches no masked tensor raises before any change.
 
     Example::
 
@@ -76,6 +82,8 @@ class GradualPruning(Schedule):
         structure: Any = None,
         seed: int = 0,
         min_keep: int = 1,
+        include: Selectors = None,
+        exclude: Selectors = None,
     ) -> None:
         final = check_fraction(final_sparsity, "final_sparsity")
         initial = check_fraction(initial_sparsity, "initial_sparsity")
@@ -99,7 +107,7 @@ class GradualPruning(Schedule):
         parsed = parse_structure(structure)
         if parsed is not None:
             check_sparsity(parsed, final, "final_sparsity")
-        super().__init__(model, seed)
+        super().__init__(model, seed, include, exclude)
         sharded.check_no_structure(self._masked, parsed, self._who)
         if parsed is None:
             check_unstructured(self._masked, self._who)
