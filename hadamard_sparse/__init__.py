@@ -41,6 +41,7 @@ from .factorization import (
 from .hf import load_pretrained, save_pretrained
 from .parametrizations import HadamardMask
 from .quantization import FakeQuant, fake_quantize, register_fake_quant
+from .recover import RecoveryReport, recover
 from .report import SparsityReport, TensorSparsity, sparsity_report
 from .schedules import SET, GradualPruning, IterativePruning, RestartingLR, RigL, recovery_steps
 from .scores import ScoreContext, available_scores, register_score
@@ -69,6 +70,7 @@ __all__ = [
     "LayerStats",
     "NoTargetsError",
     "ProjectedMultiheadAttention",
+    "RecoveryReport",
     "RestartingLR",
     "RigL",
     "ScoreContext",
@@ -92,6 +94,7 @@ __all__ = [
     "load_pretrained",
     "load_sparse_state_dict",
     "masks",
+    "recover",
     "recovery_steps",
     "register_factorization",
     "register_fake_quant",
