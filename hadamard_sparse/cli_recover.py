@@ -3,7 +3,7 @@
 ::
 
     hadamard-sparse recover MODEL_DIR OUT_DIR --data TEXTS.txt [--sparsity 0.9] [--eval EVAL.txt]
-                    [--max-minutes N] [--structure 2:4] [--method sparsegpt_block] [--ramp-method magnitude]
+                    [--max-minutes N] [--structure 2:4] [--method sparsegpt] [--ramp-method magnitude]
                     [--exclude PATTERN ...] [--steps N] [--lr 1e-4] [--batch-size 32] [--seed 0] [--resume]
 
 TEXTS.txt and EVAL.txt hold one text per line. A directory with ``modules.json`` is loaded as a
@@ -90,7 +90,12 @@ def add_recover_parser(sub: Any) -> None:
     p.add_argument("--eval", metavar="EVAL.txt", help="held-out texts, one per line, for the quality report")
     p.add_argument("--max-minutes", type=_float_arg(0.0, None), default=None, help="wall-clock budget")
     p.add_argument("--structure", default=None, help="N:M structure such as 2:4 (masks fixed after one shot)")
-    p.add_argument("--method", choices=available_scores(), default="sparsegpt_block", help="one-shot method")
+    p.add_argument(
+        "--method",
+        choices=available_scores(),
+        default="sparsegpt",
+        help="one-shot method (default sparsegpt)",
+    )
     p.add_argument("--ramp-method", default="magnitude", help="score of the gradual ramp (default magnitude)")
     p.add_argument("--exclude", nargs="+", metavar="PATTERN", help="glob patterns of names to leave dense")
     p.add_argument(

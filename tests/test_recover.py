@@ -209,3 +209,29 @@ def test_quality_against_hand_computed_neighbours() -> None:
     # neighbours (k=3 covers everything): top-1 teacher [1, 0, 3, 2], student [3, 2, 1, 0]
     assert q.top1 == 0.0 and q.top10 == 1.0 and q.n == 4
     assert q.cosine == pytest.approx(float(torch.cosine_similarity(t, s).mean()))
+
+
+@pytest.mark.slow
+def test_minilm_distillation_beats_its_one_shot_start() -> None:
+    st = pytest.importorskip("sentence_transformers")
+    from conftest import minilm_path
+
+    model = st.SentenceTransformer(minilm_path(), device="cpu")
+    train = [
+        f"The {a} {b} near the {c} every {d}."
+        for a in ("old", "quiet", "busy", "small")
+        for b in ("shop opens", "train stops", "bird sings", "team trains")
+        for c in ("river", "station", "market", "school")
+        for d in ("morning", "evening")
+    ]
+    held = [
+        "Interest rates were left unchanged by the central bank.",
+        "The orchestra rehearsed the symphony late into the night.",
+        "Researchers sequenced the genome of an ancient wheat variety.",
+        "My phone battery drains faster since the last update.",
+        "Heavy snowfall closed the mountain pass for a week.",
+        "The jury deliberated for three days before reaching a verdict.",
+    ]
+    report = recover(model, train, 0.7, eval_data=held, steps=40, method="wanda", lr=1e-4, progress=False)
+    assert report.sparsity == pytest.approx(0.7, abs=1e-2) and report.one_shot is not None
+    assert report.quality is not None and report.quality.cosine > report.one_shot.cosine + 0.02, report

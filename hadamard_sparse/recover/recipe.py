@@ -4,7 +4,7 @@ The recipe (oBERT, Kurtic et al. 2022; movement pruning + distillation, Sanh et 
 Kurtic et al. 2023), written down as data in :class:`~.loop.Plan`:
 
 1. a frozen dense copy of the model becomes the teacher;
-2. one-shot pruning with a calibrated method (``"sparsegpt_block"`` by default) on the first
+2. one-shot pruning with a calibrated method (``"sparsegpt"`` by default) on the first
    training batches, to ``initial_sparsity`` (``min(0.7, sparsity)``);
 3. a cubic ramp (:class:`~hadamard_sparse.schedules.GradualPruning`, global scope) from there to
    ``sparsity`` over the first three quarters of the run, ``pruning_steps`` cuts;
@@ -121,7 +121,7 @@ def recover(
     *,
     tokenizer: Any = None,
     eval_data: object = None,
-    method: str = "sparsegpt_block",
+    method: str = "sparsegpt",
     ramp_method: str = "magnitude",
     initial_sparsity: float | None = None,
     structure: str | None = None,
@@ -166,7 +166,9 @@ def recover(
             report compares student and teacher. ``None``: no quality report.
         method: the one-shot method (a registered score; calibrated on the first
             ``calibration_batches`` training batches when it needs calibration). Default:
-            ``"sparsegpt_block"``.
+            ``"sparsegpt"`` (``"sparsegpt_block"`` starts closer, 0.85 vs 0.79 cosine on
+            all-MiniLM-L6-v2 at 70%, but its block reconstruction, 200 Adam steps per block, is what the
+            distillation does anyway, at about 15 times the one-shot's time: 11 min vs 40 s there).
         ramp_method: the score of the gradual ramp (a calibration-free registered score). Default:
             ``"magnitude"``.
         initial_sparsity: the one-shot sparsity. Default: ``min(0.7, sparsity)``.
