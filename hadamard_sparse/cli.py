@@ -15,7 +15,9 @@ Commands (``hadamard-sparse`` or ``python -m hadamard_sparse``)::
 prunes it, and writes a complete directory (config, tokenizer and other files copied, safetensors
 weights) that plain ``from_pretrained`` loads; with ``--compress`` the weights are written compressed
 (``model.compressed.safetensors``, loaded back with ``hs.load_pretrained``). Every argument is checked before any work starts;
-a refused argument exits with status 2 and a one-line message, without a traceback.
+a refused argument, and a model directory that cannot be loaded, exit with status 2 and one line on stderr
+(``hadamard-sparse sparsify: error: ... (see 'hadamard-sparse sparsify --help')``), without a usage block or
+a traceback.
 
 The demo runs the whole story on real data that ships with scikit-learn (the 8x8 digits images,
 no download): train a small CNN, sparsify it, fine-tune, print the sparsity report and dense vs
@@ -40,11 +42,12 @@ from torch import nn
 
 from . import __version__
 from ._checks import SCOPES, check_fraction
+from ._cli_common import OneLineParser, check_out_dir, load_model, safetensors_errors
 from .api import remove_parametrizations, sparsify
 from .cli_recover import add_recover_parser
 from .compress import load_compressed
 from .errors import HadamardSparseError
-from .hf import is_compressed_file, load_pretrained, save_model_dir
+from .hf import is_compressed_file, save_model_dir
 from .layers import resolve_targets
 from .report import SparsityReport, TensorSparsity, sparsity_report
 from .scores import available_scores, get_score
@@ -244,13 +247,10 @@ def _check_sparsify_args(parser: argparse.ArgumentParser, args: argparse.Namespa
     """Every check that needs no model; returns ``(tokenizer, lines)`` when calibrating. Exits with 2 on error."""
     if not _has_transformers():
         parser.error('sparsify needs transformers: pip install "hadamard-sparse[examples]"')
-    src, out = Path(args.model_dir), Path(args.out_dir)
+    src = Path(args.model_dir)
     if not (src / "config.json").is_file():
         parser.error(f"MODEL_DIR {str(src)!r} is not a Hugging Face model directory (no config.json)")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        parser.error(f"OUT_DIR {str(out)!r} exists and is not an empty directory; choose a new one")
-    if out.resolve() == src.resolve():
-        parser.error("OUT_DIR must differ from MODEL_DIR")
+    check_out_dir(parser, args.model_dir, args.out_dir)
     if args.compress and importlib.util.find_spec("safetensors") is None:
         parser.error('--compress needs safetensors: pip install "hadamard-sparse[examples]"')
     entry = get_score(args.method)
@@ -285,10 +285,7 @@ def _cmd_sparsify(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     calib = _check_sparsify_args(parser, args)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     t0 = time.perf_counter()
-    try:
-        model = load_pretrained(args.model_dir)
-    except (OSError, ValueError, KeyError) as e:
-        parser.error(f"cannot load MODEL_DIR {args.model_dir!r} with transformers: {e}")
+    model = load_model(parser, args.model_dir)
     print(f"loaded {type(model).__name__} from {args.model_dir}")
     include: list[Any] | None = args.include
     if args.embeddings:  # a type selector opts embeddings in; "*" keeps every other target
@@ -371,15 +368,6 @@ def _file_report(path: Path, masks_only: bool = False) -> tuple[SparsityReport, 
     return SparsityReport(tuple(weights)), SparsityReport(tuple(masks)), other
 
 
-def _safetensors_errors() -> tuple[type[BaseException], ...]:
-    """safetensors' own error type (a corrupt file), when safetensors is installed."""
-    try:
-        from safetensors import SafetensorError
-    except ImportError:
-        return ()
-    return (SafetensorError,)
-
-
 def _cmd_report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     path = Path(args.path)
     if path.is_file():
@@ -395,17 +383,14 @@ def _cmd_report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         )
     if path.is_dir():
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        try:
-            model = load_pretrained(path)
-        except (OSError, ValueError, KeyError) as e:
-            parser.error(f"cannot load {str(path)!r} with transformers: {e}")
+        model = load_model(parser, path)
         print(f"{type(model).__name__} from {path}: targeted weights (Linear, Conv, attention, ...)")
         print(sparsity_report(model))
         masks = _file_report(path, masks_only=True)[1] if importlib.util.find_spec("safetensors") else None
     else:
         try:
             weights, masks, other = _file_report(path)
-        except (OSError, RuntimeError, pickle.UnpicklingError, *_safetensors_errors()) as e:
+        except (OSError, RuntimeError, pickle.UnpicklingError, *safetensors_errors()) as e:
             parser.error(f"cannot read {str(path)!r} as a weights file: {e}")
         print(f"{path}: floating-point tensors with 2 or more dimensions ({other} other tensors not shown)")
         print(weights)
@@ -429,7 +414,7 @@ def _cmd_demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``hadamard-sparse`` command (method choices come from the score registry)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="hadamard-sparse",
         description="Sparsify Hugging Face checkpoints with exact counts, report their sparsity, or run a demo.",
     )
@@ -534,5 +519,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit status: 0 on success. Refused arguments exit with status 2 (``SystemExit``).
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # named by the sub-command's parser, so that the --help hint is the sub-command's
+        getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(extras)}")
     return args.run(args.parser, args)

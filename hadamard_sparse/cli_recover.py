@@ -24,15 +24,15 @@ import importlib.util
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, NoReturn
 
 from torch import nn
 
+from ._cli_common import check_out_dir, load_errors, load_model
 from .errors import HadamardSparseError
-from .hf import load_pretrained, save_model_dir
+from .hf import save_model_dir
 from .recover import CHECKPOINT_FILE, read_texts, recover
 from .scores import available_scores
 
@@ -42,9 +42,9 @@ __all__ = ["CHECKPOINT_DIR", "add_recover_parser", "run_recover"]
 CHECKPOINT_DIR = "recover-checkpoint"
 
 
-def _fail(msg: str) -> NoReturn:
-    print(f"hadamard-sparse recover: error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
+def _fail(parser: argparse.ArgumentParser, msg: str) -> NoReturn:
+    parser.error(msg)  # one line on stderr, status 2 (the parser is a OneLineParser)
+    raise SystemExit(2)  # for parsers that return
 
 
 def _float_arg(low: float, high: float | None) -> Any:
@@ -113,37 +113,34 @@ def _is_inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-def _check(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
     """Every check that needs no model; returns the training and evaluation texts."""
     if importlib.util.find_spec("transformers") is None:
-        _fail('recover needs transformers: pip install "hadamard-sparse[examples]"')
+        _fail(parser, 'recover needs transformers: pip install "hadamard-sparse[examples]"')
     if args.sparsity is not None:
         try:
             args.sparsity = _float_arg(0.0, 1.0)(args.sparsity)
         except argparse.ArgumentTypeError as e:
-            _fail(f"--sparsity {e}")
+            _fail(parser, f"--sparsity {e}")
     src, out = Path(args.model_dir), Path(args.out_dir)
     if not (src / "config.json").is_file():
-        _fail(f"MODEL_DIR {str(src)!r} is not a Hugging Face model directory (no config.json)")
-    if _is_inside(out, src):
-        _fail(f"OUT_DIR {str(out)!r} is inside MODEL_DIR (or is MODEL_DIR); choose a directory outside it")
-    if out.exists() and not out.is_dir():
-        _fail(f"OUT_DIR {str(out)!r} exists and is not a directory")
+        _fail(parser, f"MODEL_DIR {str(src)!r} is not a Hugging Face model directory (no config.json)")
     ckpt = out / CHECKPOINT_DIR / CHECKPOINT_FILE
-    if args.resume:
-        if not ckpt.is_file():
-            _fail(f"--resume: no checkpoint at {str(ckpt)!r}; run once without --resume to start")
-    elif out.exists() and any(out.iterdir()):
-        _fail(f"OUT_DIR {str(out)!r} is not empty; choose a new one (or --resume a run checkpointed there)")
+    if not args.resume:
+        check_out_dir(parser, args.model_dir, args.out_dir)  # same dir, nested dirs, non-empty OUT_DIR
+    elif _is_inside(out, src) or _is_inside(src, out):
+        _fail(parser, f"OUT_DIR {str(out)!r} must not be inside MODEL_DIR {str(src)!r} (nor around it)")
+    elif not ckpt.is_file():
+        _fail(parser, f"--resume: no checkpoint at {str(ckpt)!r}; run once without --resume to start")
     try:
         texts = read_texts(args.data)
         held = None if args.eval is None else read_texts(args.eval)
     except HadamardSparseError as e:
-        _fail(f"--data/--eval: {e}")
+        _fail(parser, f"--data/--eval: {e}")
     return texts, held
 
 
-def _load(src: Path) -> tuple[nn.Module, nn.Module, Any, str]:
+def _load(parser: argparse.ArgumentParser, src: Path) -> tuple[nn.Module, nn.Module, Any, str]:
     """``(model to recover, HF model to save, tokenizer, subfolder of its weights)``."""
     modules = src / "modules.json"
     if modules.is_file() and importlib.util.find_spec("sentence_transformers") is not None:
@@ -155,21 +152,24 @@ def _load(src: Path) -> tuple[nn.Module, nn.Module, Any, str]:
         return st, st[0].auto_model, None, sub
     import transformers
 
-    model = load_pretrained(src)
+    model = load_model(parser, src)
     tok = transformers.AutoTokenizer.from_pretrained(str(src))
     return model, model, tok, ""
 
 
 def run_recover(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """Run the ``recover`` command; returns the exit status."""
-    texts, held = _check(args)
+    texts, held = _check(parser, args)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     src, out = Path(args.model_dir), Path(args.out_dir)
     t0 = time.perf_counter()
     try:
-        model, hf_model, tok, sub = _load(src)
-    except (OSError, ValueError, KeyError) as e:
-        _fail(f"cannot load MODEL_DIR {str(src)!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        model, hf_model, tok, sub = _load(parser, src)
+    except load_errors() as e:
+        _fail(
+            parser,
+            f"cannot load MODEL_DIR {str(src)!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+        )
     print(f"loaded {type(model).__name__} from {src}")
     created = not out.exists()
     try:
@@ -194,7 +194,7 @@ def run_recover(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     except HadamardSparseError as e:
         if created:
             shutil.rmtree(out, ignore_errors=True)
-        _fail(str(e).splitlines()[0])
+        _fail(parser, str(e).splitlines()[0])
     save_model_dir(hf_model, src, out, weights_under=sub)
     shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     print(report)

@@ -3,7 +3,9 @@ argument checks, --version and help text. Run in-process through ``main(argv)``,
 
 from __future__ import annotations
 
+import io
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -15,6 +17,7 @@ from conftest import minilm_path
 
 import hadamard_sparse as hs
 from hadamard_sparse import cli
+from hadamard_sparse._cli_common import check_out_dir
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -171,7 +174,111 @@ def test_sparsify_refuses_bad_directories(
     code, _, err = _run(["sparsify", str(gpt2_dir), str(busy), "--bake"], capsys)
     assert code == 2 and "not an empty directory" in err
     code, _, err = _run(["sparsify", str(gpt2_dir), str(gpt2_dir), "--bake"], capsys)
-    assert code == 2
+    assert code == 2 and "OUT_DIR must differ from MODEL_DIR" in err  # not "not an empty directory"
+
+
+def _listing(d: Path) -> dict[str, int]:
+    return {str(p.relative_to(d)): p.stat().st_size for p in sorted(d.rglob("*"))}
+
+
+def test_sparsify_refuses_out_dir_inside_or_around_model_dir(
+    gpt2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "models" / "gpt2"
+    shutil.copytree(gpt2_dir, src)
+    (tmp_path / "link").symlink_to(src, target_is_directory=True)
+    before = _listing(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for model_dir, out_dir, message in [
+        ("models/gpt2", "models/gpt2/out", "OUT_DIR must not be inside MODEL_DIR"),  # relative, new
+        ("link", "models/gpt2/a/b", "OUT_DIR must not be inside MODEL_DIR"),  # through a symlink
+        (str(src), "link/out", "OUT_DIR must not be inside MODEL_DIR"),
+        ("models/gpt2", "models/../link/.", "OUT_DIR must differ from MODEL_DIR"),
+        ("link", str(src), "OUT_DIR must differ from MODEL_DIR"),
+        ("models/gpt2", "models", "MODEL_DIR must not be inside OUT_DIR"),  # not "not an empty directory"
+        ("link", ".", "MODEL_DIR must not be inside OUT_DIR"),
+    ]:
+        code, _, err = _run(["sparsify", model_dir, out_dir, "--sparsity", "0.5", "--bake"], capsys)
+        assert code == 2 and message in err, (model_dir, out_dir, err)
+        assert "Traceback" not in err and _listing(tmp_path) == before  # nothing written
+    parser = cli.build_parser()  # the rule is a helper that other sub-commands call with their own names
+    with pytest.raises(SystemExit):
+        check_out_dir(parser, str(src), str(src / "x"), out_name="--out")
+    assert "--out must not be inside MODEL_DIR" in capsys.readouterr().err
+    check_out_dir(parser, str(src), str(tmp_path / "elsewhere"))  # accepted: returns
+
+
+def _truncated_copy(src: Path, dst: Path, name: str) -> Path:
+    shutil.copytree(src, dst)
+    data = (dst / name).read_bytes()
+    (dst / name).write_bytes(data[: len(data) // 2])
+    return dst
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["safetensors", "compressed"])
+def test_corrupt_weights_file_is_one_line_and_status_2(
+    gpt2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], compress: bool
+) -> None:
+    pytest.importorskip("safetensors")
+    src = gpt2_dir
+    name = "model.safetensors"
+    if compress:  # a directory written by sparsify --compress, then truncated
+        src, name = tmp_path / "compressed", "model.compressed.safetensors"
+        code, _, err = _run(["sparsify", str(gpt2_dir), str(src), "--sparsity", "0.5", "--compress"], capsys)
+        assert code == 0, err
+    bad = _truncated_copy(src, tmp_path / "bad", name)
+    out = tmp_path / "out"
+    for argv in (["sparsify", str(bad), str(out), "--sparsity", "0.5"], ["report", str(bad)]):
+        code, stdout, err = _run(argv, capsys)
+        assert code == 2, err
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert f"cannot load {str(bad)!r} ({name} truncated or corrupt)" in err
+        assert "loaded" not in stdout and not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["sparsify", "SRC", "OUT", "--bogus"],
+            "hadamard-sparse sparsify: error: unrecognized arguments: --bogus",
+        ),
+        (["sparsify", "SRC", "OUT", "--sparsity", "x"], "argument --sparsity: must be a number in [0, 1]"),
+        (["sparsify", "SRC", "OUT", "--seed", "-3"], "argument --seed: must be an integer >= 0, got '-3'"),
+        (["sparsify", "SRC", "OUT", "--method", "nope"], "argument --method: invalid choice: 'nope'"),
+        (["sparsify", "SRC"], "the following arguments are required: OUT_DIR"),
+        (["report"], "the following arguments are required: MODEL_DIR_OR_FILE"),
+        (["demo", "--epochs", "many"], "argument --epochs: must be an integer >= 1, got 'many'"),
+        (["frobnicate"], "hadamard-sparse: error: argument {sparsify,recover,report,demo}: invalid choice"),
+        ([], "the following arguments are required: {sparsify,recover,report,demo}"),
+        (["--bogus"], "hadamard-sparse: error:"),
+        (["sparsify", "SRC", "SRC"], "OUT_DIR must differ from MODEL_DIR"),  # a check after parsing
+    ],
+)
+def test_refused_arguments_are_one_line_on_stderr(
+    gpt2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    argv = [{"SRC": str(gpt2_dir), "OUT": str(tmp_path / "out")}.get(a, a) for a in argv]
+    code, stdout, err = _run(argv, capsys)
+    assert code == 2 and stdout == ""
+    assert len(err.splitlines()) == 1 and err.endswith("\n"), err  # no usage block
+    assert message in err and "usage:" not in err
+    prog = (
+        " ".join(["hadamard-sparse", *argv[:1]])
+        if argv[:1] in (["sparsify"], ["report"], ["demo"])
+        else "hadamard-sparse"
+    )
+    assert err.startswith(f"{prog}: error: ") and err.rstrip().endswith(f"(see '{prog} --help')"), err
+
+
+def test_multi_line_error_messages_are_joined() -> None:
+    parser = cli.build_parser()
+    with pytest.raises(SystemExit) as e, pytest.MonkeyPatch.context() as mp:
+        err = io.StringIO()
+        mp.setattr(sys, "stderr", err)
+        parser.error("first line\n  second line\n")
+    assert e.value.code == 2
+    assert err.getvalue() == "hadamard-sparse: error: first line second line (see 'hadamard-sparse --help')\n"
 
 
 def test_report_of_a_safetensors_file_with_zeros_and_masks(
@@ -245,3 +352,9 @@ def test_subprocess_smoke(gpt2_dir: Path, tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert "h.0.mlp.c_fc.weight" in r.stdout and "wrote" in r.stdout
+    bad = _truncated_copy(gpt2_dir, tmp_path / "bad", "model.safetensors")  # the whole process's stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "hadamard_sparse", "report", str(bad)], capture_output=True, text=True, env=env
+    )
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "model.safetensors truncated or corrupt" in r.stderr

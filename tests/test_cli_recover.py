@@ -134,7 +134,7 @@ def test_recover_sentence_transformer_dir(tmp_path: Path, capsys: pytest.Capture
         ({"--sparsity": "1.0"}, "--sparsity must be a number in (0, 1)"),
         ({"--sparsity": "0"}, "--sparsity must be a number in (0, 1)"),
         ({"out": "src/inside"}, "inside MODEL_DIR"),
-        ({"out": "full"}, "is not empty"),
+        ({"out": "full"}, "not an empty directory"),
         ({"--resume": None}, "no checkpoint"),
         ({"--exclude": "encoder.layr.*"}, "encoder.layr"),
     ],

@@ -136,7 +136,8 @@ def plan(path: Path) -> list[Step]:
 
 def _available(name: str) -> bool:
     if name == "cc":
-        return any(shutil.which(c) for c in (os.environ.get("CC", "cc"), "gcc", "clang"))
+        cc = os.environ.get("CC", "").strip()  # a set CC is the only compiler the kernel build uses
+        return bool(shutil.which(cc)) if cc else any(shutil.which(c) for c in ("cc", "gcc", "clang"))
     try:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):

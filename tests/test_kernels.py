@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -210,13 +214,41 @@ def test_fallback_when_disabled_by_env(monkeypatch) -> None:
 
 
 @pytest.mark.usefixtures("fresh_kernel")
-def test_fallback_without_compiler(monkeypatch) -> None:
-    monkeypatch.setenv("CC", "/nonexistent/cc")
+def test_fallback_without_compiler(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no cc, gcc or clang to find
     x, w, p = _fallback_case()
     ok, why = K.kernel_status()
-    assert not ok and "no C compiler" in why
+    assert not ok and why == "no C compiler found (install gcc or clang, or set CC)"
     with pytest.warns(RuntimeWarning, match="no C compiler"):
         assert torch.allclose(K.csr_linear(x, p), F.linear(x, w), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("cc", "problem"),
+    [
+        ("/nonexistent/cc", "does not exist"),
+        ("NOT_EXEC", "is not an executable file"),
+        ("hs-no-such-compiler", "is not found on PATH"),
+        ("gcc -m64", "is not found on PATH"),  # one executable, no arguments
+    ],
+)
+@pytest.mark.usefixtures("fresh_kernel")
+def test_bad_cc_is_named_and_not_replaced_by_another_compiler(tmp_path, monkeypatch, cc, problem) -> None:
+    assert any(shutil.which(c) for c in ("cc", "gcc", "clang"))  # a fallback compiler exists here...
+    if cc == "NOT_EXEC":
+        cc = str(tmp_path / "cc")
+        Path(cc).write_text("#!/bin/sh\n")
+        os.chmod(cc, 0o644)
+    monkeypatch.setenv("CC", cc)
+    x, w, p = _fallback_case()
+    ok, why = K.kernel_status()
+    assert not ok and why.startswith(f"$CC={cc!r} {problem}; "), why  # ...and is not used
+    assert "unset it to use cc, gcc or clang" in why and not list(tmp_path.glob("hs_kernels_*"))
+    with pytest.warns(RuntimeWarning, match=re.escape(f"$CC={cc!r} {problem}")):
+        assert torch.allclose(K.csr_linear(x, p), F.linear(x, w), atol=1e-5)
+    with pytest.raises(HadamardSparseError, match=re.escape(f"$CC={cc!r}")):
+        K.csr_linear(x, p, backend="kernel")
 
 
 @pytest.mark.usefixtures("fresh_kernel")

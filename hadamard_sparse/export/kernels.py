@@ -12,7 +12,10 @@ Environment variables:
       fallback is used, with a warning);
     * ``HADAMARD_SPARSE_CACHE`` sets the cache directory (default
       ``$XDG_CACHE_HOME/hadamard_sparse`` or ``~/.cache/hadamard_sparse``);
-    * ``CC`` picks the compiler.
+    * ``CC`` picks the compiler: one executable, a path or a name on ``PATH`` (no arguments).
+      When it is set but not executable or not found, the kernel is not built with another
+      compiler: :func:`kernel_status` and the fallback's warning say ``$CC='...' does not
+      exist`` (or is not executable, or not found on ``PATH``) and ``torch.sparse`` is used.
 
 Threads: the kernel runs on ``torch.get_num_threads()`` OpenMP threads (the same OpenMP
 runtime as torch when both use libgomp).
@@ -75,15 +78,30 @@ def _cache_dir() -> Path:
     return Path(base) / "hadamard_sparse"
 
 
-def _compiler() -> str | None:
-    cc = os.environ.get("CC")
+def _compiler() -> tuple[str | None, str]:
+    """The C compiler's path, or ``None`` and why there is none.
+
+    A non-empty ``$CC`` is the user's choice: when it is not an executable (a path) or not found on
+    ``PATH`` (a name), there is no compiler, rather than a silent fall back to ``cc``/``gcc``/``clang``.
+    """
+    cc = os.environ.get("CC", "").strip()
     if cc:
-        return shutil.which(cc) or (cc if os.path.isfile(cc) else None)
+        found = shutil.which(cc)
+        if found:
+            return found, ""
+        if os.sep in cc or (os.altsep and os.altsep in cc):
+            problem = "is not an executable file" if os.path.exists(cc) else "does not exist"
+        else:
+            problem = "is not found on PATH"
+        return None, (
+            f"$CC={cc!r} {problem}; set CC to a C compiler (one executable, no arguments), or unset it "
+            "to use cc, gcc or clang"
+        )
     for name in ("cc", "gcc", "clang"):
         found = shutil.which(name)
         if found:
-            return found
-    return None
+            return found, ""
+    return None, "no C compiler found (install gcc or clang, or set CC)"
 
 
 def _cpu_signature() -> str:
@@ -111,9 +129,9 @@ def _compile() -> tuple[ctypes.CDLL | None, _Status]:
         return None, _Status(False, "disabled by HADAMARD_SPARSE_KERNELS=0")
     if not sys.platform.startswith(("linux", "darwin")):
         return None, _Status(False, f"compiled kernels are built on Linux and macOS only, not {sys.platform}")
-    cc = _compiler()
+    cc, why = _compiler()
     if cc is None:
-        return None, _Status(False, "no C compiler found (set CC, or install gcc or clang)")
+        return None, _Status(False, why)
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
         source = _SOURCE.read_bytes()
