@@ -134,13 +134,14 @@ class Batches:
         )
         return (enc,) if self.wrap else enc
 
-    def in_order(self) -> list[Any]:
-        """Every batch once, in the given order (for evaluation and calibration)."""
+    def in_order(self, limit: int | None = None) -> list[Any]:
+        """The first ``limit`` batches (all by default) in the given order (for evaluation and calibration)."""
+        n = len(self) if limit is None else min(limit, len(self))
         if self.texts is not None:
             b = self.batch_size
-            return [self.tokenize(self.texts[i : i + b]) for i in range(0, len(self.texts), b)]
+            return [self.tokenize(self.texts[i * b : (i + 1) * b]) for i in range(n)]
         assert self.inputs is not None
-        return list(self.inputs)
+        return list(self.inputs[:n])
 
     def at(self, step: int, seed: int) -> Any:
         """The batch of training step ``step`` (0-based): a pure function of ``(seed, step)``."""

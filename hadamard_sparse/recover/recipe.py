@@ -60,7 +60,10 @@ class RecoveryReport:
         steps: training steps done (in all, resumed runs included).
         planned_steps: the steps the plan had.
         minutes: wall-clock minutes of this call.
-        stopped_early: the ``max_minutes`` budget ended the run before its plan.
+        stopped_early: the ``max_minutes`` budget ended the run before its ramp reached the target,
+            so the masks were cut to the target at once at the end.
+        shortened: the plan was shortened to fit ``max_minutes`` (from the measured step time).
+        seconds: wall-clock seconds of each phase (setup, one_shot, train, final_cut_and_eval).
         one_shot: quality right after the one-shot pruning (``None`` without ``eval_data`` or on resume).
         quality: quality at the end (``None`` without ``eval_data``).
         losses: the training loss of every step.
@@ -78,11 +81,16 @@ class RecoveryReport:
     quality: Quality | None
     plan: Plan
     losses: list[float] = field(default_factory=list, repr=False)
+    shortened: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [
             f"sparsity {self.sparsity:.4f} (target {self.target:g}), {self.steps}/{self.planned_steps} steps "
-            f"in {self.minutes:.1f} min" + (" (stopped by max_minutes)" if self.stopped_early else "")
+            f"in {self.minutes:.1f} min"
+            + (" (plan shortened to fit max_minutes)" if self.shortened else "")
+            + (" (ramp cut short: masks cut to the target at the end)" if self.stopped_early else ""),
+            "seconds: " + ", ".join(f"{k} {v:g}" for k, v in self.seconds.items()),
         ]
         if self.one_shot is not None:
             lines.append(f"one-shot vs dense:  {self.one_shot}")
@@ -273,7 +281,7 @@ def recover(
         raise InvalidArgumentError(
             f"recover: no tensor of {type(model).__name__} is left to prune; check include/exclude"
         )
-    calibration = batches.in_order()[:n_calib]
+    calibration = batches.in_order(n_calib)
     entry, _ = check_method(method, None, calibration=calibration)
     state = load_checkpoint(checkpoint_dir) if resume else None  # type: ignore[arg-type]
     config = {
@@ -292,6 +300,8 @@ def recover(
     deadline = None if budget is None else t_start + 60.0 * budget
     one_shot_quality = None
     t_emb = None if eval_batches is None else embeddings(teacher, eval_batches)
+    timings = {"setup": time.perf_counter() - t_start}
+    t0 = time.perf_counter()
     if state is None:
         with torch.no_grad():
             sparsify(
@@ -303,6 +313,9 @@ def recover(
     else:
         sparsify(model, 0.0, include=include, exclude=excl or None)  # full-shape masks to load into
 
+    timings["one_shot"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    shortened = False
     # ---------------------------------------------------------------- the run
     model.train(dropout)
     features_of = _feature_modules(model, include, excl or None) if features else []
@@ -317,6 +330,7 @@ def recover(
             reserve = 0.0 if eval_batches is None else 0.5 * per_step * len(eval_batches)
             fit = int((deadline - time.perf_counter() - reserve) / per_step)
             if fit < plan.steps:
+                shortened = True
                 plan = plan_steps(target, initial, max(fit, 0), n_cuts)
                 run = _build(
                     model, distill, batches, plan, peak, wd, restarts, ramp_method, scope, seed, config
@@ -332,22 +346,29 @@ def recover(
         )  # fmt: skip
     finally:
         distill.remove()
+    timings["train"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cut = False
     if run.schedule is not None and run.schedule.sparsity < target:  # budget ran out mid-ramp
         GradualPruning(model, target, initial_sparsity=target, start_step=0, end_step=0, method=ramp_method,
                        scope=scope, seed=seed)  # fmt: skip
+        cut = True
     elif run.schedule is None and initial < target:  # no time for a ramp: cut to the target at once
         GradualPruning(model, target, initial_sparsity=target, start_step=0, end_step=0, method=ramp_method,
                        scope=scope, seed=seed)  # fmt: skip
+        cut = True
     model.eval()
     quality = None if t_emb is None else compare(t_emb, embeddings(model, eval_batches))  # type: ignore[arg-type]
     rep = sparsity_report(model)
     names = set(config["targets"])
     zeros = sum(t.zeros for t in rep.tensors if t.name in names)
     numel = sum(t.numel for t in rep.tensors if t.name in names)
+    timings["final_cut_and_eval"] = time.perf_counter() - t0
     return RecoveryReport(
         model=model, sparsity=zeros / max(numel, 1), target=target, steps=done, planned_steps=plan.steps,
-        minutes=(time.perf_counter() - t_start) / 60.0, stopped_early=stopped, one_shot=one_shot_quality,
-        quality=quality, plan=plan, losses=list(run.losses),
+        minutes=(time.perf_counter() - t_start) / 60.0, stopped_early=stopped or cut, one_shot=one_shot_quality,
+        quality=quality, plan=plan, losses=list(run.losses), shortened=shortened,
+        seconds={k: round(v, 1) for k, v in timings.items()},
     )  # fmt: skip
 
 
