@@ -11,13 +11,24 @@ Example::
 from .api import masks, register_mask, remove_parametrizations, sparsify
 from .calibration import ActivationStats, LayerStats, calibrate
 from .checkpoint import load_sparse_state_dict
-from .compress import compress_state_dict, decompress_state_dict, load_compressed, save_compressed
+from .compress import (
+    SizeReport,
+    TensorSize,
+    compress_state_dict,
+    decompress_state_dict,
+    load_compressed,
+    save_compressed,
+    size_report,
+)
 from .densities import layer_densities
+from .distill import Distiller
 from .errors import (
+    CalibrationError,
     HadamardSparseError,
     InvalidArgumentError,
     InvalidTypeError,
     NoTargetsError,
+    TeacherCacheMissError,
     UnsupportedGraphError,
 )
 from .export import (
@@ -38,6 +49,7 @@ from .factorization import (
     l1_penalty,
     register_factorization,
 )
+from .gradient_scores import GradientScores
 from .hf import load_pretrained, save_pretrained
 from .parametrizations import HadamardMask
 from .quantization import FakeQuant, fake_quantize, register_fake_quant
@@ -55,9 +67,12 @@ __all__ = [
     "SET",
     "ActivationStats",
     "Block",
+    "CalibrationError",
     "ChannelGroups",
     "Channels",
+    "Distiller",
     "FakeQuant",
+    "GradientScores",
     "GradualPruning",
     "HadamardFactorization",
     "HadamardMask",
@@ -74,10 +89,13 @@ __all__ = [
     "RestartingLR",
     "RigL",
     "ScoreContext",
+    "SizeReport",
     "SparseConv",
     "SparseLinear",
     "SparsityReport",
     "Structure",
+    "TeacherCacheMissError",
+    "TensorSize",
     "TensorSparsity",
     "UnsupportedGraphError",
     "__version__",
@@ -104,6 +122,7 @@ __all__ = [
     "save_compressed",
     "save_pretrained",
     "shrink",
+    "size_report",
     "sparsify",
     "sparsity_report",
     "to_sparse",

@@ -156,6 +156,12 @@ def check_method(
         raise InvalidArgumentError(f"scope must be one of {list(SCOPES)}, got {scope!r}")
     if scope not in entry.scopes:
         raise InvalidArgumentError(f"method {method!r} supports scope in {list(entry.scopes)}, got {scope!r}")
+    if entry.needs_gradients and calibration is None:
+        raise InvalidArgumentError(
+            f"method {method!r} needs gradients gathered during training, got calibration=None: build "
+            "tracker = hs.GradientScores(model) before training (it records every backward pass), train, "
+            "then pass calibration=tracker"
+        )
     if entry.needs_calibration:
         if not takes_calibration:
             raise InvalidArgumentError(

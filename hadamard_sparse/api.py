@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import dsnot, reconstruct, ria, sparsegpt
+from . import dsnot, gradient_scores, reconstruct, ria, sparsegpt
 from ._checks import (
     Selectors,
     check_distribution,
@@ -32,6 +32,7 @@ from .allocation import check_allocation, owl_sparsities
 from .checkpoint import bake, drop_load_hook, ensure_load_hook
 from .densities import densities_for_shapes
 from .errors import InvalidArgumentError, InvalidTypeError, NoTargetsError
+from .gradient_scores import check_gradients
 from .groups import TensorGroups
 from .layers import Target, check_not_wrapped, resolve_targets
 from .parametrizations import HadamardMask, check_mask
@@ -68,6 +69,13 @@ register_score(
 register_score("ria", needs_calibration=True, scopes=ria.SCOPES)(ria.ria_score)
 register_score("dsnot", needs_calibration=True, scopes=dsnot.SCOPES, pruner=dsnot.prune)(
     reconstruct.wanda_score
+)
+# From the gradients an hs.GradientScores recorded: "movement" (mask only), "obs" (oBERT; its pruner updates weights).
+register_score("movement", scopes=gradient_scores.MOVEMENT_SCOPES, needs_gradients=True)(
+    gradient_scores.movement_score
+)
+register_score("obs", scopes=gradient_scores.SCOPES, needs_gradients=True, pruner=gradient_scores.obs_prune)(
+    gradient_scores.obs_score
 )
 
 
@@ -456,13 +464,18 @@ def sparsify(
     if st is not None:
         check_structure(st, targets, [per] if isinstance(per, float) else per)
     check_mask_shapes(targets, st, structure)
+    if entry.needs_gradients:  # "movement", "obs": the GradientScores must hold gradients of every target
+        check_gradients(calibration, targets, method, need_data=True, structure=st)
     if entry.pruner is not None:  # e.g. sparsegpt: also rewrites the kept weights
         per_list = [per] * len(targets) if isinstance(per, float) else per
+        kw: dict[str, Any] = (
+            {"min_keep": min_keep if scope == "global" else 0} if entry.needs_gradients else {}
+        )
         _run_pruner(
-            entry.pruner, model, targets, per_list, scope=scope, structure=st, calibration=calibration
+            entry.pruner, model, targets, per_list, scope=scope, structure=st, calibration=calibration, **kw
         )
         return model
-    stats = None
+    stats = calibration if entry.needs_gradients else None  # a GradientScores maps names to gradient states
     if entry.needs_calibration:
         stats = stats_for(model, targets, calibration, method=method, need_gram=entry.needs_gram)
     keeps: list[torch.Tensor | None] = compute_keep_masks(  # type: ignore[assignment]

@@ -38,7 +38,14 @@ import torch
 from torch import nn
 
 from ._checks import Selectors, check_module
-from .errors import InvalidArgumentError, InvalidTypeError, NoTargetsError
+from .errors import (
+    CalibrationError,
+    CalibrationRuntimeError,
+    CalibrationTypeError,
+    InvalidArgumentError,
+    InvalidTypeError,
+    NoTargetsError,
+)
 from .layers import LayerRule, Target, layer_rule, resolve_targets, rule_for_kind
 
 __all__ = ["ActivationStats", "LayerStats", "calibrate"]
@@ -199,18 +206,84 @@ def _unsupported_reason(rule: LayerRule | None) -> str | None:
     return None
 
 
-def _call(model: nn.Module, batch: Any) -> None:
+def call_batch(model: nn.Module, batch: Any, index: int, *, passthrough: tuple[type, ...] = ()) -> None:
+    """Run ``model`` on one calibration batch: ``model(x)``, ``model(*b)`` or ``model(**b)``.
+
+    An exception of the model's forward is re-raised as a :class:`~hadamard_sparse.errors.CalibrationError`
+    (a :class:`CalibrationTypeError`/:class:`CalibrationRuntimeError` for a ``TypeError``/``RuntimeError``)
+    naming the batch (``index``, 0-based), how the model was called and the batch's contents, with
+    the original chained; exceptions of the ``passthrough`` types (stop signals of the caller's hooks)
+    propagate unchanged.
+    """
     if isinstance(batch, torch.Tensor):
-        model(batch)
+        how, args, kwargs = "model(batch)", (batch,), {}
     elif isinstance(batch, Mapping):
-        model(**batch)
+        how, args, kwargs = "model(**batch)", (), dict(batch)
     elif isinstance(batch, (tuple, list)):
-        model(*batch)
+        how, args, kwargs = "model(*batch)", tuple(batch), {}
     else:
         raise InvalidTypeError(
             f"calibration batches must be tensors, tuples/lists of positional arguments or dicts of "
-            f"keyword arguments, got {type(batch).__name__}"
+            f"keyword arguments, got {type(batch).__name__} at index {index} (0-based)"
         )
+    try:
+        model(*args, **kwargs)
+    except passthrough:
+        raise
+    except Exception as exc:
+        if isinstance(exc, (_StopForward, CalibrationError)):
+            raise
+        cls = (
+            CalibrationTypeError
+            if isinstance(exc, TypeError)
+            else CalibrationRuntimeError
+            if isinstance(exc, RuntimeError)
+            else CalibrationError
+        )
+        raise cls(_batch_failure(model, batch, index, how, exc)) from exc
+
+
+def _describe(x: Any, depth: int = 0) -> str:
+    """A short description of a batch: tensor shapes and dtypes, dict keys, sequence items."""
+    if isinstance(x, torch.Tensor):
+        return f"Tensor{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"
+    if depth >= 2:
+        return type(x).__name__
+    if isinstance(x, Mapping):
+        items = [f"{k}={_describe(v, depth + 1)}" for k, v in list(x.items())[:6]]
+        more = ", ..." if len(x) > 6 else ""
+        return f"{type(x).__name__}({', '.join(items)}{more})"
+    if isinstance(x, (tuple, list)):
+        items = [_describe(v, depth + 1) for v in x[:6]]
+        more = ", ..." if len(x) > 6 else ""
+        open_, close = ("(", ")") if isinstance(x, tuple) else ("[", "]")
+        return f"{open_}{', '.join(items)}{',' if len(x) == 1 and isinstance(x, tuple) else ''}{more}{close}"
+    return type(x).__name__
+
+
+def _is_sentence_transformer(model: nn.Module) -> bool:
+    return any(c.__name__ == "SentenceTransformer" for c in type(model).__mro__)
+
+
+def _batch_failure(model: nn.Module, batch: Any, index: int, how: str, exc: BaseException) -> str:
+    lines = [
+        f"calibration batch {index} (0-based index into the batches) failed: {type(model).__name__} "
+        f"was called as {how} with batch = {_describe(batch)}",
+        f"the model raised {type(exc).__name__}: {exc}",
+    ]
+    if _is_sentence_transformer(model):
+        lines.append(
+            "a SentenceTransformer's forward takes one dict of features, not keyword arguments: give "
+            "batches of (st.tokenize(texts),) (st.preprocess(texts) in sentence-transformers >= 6), "
+            "called as model(features), or prune the transformer inside it, st[0].auto_model, with "
+            "tokenizer dicts as batches"
+        )
+    else:
+        lines.append(
+            "a batch is a tensor (model(x)), a tuple/list of positional arguments (model(*b)) or a dict "
+            "of keyword arguments (model(**b)); each must run as model's forward expects"
+        )
+    return "\n".join(lines)
 
 
 def with_progress(batches: Iterable[Any], show: bool | None, desc: str) -> Iterable[Any]:
@@ -277,11 +350,11 @@ def collect(
             handles.append(module.register_forward_pre_hook(make_hook(group), with_kwargs=True))
         model.eval()
         with torch.inference_mode():
-            for batch in with_progress(batches, progress, "calibrate"):
+            for index, batch in enumerate(with_progress(batches, progress, "calibrate")):
                 for acc in accs.values():
                     acc.batch_calls = 0
                 try:
-                    _call(model, batch)
+                    call_batch(model, batch, index)
                 except _StopForward:
                     pass
                 for acc in accs.values():

@@ -5,7 +5,7 @@ Commands (``hadamard-sparse`` or ``python -m hadamard_sparse``)::
     hadamard-sparse sparsify MODEL_DIR OUT_DIR --sparsity 0.5 [--method magnitude|wanda|sparsegpt]
                     [--structure 2:4] [--scope layer|global|row] [--calibration FILE]
                     [--exclude PATTERN ...] [--include PATTERN ...] [--min-keep N] [--seed N] [--bake]
-                    [--embeddings] [--compress]
+                    [--embeddings] [--compress [--quantize int8]]
     hadamard-sparse recover MODEL_DIR OUT_DIR --data TEXTS.txt [--sparsity 0.9] [--eval EVAL.txt] ...
     hadamard-sparse report MODEL_DIR_OR_FILE
     hadamard-sparse demo [--sparsity 0.9] [--epochs 8] [--finetune-epochs 4]
@@ -46,6 +46,7 @@ from ._cli_common import OneLineParser, check_out_dir, load_model, safetensors_e
 from .api import remove_parametrizations, sparsify
 from .cli_recover import add_recover_parser
 from .compress import load_compressed
+from .compress.quant import QUANTIZE_MODES
 from .errors import HadamardSparseError
 from .hf import is_compressed_file, save_model_dir
 from .layers import resolve_targets
@@ -253,6 +254,8 @@ def _check_sparsify_args(parser: argparse.ArgumentParser, args: argparse.Namespa
     check_out_dir(parser, args.model_dir, args.out_dir)
     if args.compress and importlib.util.find_spec("safetensors") is None:
         parser.error('--compress needs safetensors: pip install "hadamard-sparse[examples]"')
+    if args.quantize is not None and not args.compress:
+        parser.error(f"--quantize {args.quantize} applies to compressed weights: add --compress")
     entry = get_score(args.method)
     scope = args.scope or entry.scopes[0]
     if scope not in entry.scopes:
@@ -317,7 +320,9 @@ def _cmd_sparsify(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     report = sparsity_report(model)
     if args.bake:
         remove_parametrizations(model)
-    save_model_dir(model, Path(args.model_dir), Path(args.out_dir), compress=args.compress)
+    save_model_dir(
+        model, Path(args.model_dir), Path(args.out_dir), compress=args.compress, quantize=args.quantize
+    )
     print(report)
     print(f"wrote {args.out_dir} in {time.perf_counter() - t0:.1f} s")
     if args.compress:
@@ -478,6 +483,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write the weights compressed (model.compressed.safetensors, sparse tensors as bitmask + values "
         "or CSR); load with hs.load_pretrained, not plain from_pretrained",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=list(QUANTIZE_MODES),
+        default=None,
+        help="with --compress: store weights and embeddings (2+ dimensions) as int8 with per-row scales, "
+        "within max|row|/254 per entry; biases, LayerNorm and masks stay exact",
     )
     p.set_defaults(run=_cmd_sparsify, parser=p)
     add_recover_parser(sub)

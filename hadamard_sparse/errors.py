@@ -9,15 +9,24 @@ working for callers that do not know this library, and every one of them is a
 - :class:`InvalidTypeError`: an argument has a refused type (also a :class:`TypeError`).
 - :class:`NoTargetsError`: the model has no tensor the operation can act on.
 - :class:`UnsupportedGraphError`: a model's graph cannot be transformed safely.
+- :class:`TeacherCacheMissError`: a batch is not in a distiller's strict teacher cache.
+- :class:`CalibrationError`: the model's forward raised on a calibration batch (the model's own
+  exception is chained as ``__cause__``); raised as :class:`CalibrationTypeError` (also a
+  :class:`TypeError`) or :class:`CalibrationRuntimeError` (also a :class:`RuntimeError`) when the
+  model raised one of those, so code catching the original category keeps working.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "CalibrationError",
+    "CalibrationRuntimeError",
+    "CalibrationTypeError",
     "HadamardSparseError",
     "InvalidArgumentError",
     "InvalidTypeError",
     "NoTargetsError",
+    "TeacherCacheMissError",
     "UnsupportedGraphError",
 ]
 
@@ -40,3 +49,19 @@ class NoTargetsError(HadamardSparseError):
 
 class UnsupportedGraphError(HadamardSparseError):
     """Raised when a model's graph cannot be transformed safely (e.g. by ``shrink``)."""
+
+
+class TeacherCacheMissError(HadamardSparseError):
+    """Raised when a :class:`~hadamard_sparse.distill.Distiller` with ``cache="strict"`` meets a batch it has not cached."""
+
+
+class CalibrationError(InvalidArgumentError):
+    """Raised when the model cannot run a calibration batch; the model's exception is the ``__cause__``."""
+
+
+class CalibrationTypeError(CalibrationError, InvalidTypeError):
+    """A :class:`CalibrationError` whose cause is a :class:`TypeError` (it is a ``TypeError`` too)."""
+
+
+class CalibrationRuntimeError(CalibrationError, RuntimeError):
+    """A :class:`CalibrationError` whose cause is a :class:`RuntimeError` (it is a ``RuntimeError`` too)."""

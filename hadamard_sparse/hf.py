@@ -22,6 +22,7 @@ from torch import nn
 
 from .checkpoint import load_sparse_state_dict, record_key_pattern
 from .compress import load_compressed, save_compressed
+from .compress.quant import check_quantize
 from .errors import InvalidArgumentError, InvalidTypeError
 
 #: The weights file of a compressed directory.
@@ -67,7 +68,9 @@ def _untied(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_pretrained(model: nn.Module, out_dir: str | os.PathLike[str], *, compress: bool = False) -> None:
+def save_pretrained(
+    model: nn.Module, out_dir: str | os.PathLike[str], *, compress: bool = False, quantize: str | None = None
+) -> None:
     """Write a Hugging Face model directory, sparse or baked, optionally with compressed weights.
 
     ``model.save_pretrained(out_dir)`` writes the config and the weights: a sparsified model's effective
@@ -82,6 +85,10 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike[str], *, compre
         model: a transformers ``PreTrainedModel`` (sparsified, baked or dense).
         out_dir: the directory to write (created if missing; must not be a file).
         compress: store the weights compressed (bitmask + values or CSR for sparse tensors).
+        quantize: with ``compress=True``, ``"int8"`` stores the floating tensors of two or more
+            dimensions (weights, embeddings) as int8 with per-row scales (within ``max|row| / 254``
+            per entry; biases, LayerNorm and masks exact), as
+            :func:`~hadamard_sparse.compress.save_compressed` does; ``None`` keeps every tensor bitwise.
 
     Example::
 
@@ -97,6 +104,11 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike[str], *, compre
         raise InvalidTypeError(f"out_dir must be a str or os.PathLike, got {type(out_dir).__name__}")
     if not isinstance(compress, bool):
         raise InvalidTypeError(f"compress must be a bool, got {type(compress).__name__}")
+    check_quantize(quantize, None, ())
+    if quantize is not None and not compress:
+        raise InvalidArgumentError(
+            f"quantize={quantize!r} needs compress=True (it applies to compressed weights)"
+        )
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InvalidArgumentError(f"out_dir {str(out)!r} exists and is not a directory")
@@ -108,7 +120,7 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike[str], *, compre
                 f.unlink()
         model.save_pretrained(out, safe_serialization=True)
         if compress:
-            save_compressed(_untied(model.state_dict()), out / COMPRESSED_WEIGHTS)
+            save_compressed(_untied(model.state_dict()), out / COMPRESSED_WEIGHTS, quantize=quantize)
             for f in _weight_files(out):
                 f.unlink()
     except BaseException:
@@ -151,11 +163,12 @@ def save_model_dir(
     out: str | os.PathLike[str],
     *,
     compress: bool = False,
+    quantize: str | None = None,
     weights_under: str = "",
 ) -> None:
     """Write ``out``: the other files of the model directory ``src``, then ``model``'s config and weights.
 
-    ``weights_under`` is the subfolder of ``out`` the weights go to (a sentence-transformers
+    ``compress`` and ``quantize`` are :func:`save_pretrained`'s. ``weights_under`` is the subfolder of ``out`` the weights go to (a sentence-transformers
     directory whose Transformer module lives in a subfolder). If writing fails, a directory this
     call created is removed.
     """
@@ -164,7 +177,9 @@ def save_model_dir(
     try:
         out.mkdir(parents=True, exist_ok=True)
         copy_model_files(src, out)
-        save_pretrained(model, out / weights_under if weights_under else out, compress=compress)
+        save_pretrained(
+            model, out / weights_under if weights_under else out, compress=compress, quantize=quantize
+        )
     except BaseException:
         if created:
             shutil.rmtree(out, ignore_errors=True)
@@ -230,8 +245,9 @@ def _for_base_model(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[st
 def load_pretrained(model_dir: str | os.PathLike[str], *, model_class: Any = None) -> nn.Module:
     """Load a Hugging Face model directory, restoring masks and reading compressed weights.
 
-    - A compressed directory (written by ``save_pretrained(..., compress=True)``): the model is built
-      from its config in the dtype of the saved tensors, then loaded with
+    - A compressed directory (written by ``save_pretrained(..., compress=True)``, int8-quantized or
+      not): the model is built from its config in the dtype of the saved tensors (int8 tensors are
+      dequantized to theirs), then loaded with
       :func:`~hadamard_sparse.checkpoint.load_sparse_state_dict`, so the masks come back bitwise as
       parametrizations.
     - A plain directory written while sparse (``"<name>_mask"`` records in its safetensors):

@@ -45,7 +45,7 @@ from torch import nn
 
 from . import sparsegpt as _sgpt
 from ._engine import compute_keep_masks, pre_mask_value
-from .calibration import ActivationStats, LayerStats, collect, with_progress
+from .calibration import ActivationStats, LayerStats, call_batch, collect, with_progress
 from .errors import InvalidArgumentError, InvalidTypeError
 from .layers import Target
 from .scores import ScoreContext, get_score
@@ -201,16 +201,6 @@ def _first_tensor(out: Any) -> torch.Tensor:
     )
 
 
-def _call(model: nn.Module, batch: Any) -> None:
-    """``model(batch)``, ``model(*batch)`` or ``model(**batch)`` (batches were checked by the probe pass)."""
-    if isinstance(batch, dict):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        model(batch)
-
-
 class _Stop(Exception):
     """Stops a forward pass whose remaining outputs are not needed."""
 
@@ -235,8 +225,10 @@ def _detach(x: Any) -> Any:
     return x
 
 
-def _run_model(model: nn.Module, batches: Sequence[Any], hooks: list[tuple[nn.Module, Any, bool]]) -> None:
-    """One no-grad eval-mode pass over ``batches`` with temporary hooks ``(module, fn, is_pre)``."""
+def _run_model(
+    model: nn.Module, batches: Sequence[Any], hooks: list[tuple[nn.Module, Any, bool]], first: int = 0
+) -> None:
+    """One no-grad eval-mode pass over ``batches`` (the first being batch ``first``) with temporary hooks."""
     modes = {m: m.training for m in model.modules()}
     handles = []
     try:
@@ -247,9 +239,9 @@ def _run_model(model: nn.Module, batches: Sequence[Any], hooks: list[tuple[nn.Mo
                 handles.append(module.register_forward_hook(fn))
         model.eval()
         with torch.no_grad():
-            for batch in batches:
+            for index, batch in enumerate(batches):
                 try:
-                    _call(model, batch)
+                    call_batch(model, batch, first + index, passthrough=(_Stop,))
                 except _Stop:
                     pass
     finally:
@@ -276,7 +268,7 @@ def _dense_outputs(
     hooks: list[tuple[nn.Module, Any, bool]] = [(b, make(i), False) for i, b in enumerate(blocks)]
     for j, batch in enumerate(batches):
         batch_index[0] = j
-        _run_model(model, [batch], hooks)
+        _run_model(model, [batch], hooks, j)
     return outs
 
 

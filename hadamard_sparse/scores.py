@@ -59,6 +59,7 @@ class ScoreEntry:
     scopes: tuple[str, ...]
     needs_gram: bool = False
     pruner: PrunerFn | None = None
+    needs_gradients: bool = False
 
 
 _SCORES: dict[str, ScoreEntry] = {}
@@ -71,6 +72,7 @@ def register_score(
     scopes: tuple[str, ...] = ("global", "layer"),
     needs_gram: bool = False,
     pruner: PrunerFn | None = None,
+    needs_gradients: bool = False,
 ) -> Callable[[ScoreFn], ScoreFn]:
     """Register a score function under ``name`` (usable as ``sparsify(..., method=name)``).
 
@@ -83,6 +85,9 @@ def register_score(
         pruner: optional function that replaces the mask-only path of ``sparsify`` for this method
             (it may edit kept weights, as ``"sparsegpt"`` does); the score function then serves
             mask-only uses such as ``compute_keep_masks``.
+        needs_gradients: the method reads gradients gathered during training by a
+            :class:`~hadamard_sparse.GradientScores` passed as ``calibration`` (``"movement"``, ``"obs"``);
+            its score function then receives that tensor's gradient state as ``ctx.stats``.
 
     Returns:
         A decorator that registers and returns the function.
@@ -97,7 +102,7 @@ def register_score(
         raise InvalidTypeError(f"name must be a non-empty str, got {name!r}")
 
     def decorator(fn: ScoreFn) -> ScoreFn:
-        _SCORES[name] = ScoreEntry(fn, needs_calibration, tuple(scopes), needs_gram, pruner)
+        _SCORES[name] = ScoreEntry(fn, needs_calibration, tuple(scopes), needs_gram, pruner, needs_gradients)
         return fn
 
     return decorator

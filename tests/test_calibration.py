@@ -499,3 +499,111 @@ def test_calibrate_include_exclude_and_deprecated_targets() -> None:
         calibrate(model, xs, targets="0.*", include="2.*")
     with pytest.raises(hs.InvalidArgumentError, match="include entry 'nothing' matches no targetable tensor"):
         calibrate(model, xs, include="nothing")
+
+
+# --------------------------------------------------------------------------- batches the model cannot take
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "sparsegpt_block", None])
+def test_wrong_width_batch_names_the_batch_the_call_and_chains_the_cause(method: str | None) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    before = _state(model)
+    batches = [torch.randn(4, 8), torch.randn(4, 12)]  # the second one is too wide
+    with pytest.raises(hs.CalibrationError) as info:
+        if method is None:
+            calibrate(model, batches)
+        else:
+            hs.sparsify(model, 0.5, method=method, calibration=batches)
+    err = info.value
+    assert isinstance(err, RuntimeError) and isinstance(
+        err, hs.HadamardSparseError
+    )  # the original category too
+    assert isinstance(err.__cause__, RuntimeError) and not isinstance(err.__cause__, hs.HadamardSparseError)
+    msg = str(err)
+    assert "calibration batch 1 (0-based" in msg and "model(batch)" in msg and "Tensor(4, 12) float32" in msg
+    assert str(err.__cause__) in msg
+    # refused before anything changed: no mask, same weights, no hook left behind
+    assert hs.masks(model) == {}
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+
+
+def test_tuple_and_dict_batches_say_how_the_model_was_called() -> None:
+    model = nn.Sequential(nn.Linear(4, 2))
+    with pytest.raises(
+        hs.CalibrationError, match=r"batch 0 .*model\(\*batch\) with batch = \(Tensor\(2, 4\) float32, Tensor"
+    ):
+        calibrate(model, [(torch.randn(2, 4), torch.randn(2, 4))])
+    with pytest.raises(
+        TypeError, match=r"model\(\*\*batch\) with batch = dict\(x=Tensor\(2, 4\) float32\)"
+    ) as info:
+        calibrate(model, [{"x": torch.randn(2, 4)}])
+    assert isinstance(info.value, hs.CalibrationError) and isinstance(info.value.__cause__, TypeError)
+
+
+def _tiny_sentence_transformer(tmp_path) -> nn.Module:  # type: ignore[no-untyped-def]
+    """A SentenceTransformer around a 2-layer BERT from a tiny config (MiniLM's tokenizer; no download)."""
+    pytest.importorskip("sentence_transformers")
+    from conftest import minilm_path
+    from sentence_transformers import SentenceTransformer
+    from transformers import BertConfig, BertModel
+
+    with warnings.catch_warnings():  # sentence-transformers >= 6 moved the module classes
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from sentence_transformers.models import Pooling, Transformer
+
+    tok = minilm_path()
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    BertModel(config).save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = Transformer(str(tmp_path), tokenizer_name_or_path=tok)
+        return SentenceTransformer(modules=[first, Pooling(32)], device="cpu").eval()
+
+
+@pytest.mark.slow  # importing sentence-transformers alone takes seconds
+def test_sentence_transformer_given_tokenizer_dicts_gets_the_hint(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    st = _tiny_sentence_transformer(tmp_path)
+    texts = ["A man is playing a guitar.", "A cat sits on the mat."]
+    features = st.tokenize(texts)
+    before = _state(st)
+    with pytest.raises(hs.CalibrationError) as info:
+        hs.sparsify(st, 0.5, method="wanda", calibration=[dict(features)])
+    msg = str(info.value)
+    assert isinstance(info.value, TypeError) and isinstance(info.value.__cause__, TypeError)
+    assert "calibration batch 0 (0-based" in msg and "model(**batch)" in msg and "input_ids=Tensor" in msg
+    assert "st[0].auto_model" in msg and "(st.tokenize(texts),)" in msg
+    assert hs.masks(st) == {}
+    after = st.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    # what the hint says works: one dict of features per batch, as a 1-tuple
+    with torch.no_grad():
+        dense = st(dict(features))["sentence_embedding"]
+    hs.sparsify(st, 0.5, method="wanda", calibration=[(features,)])
+    assert len(hs.masks(st)) == 2 * 6 + 1  # q, k, v, out, ffn in, ffn out per layer, and the pooler
+    with torch.no_grad():
+        pruned = st(dict(features))["sentence_embedding"]
+    assert pruned.shape == dense.shape and not torch.equal(pruned, dense)
+
+
+def test_sentence_transformer_hint_by_class_name() -> None:
+    """The fast stand-in of the test above: the hint is keyed on the class name, as no import is needed."""
+
+    class SentenceTransformer(nn.Sequential):  # the real one's forward takes one dict of features
+        def forward(self, input: dict) -> torch.Tensor:
+            return super().forward(input["x"])
+
+    st = SentenceTransformer(nn.Linear(4, 2))
+    with pytest.raises(hs.CalibrationError, match=r"st\[0\]\.auto_model") as info:
+        calibrate(st, [{"x": torch.randn(2, 4)}])
+    assert "model(**batch)" in str(info.value) and isinstance(info.value, TypeError)
+    assert list(calibrate(st, [({"x": torch.randn(2, 4)},)])) == ["0.weight"]  # the hinted form works

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
+import hadamard_sparse as hs
 from hadamard_sparse.api import register_mask, remove_parametrizations, sparsify
-from hadamard_sparse.errors import UnsupportedGraphError
+from hadamard_sparse.errors import InvalidArgumentError, UnsupportedGraphError
 from hadamard_sparse.export import SparseLinear, graph, shrink, to_sparse
 
 ATOL = 1e-5
@@ -134,8 +137,19 @@ def test_shrink_keeps_constant_channels_before_padded_conv() -> None:
     with torch.no_grad():
         model[0].bias.fill_(0.5)  # relu(0.5) != 0: zero padding would make the border differ
     prune_rows(model[0], [0, 1, 2])
-    shrunk, _ = check_equal(model, torch.randn(2, 3, 6, 6))
-    assert shrunk[0].out_channels == 8 and shrunk[2].in_channels == 8
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        ref = model(x)
+    # nothing can go, so shrink would only bake the masks away: refused, naming the layer and why
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"0\.weight \(Conv2d\): 3 of 3 masked output units stay: .*their unmasked bias; e\.g\. 0\.5\) "
+        r"into layer '2' \(Conv2d\), which pads with zeros(.|\n)*channel_group",
+    ):
+        shrink(model, x)
+    assert parametrize.is_parametrized(model[0], "weight") and model[0].out_channels == 8
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
     # with the bias masked too, the channels are zero and go
     model2 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
     prune_rows(model2[0], [0, 1, 2], bias=True)
@@ -245,13 +259,23 @@ def test_shrink_through_depthwise_conv() -> None:
     assert shrunk[4].in_channels == 6
 
 
-def test_shrink_nothing_pruned_is_identity_and_bakes() -> None:
+def test_shrink_unstructured_masks_are_refused_and_a_baked_model_is_identity() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
     register_mask(model[0], "weight", torch.arange(24).view(6, 4) % 2 == 0)  # no empty row
     x = torch.randn(3, 4)
     with torch.no_grad():
         ref = model(x)
+    # nothing to remove: shrink would only bake the masks away, so it refuses and says what to do
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"0\.weight \(Linear\): unstructured mask \(12 of 24 entries(.|\n)*hs\.to_sparse",
+    ):
+        shrink(model, x)
+    assert parametrize.is_parametrized(model[0], "weight")
+    torch.testing.assert_close(model(x), ref)
+    # baked, there is no mask to lose: shrink is the identity
+    remove_parametrizations(model)
     out = shrink(model, x)
     assert out is model
     assert model[0].out_features == 6 and not hasattr(model[0], "parametrizations")
@@ -350,6 +374,10 @@ def test_shrink_grouped_conv_removes_group_aligned_channels(pruned: list[int], k
     torch.manual_seed(0)
     model = GroupedNet()  # conv: 8 channels -> grouped (2 groups of 4)
     prune_rows(model.conv, pruned, bias=bias)
+    if kept == 8:  # nothing can go: refused (the masks would only be baked away), naming why
+        with pytest.raises(InvalidArgumentError, match="another group of a grouped convolution"):
+            shrink(model, torch.randn(2, 3, 5, 5))
+        model = remove_parametrizations(model)  # baked, nothing is lost: shrink keeps every channel
     shrunk, _ = check_equal(model, torch.randn(2, 3, 5, 5))
     assert shrunk.conv.out_channels == shrunk.grouped.in_channels == kept
     assert shrunk.grouped.groups == 2 and shrunk.grouped.weight.shape == (4, kept // 2, 3, 3)
@@ -359,7 +387,10 @@ def test_shrink_unsupported_op_on_unpruned_tensor_is_fine() -> None:
     torch.manual_seed(0)
     model = SoftmaxNet()
     prune_rows(model.fc2, [0])  # the softmax reads fc1's (dense) output only
-    shrunk, _ = check_equal(model, torch.randn(2, 6))
+    # fc2's pruned output is a model output, so nothing can go: refused for that, not for the softmax
+    with pytest.raises(InvalidArgumentError, match=r"fc2\.weight \(Linear\): 1 of 1 masked .*model's output"):
+        shrink(copy.deepcopy(model), torch.randn(2, 6))
+    shrunk, _ = check_equal(remove_parametrizations(model), torch.randn(2, 6))
     assert shrunk.fc2.out_features == 3
 
 
@@ -575,3 +606,79 @@ def test_sparse_linear_deepcopy_save_and_dtype() -> None:
         torch.testing.assert_close(clone(x), ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(loaded(x), ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(as64(x.double()), dense.double()(x.double()), atol=1e-10, rtol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# shrink with masked units it cannot remove: warned, or refused when nothing at all can go
+# ---------------------------------------------------------------------------------------------
+
+
+def crepe_like() -> nn.Sequential:
+    """CREPE's conv stack as published (Conv -> ReLU -> BatchNorm -> MaxPool -> Dropout), small, trained-like BN."""
+
+    def block(cin: int, cout: int, k: int) -> list[nn.Module]:
+        conv = nn.Conv2d(cin, cout, (k, 1), padding=(k // 2, 0))
+        return [conv, nn.ReLU(), nn.BatchNorm2d(cout), nn.MaxPool2d((2, 1)), nn.Dropout(0.25)]
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        *block(1, 16, 9), *block(16, 8, 5), *block(8, 8, 3), nn.Flatten(), nn.Linear(64, 10)
+    )
+    randomize_bn(model)
+    return model.eval()
+
+
+def test_shrink_crepe_filters_masked_without_bias_and_batchnorm_are_named() -> None:
+    model = crepe_like()
+    x = torch.randn(2, 1, 64, 1)
+    prune_rows(model[0], [0, 1, 2, 3], bias=True)  # bias masked too: the BatchNorm shift stays
+    prune_rows(model[5], [0, 1])  # bias not masked
+    prune_rows(model[10], [0, 1, 2])  # read by Flatten -> Linear: its constants fold into the Linear's bias
+    with pytest.warns(UserWarning) as record:
+        shrunk, _ = check_equal(model, x)
+    (msg,) = [str(w.message) for w in record if "could not be removed" in str(w.message)]
+    assert (
+        "0.weight (Conv2d): 4 of 4 masked output units stay: they still output a non-zero constant (a BatchNorm shift"
+        in msg
+    )
+    assert "into layer '5' (Conv2d), which pads with zeros" in msg
+    assert (
+        "5.weight (Conv2d): 2 of 2 masked output units stay: they still output a non-zero constant (their unmasked bias"
+        in msg
+    )
+    assert "10.weight" not in msg and 'structure="channel_group"' in msg
+    assert (shrunk[0].out_channels, shrunk[5].out_channels, shrunk[10].out_channels) == (16, 8, 5)
+    assert shrunk[16].in_features == 40
+
+
+def test_shrink_crepe_refused_when_nothing_can_go_and_channel_groups_shrink() -> None:
+    model = crepe_like()
+    x = torch.randn(2, 1, 64, 1)
+    hs.sparsify(model, 0.5, structure="out_channel", scope="layer", include=["0", "5"])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        InvalidArgumentError, match=r"(?s)0\.weight .*5\.weight .*pads with zeros.*channel_group"
+    ):
+        shrink(model, x)
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    assert len(hs.masks(model)) == 2  # still masked: nothing lost
+    # what the message says to do: channel groups mask bias and BatchNorm with each filter
+    model = crepe_like()
+    hs.sparsify(model, 0.5, structure="channel_group", scope="layer", example_inputs=x, include=["0", "5"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shrunk, _ = check_equal(model, x)
+    assert (shrunk[0].out_channels, shrunk[5].out_channels) == (8, 4)
+
+
+def test_shrink_unstructured_mlp_is_refused_naming_every_layer() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    hs.sparsify(model, 0.5)
+    with pytest.raises(InvalidArgumentError) as info:
+        shrink(model, torch.randn(2, 8))
+    msg = str(info.value)
+    for name in ("0", "2", "4"):
+        assert f"{name}.weight (Linear): unstructured mask" in msg
+    assert "hs.to_sparse" in msg and len(hs.masks(model)) == 3

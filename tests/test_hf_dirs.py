@@ -253,3 +253,54 @@ def test_vit_saved_under_renamed_keys(compress: bool, tmp_path: Path) -> None:
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
+
+
+def test_int8_compressed_directory_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """save_pretrained(compress=True, quantize="int8") and the CLI's --compress --quantize int8: load_pretrained
+    restores the masks exactly and every quantized weight within scale / 2 (the file's scales); bad options
+    are refused before anything is written."""
+    from safetensors.torch import load_file
+
+    model = _sparse("bert")
+    out = tmp_path / "q"
+    hs.save_pretrained(model, out, compress=True, quantize="int8")
+    hs.save_pretrained(model, tmp_path / "exact", compress=True)
+    stored = load_file(str(out / COMPRESSED_WEIGHTS))
+    loaded = hs.load_pretrained(out)
+    assert _same_masks(loaded, model) and len(hs.masks(loaded)) > 0
+    sd, back = model.state_dict(), loaded.state_dict()
+    scaled = [k.removesuffix(".__scale__") for k in stored if k.endswith(".__scale__")]
+    assert (
+        "bert.embeddings.word_embeddings.weight" in scaled
+        and "bert.encoder.layer.0.output.dense.weight" in scaled
+    )
+    for k in sd:
+        if k in scaled:
+            rows = sd[k].shape[0]
+            err = (back[k].double() - sd[k].double()).reshape(rows, -1).abs()
+            assert bool((err <= stored[f"{k}.__scale__"].double().unsqueeze(1) / 2).all()), k
+        elif k in stored:  # not quantized: bitwise (the tied decoder weight is the embeddings')
+            assert torch.equal(back[k], sd[k]), k
+    size = (out / COMPRESSED_WEIGHTS).stat().st_size
+    assert size < 0.5 * (tmp_path / "exact" / COMPRESSED_WEIGHTS).stat().st_size
+    for kwargs, match in (
+        ({"quantize": "int8"}, "needs compress=True"),
+        ({"compress": True, "quantize": "int4"}, "'int8'"),
+    ):
+        with pytest.raises(hs.InvalidArgumentError, match=match):
+            hs.save_pretrained(model, tmp_path / "refused", **kwargs)
+        assert not (tmp_path / "refused").exists()
+    # the command line
+    src = tmp_path / "src"
+    _bert().save_pretrained(src)
+    argv = ["sparsify", str(src), str(tmp_path / "cli"), "--sparsity", "0.9", "--scope", "layer", "--bake"]
+    code, _, err = _run([*argv, "--quantize", "int8"], capsys)
+    assert code == 2 and "--quantize int8 applies to compressed weights: add --compress" in err
+    code, _, err = _run([*argv, "--compress", "--quantize", "int4"], capsys)
+    assert code == 2 and "invalid choice: 'int4'" in err and "'int8'" in err
+    assert not (tmp_path / "cli").exists()
+    code, _, err = _run([*argv, "--compress", "--quantize", "int8"], capsys)
+    assert code == 0, err
+    stored = load_file(str(tmp_path / "cli" / COMPRESSED_WEIGHTS))
+    assert stored["bert.encoder.layer.1.intermediate.dense.weight.__values__"].dtype == torch.int8
+    assert hs.masks(hs.load_pretrained(tmp_path / "cli")) == {}  # baked

@@ -97,8 +97,13 @@ def test_recover_reaches_the_target_and_beats_pruning_without_learning(tok: obje
     print(report)
 
 
-def test_resume_is_bitwise_the_uninterrupted_run(tok: object, tmp_path: Path) -> None:
-    kw = dict(tokenizer=tok, steps=12, checkpoint_every=4, dropout=True, lr=1e-3, seed=3, **KW)
+@pytest.mark.parametrize("ramp", ["magnitude", "movement"])
+def test_resume_is_bitwise_the_uninterrupted_run(ramp: str, tok: object, tmp_path: Path) -> None:
+    kw = dict(
+        tokenizer=tok, steps=12, checkpoint_every=4, dropout=True, lr=1e-3, seed=3, ramp_method=ramp, **KW
+    )
+    if ramp == "movement":
+        kw["scope"] = "layer"
     whole = _bert(tok)
     full = recover(whole, TRAIN, 0.8, checkpoint_dir=tmp_path / "a", **kw)
 

@@ -31,7 +31,6 @@ from .attention import disable_fused_paths, shadow_runs, unpacked_modules
 from .choice import (
     DEFAULT_MAX_DENSITY,
     LAYOUTS,
-    MIN_SPEEDUP,
     TIMED_MAX_DENSITY,
     LayerChoice,
     Timer,
@@ -40,6 +39,7 @@ from .choice import (
     measure,
     rule_choice,
     split_inputs,
+    timed_choice,
 )
 from .dense_state import load_dense_entries, save_dense_entries
 from .sparse_conv import CONV_LAYOUTS, CONV_MAX_DENSITY, SparseConv, conv_weight_bias
@@ -408,7 +408,7 @@ def to_sparse(
     on the input it received there: dense against every sparse layout that applies
     (``layout="auto"``: ``csr_kernel`` for float32 CPU weights when the kernel builds,
     ``csr``, and ``bsr`` when the weight's nonzero blocks are sparse enough), and the fastest
-    is kept; a sparse layout must beat dense by 5% to replace it. **Without**, the rule is:
+    is kept (fastest of interleaved rounds); within 5% of dense the rule below decides. **Without**, the rule is:
     ``layout="auto"`` means ``csr_kernel`` (float32 CPU weights and a working kernel; else
     ``csr``), and a layer converts when its density is at most ``max_density``
     (default :data:`DEFAULT_MAX_DENSITY` of that layout: 0.3 for ``csr_kernel``, 0.2 for
@@ -561,9 +561,9 @@ def to_sparse(
             fns = {c: (lambda m=m, x=x: m(x)) for c, m in mods.items()}
             with torch.inference_mode():
                 seconds = run(name, fns)
-            best = min(sparse, key=lambda c: seconds[c])
-            chosen = best if seconds[best] * MIN_SPEEDUP < seconds["dense"] else "dense"
-            report.append(LayerChoice(name, rule.kind, density, chosen, "timed", seconds, tuple(x.shape)))
+            ruled = rule_choice(layout, w, density, max_density, rule.max_density, rule.kind)
+            chosen, why, seconds = timed_choice(seconds, sparse, *ruled, lambda: run(name, fns))  # noqa: B023
+            report.append(LayerChoice(name, rule.kind, density, chosen, why, seconds, tuple(x.shape)))
             if chosen != "dense":
                 built[name] = mods[chosen]
                 built[name].train(mod.training)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError
+from ..gradient_scores import GradientScores
 from ..schedules import GradualPruning, RestartingLR
 from .data import Batches
 from .distill import Distillation
@@ -132,6 +133,7 @@ class Run:
     seed: int
     config: dict[str, Any]
     losses: list[float]
+    tracker: GradientScores | None = None
 
 
 def _state(run: Run, step: int) -> dict[str, Any]:
@@ -144,6 +146,7 @@ def _state(run: Run, step: int) -> dict[str, Any]:
         "optimizer": run.optimizer.state_dict(),
         "lr": run.lr.state_dict(),
         "schedule": None if run.schedule is None else run.schedule.state_dict(),
+        "tracker": None if run.tracker is None else run.tracker.state_dict(),
         "rng": torch.get_rng_state(),
         "losses": list(run.losses),
     }
@@ -167,6 +170,8 @@ def restore(run: Run, state: dict[str, Any]) -> int:
     run.lr.load_state_dict(state["lr"])
     if run.schedule is not None:
         run.schedule.load_state_dict(state["schedule"])
+    if run.tracker is not None:
+        run.tracker.load_state_dict(state["tracker"])
     torch.set_rng_state(state["rng"])
     run.losses[:] = [float(x) for x in state["losses"]]
     return int(state["step"])

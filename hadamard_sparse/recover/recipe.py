@@ -32,11 +32,13 @@ from torch import nn
 from .._checks import Selectors, check_fraction, check_int, check_method, check_seed, check_selectors
 from ..api import sparsify
 from ..errors import InvalidArgumentError, InvalidTypeError
+from ..gradient_scores import GradientScores
 from ..layers import resolve_targets
 from ..reconstruct import find_blocks
 from ..report import sparsity_report
 from ..schedules import GradualPruning, RestartingLR, recovery_steps
 from ..schedules.base import check_schedule_method
+from ..scores import get_score
 from ..structures import check_sparsity, parse_structure
 from .data import Batches, is_sentence_transformer, tokenizer_of
 from .distill import Distillation
@@ -177,8 +179,10 @@ def recover(
             ``"sparsegpt"`` (``"sparsegpt_block"`` starts closer, 0.85 vs 0.79 cosine on
             all-MiniLM-L6-v2 at 70%, but its block reconstruction, 200 Adam steps per block, is what the
             distillation does anyway, at about 15 times the one-shot's time: 11 min vs 40 s there).
-        ramp_method: the score of the gradual ramp (a calibration-free registered score). Default:
-            ``"magnitude"``.
+        ramp_method: the score of the gradual ramp: a calibration-free registered score, or
+            ``"movement"`` / ``"obs"``, which read the gradients of the run (an
+            :class:`~hadamard_sparse.GradientScores` is built and checkpointed; ``"obs"`` keeps 16
+            gradients per tensor, blocks of 50). Default: ``"magnitude"``.
         initial_sparsity: the one-shot sparsity. Default: ``min(0.7, sparsity)``.
         structure: a structure for the one-shot masks (``"2:4"``): the masks then stay fixed and
             the run only distils.
@@ -235,7 +239,8 @@ def recover(
     )
     if initial > target or parsed is not None:
         initial = target
-    check_schedule_method(ramp_method, scope)
+    needs_grads = get_score(ramp_method).needs_gradients
+    check_schedule_method(ramp_method, scope, calibration=True if needs_grads else None)
     steps_n = recovery_steps(target) if steps is None else check_int(steps, "steps", 1)
     budget = _float(max_minutes, "max_minutes", 0.0, allow_none=True)
     n_cuts = check_int(pruning_steps, "pruning_steps", 1)
@@ -322,18 +327,37 @@ def recover(
     distill = Distillation(
         model, teacher, features=features_of, temperature=temp, feature_weight=1.0 if features else 0.0
     )
+    tracker = None
+    if needs_grads:  # movement / oBERT scores: gradients recorded during training
+        names = config["targets"]
+        tracker = GradientScores(model, num_grads=16 if ramp_method == "obs" else 0, include=names)
     try:
         plan = Plan(**state["plan"]) if state is not None else plan_steps(target, initial, steps_n, n_cuts)
-        run = _build(model, distill, batches, plan, peak, wd, restarts, ramp_method, scope, seed, config)
+        run = _build(
+            tracker, model, distill, batches, plan, peak, wd, restarts, ramp_method, scope, seed, config
+        )
         if state is None and deadline is not None:
             per_step = measure_step(run)
+            if tracker is not None:
+                tracker.reset()  # the measured passes are not training
             reserve = 0.0 if eval_batches is None else 0.5 * per_step * len(eval_batches)
             fit = int((deadline - time.perf_counter() - reserve) / per_step)
             if fit < plan.steps:
                 shortened = True
                 plan = plan_steps(target, initial, max(fit, 0), n_cuts)
                 run = _build(
-                    model, distill, batches, plan, peak, wd, restarts, ramp_method, scope, seed, config
+                    tracker,
+                    model,
+                    distill,
+                    batches,
+                    plan,
+                    peak,
+                    wd,
+                    restarts,
+                    ramp_method,
+                    scope,
+                    seed,
+                    config,
                 )
         start = 0
         if state is not None:
@@ -346,6 +370,8 @@ def recover(
         )  # fmt: skip
     finally:
         distill.remove()
+        if tracker is not None:
+            tracker.remove()
     timings["train"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     cut = False
@@ -373,6 +399,7 @@ def recover(
 
 
 def _build(
+    tracker: GradientScores | None,
     model: nn.Module,
     distill: Distillation,
     batches: Batches,
@@ -392,8 +419,8 @@ def _build(
     if plan.ramps:
         schedule = GradualPruning(
             model, plan.target, initial_sparsity=plan.initial, start_step=plan.start, end_step=plan.end,
-            every=plan.every, method=ramp_method, scope=scope, seed=seed,
+            every=plan.every, method=ramp_method, scope=scope, seed=seed, calibration=tracker,
         )  # fmt: skip
     cuts = [] if schedule is None or not restarts else list(range(plan.start, plan.end + 1, plan.every))
     lr_sched = RestartingLR(optimizer, cuts, total_steps=max(plan.steps, 1))
-    return Run(model, distill, batches, optimizer, lr_sched, schedule, plan, seed, config, [])
+    return Run(model, distill, batches, optimizer, lr_sched, schedule, plan, seed, config, [], tracker)

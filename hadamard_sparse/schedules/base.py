@@ -25,6 +25,7 @@ from .._engine import compute_keep_masks, mask_of
 from ..errors import InvalidArgumentError, InvalidTypeError, NoTargetsError
 from ..layers import Selectors, Target, select_targets
 from ..parametrizations import HadamardMask
+from ..scores import get_score
 from . import sharded
 
 __all__ = [
@@ -50,10 +51,19 @@ STATE_VERSION = 1
 SCHEDULE_SCOPES = ("global", "layer")
 
 
-def check_schedule_method(method: str, scope: str) -> None:
-    """A registered score without calibration, and a scope among :data:`SCHEDULE_SCOPES` that it supports."""
+def check_schedule_method(method: str, scope: str, calibration: Any = None, who: str = "") -> None:
+    """A registered score without calibration, and a scope among :data:`SCHEDULE_SCOPES` that it supports.
+
+    Methods that read recorded gradients (``"movement"``, ``"obs"``) need ``calibration`` (an
+    ``hs.GradientScores``); a schedule that takes none passes ``who`` to refuse them by name.
+    """
     check_choice(scope, "scope", SCHEDULE_SCOPES)
-    check_method(method, scope, takes_calibration=False)
+    if who and get_score(method).needs_gradients:
+        raise InvalidArgumentError(
+            f"{who} does not take method={method!r} (it reads gradients recorded during training); use "
+            "GradualPruning(..., method=..., calibration=hs.GradientScores(model))"
+        )
+    check_method(method, scope, takes_calibration=False, calibration=calibration)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,9 +342,22 @@ class Schedule:
     # -- pruning to a target with nested masks ----------------------------------------------
 
     def _prune_nested(
-        self, target: float, method: str, scope: str, structure: Any = None, min_keep: int = 0
+        self,
+        target: float,
+        method: str,
+        scope: str,
+        structure: Any = None,
+        min_keep: int = 0,
+        stats: Any = None,
     ) -> None:
-        """Prune the masks to ``target`` keeping them nested (masked entries are pruned first)."""
+        """Prune the masks to ``target`` keeping them nested (masked entries are pruned first).
+
+        ``stats``: an ``hs.GradientScores`` for methods that read recorded gradients; it is handed to
+        the scores and told about the new masks (``"obs"`` updates the kept weights; the tracker
+        drops its kept gradients) before they are written.
+        """
+        if stats is not None and target <= 0:  # nothing to prune: no scores needed, keep recording
+            return
         mesh = sharded.mesh_of(self._masked, self._who)
         if mesh is not None:  # FSDP2: each rank scores its shard, thresholds from all-reduced histograms
             sharded.check_no_structure(self._masked, structure, self._who)
@@ -353,6 +376,7 @@ class Schedule:
             value="effective",
             structure=structure,
             min_keep=min_keep,
+            stats=stats,
         )
         new = []
         for m, keep in zip(self._masked, keeps):
@@ -360,4 +384,7 @@ class Schedule:
             if keep.shape != m.mask.shape:
                 keep = keep.expand(m.shape) if m.full_mask else keep
             new.append(m.mask & keep)
-        write_masks(self._masked, broadcast_masks(new))
+        new = broadcast_masks(new)
+        if stats is not None:
+            stats.pruned(method, self._masked, new)
+        write_masks(self._masked, new)

@@ -10,10 +10,12 @@ from torch import nn
 from .._checks import check_fraction, check_int
 from .._engine import check_floor
 from ..errors import InvalidArgumentError
+from ..gradient_scores import GradientScores, check_gradients
 from ..layers import Selectors
+from ..scores import get_score
 from ..structures import check_sparsity, check_targets, parse_structure
 from . import sharded
-from .base import Schedule, check_schedule_method, check_unstructured
+from .base import Schedule, check_schedule_method, check_unstructured, is_distributed
 from .curves import CURVES
 
 __all__ = ["GradualPruning"]
@@ -49,6 +51,11 @@ class GradualPruning(Schedule):
         min_keep: with ``scope="global"``, the best ``min_keep`` weights (groups, with a structure)
             of every output unit are never pruned, as in :func:`~hadamard_sparse.sparsify`; a
             ``final_sparsity`` the floor cannot reach is refused here. ``0``: no floor. Default: ``1``.
+        calibration: for the methods that read gradients recorded during training (``"movement"``,
+            ``"obs"``): the :class:`~hadamard_sparse.GradientScores` built on the model before training.
+            After every pruning step it drops its kept gradients (and its movement, if built with
+            ``movement="since_prune"``); with ``"obs"`` each step also applies the OBS update to the
+            kept weights. ``None`` for every other method.
         include: only the masked tensors matching one of these selectors are driven (module types,
             glob patterns on qualified names, callables ``(name, module) -> bool``, as in
             :func:`~hadamard_sparse.sparsify`); the others keep their masks. ``None``: all.
@@ -82,6 +89,7 @@ class GradualPruning(Schedule):
         structure: Any = None,
         seed: int = 0,
         min_keep: int = 1,
+        calibration: GradientScores | None = None,
         include: Selectors = None,
         exclude: Selectors = None,
     ) -> None:
@@ -103,7 +111,7 @@ class GradualPruning(Schedule):
             raise InvalidArgumentError(
                 f"curve must be one of {list(CURVES)} or a callable progress -> sparsity, got {curve!r}"
             )
-        check_schedule_method(method, scope)
+        check_schedule_method(method, scope, calibration)
         parsed = parse_structure(structure)
         if parsed is not None:
             check_sparsity(parsed, final, "final_sparsity")
@@ -115,6 +123,7 @@ class GradualPruning(Schedule):
             check_targets(parsed, self._masked)
         self.min_keep = check_int(min_keep, "min_keep", 0) if scope == "global" else 0  # a floor is global
         check_floor(self._masked, final, parsed, self.min_keep, "final_sparsity")
+        self.calibration = self._check_gradients(method, calibration, parsed)
         self.final_sparsity = final
         self.initial_sparsity = initial
         self.start_step = start
@@ -125,6 +134,24 @@ class GradualPruning(Schedule):
         self.structure = structure
         if self._is_update(0):
             self._update(0)
+
+    def _check_gradients(self, method: str, calibration: Any, parsed: Any) -> GradientScores | None:
+        """The GradientScores of a method that reads recorded gradients (checked), else ``None``."""
+        if not get_score(method).needs_gradients:
+            if calibration is not None:
+                raise InvalidArgumentError(
+                    "calibration is for the methods that read recorded gradients ('movement', 'obs'), "
+                    f"got method={method!r} with calibration={type(calibration).__name__}"
+                )
+            return None
+        if sharded.mesh_of(self._masked, self._who) is not None:
+            raise InvalidArgumentError(f"method {method!r} does not support FSDP2-sharded weights yet")
+        if method == "obs" and is_distributed():
+            raise InvalidArgumentError(
+                "method 'obs' updates the kept weights from each rank's own gradients, which would make "
+                "the replicas differ under torch.distributed; use method='movement' there"
+            )
+        return check_gradients(calibration, self._masked, method, need_data=False, structure=parsed)
 
     def _curve_value(self, step: int) -> float:
         if isinstance(self.curve, str):
@@ -171,7 +198,7 @@ class GradualPruning(Schedule):
 
     def _update(self, step: int) -> None:
         target = self._curve_value(step)
-        self._prune_nested(target, self.method, self.scope, self.structure, self.min_keep)
+        self._prune_nested(target, self.method, self.scope, self.structure, self.min_keep, self.calibration)
         self._record(step, target)
 
     def _config(self) -> dict[str, Any]:

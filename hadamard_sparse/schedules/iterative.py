@@ -118,7 +118,7 @@ class IterativePruning(Schedule):
         self.rounds = check_int(rounds, "rounds", 1)
         self.final_sparsity = check_fraction(final_sparsity, "final_sparsity")
         self.every = check_int(every, "every", 1)
-        check_schedule_method(method, scope)
+        check_schedule_method(method, scope, who="IterativePruning")
         self.optimizer = check_optimizer(optimizer)
         if isinstance(rewind_to, Mapping):
             self.rewind_step: int | None = None
