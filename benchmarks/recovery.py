@@ -18,7 +18,8 @@ initial sparsity) and at the end. ``--baseline`` adds one-shot ``sparsegpt_block
 target (what issue 19 started from).
 
 Ablations (``--ablation a,b``): ``full`` (the recipe), ``no-features`` (output distillation only, no
-SquareHead), ``no-restarts`` (one linear decay instead of restarts), ``ramp-<score>`` (the ramp scored by
+SquareHead), ``no-restarts`` (one linear decay instead of restarts), ``scope-layer`` (the ramp per
+tensor instead of global), ``ramp-<score>`` (the ramp scored by
 another registered calibration-free score, e.g. ``ramp-movement`` / ``ramp-obs`` where registered).
 
 Run (defaults: 80% and 90%, 30 minutes each, 2 threads)::
@@ -143,7 +144,9 @@ def main() -> None:
     ap.add_argument("--two-four", action="store_true", help="add a 2:4 row")
     ap.add_argument("--max-minutes", type=float, default=30.0)
     ap.add_argument(
-        "--ablation", default="full", help="comma-separated: full,no-features,no-restarts,ramp-<score>"
+        "--ablation",
+        default="full",
+        help="comma-separated: full,no-features,no-restarts,scope-layer,ramp-<score>",
     )
     ap.add_argument("--baseline", action="store_true", help="add one-shot sparsegpt_block to the target")
     ap.add_argument("--threads", type=int, default=2)
@@ -193,8 +196,12 @@ def main() -> None:
                 kw["features"] = False
             elif ab == "no-restarts":
                 kw["restarts"] = False
+            elif ab == "scope-layer":
+                kw["scope"] = "layer"
             elif ab.startswith("ramp-"):
                 kw["ramp_method"] = ab[len("ramp-") :]
+                if kw["ramp_method"] == "movement":
+                    kw["scope"] = "layer"  # movement's scores are not comparable across layers
             elif ab != "full":
                 raise SystemExit(f"unknown ablation {ab!r}")
             settings.append((f"{s:g} {ab}", s, kw))
