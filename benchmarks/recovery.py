@@ -152,7 +152,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-train", type=int, default=20000)
     ap.add_argument("--n-eval", type=int, default=500)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--method", default="sparsegpt", help="one-shot method (default sparsegpt)")
     ap.add_argument("--steps", type=int, default=None, help="plan length (default: hs.recovery_steps)")
     ap.add_argument("--out", type=Path, default=RESULTS)

@@ -101,7 +101,7 @@ def add_recover_parser(sub: Any) -> None:
     p.add_argument(
         "--steps", type=_int_arg, default=None, help="training steps (default: grows with sparsity)"
     )
-    p.add_argument("--lr", type=_float_arg(0.0, None), default=1e-4, help="peak learning rate (default 1e-4)")
+    p.add_argument("--lr", type=_float_arg(0.0, None), default=3e-4, help="peak learning rate (default 3e-4)")
     p.add_argument("--batch-size", type=_int_arg, default=32, help="texts per step (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--resume", action="store_true", help="continue the run checkpointed in OUT_DIR")
