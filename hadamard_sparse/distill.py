@@ -56,6 +56,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ._checks import check_fraction, check_module
+from ._dtensor import is_dtensor
 from .distill_losses import (
     Pooling,
     batch_key,
@@ -96,6 +97,13 @@ def _has_our_masks(model: nn.Module) -> bool:
     return False
 
 
+def _is_sharded(model: nn.Module) -> bool:
+    """Whether ``fully_shard`` (FSDP2) sharded ``model`` or one of its submodules."""
+    return any(type(m).__name__.startswith("FSDP") for m in model.modules()) or any(
+        is_dtensor(p) for p in model.parameters()
+    )
+
+
 def _check_weight(value: object, arg: str) -> float:
     if (
         isinstance(value, bool)
@@ -126,9 +134,11 @@ class Distiller(nn.Module):
 
     Args:
         student: the model being trained (may be wrapped in ``DistributedDataParallel``: hooks go on
-            its inner module, and calls go through the wrapper).
+            its inner module, and calls go through the wrapper; or sharded with FSDP2's
+            ``fully_shard``: hooked modules return whole tensors, so the losses are unchanged).
         teacher: the model to imitate; by default a frozen deep copy of ``student`` made now (build the
             distiller before pruning). A given teacher is put in eval mode and run under ``no_grad``.
+            An FSDP2-sharded student needs one (a copy made before sharding, sharded too or whole).
         logits: distil the outputs' ``.logits`` (or a tensor output). ``None``: on unless
             ``features`` or ``embedding`` is selected.
         temperature: ``T > 0`` of the logit loss (oBERT: 2.0).
@@ -214,6 +224,13 @@ class Distiller(nn.Module):
                 raise InvalidArgumentError(
                     "teacher must be another model than the student, got the student itself"
                 )
+        elif _is_sharded(inner):
+            raise InvalidArgumentError(
+                "teacher=None deep-copies the student, but the student is sharded with FSDP2 (fully_shard): "
+                "a copy of a sharded model does not run as a model of its own; make the teacher before "
+                "sharding (teacher = copy.deepcopy(model) before hs.sparsify and fully_shard; shard it too, "
+                "or keep it whole on every rank) and pass teacher="
+            )
         elif _has_our_masks(inner):
             raise InvalidArgumentError(
                 "teacher=None copies the student, but the student already carries hadamard_sparse masks, so the "

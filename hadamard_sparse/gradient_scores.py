@@ -30,10 +30,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import parametrize
 
 from ._checks import Selectors, check_int, check_module
+from ._dtensor import is_dtensor
 from ._engine import compute_keep_masks, mask_of
 from .errors import InvalidArgumentError, InvalidTypeError, NoTargetsError
 from .layers import Target, check_not_wrapped, resolve_targets
@@ -60,6 +62,33 @@ MOVEMENT_SCOPES = ("layer", "global")
 MOVEMENT_WINDOWS = ("run", "since_prune")
 SCOPES = ("global", "layer")
 _CHUNK = 2048  # Fisher blocks inverted at once (2048 x 50 x 50 float64: 41 MB)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's block of an FSDP2-sharded DTensor, or ``t`` itself."""
+    return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined, no-any-return]
+
+
+def _sharded_targets(model: nn.Module, include: Selectors, exclude: Selectors) -> list[Target] | None:
+    """The masked tensors of an FSDP2-sharded model (those its schedules prune), or ``None`` if not sharded.
+
+    ``fully_shard`` changes the class of the modules it shards, so the layer registry does not
+    recognise them; the masks (registered before sharding) say what is targeted.
+    """
+    if not any(is_dtensor(p) for p in model.parameters()):
+        return None
+    if include is not None or exclude is not None:
+        raise InvalidArgumentError(
+            f"GradientScores on an FSDP2-sharded model tracks its masked tensors; include={include!r} and "
+            f"exclude={exclude!r} must be None there (choose the tensors when registering the masks)"
+        )
+    return [
+        Target(name, module, tname)
+        for name, module in model.named_modules()
+        if parametrize.is_parametrized(module)
+        for tname in module.parametrizations  # type: ignore[union-attr]
+        if mask_of(module, tname) is not None
+    ]
 
 
 def leaf_of(module: nn.Module, name: str) -> torch.Tensor | None:
@@ -99,7 +128,10 @@ class TensorGradients:
         self.steps = 0
         self.grad_steps = 0
         dtype = torch.promote_types(param.dtype, torch.float32)  # float32, or float64 for a float64 weight
-        self.movement = torch.zeros(param.shape, dtype=dtype, device=param.device)
+        #: FSDP2: the movement of this rank's block of rows only (gradients are reduce-scattered).
+        self.sharded = is_dtensor(param)
+        local = _local(param)
+        self.movement = torch.zeros(local.shape, dtype=dtype, device=local.device)
         self.n_blocks = math.ceil(param.numel() / block_size)
         self.grads = (
             torch.zeros(num_grads, self.n_blocks * block_size, dtype=dtype, device=param.device)
@@ -120,8 +152,8 @@ class TensorGradients:
     def add(self, grad: torch.Tensor) -> None:
         """Record one gradient of :attr:`param` (taken at its current value)."""
         with torch.no_grad():
-            g = grad.detach().to(self.movement.dtype)
-            self.movement.sub_(self.param.detach().to(g.dtype) * g)
+            g = _local(grad.detach()).to(self.movement.dtype)
+            self.movement.sub_(_local(self.param.detach()).to(g.dtype) * g)
             if self.grads is not None:
                 self.grads[self.grad_steps % self.num_grads, : g.numel()].copy_(g.reshape(-1))
             self.steps += 1
@@ -214,13 +246,19 @@ class GradientScores(Mapping[str, TensorGradients]):
     by the hooks.
 
     Each backward pass is one gradient (with gradient accumulation, each micro-batch). Gradients
-    are the local ones (before DDP averages them). With a ``GradScaler`` or a learning-rate
+    are the local ones (the hooks fire before DDP averages them): under DDP, :meth:`synchronize`
+    averages the movement over the ranks (schedules call it before pruning). With a ``GradScaler`` or a learning-rate
     dependent weighting, build it with ``hooks=False`` and call :meth:`update` after
     ``scaler.unscale_(optimizer)``: it reads each Parameter's ``.grad`` instead.
 
     Args:
-        model: the model to be trained (plain: build the accumulator before wrapping in DDP).
-            Masks may be registered before or after.
+        model: the model to be trained: under DDP, the plain model before wrapping it; under
+            FSDP2, the model *after* ``fully_shard`` (which replaces the Parameters): each rank
+            then records the movement of its own block of rows from the reduce-scattered
+            gradient (read from ``.grad`` in a post-accumulate-grad hook: zero the gradients
+            between backward passes, or skip the reduce-scatter of all micro-batches but the
+            last with ``set_requires_gradient_sync(False)``). Masks may be registered before or
+            after (under FSDP2: before sharding).
         num_grads: how many of the last gradients to keep for ``"obs"`` (``m``; ``0``: none,
             ``"movement"`` only). oBERT uses ``m`` above ``block_size``. Memory: ``m`` float32
             copies of every targeted tensor. Default: ``0``.
@@ -238,7 +276,9 @@ class GradientScores(Mapping[str, TensorGradients]):
 
     Raises:
         InvalidArgumentError: a bad argument, or a targeted tensor without a single trainable
-            Parameter (e.g. a factorized one).
+            Parameter (e.g. a factorized one); on an FSDP2-sharded model, ``num_grads > 0`` or
+            ``include`` / ``exclude``.
+        InvalidTypeError: a model wrapped in DDP or FSDP1 (build it on the plain model first).
 
     Example::
 
@@ -265,7 +305,8 @@ class GradientScores(Mapping[str, TensorGradients]):
         movement: str = "run",
     ) -> None:
         check_module(model)
-        check_not_wrapped(model)
+        if not any(is_dtensor(p) for p in model.parameters()):  # FSDP2 shards in place: build after it
+            check_not_wrapped(model)  # DDP, FSDP1: build on the plain model before wrapping it
         num_grads = check_int(num_grads, "num_grads", 0)
         block_size = check_int(block_size, "block_size", 1)
         if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not 0 < damp < math.inf:
@@ -274,7 +315,9 @@ class GradientScores(Mapping[str, TensorGradients]):
             raise InvalidTypeError(f"hooks must be a bool, got {hooks!r}")
         if movement not in MOVEMENT_WINDOWS:
             raise InvalidArgumentError(f"movement must be one of {list(MOVEMENT_WINDOWS)}, got {movement!r}")
-        targets = resolve_targets(model, include, exclude)
+        targets = _sharded_targets(model, include, exclude)
+        if targets is None:
+            targets = resolve_targets(model, include, exclude)
         if not targets:
             raise NoTargetsError(f"GradientScores: model {type(model).__name__} has no tensor to track")
         leaves = [leaf_of(t.module, t.tensor_name) for t in targets]
@@ -283,6 +326,13 @@ class GradientScores(Mapping[str, TensorGradients]):
             raise InvalidArgumentError(
                 f"GradientScores needs every tracked tensor to be one trainable Parameter (plain or masked, "
                 f"mask first in its chain); not so for {bad}: exclude them with exclude=[...]"
+            )
+        sharded = [t.qualified for t, p in zip(targets, leaves) if is_dtensor(p)]
+        if sharded and num_grads:
+            raise InvalidArgumentError(
+                f"GradientScores: num_grads={num_grads} keeps gradients for 'obs', whose block Fisher needs "
+                f"whole rows of every tensor, but {sharded[:3]} are sharded with FSDP2; build it with "
+                "num_grads=0 ('movement' works on shards)"
             )
         self.num_grads: int = num_grads
         self.block_size: int = block_size
@@ -293,16 +343,13 @@ class GradientScores(Mapping[str, TensorGradients]):
             for t, p in zip(targets, leaves)
         }
         self._hooked: bool = hooks
-        self._handles: list[Any] = (
-            [tg.param.register_hook(self._hook(tg)) for tg in self._tensors.values()] if hooks else []
-        )
+        self._handles: list[Any] = [self._register(tg) for tg in self._tensors.values()] if hooks else []
 
     @staticmethod
-    def _hook(tg: TensorGradients) -> Any:
-        def hook(grad: torch.Tensor) -> None:
-            tg.add(grad)
-
-        return hook
+    def _register(tg: TensorGradients) -> Any:
+        if tg.sharded:  # FSDP2 sets the sharded .grad after its reduce-scatter, outside autograd
+            return tg.param.register_post_accumulate_grad_hook(lambda p: tg.add(p.grad))  # type: ignore[arg-type]
+        return tg.param.register_hook(lambda grad: tg.add(grad))
 
     # -- Mapping --------------------------------------------------------------------------------
 
@@ -338,6 +385,35 @@ class GradientScores(Mapping[str, TensorGradients]):
         for tg in self._tensors.values():
             if tg.param.grad is not None:
                 tg.add(tg.param.grad)
+
+    def synchronize(self) -> None:
+        """Under ``torch.distributed``, average the movement over the ranks, in place (one all-reduce).
+
+        The hooks see each rank's *local* gradient: they fire before DDP averages the gradients, so
+        every rank sums ``-w * g`` of its own micro-batches (the weights are the same on every rank).
+        Averaging the sums gives, on every rank, the movement of the averaged gradients, the one a
+        single process would record on the concatenated batch (for a loss averaged over equal
+        per-rank batches). :class:`~hadamard_sparse.GradualPruning` calls it before each pruning
+        step; call it yourself before a one-shot ``hs.sparsify(..., method="movement")`` on every
+        rank, so that every rank computes the same masks. Averaging equal values changes nothing,
+        so a second call is harmless. Tensors sharded with FSDP2 are skipped: their gradients are
+        already reduce-scattered (each rank holds its own block). Without a process group of more
+        than one rank it does nothing.
+        """
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        local = [tg.movement for tg in self._tensors.values() if not is_dtensor(tg.param)]
+        if not local:
+            return
+        dtype = torch.float64 if any(t.dtype == torch.float64 for t in local) else torch.float32
+        with torch.no_grad():
+            flat = torch.cat([t.reshape(-1).to(dtype) for t in local])
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            offset = 0
+            for t in local:
+                t.copy_(flat[offset : offset + t.numel()].view(t.shape))
+                offset += t.numel()
 
     def reset(self) -> None:
         """Forget everything recorded: movement and kept gradients (e.g. after a one-shot ``sparsify``)."""
@@ -456,7 +532,8 @@ def check_gradients(
     if missing:
         raise InvalidArgumentError(
             f"method {method!r}: the GradientScores does not track {missing} of this model; build it on "
-            "this model, with the same include/exclude, before training"
+            "this model, with the same include/exclude, before training (under FSDP2: after fully_shard, "
+            "which replaces the Parameters)"
         )
     if method == "obs" and calibration.num_grads == 0:
         raise InvalidArgumentError(
@@ -503,8 +580,30 @@ def _masked_out(ctx: ScoreContext, scores: torch.Tensor) -> torch.Tensor:
 
 
 def movement_score(ctx: ScoreContext) -> torch.Tensor:
-    """Movement ``-sum_t w_t g_t`` (see ``GradientScores(movement=...)``); entries masked now score ``-inf``."""
+    """Movement ``-sum_t w_t g_t`` (see ``GradientScores(movement=...)``); entries masked now score ``-inf``.
+
+    FSDP2 (``ctx.weight`` a sharded DTensor): a DTensor of the same sharding built from each rank's
+    block (no communication); the schedule masks out the masked entries of its block itself.
+    """
     st = _state(ctx, "movement")
+    if st.sharded:
+        from torch.distributed.tensor import DTensor
+
+        w = ctx.weight
+        if not is_dtensor(w) or _local(w).shape != st.movement.shape:
+            raise InvalidArgumentError(
+                f"method 'movement': {ctx.name} was recorded on FSDP2 shards of shape "
+                f"{tuple(st.movement.shape)}, but is scored as {type(w).__name__} of local shape "
+                f"{tuple(_local(w).shape)}; prune it with the same sharding (e.g. GradualPruning)"
+            )
+        return DTensor.from_local(
+            st.movement.to(torch.float32),
+            w.device_mesh,  # type: ignore[attr-defined]
+            w.placements,  # type: ignore[attr-defined]
+            run_check=False,
+            shape=w.shape,
+            stride=w.stride(),
+        )
     return _masked_out(ctx, st.movement.to(device=ctx.weight.device, dtype=torch.float32, copy=True))
 
 

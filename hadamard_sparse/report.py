@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -30,9 +31,13 @@ class TensorSparsity:
         return self.zeros / self.numel if self.numel else 0.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class SparsityReport:
     """Per-tensor and total counts of exact zeros in the effective weights.
+
+    ``str(report)`` and ``repr(report)`` are the same text table, so a report left as the last
+    expression of a REPL line or an IPython cell shows the table; in a notebook it shows as an
+    HTML table (``_repr_html_``).
 
     Attributes:
         tensors: one :class:`TensorSparsity` per tensor, in module order.
@@ -68,13 +73,18 @@ class SparsityReport:
             "sparsity": self.sparsity,
         }
 
-    def __str__(self) -> str:
+    def _cells(self) -> tuple[tuple[str, ...], list[tuple[str, ...]], tuple[str, ...]]:
+        """The table's header, one row per tensor, and the total row, as text cells."""
         rows = [
             (t.name, "x".join(map(str, t.shape)), f"{t.numel:,}", f"{t.zeros:,}", f"{t.sparsity:.2%}")
             for t in self.tensors
         ]
         head = ("tensor", "shape", "numel", "zeros", "sparsity")
         total = ("total", "", f"{self.numel:,}", f"{self.zeros:,}", f"{self.sparsity:.2%}")
+        return head, rows, total
+
+    def __str__(self) -> str:
+        head, rows, total = self._cells()
         widths = [max(len(r[i]) for r in [head, total, *rows]) for i in range(5)]
 
         def fmt(r: tuple[str, ...]) -> str:
@@ -82,6 +92,35 @@ class SparsityReport:
 
         rule = "-" * len(fmt(head))
         return "\n".join([fmt(head), rule, *map(fmt, rows), rule, fmt(total)])
+
+    def __repr__(self) -> str:
+        return str(self)
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        """IPython's plain-text display: the table."""
+        p.text(str(self))
+
+    def _repr_html_(self) -> str:
+        """Jupyter's rich display: the table as HTML."""
+        head, rows, total = self._cells()
+
+        def tr(cells: tuple[str, ...], tag: str = "td") -> str:
+            return (
+                "<tr>"
+                + "".join(
+                    f'<{tag} style="text-align: {"left" if i == 0 else "right"}">{html.escape(c)}</{tag}>'
+                    for i, c in enumerate(cells)
+                )
+                + "</tr>"
+            )
+
+        return (
+            "<table>"
+            f"<thead>{tr(head, 'th')}</thead>"
+            f"<tbody>{''.join(map(tr, rows))}</tbody>"
+            f"<tfoot>{tr(total, 'th')}</tfoot>"
+            "</table>"
+        )
 
 
 def sparsity_report(model: nn.Module) -> SparsityReport:
@@ -97,7 +136,9 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
         model: any model.
 
     Returns:
-        A :class:`SparsityReport`; ``str(report)`` is a table, ``report.to_dict()`` plain data.
+        A :class:`SparsityReport`; ``str(report)`` is a table (also its ``repr``, what a REPL or
+        a notebook cell shows for ``hs.sparsity_report(model)`` as its last expression),
+        ``report.to_dict()`` plain data.
 
     Example::
 

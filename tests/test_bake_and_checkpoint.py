@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import code
+import contextlib
 import copy
 import io
 import json
 import pickle
+from html.parser import HTMLParser
 
 import pytest
 import torch
@@ -195,3 +198,51 @@ def test_report_counts_and_formats() -> None:
     assert d["zeros"] == rep.zeros
     baked = hs.remove_parametrizations(model)
     assert hs.sparsity_report(baked).to_dict() == d
+
+
+def test_report_shows_its_table_in_a_repl_and_a_notebook() -> None:
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    hs.sparsify(model, 0.5, scope="layer")
+    rep = hs.sparsity_report(model)
+    # Counted by hand: 16x8 and 4x16 weights, half of each zero.
+    rows = [
+        ["tensor", "shape", "numel", "zeros", "sparsity"],
+        ["0.weight", "16x8", "128", "64", "50.00%"],
+        ["2.weight", "4x16", "64", "32", "50.00%"],
+        ["total", "", "192", "96", "50.00%"],
+    ]
+    table = str(rep)
+    assert [line.split() for line in table.splitlines() if not line.startswith("-")] == [
+        [c for c in r if c] for r in rows
+    ]
+    # The plain interactive interpreter shows the last expression's repr: the table, not a dataclass dump.
+    console = code.InteractiveConsole({"rep": rep})
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        console.push("rep")
+    assert out.getvalue() == table + "\n"
+    # IPython and Jupyter: the same text as plain text, and an HTML table with the same cells.
+    pytest.importorskip("IPython", reason="IPython's display formatter")
+    from IPython.core.formatters import DisplayFormatter
+
+    data, _ = DisplayFormatter().format(rep)
+    assert data["text/plain"] == table
+
+    class Cells(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows: list[list[str]] = []
+
+        def handle_starttag(self, tag: str, attrs: object) -> None:
+            if tag == "tr":
+                self.rows.append([])
+            elif tag in ("td", "th"):
+                self.rows[-1].append("")
+
+        def handle_data(self, data: str) -> None:
+            if self.rows and self.rows[-1]:
+                self.rows[-1][-1] += data
+
+    parser = Cells()
+    parser.feed(data["text/html"])
+    assert data["text/html"].startswith("<table>") and parser.rows == rows

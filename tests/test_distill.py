@@ -526,7 +526,7 @@ def test_hugging_face_trainer_with_compute_loss(tmp_path: object) -> None:
 
 _DDP_WORKER = textwrap.dedent(
     """
-    import copy, json, sys
+    import copy, json, os, sys
     import torch
     import torch.distributed as dist
     from torch import nn
@@ -569,9 +569,13 @@ _DDP_WORKER = textwrap.dedent(
             "last": sum(losses[-4:]) / 4,
             "teacher_unchanged": all(torch.equal(v, teacher0[k]) for k, v in d.teacher.state_dict().items()),
         }
-    dist.destroy_process_group()
     with open(out, "w") as f:
         json.dump(report, f)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # see tests/test_distributed.py: no C++ static destructors after the work is done
     """
 )
 

@@ -1,17 +1,14 @@
-"""Every ```python block of README.md and docs/*.md runs as written.
+"""Every ```python block of README.md and docs/*.md runs as written, top to bottom.
 
 The blocks of one Markdown file run in order, in one fresh interpreter (a subprocess started in an
-empty temporary directory), so a block sees what the blocks above it defined. The conventions,
-also described in docs/architecture.md ("Docs that run"):
+empty temporary directory), so a block sees what the blocks above it defined: exactly what a reader
+gets who pastes the file's blocks, one after the other, into a fresh ``python``. There is no way to
+mark a block as an alternative that runs on a copy of the state: write alternatives so that they
+run in sequence (each on its own fresh model, say), or as separate blocks that set up what they
+need. The conventions, also described in docs/architecture.md ("Docs that run"):
 
 * Only fences whose info string starts with ``python`` run; ``bash``, ``text`` and other fences do
   not, nor does a block holding ``>>>`` prompts (doctest style).
-* A block whose first line is a comment starting with ``# alternative`` (singular) is an
-  alternative to what comes before it: it runs on a copy of the state left by the blocks above it
-  (a forked child process) and the blocks after it do not see its effects.
-* A block whose first line starts with ``# alternatives`` (plural) holds one alternative per
-  top-level statement: its ``import`` statements run first, then each other statement runs on its
-  own copy of that state. Nothing of it is seen by later blocks except the imports.
 * ``# requires: name[, name]`` (a comment line in the block) names what the block needs besides the
   package: importable module names, or ``cc`` for a C compiler. Third-party modules the block imports
   are added automatically. When one is missing, that block and every later block of the file are
@@ -42,19 +39,16 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 _TIMEOUT_S = 300
 
 _FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`]*)$")
-_ALTERNATIVE = re.compile(r"^#\s*alternative\b", re.IGNORECASE)
-_ALTERNATIVES = re.compile(r"^#\s*alternatives\b", re.IGNORECASE)
 _REQUIRES = re.compile(r"^\s*#\s*requires:\s*(?P<names>[\w.,\s-]+?)\s*$", re.IGNORECASE | re.MULTILINE)
 _PACKAGE = "hadamard_sparse"
 
 
 @dataclass
 class Step:
-    """One unit of execution: a block, or one statement of an ``# alternatives`` block."""
+    """One unit of execution: a block."""
 
     line: int  # 1-based line of the code's first line in the Markdown file
     code: str
-    kind: str  # "main" (its effects are kept) or "alternative" (runs on a copy of the state)
     requires: list[str] = field(default_factory=list)
 
 
@@ -109,23 +103,9 @@ def plan(path: Path) -> list[Step]:
         try:
             tree = ast.parse(code)
         except SyntaxError:  # reported when the block runs, with its Markdown line
-            steps.append(Step(line, code, "main"))
+            steps.append(Step(line, code))
             continue
-        requires = _requires(code, tree)
-        first = code.lstrip().splitlines()[0] if code.strip() else ""
-        if _ALTERNATIVES.match(first):
-            lines = code.splitlines()
-            body = [s for s in tree.body if not isinstance(s, (ast.Import, ast.ImportFrom))]
-            imports = [s for s in tree.body if isinstance(s, (ast.Import, ast.ImportFrom))]
-            for stmt in imports:
-                src = "\n".join(lines[stmt.lineno - 1 : stmt.end_lineno])
-                steps.append(Step(line + stmt.lineno - 1, src, "main", requires))
-            for stmt in body:
-                src = "\n".join(lines[stmt.lineno - 1 : stmt.end_lineno])
-                steps.append(Step(line + stmt.lineno - 1, src, "alternative", requires))
-        else:
-            kind = "alternative" if _ALTERNATIVE.match(first) else "main"
-            steps.append(Step(line, code, kind, requires))
+        steps.append(Step(line, code, _requires(code, tree)))
     return steps
 
 
@@ -158,27 +138,6 @@ def _exec(step: dict[str, Any], filename: str, ns: dict[str, Any]) -> str | None
     return None
 
 
-def _exec_forked(step: dict[str, Any], filename: str, ns: dict[str, Any]) -> str | None:
-    """Run one step on a copy of ``ns``: in a forked child, so the parent's state is untouched."""
-    read, write = os.pipe()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # the child
-        os.close(read)
-        err = _exec(step, filename, ns)
-        with os.fdopen(write, "w") as f:
-            f.write(err or "")
-        os._exit(0)
-    os.close(write)
-    with os.fdopen(read) as f:
-        err = f.read()
-    _, status = os.waitpid(pid, 0)
-    if status and not err:
-        err = f"the forked process ended with status {status}"
-    return err or None
-
-
 def run_plan(filename: str, steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Execute ``steps`` in order in one namespace; one result per step."""
     ns: dict[str, Any] = {"__name__": "__main__"}
@@ -195,19 +154,12 @@ def run_plan(filename: str, steps: list[dict[str, Any]]) -> list[dict[str, Any]]
             results.append({"where": where, "status": "skipped", "why": why})
             blocked = f"after {why}"
             continue
-        if step["kind"] == "alternative" and not hasattr(os, "fork"):
-            results.append(
-                {"where": where, "status": "skipped", "why": f"{where}: alternatives need os.fork"}
-            )
-            continue
-        run = _exec if step["kind"] == "main" else _exec_forked
-        err = run(step, filename, ns)
+        err = _exec(step, filename, ns)
         if err is None:
             results.append({"where": where, "status": "ok"})
         else:
             results.append({"where": where, "status": "failed", "why": err})
-            if step["kind"] == "main":
-                blocked = f"after the failure at {where}"
+            blocked = f"after the failure at {where}"
     return results
 
 
@@ -294,28 +246,37 @@ else:
             tmp_path,
             "# t\n\n```python\nx = 1\n```\n\n```bash\nexit 1\n```\n\n```python\n>>> 1 + 1\n2\n```\n\n"
             "```python\n# alternatives: one per line\nimport math\nx = 2\ny = math.pi\n```\n\n"
-            "```python\n# alternative to the above\nz = 3\n```\n\n"
             "```python\n# requires: matplotlib, cc\nimport sklearn.datasets\n```\n",
         )
         steps = plan(doc)
-        assert [(s.line, s.kind) for s in steps] == [
-            (4, "main"),
-            (18, "main"),
-            (19, "alternative"),
-            (20, "alternative"),
-            (24, "alternative"),
-            (29, "main"),
-        ]
-        assert steps[1].code == "import math"
+        # One step per python block, whole, whatever its first comment says.
+        assert [s.line for s in steps] == [4, 17, 24]
+        assert steps[1].code == "# alternatives: one per line\nimport math\nx = 2\ny = math.pi"
         assert steps[-1].requires == ["cc", "matplotlib", "sklearn"]
 
-    def test_runner_reports_a_broken_snippet_and_keeps_alternatives_apart(tmp_path: Path) -> None:
+    def test_runner_runs_every_block_as_written_top_to_bottom(tmp_path: Path) -> None:
+        # What a reader pasting the blocks in order gets: the "alternatives" block's lines run in
+        # sequence on the same state, so its assert fails (it passed when alternatives forked).
         doc = _write(
             tmp_path,
             "```python\nx = [1]\n```\n\n"
-            "```python\n# alternatives\nx.append(2)\nassert x == [1]\n```\n\n"
-            "```python\n# alternative\nx.append(3)\n```\n\n"
-            "```python\nassert x == [1], x\ny = undefined_name + 1\n```\n\n"
+            "```python\n# alternatives\nx.append(2)\nassert x == [1], x\n```\n\n"
+            "```python\nprint('never')\n```\n",
+        )
+        work = tmp_path / "work"
+        work.mkdir()
+        results, _ = run_doc(doc, work)
+        status = [(r["where"].rsplit(":", 1)[1], r["status"]) for r in results]
+        assert status == [("2", "ok"), ("6", "failed"), ("12", "skipped")]
+        assert "AssertionError: [1, 2]" in results[1]["why"]
+        assert 'doc.md", line 8' in results[1]["why"]  # the Markdown file and line
+
+    def test_runner_reports_a_broken_snippet(tmp_path: Path) -> None:
+        doc = _write(
+            tmp_path,
+            "```python\nx = [1]\n```\n\n"
+            "```python\nx.append(2)\n```\n\n"
+            "```python\nassert x == [1, 2], x\ny = undefined_name + 1\n```\n\n"
             "```python\nprint('never')\n```\n\n"
             "```python\n# requires: no_such_module_hs\n```\n",
         )
@@ -323,17 +284,9 @@ else:
         work.mkdir()
         results, _ = run_doc(doc, work)
         status = [(r["where"].rsplit(":", 1)[1], r["status"]) for r in results]
-        assert status == [
-            ("2", "ok"),
-            ("7", "ok"),
-            ("8", "ok"),
-            ("12", "ok"),
-            ("17", "failed"),
-            ("22", "skipped"),
-            ("26", "skipped"),
-        ]
-        assert "NameError" in results[4]["why"] and "undefined_name" in results[4]["why"]
-        assert 'doc.md", line 18' in results[4]["why"]  # the Markdown file and line
+        assert status == [("2", "ok"), ("6", "ok"), ("10", "failed"), ("15", "skipped"), ("19", "skipped")]
+        assert "NameError" in results[2]["why"] and "undefined_name" in results[2]["why"]
+        assert 'doc.md", line 11' in results[2]["why"]  # the Markdown file and line
 
     def test_runner_skips_with_the_reason(tmp_path: Path) -> None:
         doc = _write(tmp_path, "```python\n# requires: no_such_module_hs\nx = 1\n```\n\n```python\nx\n```\n")

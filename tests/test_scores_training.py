@@ -466,3 +466,15 @@ def test_movement_window_in_a_schedule(window: str) -> None:
         assert tracker.steps == 3
     with pytest.raises(hs.InvalidArgumentError, match="movement must be one of"):
         hs.GradientScores(lin, movement="all")
+
+
+def test_synchronize_without_a_process_group_changes_nothing() -> None:
+    """One process (no torch.distributed group): the movement stays what the hooks recorded."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3)
+    tracker = hs.GradientScores(lin)
+    lin(torch.randn(5, 4)).square().sum().backward()
+    before = {k: tg.movement.clone() for k, tg in tracker.items()}
+    assert any(v.any() for v in before.values())
+    tracker.synchronize()
+    assert all(torch.equal(tracker[k].movement, v) for k, v in before.items())

@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..distill import Distiller
 from ..errors import InvalidArgumentError
 from ..gradient_scores import GradientScores
 from ..schedules import GradualPruning, RestartingLR
 from .data import Batches
-from .distill import Distillation
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -124,7 +124,7 @@ class Run:
     """What :func:`train` drives, built by the recipe."""
 
     student: nn.Module
-    distill: Distillation
+    distill: Distiller
     batches: Batches
     optimizer: torch.optim.Optimizer
     lr: RestartingLR

@@ -31,6 +31,7 @@ from torch import nn
 
 from .._checks import Selectors, check_fraction, check_int, check_method, check_seed, check_selectors
 from ..api import sparsify
+from ..distill import Distiller
 from ..errors import InvalidArgumentError, InvalidTypeError
 from ..gradient_scores import GradientScores
 from ..layers import resolve_targets
@@ -41,7 +42,7 @@ from ..schedules.base import check_schedule_method
 from ..scores import get_score
 from ..structures import check_sparsity, parse_structure
 from .data import Batches, is_sentence_transformer, tokenizer_of
-from .distill import Distillation
+from .distill import make_distiller
 from .loop import Plan, Run, check_config, load_checkpoint, measure_step, plan_steps, restore, train
 from .quality import Quality, compare, embeddings
 
@@ -325,9 +326,10 @@ def recover(
     # ---------------------------------------------------------------- the run
     model.train(dropout)
     features_of = _feature_modules(model, include, excl or None) if features else []
-    distill = Distillation(
-        model, teacher, features=features_of, temperature=temp, feature_weight=1.0 if features else 0.0
-    )
+    distill = make_distiller(
+        model, teacher, batches.at(0, seed), features=features_of, temperature=temp,
+        feature_weight=1.0 if features else 0.0,
+    )  # fmt: skip
     tracker = None
     if needs_grads:  # movement / oBERT scores: gradients recorded during training
         names = config["targets"]
@@ -402,7 +404,7 @@ def recover(
 def _build(
     tracker: GradientScores | None,
     model: nn.Module,
-    distill: Distillation,
+    distill: Distiller,
     batches: Batches,
     plan: Plan,
     peak: float,

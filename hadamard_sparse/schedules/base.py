@@ -358,13 +358,24 @@ class Schedule:
         """
         if stats is not None and target <= 0:  # nothing to prune: no scores needed, keep recording
             return
+        if stats is not None and is_distributed():  # DDP: score the movement of the averaged gradients
+            stats.synchronize()
         mesh = sharded.mesh_of(self._masked, self._who)
         if mesh is not None:  # FSDP2: each rank scores its shard, thresholds from all-reduced histograms
             sharded.check_no_structure(self._masked, structure, self._who)
             seed = draw_seed(self._gen)
             new = sharded.prune_nested(
-                self._masked, target, method=method, scope=scope, seed=seed, mesh=mesh, min_keep=min_keep
+                self._masked,
+                target,
+                method=method,
+                scope=scope,
+                seed=seed,
+                mesh=mesh,
+                min_keep=min_keep,
+                stats=stats,
             )
+            if stats is not None:
+                stats.pruned(method, self._masked, new)
             write_masks(self._masked, new)
             return
         keeps = compute_keep_masks(

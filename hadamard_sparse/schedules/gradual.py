@@ -55,7 +55,9 @@ class GradualPruning(Schedule):
             ``"obs"``): the :class:`~hadamard_sparse.GradientScores` built on the model before training.
             After every pruning step it drops its kept gradients (and its movement, if built with
             ``movement="since_prune"``); with ``"obs"`` each step also applies the OBS update to the
-            kept weights. ``None`` for every other method.
+            kept weights. ``None`` for every other method. Under DDP the movement is averaged over
+            the ranks before each pruning step (:meth:`~hadamard_sparse.GradientScores.synchronize`);
+            under FSDP2 build the tracker after ``fully_shard`` (``"movement"`` only).
         include: only the masked tensors matching one of these selectors are driven (module types,
             glob patterns on qualified names, callables ``(name, module) -> bool``, as in
             :func:`~hadamard_sparse.sparsify`); the others keep their masks. ``None``: all.
@@ -144,8 +146,11 @@ class GradualPruning(Schedule):
                     f"got method={method!r} with calibration={type(calibration).__name__}"
                 )
             return None
-        if sharded.mesh_of(self._masked, self._who) is not None:
-            raise InvalidArgumentError(f"method {method!r} does not support FSDP2-sharded weights yet")
+        if method == "obs" and sharded.mesh_of(self._masked, self._who) is not None:
+            raise InvalidArgumentError(
+                "method 'obs' does not support FSDP2-sharded weights: its block Fisher and OBS update need "
+                "whole rows of gradients, which no rank holds; use method='movement' there"
+            )
         if method == "obs" and is_distributed():
             raise InvalidArgumentError(
                 "method 'obs' updates the kept weights from each rank's own gradients, which would make "

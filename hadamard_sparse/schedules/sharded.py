@@ -26,7 +26,7 @@ Only 1-D device meshes (plain FSDP2, not HSDP) and unstructured masks are suppor
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -262,11 +262,12 @@ def _score_thunk(
     mesh: DeviceMesh,
     where: list[Slices],
     min_keep: int = 0,
+    stats: object = None,
 ) -> Callable[[], torch.Tensor]:
     """This rank's block of the tensor's scores, computed once (score functions may communicate).
 
     The block's index is appended to ``where`` at the first call. ``min_keep > 0``: the global floor
-    (:func:`_protect`).
+    (:func:`_protect`). ``stats``: handed to the score (``ScoreContext.stats``).
     """
     entry = get_score(method)
     cache: list[torch.Tensor] = []
@@ -277,7 +278,7 @@ def _score_thunk(
         with torch.no_grad():
             w = value(m, mesh, dense=dense)
             _, sl = local_part(w)
-            sc = entry.fn(ScoreContext(m.qualified, m.module, m.tensor_name, w, seed, None))
+            sc = entry.fn(ScoreContext(m.qualified, m.module, m.tensor_name, w, seed, stats))
             if is_dtensor(sc):
                 if sc.placements != w.placements:  # type: ignore[attr-defined]
                     sc = sc.redistribute(w.device_mesh, w.placements)  # type: ignore[attr-defined]
@@ -306,11 +307,13 @@ def prune_nested(
     seed: int,
     mesh: DeviceMesh,
     min_keep: int = 0,
+    stats: Mapping[str, object] | None = None,
 ) -> list[torch.Tensor]:
     """The new replicated masks: the current ones pruned to ``sparsity``, nested (effective-value scores).
 
     The sharded counterpart of ``compute_keep_masks(..., value="effective", min_keep=...)`` for
     unstructured masks, with the same per-tensor seeds, count rule, floor and tie order.
+    ``stats``: per-qualified-name statistics for the scores (an ``hs.GradientScores`` for ``"movement"``).
     """
     group = mesh.get_group()
     gen = torch.Generator().manual_seed(seed)
@@ -320,7 +323,10 @@ def prune_nested(
     if floor > 0:
         check_floor(masked, sparsity, None, floor)  # type: ignore[arg-type]
     thunks = [
-        _score_thunk(m, method, sd, False, True, mesh, w, floor) for m, sd, w in zip(masked, seeds, where)
+        _score_thunk(
+            m, method, sd, False, True, mesh, w, floor, None if stats is None else stats.get(m.qualified)
+        )
+        for m, sd, w in zip(masked, seeds, where)
     ]
     counts = [math.prod(m.shape) for m in masked]
     if scope == "global":

@@ -25,7 +25,6 @@ import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import numpy as np
 import torch
 from torch import nn
 
@@ -57,7 +56,7 @@ SPARSITY = 0.9
 print(f"{STEPS} steps, mask update every {EVERY} steps until step {END}")
 
 
-def run(method: str) -> tuple[nn.Module, list[float], dict[str, torch.Tensor]]:
+def run(method: str) -> tuple[nn.Module, list[tuple[int, float]], dict[str, torch.Tensor]]:
     model = lenet_300_100()
     if method == "static":
         hs.sparsify(model, SPARSITY, method="random", distribution="erk")
@@ -70,22 +69,21 @@ def run(method: str) -> tuple[nn.Module, list[float], dict[str, torch.Tensor]]:
     elif method == "RigL":
         schedule = hs.RigL(model, opt, SPARSITY, every=EVERY, drop_fraction=0.3, end_step=END, distribution="erk")
     initial_masks = {k: m.clone() for k, m in hs.masks(model).items()}
-    log = train_steps(model, Xtr, ytr, STEPS, lr=1e-3, batch_size=BATCH, optimizer=opt, schedule=schedule, log_every=STEPS // 10, X_eval=Xte, y_eval=yte)
-    curve = [acc for _, acc in log]
-    return model, curve, initial_masks
+    log = train_steps(model, Xtr, ytr, STEPS, lr=1e-3, batch_size=BATCH, optimizer=opt, schedule=schedule, log_every=max(1, STEPS // 10), X_eval=Xte, y_eval=yte)
+    return model, log, initial_masks  # log: (step, test accuracy) about 10 times during training
 
 
 results = {}
 for method in ["dense", "static", "SET", "RigL"]:
     results[method] = run(method)
     model = results[method][0]
-    print(f"{method:7s} sparsity {hs.sparsity_report(model).sparsity:6.2%}   test accuracy {results[method][1][-1]:.2%}")
+    print(f"{method:7s} sparsity {hs.sparsity_report(model).sparsity:6.2%}   test accuracy {results[method][1][-1][1]:.2%}")
 
 # %%
 fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
-xs = np.linspace(EPOCHS / 10, EPOCHS, 10)
-for method, (_, curve, _) in results.items():
-    ax.plot(xs, curve, "o-" if method != "dense" else "k--", label=method, ms=4)
+for method, (_, log, _) in results.items():  # plot what was logged, at the epoch it was logged
+    epochs = [EPOCHS * step / STEPS for step, _ in log]
+    ax.plot(epochs, [acc for _, acc in log], "o-" if method != "dense" else "k--", label=method, ms=4)
 ax.axvline(EPOCHS * END / STEPS, color="grey", lw=0.8, ls=":")
 ax.text(EPOCHS * END / STEPS, ax.get_ylim()[0], " last mask update", color="grey", va="bottom", fontsize=8)
 ax.set_xlabel("epoch")
