@@ -140,7 +140,9 @@ def _ticker() -> object:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sparsity", type=float, nargs="+", default=[0.8, 0.9])
+    ap.add_argument(
+        "--sparsity", type=float, nargs="*", default=[0.8, 0.9], help="targets (none: only --two-four)"
+    )
     ap.add_argument("--two-four", action="store_true", help="add a 2:4 row")
     ap.add_argument("--max-minutes", type=float, default=30.0)
     ap.add_argument(

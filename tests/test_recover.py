@@ -72,6 +72,7 @@ def test_recover_reaches_the_target_and_beats_pruning_without_learning(tok: obje
     dense = copy.deepcopy(model)
     report = recover(model, TRAIN, 0.9, tokenizer=tok, eval_data=HELD_OUT, steps=40, lr=3e-3, **KW)
     assert report.model is model and report.steps == 40 and not report.stopped_early
+    assert not report.cut_to_target and not report.shortened
     assert report.sparsity == pytest.approx(0.9, abs=2e-3)
     # heads stay dense, every encoder Linear is pruned; the one-shot went to 0.7 first
     masks = hs.masks(model)
@@ -175,7 +176,7 @@ def test_budget_shortens_the_run_and_still_reaches_the_target(tok: object) -> No
     report = recover(
         model, TRAIN, 0.9, tokenizer=tok, steps=100_000, max_minutes=0.05, **{**KW, "method": "magnitude"}
     )
-    assert report.planned_steps < 100_000 and report.minutes < 0.5
+    assert report.planned_steps < 100_000 and report.minutes < 0.5 and report.shortened
     assert report.sparsity == pytest.approx(0.9, abs=2e-3)
 
 

@@ -63,8 +63,9 @@ class RecoveryReport:
         steps: training steps done (in all, resumed runs included).
         planned_steps: the steps the plan had.
         minutes: wall-clock minutes of this call.
-        stopped_early: the ``max_minutes`` budget ended the run before its ramp reached the target,
-            so the masks were cut to the target at once at the end.
+        stopped_early: the ``max_minutes`` budget ended the run before its plan's last step.
+        cut_to_target: the ramp had not reached the target when training ended (budget), so the
+            masks were cut to the target at once at the end.
         shortened: the plan was shortened to fit ``max_minutes`` (from the measured step time).
         seconds: wall-clock seconds of each phase (setup, one_shot, train, final_cut_and_eval).
         one_shot: quality right after the one-shot pruning (``None`` without ``eval_data`` or on resume).
@@ -85,6 +86,7 @@ class RecoveryReport:
     plan: Plan
     losses: list[float] = field(default_factory=list, repr=False)
     shortened: bool = False
+    cut_to_target: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
 
     def __str__(self) -> str:
@@ -92,7 +94,8 @@ class RecoveryReport:
             f"sparsity {self.sparsity:.4f} (target {self.target:g}), {self.steps}/{self.planned_steps} steps "
             f"in {self.minutes:.1f} min"
             + (" (plan shortened to fit max_minutes)" if self.shortened else "")
-            + (" (ramp cut short: masks cut to the target at the end)" if self.stopped_early else ""),
+            + (" (stopped by max_minutes)" if self.stopped_early else "")
+            + (" (ramp unfinished: masks cut to the target at the end)" if self.cut_to_target else ""),
             "seconds: " + ", ".join(f"{k} {v:g}" for k, v in self.seconds.items()),
         ]
         if self.one_shot is not None:
@@ -395,8 +398,8 @@ def recover(
     timings["final_cut_and_eval"] = time.perf_counter() - t0
     return RecoveryReport(
         model=model, sparsity=zeros / max(numel, 1), target=target, steps=done, planned_steps=plan.steps,
-        minutes=(time.perf_counter() - t_start) / 60.0, stopped_early=stopped or cut, one_shot=one_shot_quality,
-        quality=quality, plan=plan, losses=list(run.losses), shortened=shortened,
+        minutes=(time.perf_counter() - t_start) / 60.0, stopped_early=stopped, one_shot=one_shot_quality,
+        quality=quality, plan=plan, losses=list(run.losses), shortened=shortened, cut_to_target=cut,
         seconds={k: round(v, 1) for k, v in timings.items()},
     )  # fmt: skip
 
