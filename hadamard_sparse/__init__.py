@@ -54,8 +54,9 @@ from .gradient_scores import GradientScores
 from .hf import load_pretrained, save_pretrained
 from .parametrizations import HadamardMask
 from .quantization import FakeQuant, fake_quantize, register_fake_quant
+from .recover import RecoveryReport, recover
 from .report import SparsityReport, TensorSparsity, sparsity_report
-from .schedules import SET, GradualPruning, IterativePruning, RigL
+from .schedules import SET, GradualPruning, IterativePruning, RestartingLR, RigL, recovery_steps
 from .scores import ScoreContext, available_scores, register_score
 from .structures import NM, Block, Channels, Structure
 
@@ -85,6 +86,8 @@ __all__ = [
     "LayerStats",
     "NoTargetsError",
     "ProjectedMultiheadAttention",
+    "RecoveryReport",
+    "RestartingLR",
     "RigL",
     "ScoreContext",
     "SizeReport",
@@ -111,6 +114,8 @@ __all__ = [
     "load_pretrained",
     "load_sparse_state_dict",
     "masks",
+    "recover",
+    "recovery_steps",
     "register_factorization",
     "register_fake_quant",
     "register_mask",

@@ -6,6 +6,7 @@ Commands (``hadamard-sparse`` or ``python -m hadamard_sparse``)::
                     [--structure 2:4] [--scope layer|global|row] [--calibration FILE]
                     [--exclude PATTERN ...] [--include PATTERN ...] [--min-keep N] [--seed N] [--bake]
                     [--embeddings] [--compress [--quantize int8]]
+    hadamard-sparse recover MODEL_DIR OUT_DIR --data TEXTS.txt [--sparsity 0.9] [--eval EVAL.txt] ...
     hadamard-sparse report MODEL_DIR_OR_FILE
     hadamard-sparse demo [--sparsity 0.9] [--epochs 8] [--finetune-epochs 4]
     hadamard-sparse --version
@@ -29,7 +30,6 @@ import argparse
 import importlib.util
 import os
 import pickle
-import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -44,30 +44,17 @@ from . import __version__
 from ._checks import SCOPES, check_fraction
 from ._cli_common import OneLineParser, check_out_dir, load_model, safetensors_errors
 from .api import remove_parametrizations, sparsify
+from .cli_recover import add_recover_parser
 from .compress import load_compressed
 from .compress.quant import QUANTIZE_MODES
 from .errors import HadamardSparseError
-from .hf import is_compressed_file, save_pretrained
+from .hf import is_compressed_file, save_model_dir
 from .layers import resolve_targets
 from .report import SparsityReport, TensorSparsity, sparsity_report
 from .scores import available_scores, get_score
 from .structures import parse_structure
 
 T = TypeVar("T")
-
-#: Files never copied from MODEL_DIR to OUT_DIR: the weights, which are written anew.
-_WEIGHT_SUFFIXES = (
-    ".safetensors",
-    ".bin",
-    ".pt",
-    ".pth",
-    ".ckpt",
-    ".h5",
-    ".msgpack",
-    ".onnx",
-    ".ot",
-    ".gguf",
-)
 
 
 def _progress(it: Iterable[T], total: int, desc: str) -> Iterator[T]:
@@ -297,31 +284,6 @@ def _check_sparsify_args(parser: argparse.ArgumentParser, args: argparse.Namespa
     return tokenizer, lines
 
 
-def _copy_extras(src: Path, out: Path) -> None:
-    """Copy every file of ``src`` except weights (tokenizer, sentence-transformers modules, README...)."""
-    for path in sorted(src.rglob("*")):
-        rel = path.relative_to(src)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
-            continue
-        if path.name.endswith(_WEIGHT_SUFFIXES) or path.name.endswith(".index.json"):
-            continue
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, out / rel)
-
-
-def _save(model: nn.Module, src: Path, out: Path, compress: bool, quantize: str | None = None) -> None:
-    """Write OUT_DIR: the source's other files, then config and (compressed) safetensors weights."""
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        _copy_extras(src, out)
-        save_pretrained(model, out, compress=compress, quantize=quantize)
-    except BaseException:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-
-
 def _cmd_sparsify(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     calib = _check_sparsify_args(parser, args)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -358,7 +320,9 @@ def _cmd_sparsify(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     report = sparsity_report(model)
     if args.bake:
         remove_parametrizations(model)
-    _save(model, Path(args.model_dir), Path(args.out_dir), args.compress, args.quantize)
+    save_model_dir(
+        model, Path(args.model_dir), Path(args.out_dir), compress=args.compress, quantize=args.quantize
+    )
     print(report)
     print(f"wrote {args.out_dir} in {time.perf_counter() - t0:.1f} s")
     if args.compress:
@@ -460,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sparsify Hugging Face checkpoints with exact counts, report their sparsity, or run a demo.",
     )
     parser.add_argument("--version", action="version", version=f"hadamard-sparse {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{sparsify,report,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{sparsify,recover,report,demo}")
 
     p = sub.add_parser(
         "sparsify",
@@ -528,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
         "within max|row|/254 per entry; biases, LayerNorm and masks stay exact",
     )
     p.set_defaults(run=_cmd_sparsify, parser=p)
+    add_recover_parser(sub)
 
     p = sub.add_parser(
         "report",

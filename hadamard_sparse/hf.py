@@ -129,6 +129,63 @@ def save_pretrained(
         raise
 
 
+#: Files never copied from a source model directory by :func:`copy_model_files`: the weights, written anew.
+WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".onnx",
+    ".ot",
+    ".gguf",
+)
+
+
+def copy_model_files(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> None:
+    """Copy every file of ``src`` except weights (tokenizer, sentence-transformers modules, README...) to ``out``."""
+    src, out = Path(src), Path(out)
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        if path.name.endswith(WEIGHT_SUFFIXES) or path.name.endswith(".index.json"):
+            continue
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, out / rel)
+
+
+def save_model_dir(
+    model: nn.Module,
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    compress: bool = False,
+    quantize: str | None = None,
+    weights_under: str = "",
+) -> None:
+    """Write ``out``: the other files of the model directory ``src``, then ``model``'s config and weights.
+
+    ``compress`` and ``quantize`` are :func:`save_pretrained`'s. ``weights_under`` is the subfolder of ``out`` the weights go to (a sentence-transformers
+    directory whose Transformer module lives in a subfolder). If writing fails, a directory this
+    call created is removed.
+    """
+    out = Path(out)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        copy_model_files(src, out)
+        save_pretrained(
+            model, out / weights_under if weights_under else out, compress=compress, quantize=quantize
+        )
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
 def _model_class(config: Any, model_class: Any) -> Any:
     """``model_class``, else the transformers class the config's ``architectures`` names, else ``AutoModel``."""
     import transformers
@@ -254,4 +311,12 @@ def load_pretrained(model_dir: str | os.PathLike[str], *, model_class: Any = Non
     return model
 
 
-__all__ = ["COMPRESSED_WEIGHTS", "is_compressed_file", "load_pretrained", "save_pretrained"]
+__all__ = [
+    "COMPRESSED_WEIGHTS",
+    "WEIGHT_SUFFIXES",
+    "copy_model_files",
+    "is_compressed_file",
+    "load_pretrained",
+    "save_model_dir",
+    "save_pretrained",
+]

@@ -31,9 +31,9 @@ from __future__ import annotations
 import fnmatch
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,8 @@ from torch.nn.utils import parametrize
 from ._checks import Selector, Selectors, check_selectors
 from ._model_io import join_name
 from .errors import InvalidArgumentError, InvalidTypeError
+
+T_ = TypeVar("T_", bound="Target")
 
 __all__ = [
     "LayerRule",
@@ -55,6 +57,7 @@ __all__ = [
     "register_layer",
     "resolve_targets",
     "rule_for_kind",
+    "select_targets",
     "shared_parameter_ids",
     "weight_dims",
 ]
@@ -384,17 +387,53 @@ def _selector_name(s: Selector) -> str:
     return repr(s) if isinstance(s, str) else getattr(s, "__name__", repr(s))
 
 
-def check_all_used(selectors: list[Selector], used: set[int], arg: str, model: nn.Module) -> None:
-    """Refuse ``include``/``exclude`` entries that matched no candidate tensor (a typo protects nothing)."""
+def check_all_used(
+    selectors: list[Selector], used: set[int], arg: str, model: nn.Module, *, among: str | None = None
+) -> None:
+    """Refuse ``include``/``exclude`` entries that matched no candidate tensor (a typo protects nothing).
+
+    ``among`` names the candidates when they are not every targetable tensor (e.g. the masked
+    tensors a schedule drives); the message then says so.
+    """
     unused = [_selector_name(s) for i, s in enumerate(selectors) if i not in used]
-    if unused:
-        which = f"entry {unused[0]}" if len(unused) == 1 else f"entries {', '.join(unused)}"
+    if not unused:
+        return
+    which = f"entry {unused[0]}" if len(unused) == 1 else f"entries {', '.join(unused)}"
+    if among is not None:
         raise InvalidArgumentError(
-            f"{arg} {which} matches no targetable tensor of {type(model).__name__}; each entry must "
-            "match at least one module name, qualified tensor name (glob) or layer type among the weights "
-            "of Linear, ConvNd, ConvTransposeNd, RNN/LSTM/GRU, MultiheadAttention, HF Conv1D and Embedding "
-            "(see hs.sparsity_report(model) for the names)"
+            f"{arg} {which} matches none of the {among} of {type(model).__name__}; each entry must "
+            "match at least one module name, qualified tensor name (glob) or layer type among them "
+            "(see hs.masks(model) for the masked ones)"
         )
+    raise InvalidArgumentError(
+        f"{arg} {which} matches no targetable tensor of {type(model).__name__}; each entry must "
+        "match at least one module name, qualified tensor name (glob) or layer type among the weights "
+        "of Linear, ConvNd, ConvTransposeNd, RNN/LSTM/GRU, MultiheadAttention, HF Conv1D and Embedding "
+        "(see hs.sparsity_report(model) for the names)"
+    )
+
+
+def select_targets(
+    targets: Sequence[T_], include: Selectors, exclude: Selectors, model: nn.Module, among: str
+) -> list[T_]:
+    """The ``targets`` kept by ``include``/``exclude`` (same selectors as :func:`resolve_targets`).
+
+    Every entry must match one of ``targets`` (named ``among`` in the error), checked before the
+    caller changes anything.
+    """
+    inc = check_selectors(include, "include")
+    exc = check_selectors(exclude, "exclude")
+    inc_used: set[int] = set()
+    exc_used: set[int] = set()
+    kept: list[T_] = []
+    for t in targets:
+        included = not inc or selector_matches(inc, t.module_name, t.module, t.qualified, inc_used)
+        excluded = bool(exc) and selector_matches(exc, t.module_name, t.module, t.qualified, exc_used)
+        if included and not excluded:
+            kept.append(t)
+    check_all_used(inc, inc_used, "include", model, among=among)
+    check_all_used(exc, exc_used, "exclude", model, among=among)
+    return kept
 
 
 def _names_opted_in(include: list[Selector], module: nn.Module) -> bool:

@@ -249,8 +249,8 @@ def test_corrupt_weights_file_is_one_line_and_status_2(
         (["sparsify", "SRC"], "the following arguments are required: OUT_DIR"),
         (["report"], "the following arguments are required: MODEL_DIR_OR_FILE"),
         (["demo", "--epochs", "many"], "argument --epochs: must be an integer >= 1, got 'many'"),
-        (["frobnicate"], "hadamard-sparse: error: argument {sparsify,report,demo}: invalid choice"),
-        ([], "the following arguments are required: {sparsify,report,demo}"),
+        (["frobnicate"], "hadamard-sparse: error: argument {sparsify,recover,report,demo}: invalid choice"),
+        ([], "the following arguments are required: {sparsify,recover,report,demo}"),
         (["--bogus"], "hadamard-sparse: error:"),
         (["sparsify", "SRC", "SRC"], "OUT_DIR must differ from MODEL_DIR"),  # a check after parsing
     ],

@@ -19,16 +19,32 @@ broadcasts the new masks from rank 0 before writing them. Under FSDP2 (``fully_s
 replicated and each rank scores only its own rows; thresholds come from all-reduced histograms
 (:mod:`.sharded`).
 
-Curves are pure functions of the step: :func:`cubic` and :func:`linear`.
+Curves are pure functions of the step: :func:`cubic` and :func:`linear`. Every schedule takes
+``include``/``exclude`` (the selectors of :func:`~hadamard_sparse.sparsify`) to drive only some of
+the masks. :class:`RestartingLR` restarts the learning rate at every pruning step (oBERT's
+cyclic-linear schedule, :func:`restart_factor`); :func:`recovery_steps` is the default training
+length for a target sparsity.
 
 Layout: ``curves.py`` (the curves), ``base.py`` (mask discovery, ``torch.distributed`` and
 mask-write helpers, the base class), ``sharded.py`` (updates on FSDP2-sharded weights), ``gradual.py``, ``iterative.py``, ``dynamic.py``
-(the drop/grow core, SET, RigL).
+(the drop/grow core, SET, RigL), ``restarts.py`` (learning rates restarting at pruning steps).
 """
 
-from .curves import cubic, linear
+from .curves import cubic, linear, recovery_steps
 from .dynamic import SET, RigL
 from .gradual import GradualPruning
 from .iterative import IterativePruning
+from .restarts import RestartingLR, restart_factor, update_steps
 
-__all__ = ["SET", "GradualPruning", "IterativePruning", "RigL", "cubic", "linear"]
+__all__ = [
+    "SET",
+    "GradualPruning",
+    "IterativePruning",
+    "RestartingLR",
+    "RigL",
+    "cubic",
+    "linear",
+    "recovery_steps",
+    "restart_factor",
+    "update_steps",
+]

@@ -23,7 +23,7 @@ from .. import _select
 from .._checks import check_choice, check_method, check_seed
 from .._engine import compute_keep_masks, mask_of
 from ..errors import InvalidArgumentError, InvalidTypeError, NoTargetsError
-from ..layers import Target
+from ..layers import Selectors, Target, select_targets
 from ..parametrizations import HadamardMask
 from ..scores import get_score
 from . import sharded
@@ -238,9 +238,17 @@ class Schedule:
 
     _who = "schedule"
 
-    def __init__(self, model: nn.Module, seed: int) -> None:
+    def __init__(
+        self, model: nn.Module, seed: int, include: Selectors = None, exclude: Selectors = None
+    ) -> None:
         check_seed(seed)
-        self.model, self._masked = masked_tensors(model, self._who)
+        self.model, masked = masked_tensors(model, self._who)
+        self._masked = select_targets(masked, include, exclude, self.model, "masked tensors")
+        if not self._masked:
+            raise NoTargetsError(
+                f"{self._who}: include={include!r}, exclude={exclude!r} leave none of the masked tensors "
+                f"{[m.qualified for m in masked]} to drive"
+            )
         sharded.mesh_of(self._masked, self._who)  # refuse unsupported sharding before any change
         self.last_step = 0
         self.history: list[tuple[int, float, float]] = []
@@ -275,7 +283,7 @@ class Schedule:
             "last_step": self.last_step,
             "generator": self._gen.get_state(),
             "history": [[int(s), float(t), float(a)] for s, t, a in self.history],
-            "config": self._config(),
+            "config": self._full_config(),
             **self._extra_state(),
         }
 
@@ -292,7 +300,7 @@ class Schedule:
             raise InvalidArgumentError(
                 f"state_dict was saved by {state_dict['type']!r}, cannot load it into {type(self).__name__}"
             )
-        saved, mine = state_dict.get("config"), self._config()
+        saved, mine = state_dict.get("config"), self._full_config()
         if isinstance(saved, Mapping):  # states saved before configs were compared have none
             diff = [  # keys only one side has come from another version: not compared
                 f"{k}: saved {saved[k]!r}, this schedule {mine[k]!r}"
@@ -317,6 +325,10 @@ class Schedule:
 
     def _config(self) -> dict[str, Any]:
         return {}
+
+    def _full_config(self) -> dict[str, Any]:
+        # the driven tensors are part of the configuration (include/exclude select them)
+        return {**self._config(), "tensors": [m.qualified for m in self._masked]}
 
     def _extra_state(self) -> dict[str, Any]:
         return {}

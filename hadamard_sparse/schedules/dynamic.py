@@ -20,6 +20,7 @@ from .._checks import check_choice, check_distribution, check_fraction, check_in
 from .._dtensor import as_dtensor, local_part, local_slices, replicated
 from ..densities import densities_for_shapes
 from ..errors import HadamardSparseError, InvalidArgumentError
+from ..layers import Selectors
 from . import sharded
 from .base import (
     MaskedTensor,
@@ -51,6 +52,8 @@ class DynamicSparse(Schedule):
         optimizer: torch.optim.Optimizer | None,
         init: str,
         seed: int,
+        include: Selectors = None,
+        exclude: Selectors = None,
     ) -> None:
         self._sparsity = check_fraction(sparsity, "sparsity", high_open=True)
         self.every = check_int(every, "every", 1)
@@ -58,7 +61,7 @@ class DynamicSparse(Schedule):
         self.end_step = None if end_step is None else check_int(end_step, "end_step", 1)
         self.distribution = check_distribution(distribution)
         self.init = check_choice(init, "init", _INITS)
-        super().__init__(model, seed)
+        super().__init__(model, seed, include, exclude)
         check_unstructured(self._masked, self._who)
         multi = [m.qualified for m in self._masked if m.original is None]
         if multi:
@@ -199,6 +202,11 @@ class SET(DynamicSparse):
         optimizer: optional optimizer whose state at regrown positions is reset to 0.
         init: ``"random"`` or ``"keep"``. Default: ``"random"``.
         seed: seeds the schedule's own generator (initial masks and random growth). Default: ``0``.
+        include: only the masked tensors matching one of these selectors are driven (module types,
+            glob patterns on qualified names, callables ``(name, module) -> bool``, as in
+            :func:`~hadamard_sparse.sparsify`); the others keep their masks. ``None``: all.
+        exclude: masked tensors matching one of these selectors are left as they are. An
+            ``include``/``exclude`` entry that matches no masked tensor raises before any change.
 
     Example::
 
@@ -223,6 +231,8 @@ class SET(DynamicSparse):
         optimizer: torch.optim.Optimizer | None = None,
         init: str = "random",
         seed: int = 0,
+        include: Selectors = None,
+        exclude: Selectors = None,
     ) -> None:
         super().__init__(
             model,
@@ -234,6 +244,8 @@ class SET(DynamicSparse):
             optimizer=check_optimizer(optimizer),
             init=init,
             seed=seed,
+            include=include,
+            exclude=exclude,
         )
 
     def _grow_scores(self, i: int, m: MaskedTensor) -> torch.Tensor:
@@ -266,6 +278,11 @@ class RigL(DynamicSparse):
         distribution: ``"uniform"``, ``"er"`` or ``"erk"``. Default: ``"erk"``.
         init: ``"random"`` or ``"keep"``. Default: ``"random"``.
         seed: seeds the schedule's own generator (initial masks). Default: ``0``.
+        include: only the masked tensors matching one of these selectors are driven (module types,
+            glob patterns on qualified names, callables ``(name, module) -> bool``, as in
+            :func:`~hadamard_sparse.sparsify`); the others keep their masks. ``None``: all.
+        exclude: masked tensors matching one of these selectors are left as they are. An
+            ``include``/``exclude`` entry that matches no masked tensor raises before any change.
 
     Example::
 
@@ -289,6 +306,8 @@ class RigL(DynamicSparse):
         distribution: str = "erk",
         init: str = "random",
         seed: int = 0,
+        include: Selectors = None,
+        exclude: Selectors = None,
     ) -> None:
         opt = check_optimizer(optimizer, "optimizer", required=True)
         self._grads: list[torch.Tensor | None] = []
@@ -305,6 +324,8 @@ class RigL(DynamicSparse):
             optimizer=opt,
             init=init,
             seed=seed,
+            include=include,
+            exclude=exclude,
         )
         self._grads = [None] * len(self._masked)
         self._rearm()

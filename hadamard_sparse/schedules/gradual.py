@@ -11,6 +11,7 @@ from .._checks import check_fraction, check_int
 from .._engine import check_floor
 from ..errors import InvalidArgumentError
 from ..gradient_scores import GradientScores, check_gradients
+from ..layers import Selectors
 from ..scores import get_score
 from ..structures import check_sparsity, check_targets, parse_structure
 from . import sharded
@@ -57,6 +58,11 @@ class GradualPruning(Schedule):
             kept weights. ``None`` for every other method. Under DDP the movement is averaged over
             the ranks before each pruning step (:meth:`~hadamard_sparse.GradientScores.synchronize`);
             under FSDP2 build the tracker after ``fully_shard`` (``"movement"`` only).
+        include: only the masked tensors matching one of these selectors are driven (module types,
+            glob patterns on qualified names, callables ``(name, module) -> bool``, as in
+            :func:`~hadamard_sparse.sparsify`); the others keep their masks. ``None``: all.
+        exclude: masked tensors matching one of these selectors are left as they are. An
+            ``include``/``exclude`` entry that matches no masked tensor raises before any change.
 
     Example::
 
@@ -86,6 +92,8 @@ class GradualPruning(Schedule):
         seed: int = 0,
         min_keep: int = 1,
         calibration: GradientScores | None = None,
+        include: Selectors = None,
+        exclude: Selectors = None,
     ) -> None:
         final = check_fraction(final_sparsity, "final_sparsity")
         initial = check_fraction(initial_sparsity, "initial_sparsity")
@@ -109,7 +117,7 @@ class GradualPruning(Schedule):
         parsed = parse_structure(structure)
         if parsed is not None:
             check_sparsity(parsed, final, "final_sparsity")
-        super().__init__(model, seed)
+        super().__init__(model, seed, include, exclude)
         sharded.check_no_structure(self._masked, parsed, self._who)
         if parsed is None:
             check_unstructured(self._masked, self._who)

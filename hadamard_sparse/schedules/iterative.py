@@ -15,6 +15,7 @@ from .._dtensor import replicated
 from .._engine import check_floor
 from .._names import dense_key, original_key
 from ..errors import InvalidArgumentError, InvalidTypeError
+from ..layers import Selectors
 from ..structures import check_sparsity, check_targets, parse_structure
 from . import sharded
 from .base import Schedule, check_schedule_method, check_unstructured
@@ -75,6 +76,11 @@ class IterativePruning(Schedule):
         min_keep: with ``scope="global"``, the best ``min_keep`` weights of every output unit are
             never pruned, as in :func:`~hadamard_sparse.sparsify` (a ``final_sparsity`` the floor
             cannot reach is refused here). ``0``: no floor. Default: ``1``.
+        include: only the masked tensors matching one of these selectors are driven (module types,
+            glob patterns on qualified names, callables ``(name, module) -> bool``, as in
+            :func:`~hadamard_sparse.sparsify`); the others keep their masks. ``None``: all.
+        exclude: masked tensors matching one of these selectors are left as they are. An
+            ``include``/``exclude`` entry that matches no masked tensor raises before any change.
 
     Example::
 
@@ -102,6 +108,8 @@ class IterativePruning(Schedule):
         seed: int = 0,
         structure: Any = None,
         min_keep: int = 1,
+        include: Selectors = None,
+        exclude: Selectors = None,
     ) -> None:
         if args:
             rounds, final_sparsity, rewind_to = _positional_options(
@@ -127,7 +135,7 @@ class IterativePruning(Schedule):
         parsed = parse_structure(structure)
         if parsed is not None:
             check_sparsity(parsed, self.final_sparsity, "final_sparsity")
-        super().__init__(model, seed)
+        super().__init__(model, seed, include, exclude)
         sharded.check_no_structure(self._masked, parsed, self._who)
         if parsed is None:
             check_unstructured(self._masked, self._who)
