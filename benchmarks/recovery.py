@@ -34,21 +34,26 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import gzip
+import importlib.util
 import os
 import random
 import re
 import sysconfig
 import time
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
+from _common import time_interleaved  # type: ignore[import-not-found]
 
 import hadamard_sparse as hs
-from hadamard_sparse.recover.quality import compare, embeddings
+from hadamard_sparse.recover.data import Batches, call_model
+from hadamard_sparse.recover.quality import compare, embeddings, representation
 
 RESULTS = Path(__file__).parent / "results" / "recovery.md"
 _SENT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
@@ -61,7 +66,20 @@ def _sentences(text: str) -> list[str]:
 
 def stdlib_docstrings(limit: int, seed: int = 0) -> list[str]:
     """Sentences of the Python standard library's docstrings (modules, classes, functions)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    return docstrings(Path(sysconfig.get_paths()["stdlib"]), limit, seed)
+
+
+def package_docstrings(package: str, limit: int, seed: int = 0) -> list[str]:
+    """Sentences of an installed package's docstrings (e.g. ``"numpy"``): held-out text on a machine
+    without manual pages."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        return []
+    return docstrings(Path(spec.origin).parent, limit, seed)
+
+
+def docstrings(root: Path, limit: int, seed: int = 0) -> list[str]:
+    """Sentences of the docstrings of the ``.py`` files in ``root`` and its subfolders (tests skipped)."""
     out: list[str] = []
     for path in sorted(root.glob("*.py")) + sorted(root.glob("*/*.py")):
         if "test" in path.parts or path.name.startswith("test"):
@@ -113,14 +131,20 @@ def _load() -> torch.nn.Module:
 
 
 def _row(
-    name: str, budget: str, report: object | None, quality: object, one_shot: object, minutes: float
+    name: str,
+    budget: str,
+    report: object | None,
+    quality: object,
+    one_shot: object,
+    minutes: float,
+    cpu_minutes: float,
 ) -> str:
     steps = "-" if report is None else f"{report.steps}/{report.planned_steps}"  # type: ignore[attr-defined]
     sp = "-" if report is None else f"{report.sparsity:.4f}"  # type: ignore[attr-defined]
     os_cos = "-" if one_shot is None else f"{one_shot.cosine:.4f}"  # type: ignore[attr-defined]
     return (
         f"| {name} | {sp} | {budget} | {steps} | {os_cos} | {quality.cosine:.4f} | "  # type: ignore[attr-defined]
-        f"{quality.top1:.3f} | {quality.top10:.3f} | {minutes:.1f} |"  # type: ignore[attr-defined]
+        f"{quality.top1:.3f} | {quality.top10:.3f} | {minutes:.1f} | {cpu_minutes:.1f} |"  # type: ignore[attr-defined]
     )
 
 
@@ -136,6 +160,68 @@ def _ticker() -> object:
             )
 
     return tick
+
+
+def _inputs(batch: int, seq: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "input_ids": torch.randint(1000, 30000, (batch, seq), generator=g),
+        "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+    }
+
+
+def _speed(dense: torch.nn.Module, other: torch.nn.Module, budget: float) -> str:
+    """Speed-up of ``other`` over ``dense`` (their transformers, eager), at 1x64 and 16x64 tokens."""
+    out = []
+    for batch, seq in ((1, 64), (16, 64)):
+        x = _inputs(batch, seq)
+        with torch.inference_mode():
+            t = time_interleaved(
+                {"dense": partial(dense, **x), "other": partial(other, **x)}, budget_s=budget, min_rounds=9
+            )
+        out.append(f"{t['dense'] / t['other']:.2f}x")
+    return " / ".join(out)
+
+
+def _exported(model: torch.nn.Module) -> torch.nn.Module:
+    """The recovered model's transformer, masks baked, Linears as compiled CSR kernels."""
+    auto = copy.deepcopy(model[0].auto_model)  # type: ignore[index]
+    hs.remove_parametrizations(auto)
+    return hs.to_sparse(auto, "csr_kernel", exclude="*pooler*")
+
+
+def layer_drop(
+    train: list[str], held: list[str], keep: list[int], cpu_minutes: float, lr: float, threads: int
+) -> tuple[torch.nn.Module, object, int, float, float]:
+    """The structured baseline: keep ``keep`` of MiniLM's 6 layers and distil (embedding cosine) for
+    ``cpu_minutes`` of process CPU time per thread; returns the student, its quality, steps, minutes
+    and CPU minutes per thread."""
+    teacher, student = _load().eval(), _load()
+    auto = student[0].auto_model  # type: ignore[index]
+    auto.encoder.layer = torch.nn.ModuleList(auto.encoder.layer[i] for i in keep)
+    auto.config.num_hidden_layers = len(keep)
+    batches = Batches(train, "train", tokenizer=student.tokenizer, wrap=True)
+    held_b = Batches(held, "held", tokenizer=student.tokenizer, wrap=True).in_order()
+    distill = hs.Distiller(student, teacher, embedding="cosine", pooling=representation, call=call_model)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr)
+    student.eval()  # no dropout, as hs.recover
+    t0, c0 = time.perf_counter(), time.process_time()
+    budget, step, planned = 60.0 * cpu_minutes * threads, 0, None
+    while planned is None or step < planned:
+        for group in opt.param_groups:
+            group["lr"] = lr if planned is None else lr * (1 - step / planned)
+        loss = distill(batches.at(step, 0))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step == 5:  # plan the run from the CPU time of the first steps
+            planned = max(step, int(budget / ((time.process_time() - c0) / step)))
+        if step % 50 == 0:
+            print(f"  layer-drop step {step}/{planned}: loss {float(loss):.4f}", flush=True)
+    q = compare(embeddings(teacher, held_b), embeddings(student, held_b))
+    return student, q, step, (time.perf_counter() - t0) / 60, (time.process_time() - c0) / 60 / threads
 
 
 def main() -> None:
@@ -157,6 +243,19 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--method", default="sparsegpt", help="one-shot method (default sparsegpt)")
     ap.add_argument("--steps", type=int, default=None, help="plan length (default: hs.recovery_steps)")
+    ap.add_argument(
+        "--initial", type=float, default=None, help="one-shot sparsity (default: min(0.7, target))"
+    )
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--calibration-batches", type=int, default=4)
+    ap.add_argument(
+        "--layer-drop",
+        type=float,
+        default=None,
+        metavar="CPU_MINUTES",
+        help="add the structured baseline: 3 of the 6 layers (1, 3, 5) distilled for CPU_MINUTES per thread",
+    )
+    ap.add_argument("--speed", action="store_true", help="time each result against the dense model (eager)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -180,14 +279,29 @@ def main() -> None:
         "`one-shot cos` is right after the one-shot initialisation (at the initial sparsity, 0.7 for targets "
         "above it); `steps` is done/planned (planned from the measured step time to fit the budget).",
         "",
-        "| setting | sparsity | budget (min) | steps | one-shot cos | cosine | top-1 | top-10 | minutes |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| setting | sparsity | budget (min) | steps | one-shot cos | cosine | top-1 | top-10 | minutes | "
+        "CPU min / threads |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     rows: list[str] = []
+    speeds: list[str] = []
 
     def write() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(header + rows) + "\n")
+        speed = (
+            [
+                "",
+                "Speed (eager, 2 threads unless --threads, interleaved medians, same run): the result's transformer "
+                '(masks baked, `to_sparse(..., "csr_kernel")`; the 3-layer baseline as it is) over the dense one.',
+                "",
+                "| model | speed-up at 1x64 / 16x64 tokens |",
+                "| --- | --- |",
+                *speeds,
+            ]
+            if speeds
+            else []
+        )
+        args.out.write_text("\n".join(header + rows + speed) + "\n")
         print(rows[-1], flush=True)
 
     settings: list[tuple[str, float, dict]] = []
@@ -214,7 +328,7 @@ def main() -> None:
         for s in args.sparsity:
             model = _load()
             teacher = _load()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             calib = [
                 (
                     dict(
@@ -253,27 +367,47 @@ def main() -> None:
                     q,
                     None,
                     (time.perf_counter() - t0) / 60,
+                    (time.process_time() - c0) / 60 / args.threads,
                 )
             )
             write()
 
+    if args.layer_drop is not None:
+        keep = [1, 3, 5]
+        student, q, n, minutes, cpu = layer_drop(train, held, keep, args.layer_drop, args.lr, args.threads)
+        name = f"3 layers ({', '.join(map(str, keep))}) of 6, dense, embedding distillation"
+        if args.speed:
+            speeds.append(f"| {name} | {_speed(_load()[0].auto_model, student[0].auto_model, 3.0)} |")
+            print(speeds[-1], flush=True)
+        rows.append(
+            f"| {name} | 0 | {args.layer_drop:g} CPU | {n}/{n} | - | {q.cosine:.4f} | {q.top1:.3f} | "  # type: ignore[attr-defined]
+            f"{q.top10:.3f} | {minutes:.1f} | {cpu:.1f} |"  # type: ignore[attr-defined]
+        )
+        write()
+
     for name, s, kw in settings:
         model = _load()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         report = hs.recover(
             model,
             train,
             s,
             eval_data=held,
-            max_minutes=args.max_minutes,
+            max_minutes=args.max_minutes or None,
             lr=args.lr,
             steps=args.steps,
             method=args.method,
+            initial_sparsity=args.initial,
+            batch_size=args.batch_size,
+            calibration_batches=args.calibration_batches,
             progress=False,
             callback=_ticker(),
             **kw,
         )
         print(report, flush=True)
+        if args.speed:
+            speeds.append(f"| {name} | {_speed(_load()[0].auto_model, _exported(model), 3.0)} |")
+            print(speeds[-1], flush=True)
         rows.append(
             _row(
                 name,
@@ -282,6 +416,7 @@ def main() -> None:
                 report.quality,
                 report.one_shot,
                 (time.perf_counter() - t0) / 60,
+                (time.process_time() - c0) / 60 / args.threads,
             )
         )
         write()
