@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import minilm_path
 
 import hadamard_sparse as hs
 from hadamard_sparse import cli
 from hadamard_sparse._cli_common import check_out_dir
+from tests.conftest import minilm_path
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

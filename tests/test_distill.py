@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import minilm_path, mlp, run_ranks
 from torch import nn
 
 import hadamard_sparse as hs
 from hadamard_sparse.distill_losses import batch_key, kl_distill_loss, squarehead_loss
+from tests.conftest import minilm_path, mlp, run_ranks
 
 transformers = pytest.importorskip("transformers")
 
@@ -575,7 +575,7 @@ _DDP_WORKER = textwrap.dedent(
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)  # see tests/test_distributed.py: no C++ static destructors after the work is done
+    os._exit(0)  # see tests/schedules/test_distributed.py: no C++ static destructors after the work is done
     """
 )
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import minilm_path
 from torch import nn
 
 import hadamard_sparse as hs
 from hadamard_sparse import cli
 from hadamard_sparse.hf import COMPRESSED_WEIGHTS
+from tests.conftest import minilm_path
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 pytest.importorskip("safetensors", reason="safetensors is not installed")

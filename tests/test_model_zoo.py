@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import minilm_path
 from torch import nn
 
 import hadamard_sparse as hs
+from tests.conftest import minilm_path
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 safetensors_torch = pytest.importorskip("safetensors.torch", reason="safetensors is not installed")

@@ -7,10 +7,10 @@ import io
 
 import pytest
 import torch
-from conftest import minilm_path
 
 import hadamard_sparse as hs
 from hadamard_sparse.calibration import calibrate
+from tests.conftest import minilm_path
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 

@@ -7,7 +7,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import LAYER_CASES, LayerCase, minilm_path
 from torch import nn
 
 import hadamard_sparse as hs
@@ -19,6 +18,7 @@ from hadamard_sparse.errors import InvalidArgumentError
 from hadamard_sparse.layers import resolve_targets, weight_dims
 from hadamard_sparse.ria import channel_permutation, permuted_nm_keep
 from hadamard_sparse.scores import ScoreContext, get_score
+from tests.conftest import LAYER_CASES, LayerCase, minilm_path
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 

@@ -7,13 +7,13 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import Conv1D, minilm_path
 from torch import nn
 
 import hadamard_sparse as hs
 from hadamard_sparse import reconstruct
 from hadamard_sparse.calibration import calibrate
 from hadamard_sparse.layers import resolve_targets
+from tests.conftest import Conv1D, minilm_path
 
 
 def _reference_refit(w: np.ndarray, keep: np.ndarray, x: np.ndarray, damp: float) -> np.ndarray:

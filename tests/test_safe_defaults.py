@@ -8,13 +8,13 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import Conv1D, MHAWrap, RNNWrap, mlp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
 
 import hadamard_sparse as hs
+from tests.conftest import Conv1D, MHAWrap, RNNWrap, mlp
 
 # ----------------------------------------------------------------------------------------------
 # An independent reference for the floor: concatenate every score, protect each unit's best,

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch.nn.utils.prune as tprune
-from conftest import LAYER_CASES, Conv1D, LayerCase, mlp, small_cnn
 from torch import nn
 from torch.nn.utils import parametrize
 
 import hadamard_sparse as hs
+from tests.conftest import LAYER_CASES, Conv1D, LayerCase, mlp, small_cnn
 
 
 def _twin_with_masks(twin: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:

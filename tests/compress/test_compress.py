@@ -11,7 +11,6 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from conftest import minilm_path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -19,6 +18,7 @@ from torch import nn
 import hadamard_sparse as hs
 from hadamard_sparse.compress import layouts as C
 from hadamard_sparse.errors import HadamardSparseError
+from tests.conftest import minilm_path
 
 safetensors_torch = pytest.importorskip("safetensors.torch", reason="safetensors is not installed")
 

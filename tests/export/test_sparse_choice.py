@@ -10,12 +10,12 @@ import warnings
 
 import pytest
 import torch
-from conftest import Conv1D
 from torch import nn
 
 import hadamard_sparse as hs
 from hadamard_sparse.errors import InvalidArgumentError, InvalidTypeError
 from hadamard_sparse.export import LayerChoice, SparseLinear, kernels, to_sparse
+from tests.conftest import Conv1D
 
 
 def _prune(model: nn.Module, densities: dict[str, float], seed: int = 0) -> nn.Module:

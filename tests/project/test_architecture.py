@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import mlp
 from torch import nn
 
 import hadamard_sparse as hs
 from hadamard_sparse import layers
+from tests.conftest import mlp
 
 PACKAGE = Path(hs.__file__).parent
 MAX_LINES = 650  # "no module over about 600 lines"

@@ -220,7 +220,7 @@ def test_quality_against_hand_computed_neighbours() -> None:
 @pytest.mark.slow
 def test_minilm_distillation_beats_its_one_shot_start() -> None:
     st = pytest.importorskip("sentence_transformers")
-    from conftest import minilm_path
+    from tests.conftest import minilm_path
 
     model = st.SentenceTransformer(minilm_path(), device="cpu")
     train = [
