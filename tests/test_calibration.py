@@ -19,6 +19,7 @@ from hadamard_sparse.calibration import ActivationStats, calibrate
 from hadamard_sparse.errors import InvalidArgumentError
 from hadamard_sparse.sparsegpt import obs_prune
 from tests.conftest import LAYER_CASES, Conv1D, LayerCase
+from tests.hf_models import bert_config
 
 # --------------------------------------------------------------------------- reference input norms
 
@@ -551,7 +552,7 @@ def _tiny_sentence_transformer(tmp_path) -> nn.Module:  # type: ignore[no-untype
     """A SentenceTransformer around a 2-layer BERT from a tiny config (MiniLM's tokenizer; no download)."""
     pytest.importorskip("sentence_transformers")
     from sentence_transformers import SentenceTransformer
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
     from tests.conftest import minilm_path
 
@@ -561,9 +562,8 @@ def _tiny_sentence_transformer(tmp_path) -> nn.Module:  # type: ignore[no-untype
 
     tok = minilm_path()
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
-    )
+    config = bert_config(vocab_size=30522, max_position_embeddings=512)
+
     BertModel(config).save_pretrained(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

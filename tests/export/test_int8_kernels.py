@@ -13,8 +13,7 @@ import hadamard_sparse as hs
 from hadamard_sparse.errors import InvalidArgumentError
 from hadamard_sparse.export import kernels_int8 as K
 from hadamard_sparse.export.sparse_int8 import SparseLinearInt8
-
-transformers = pytest.importorskip("transformers")
+from tests.hf_models import transformers
 
 needs_kernel = pytest.mark.skipif(not K.int8_kernel_status()[0], reason="int8 kernel not built")
 
