@@ -2,5 +2,5 @@
 
 ``tests/project`` holds what tests the project as a whole (README, docs, notebooks, architecture).
 Every folder is a package, so two test files in different folders may share a name; helpers are
-imported by their full name (``from tests.conftest import mlp``, ``from tests.hf_models import tiny_bert``).
+imported by their full name (``from tests.conftest import mlp``, ``from tests.hf_models import bert_config``).
 """
