@@ -36,6 +36,8 @@ class _Transformers:
     """Stands for the ``transformers`` module; the first attribute read imports it or skips the test."""
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # pytest and mock probe objects for `_mock_name`, `__wrapped__`, ...
+            raise AttributeError(name)
         module: ModuleType = pytest.importorskip("transformers", reason="transformers is not installed")
         return getattr(module, name)
 

@@ -22,7 +22,7 @@ import hadamard_sparse as hs
 from hadamard_sparse import dsnot
 from hadamard_sparse.dsnot import dsnot_rows, expected_error
 from tests.conftest import mlp
-from tests.test_ria import MODELS, layer_inputs
+from tests.test_ria import MODELS, model_case
 
 
 def dsnot_row_reference(
@@ -120,13 +120,7 @@ def _wanda_start(w: np.ndarray, x: np.ndarray, nm: tuple[int, int] | None) -> np
     "name, nm", [("mlp", None), ("mlp", (2, 4)), ("conv_net", None)], ids=["mlp", "mlp_2:4", "conv_net"]
 )
 def test_masks_equal_a_row_by_row_reference_on_raw_inputs(name: str, nm: tuple[int, int] | None) -> None:
-    make, data = MODELS[name]
-    torch.manual_seed(0)
-    model = make()
-    g = torch.Generator().manual_seed(1)
-    batches = [data(g) for _ in range(3)]
-    dense = copy.deepcopy(model)
-    inputs = layer_inputs(dense, batches)
+    model, dense, batches, inputs = model_case(name)
     structure = None if nm is None else f"{nm[0]}:{nm[1]}"
     hs.sparsify(model, 0.5, method="dsnot", scope="row", structure=structure, calibration=batches)
     masks = hs.masks(model)

@@ -101,6 +101,17 @@ def layer_inputs(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, np.
     return {f"{n}.weight": torch.cat(r).numpy() for n, r in rows.items()}
 
 
+def model_case(name: str) -> tuple[nn.Module, nn.Module, list[torch.Tensor], dict[str, np.ndarray]]:
+    """The model ``MODELS[name]`` (seed 0), a dense copy, 3 calibration batches and each layer's inputs."""
+    make, data = MODELS[name]
+    torch.manual_seed(0)
+    model = make()
+    g = torch.Generator().manual_seed(1)
+    batches = [data(g) for _ in range(3)]
+    dense = copy.deepcopy(model)
+    return model, dense, batches, layer_inputs(dense, batches)
+
+
 def _ria(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     """RIA from its formula: ``w`` ``(R, F)``, ``x`` ``(rows, F)``."""
     a = np.abs(w)
@@ -119,13 +130,7 @@ def _keep_top(scores: np.ndarray, n_prune: int) -> np.ndarray:
 @pytest.mark.parametrize("scope", ["row", "layer"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_masks_equal_the_formula_on_raw_inputs(name: str, scope: str) -> None:
-    make, data = MODELS[name]
-    torch.manual_seed(0)
-    model = make()
-    g = torch.Generator().manual_seed(1)
-    batches = [data(g) for _ in range(3)]
-    dense = copy.deepcopy(model)
-    inputs = layer_inputs(dense, batches)
+    model, dense, batches, inputs = model_case(name)
     hs.sparsify(model, 0.5, method="ria", scope=scope, calibration=batches)
     masks = hs.masks(model)
     assert set(masks) == set(inputs)
