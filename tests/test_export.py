@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import warnings
 
 import pytest
@@ -843,3 +844,14 @@ def test_a_subclass_uses_its_base_rule_and_a_rule_declares_what_it_supports(
     assert layer_rules.rule_of(ToyLinear(2, 2), "sparse") is None
     assert "ToyLinear" not in layer_rules.supported("sparse") and "ToyLinear" not in graph.LAYER_LABELS
     assert "ToyLinear" in layer_rules.supported("rebuild")
+    # the former table and decorator still work, on top of the rule objects
+    shrink_module = importlib.import_module("hadamard_sparse.export.shrink")
+    assert shrink_module.REBUILD_RULES[nn.Linear].__func__ is layer_rules.LinearRule.rebuild
+
+    @shrink_module.rebuild_rule(nn.BatchNorm1d)
+    def legacy(new: nn.Module, mod: nn.Module, plan: object, removed: object) -> None:
+        pass
+
+    bn = layer_rules.rule_of(nn.BatchNorm1d(2))
+    assert isinstance(bn, layer_rules.BatchNormRule) and bn.capabilities() >= {"flow", "rebuild", "members"}
+    assert shrink_module.REBUILD_RULES[nn.BatchNorm1d].__func__ is not layer_rules.BatchNormRule.rebuild
