@@ -48,7 +48,7 @@ from torch.nn.utils import parametrize
 from ._model_io import join_name
 from .checkpoint import ensure_load_hook
 from .errors import InvalidArgumentError, InvalidTypeError, NoTargetsError
-from .layers import Selectors, Target, check_not_wrapped, resolve_targets, weight_dims
+from .layers import Selectors, Target, check_not_wrapped, resolve_targets, targeted_layers, weight_dims
 from .parametrizations import SparseParametrization
 
 __all__ = [
@@ -486,9 +486,8 @@ def factorize(
     targets: list[Target] = resolve_targets(model, include, exclude)
     if not targets:
         raise NoTargetsError(
-            f"factorize: model {type(model).__name__} has no tensor to act on (targets are the weights of "
-            "Linear, ConvNd, ConvTransposeNd, RNN/LSTM/GRU, MultiheadAttention and HF Conv1D; "
-            "Embedding only when include lists its type); check include/exclude"
+            f"factorize: model {type(model).__name__} has no tensor to act on (targets are "
+            f"{targeted_layers()}); check include/exclude"
         )
     built = [_build(t.module, t.tensor_name, depth, group, init, t.qualified) for t in targets]
     _warn_stale_optimizer([(t.qualified, t.module._parameters[t.tensor_name]) for t in targets])  # type: ignore[misc]

@@ -45,7 +45,7 @@ from . import _select
 from ._engine import pre_mask_value
 from .calibration import ActivationStats, LayerStats, collect, with_progress
 from .errors import InvalidArgumentError, InvalidTypeError
-from .layers import Target, layer_kind, layer_rule
+from .layers import Target, layer_kind, layer_rule, supported_layers
 from .parametrizations import HadamardMask
 from .scores import ScoreContext
 from .structures import NM
@@ -196,8 +196,8 @@ def _check(targets: Sequence[Target], structure: Any, sparsities: Sequence[float
         if rule is None or not rule.reconstructable:
             kind = layer_kind(t.module)
             problems.append(
-                f"{t.qualified}: layer kind {kind!r} (sparsegpt supports Linear, ConvNd, HF Conv1D and "
-                "MultiheadAttention projections)"
+                f"{t.qualified}: layer kind {kind!r} (sparsegpt supports "
+                f"{supported_layers(reconstructable=True)})"
             )
         elif parametrize.is_parametrized(t.module, t.tensor_name):
             plist = t.module.parametrizations[t.tensor_name]  # type: ignore[index, union-attr]

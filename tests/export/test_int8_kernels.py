@@ -232,10 +232,10 @@ def test_refusals():
         hs.to_sparse(model, quantize="int4")
     with pytest.raises(InvalidArgumentError, match="layout must be 'auto' or 'csr_kernel'"):
         hs.to_sparse(model, "csr", quantize="int8")
-    hs.sparsify(model, 0.5)  # a mask without FakeQuant: still needs baking
-    with pytest.raises(InvalidArgumentError, match="baked"):
-        hs.to_sparse(model, quantize="int8")
-    assert isinstance(model[0], nn.Linear)
+    hs.sparsify(model, 0.5)  # a mask without FakeQuant: baked, as without quantize and as shrink does
+    baked = hs.remove_parametrizations(copy.deepcopy(model))
+    out = hs.to_sparse(model, quantize="int8")  # density 0.5 > 0.3: stays dense
+    assert type(out[0]) is nn.Linear and not hs.masks(out) and torch.equal(out[0].weight, baked[0].weight)
 
 
 @needs_kernel

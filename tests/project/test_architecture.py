@@ -217,6 +217,7 @@ def test_a_new_layer_type_is_one_registry_entry() -> None:
         @layers.register_layer(_Bilinearish)
         class _Rule(layers.LayerRule):
             kind = "bilinearish"
+            label = "Bilinearish"
             no_features = None
 
             def tensors(self, module: nn.Module) -> list[str]:
@@ -239,6 +240,10 @@ def test_a_new_layer_type_is_one_registry_entry() -> None:
         hs.sparsify(model, 0.5, method="wanda", calibration=xs)
         hs.sparsify(ref, 0.5, method="wanda", calibration=xs)
         assert torch.equal(hs.masks(model)["0.kernel"], hs.masks(ref)["weight"])
+        # the "supported layers" of messages come from the registry
+        assert "Bilinearish" in layers.supported_layers() and "Bilinearish" in layers.targeted_layers()
+        with pytest.raises(hs.InvalidArgumentError, match="among the weights of .*Bilinearish"):
+            hs.sparsify(nn.Sequential(_Bilinearish()), 0.5, include=["nothing"])
     finally:
         for t in (_Bilinearish,):
             layers._REGISTRY.pop(t, None)
