@@ -8,7 +8,8 @@ Example::
     >>> model = hs.remove_parametrizations(model)
 """
 
-from .api import masks, register_mask, remove_parametrizations, sparsify
+from .api import masks, register_mask, sparsify
+from .bake import remove_parametrizations
 from .calibration import ActivationStats, LayerStats, calibrate
 from .checkpoint import load_sparse_state_dict
 from .compress import (

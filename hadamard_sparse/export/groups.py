@@ -26,7 +26,7 @@ from torch import nn
 
 from .._checks import check_norm
 from .._model_io import join_name
-from ..api import remove_parametrizations
+from ..bake import remove_parametrizations
 from ..errors import InvalidArgumentError, NoTargetsError
 from ..groups import Member, TensorGroups
 from ..layers import weight_dims

@@ -20,7 +20,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .._model_io import eval_mode, set_submodule
-from ..api import masks, remove_parametrizations
+from ..api import masks
+from ..bake import remove_parametrizations
 from ..errors import InvalidArgumentError, InvalidTypeError, UnsupportedGraphError
 from ..layers import weight_dims
 from . import (
