@@ -8,6 +8,7 @@ Example::
     >>> model = hs.remove_parametrizations(model)
 """
 
+from . import builtin_methods  # noqa: F401  (registers the built-in methods of their own modules, once)
 from .api import masks, register_mask, sparsify
 from .bake import remove_parametrizations
 from .calibration import ActivationStats, LayerStats, calibrate

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import dsnot, gradient_scores, reconstruct, ria, sparsegpt
 from ._checks import (
     Selectors,
     check_distribution,
@@ -37,48 +36,10 @@ from .gradient_scores import check_gradients
 from .groups import TensorGroups
 from .layers import Target, check_not_wrapped, resolve_targets
 from .parametrizations import HadamardMask, check_mask
-from .scores import register_score
 from .sparsegpt import stats_for
 from .structures import MODEL_STRUCTURES, NM, StructureLike, parse_structure
 
 __all__ = ["check_finite", "masks", "register_mask", "remove_parametrizations", "sparsify"]
-
-# Built-in methods that live in their own module are registered here, explicitly (importing them
-# registers nothing). "sparsegpt": the mask-only OBS saliency as its score, and a pruner that also
-# rewrites the kept weights.
-register_score(
-    "sparsegpt", needs_calibration=True, scopes=sparsegpt.SCOPES, needs_gram=True, pruner=sparsegpt.prune
-)(sparsegpt.obs_saliency)
-# "wanda_refit": Wanda's masks, then a support-restricted least-squares refit of the kept weights;
-# "sparsegpt_block": sequential SparseGPT block by block, then Adam block reconstruction (reconstruct.py).
-register_score(
-    "wanda_refit",
-    needs_calibration=True,
-    scopes=reconstruct.SCOPES,
-    needs_gram=True,
-    pruner=reconstruct.prune_wanda_refit,
-)(reconstruct.wanda_score)
-register_score(
-    "sparsegpt_block",
-    needs_calibration=True,
-    scopes=reconstruct.SCOPES,
-    needs_gram=True,
-    pruner=reconstruct.prune_blocks,
-)(sparsegpt.obs_saliency)
-# "ria": relative importance x activations, mask only (ria.py); "dsnot": Wanda's masks, then DSnoT's
-# training-free prune-and-grow swaps per row (dsnot.py), mask only too; its score is Wanda's.
-register_score("ria", needs_calibration=True, scopes=ria.SCOPES)(ria.ria_score)
-register_score("dsnot", needs_calibration=True, scopes=dsnot.SCOPES, pruner=dsnot.prune)(
-    reconstruct.wanda_score
-)
-# From the gradients an hs.GradientScores recorded: "movement" (mask only), "obs" (oBERT; its pruner updates weights).
-register_score("movement", scopes=gradient_scores.MOVEMENT_SCOPES, needs_gradients=True)(
-    gradient_scores.movement_score
-)
-register_score("obs", scopes=gradient_scores.SCOPES, needs_gradients=True, pruner=gradient_scores.obs_prune)(
-    gradient_scores.obs_score
-)
-
 
 def register_mask(module: nn.Module, name: str = "weight", mask: torch.Tensor | None = None) -> HadamardMask:
     r"""Parametrize ``module.<name>`` as ``w * mask`` and return the :class:`HadamardMask`.
