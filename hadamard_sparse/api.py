@@ -41,6 +41,7 @@ from .structures import MODEL_STRUCTURES, NM, StructureLike, parse_structure
 
 __all__ = ["check_finite", "masks", "register_mask", "remove_parametrizations", "sparsify"]
 
+
 def register_mask(module: nn.Module, name: str = "weight", mask: torch.Tensor | None = None) -> HadamardMask:
     r"""Parametrize ``module.<name>`` as ``w * mask`` and return the :class:`HadamardMask`.
 
