@@ -55,7 +55,7 @@ from .scores import ScoreEntry
 from .sparsegpt import stats_for
 from .structures import MODEL_STRUCTURES, NM, Structure, StructureLike, parse_structure
 
-__all__ = ["SparsifyPlan", "apply_plan", "plan_sparsify", "targets_or_raise"]
+__all__ = ["SparsifyPlan", "apply_plan", "keep_masks", "plan_sparsify", "targets_or_raise"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -303,6 +303,39 @@ def plan_sparsify(
     )
 
 
+def keep_masks(plan: SparsifyPlan, *, value: str = "dense", checked: bool = True) -> list[torch.Tensor]:
+    """The pruning engine's keep-masks for ``plan`` (what :func:`apply_plan` and the schedules attach or write).
+
+    Args:
+        plan: the plan (its targets, sparsity, method, scope, structure, seed, floor and statistics).
+        value: score the ``"dense"`` values (sparsify) or the ``"effective"`` ones (schedules: masks
+            stay nested).
+        checked: the structure's fit and maximum sparsity were checked for ``plan.sparsity``;
+            ``False`` checks them again (a schedule's curve may go past the sparsity it was planned for).
+
+    Returns:
+        One bool tensor per target, ``True`` where kept (compact with a structure).
+
+    Example::
+
+        >>> plan = plan_sparsify(torch.nn.Linear(8, 4), 0.5)
+        >>> int(keep_masks(plan)[0].sum())
+        16
+    """
+    return compute_keep_masks(
+        list(plan.targets),
+        plan.sparsity if isinstance(plan.sparsity, float) else list(plan.sparsity),
+        method=plan.method,
+        scope=plan.scope,
+        seed=plan.seed,
+        structure=plan.structure,
+        stats=plan.stats,
+        value=value,
+        checked=checked,
+        min_keep=plan.min_keep,
+    )
+
+
 def apply_plan(plan: SparsifyPlan) -> nn.Module:
     """Prune as ``plan`` says: attach the engine's keep-masks, or run the method's pruner.
 
@@ -335,17 +368,7 @@ def apply_plan(plan: SparsifyPlan) -> nn.Module:
             **kw,
         )
         return plan.model
-    keeps: list[torch.Tensor | None] = compute_keep_masks(  # type: ignore[assignment]
-        targets,
-        plan.sparsity if isinstance(plan.sparsity, float) else list(plan.sparsity),
-        method=plan.method,
-        scope=plan.scope,
-        seed=plan.seed,
-        structure=plan.structure,
-        stats=plan.stats,
-        checked=True,
-        min_keep=plan.min_keep,
-    )
+    keeps: list[torch.Tensor | None] = keep_masks(plan)  # type: ignore[assignment]
     for i, t in enumerate(targets):
         keep, keeps[i] = keeps[i], None  # drop each flat mask once its buffer holds it (peak memory)
         assert keep is not None
