@@ -19,7 +19,7 @@ The gradient recorded is the one of the Parameter the optimizer trains (``origin
 mask it is ``mask * dL/dW_effective``, so masked entries get no gradient and no score; both
 methods score entries that are masked when scored at ``-inf`` (pruned first, masks stay nested).
 
-The methods are registered by :mod:`hadamard_sparse.api` (importing this module registers nothing).
+The methods are registered by :mod:`hadamard_sparse.builtin_methods` (importing this module registers nothing).
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ from .parametrizations import HadamardMask
 from .scores import ScoreContext
 from .structures import NM
 
-# No public names for users: the method is registered as "sparsegpt" by api (register_score with
+# No public names for users: the method is registered as "sparsegpt" by builtin_methods (register_score with
 # obs_saliency as the score and prune as the pruner); importing this module registers nothing.
 __all__ = ["SCOPES", "check_stats", "obs_prune", "obs_saliency", "prune", "stats_for"]
 

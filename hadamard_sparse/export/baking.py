@@ -16,7 +16,7 @@ import copy
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..api import remove_parametrizations
+from ..bake import remove_parametrizations
 from ..parametrizations import SparseParametrization
 
 __all__ = ["bake", "baked_copy", "holds_masks"]

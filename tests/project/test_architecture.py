@@ -125,7 +125,7 @@ def test_modules_stay_small() -> None:
 
 
 def test_importing_sparsegpt_registers_nothing() -> None:
-    """The method is registered explicitly (api), not as a side effect of importing its module."""
+    """The method is registered explicitly (builtin_methods), not as a side effect of importing its module."""
     tree = ast.parse((PACKAGE / "sparsegpt.py").read_text())
     calls = [n.func for n in ast.walk(tree) if isinstance(n, ast.Call)]
     names = {f.id if isinstance(f, ast.Name) else getattr(f, "attr", "") for f in calls}
