@@ -30,6 +30,7 @@ from ._engine import (
 )
 from ._model_io import join_name
 from .allocation import check_allocation, owl_sparsities
+from .calibration import stats_for
 from .checkpoint import bake, drop_load_hook, ensure_load_hook
 from .densities import densities_for_shapes
 from .errors import InvalidArgumentError, InvalidTypeError, NoTargetsError
@@ -38,7 +39,6 @@ from .groups import TensorGroups
 from .layers import Target, check_not_wrapped, resolve_targets
 from .parametrizations import HadamardMask, check_mask
 from .scores import register_score
-from .sparsegpt import stats_for
 from .structures import MODEL_STRUCTURES, NM, StructureLike, parse_structure
 
 __all__ = ["check_finite", "masks", "register_mask", "remove_parametrizations", "sparsify"]

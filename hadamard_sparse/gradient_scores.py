@@ -40,7 +40,7 @@ from ._engine import compute_keep_masks, mask_of
 from .errors import InvalidArgumentError, InvalidTypeError, NoTargetsError
 from .layers import Target, check_not_wrapped, resolve_targets
 from .parametrizations import HadamardMask
-from .scores import ScoreContext
+from .scores import Apply, ScoreContext
 
 __all__ = [
     "MOVEMENT_SCOPES",
@@ -626,7 +626,7 @@ def obs_prune(
     scope: str,
     structure: Any,
     calibration: Any,
-    apply: Any,
+    apply: Apply,
     min_keep: int = 0,
 ) -> None:
     """The ``"obs"`` pruner: oBERT masks from the recorded gradients, then the OBS update of the kept weights."""

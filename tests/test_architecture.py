@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import inspect
 import warnings
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from torch import nn
 
 import hadamard_sparse as hs
 from hadamard_sparse import layers
+from hadamard_sparse.scores import Pruner, get_score
 
 PACKAGE = Path(hs.__file__).parent
 MAX_LINES = 650  # "no module over about 600 lines"
@@ -243,3 +245,27 @@ def test_a_new_layer_type_is_one_registry_entry() -> None:
         for t in (_Bilinearish,):
             layers._REGISTRY.pop(t, None)
         layers._BY_KIND.pop("bilinearish", None)
+
+
+# --------------------------------------------------------------------------- the Pruner protocol
+
+
+def test_every_registered_pruner_satisfies_the_pruner_protocol() -> None:
+    """Each built-in one-shot pruner takes the protocol's arguments, the same names and kinds; any
+    further parameter is keyword-only with a default (so ``sparsify`` can call all of them alike)."""
+    protocol = inspect.signature(Pruner.__call__)
+    wanted = [p for p in protocol.parameters.values() if p.name != "self"]
+    pruners = {name: e.pruner for name in hs.available_scores() if (e := get_score(name)).pruner is not None}
+    assert {"sparsegpt", "sparsegpt_block", "wanda_refit", "dsnot", "obs"} <= set(pruners)
+    for name, fn in pruners.items():
+        params = inspect.signature(fn).parameters
+        for want in wanted:
+            got = params.get(want.name)
+            assert got is not None, f"{name}: its pruner lacks {want.name!r}"
+            assert got.kind == want.kind, f"{name}: {want.name!r} is {got.kind}, the protocol's is {want.kind}"
+        extra = [p for n, p in params.items() if n not in {w.name for w in wanted}]
+        for p in extra:
+            assert p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty, (
+                f"{name}: the extra parameter {p.name!r} must be keyword-only with a default"
+            )
+        assert list(params)[:3] == ["model", "targets", "sparsities"]
