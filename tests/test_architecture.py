@@ -31,16 +31,20 @@ def _modules() -> dict[str, Path]:
     return out
 
 
+def _base(module: str, is_package: bool, node: ast.ImportFrom) -> str:
+    """The absolute name of the module a ``from ... import ...`` statement imports from."""
+    if node.level == 0:
+        return node.module or ""
+    parts = module.split(".")
+    if not is_package:
+        parts = parts[:-1]
+    parts = parts[: len(parts) - (node.level - 1)]
+    return ".".join(parts + ([node.module] if node.module else []))
+
+
 def _resolve(module: str, is_package: bool, node: ast.ImportFrom) -> list[str]:
     """Absolute names of the package modules a ``from ... import ...`` statement refers to."""
-    if node.level == 0:
-        base = node.module or ""
-    else:
-        parts = module.split(".")
-        if not is_package:
-            parts = parts[:-1]
-        parts = parts[: len(parts) - (node.level - 1)]
-        base = ".".join(parts + ([node.module] if node.module else []))
+    base = _base(module, is_package, node)
     known = _modules()
     # "from pkg import sub" imports the submodule; "from mod import name" imports mod
     out = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
@@ -119,6 +123,67 @@ def test_no_private_name_crosses_a_module() -> None:
                 if private and not is_module:
                     bad.append(f"{m}:{node.lineno} imports {alias.name}")
     assert not bad, f"private names imported across modules (drop the underscore where they live): {bad}"
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _private_attributes(module: str, source: str, is_package: bool = False) -> list[str]:
+    """``'line: name._attr'`` wherever ``name`` is bound by an import from the package (a module of it,
+    or a class or function of one) and a private attribute of it is read or written."""
+    tree = ast.parse(source)
+    bound: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = _base(module, is_package, node)
+            if base.startswith("hadamard_sparse"):
+                bound.update({a.asname or a.name: f"{base}.{a.name}" for a in node.names})
+        elif isinstance(node, ast.Import):
+            bound.update(
+                {a.asname or a.name: a.name for a in node.names if a.name.startswith("hadamard_sparse")}
+            )
+    return [
+        f"{node.lineno}: {node.value.id}.{node.attr} ({bound[node.value.id]})"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id in bound
+        and _is_private(node.attr)
+    ]
+
+
+def test_no_private_name_is_reached_by_attribute_across_modules() -> None:
+    """``mod._name`` (``mod`` a module of the package) or ``Cls._name`` (``Cls`` imported from one) is
+    the same reach into another module's internals as ``from .mod import _name``: make it public."""
+    bad = {
+        m: hits
+        for m, p in _modules().items()
+        if (hits := _private_attributes(m, p.read_text(), p.name == "__init__.py"))
+    }
+    assert not bad, f"private names of other modules reached by attribute (make them public there): {bad}"
+
+
+def test_the_private_attribute_rule_sees_each_form() -> None:
+    """The checker itself, on a module that reaches private names in every way it must catch."""
+    source = (
+        "from . import sparsegpt as _sgpt\n"
+        "from .parametrizations import SparseParametrization\n"
+        "from .export import graph\n"
+        "import hadamard_sparse.layers as L\n"
+        "a = _sgpt._check\n"
+        "b = SparseParametrization._TYPES\n"
+        "graph._x = 1\n"
+        "c = L._REGISTRY\n"
+        "d = _sgpt.prune, SparseParametrization.__name__, other._private\n"
+    )
+    hits = _private_attributes("hadamard_sparse.probe", source)
+    assert sorted(h.split(" ")[1] for h in hits) == [
+        "L._REGISTRY",
+        "SparseParametrization._TYPES",
+        "_sgpt._check",
+        "graph._x",
+    ]
 
 
 def test_modules_stay_small() -> None:
@@ -262,7 +327,9 @@ def test_every_registered_pruner_satisfies_the_pruner_protocol() -> None:
         for want in wanted:
             got = params.get(want.name)
             assert got is not None, f"{name}: its pruner lacks {want.name!r}"
-            assert got.kind == want.kind, f"{name}: {want.name!r} is {got.kind}, the protocol's is {want.kind}"
+            assert got.kind == want.kind, (
+                f"{name}: {want.name!r} is {got.kind}, the protocol's is {want.kind}"
+            )
         extra = [p for n, p in params.items() if n not in {w.name for w in wanted}]
         for p in extra:
             assert p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty, (
