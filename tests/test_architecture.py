@@ -17,7 +17,12 @@ from hadamard_sparse import layers
 from hadamard_sparse.scores import Pruner, get_score
 
 PACKAGE = Path(hs.__file__).parent
-MAX_LINES = 650  # "no module over about 600 lines"
+MAX_LINES = 600  # issue 20: "no module over 600 lines"
+# Modules still over the limit, each with the change that splits it; an entry fails the test once its
+# module fits, so that it is removed then.
+OVER_THE_LIMIT = {
+    "hadamard_sparse.export.sparse": "issue 20 item 4 splits to_sparse into plan / timed choice / rule choice / swap",
+}
 
 
 def _modules() -> dict[str, Path]:
@@ -187,8 +192,11 @@ def test_the_private_attribute_rule_sees_each_form() -> None:
 
 
 def test_modules_stay_small() -> None:
-    big = {m: n for m, p in _modules().items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    sizes = {m: len(p.read_text().splitlines()) for m, p in _modules().items()}
+    big = {m: n for m, n in sizes.items() if n > MAX_LINES and m not in OVER_THE_LIMIT}
     assert not big, f"modules over {MAX_LINES} lines (split them by concern): {big}"
+    fits = [m for m in OVER_THE_LIMIT if sizes.get(m, 0) <= MAX_LINES]
+    assert not fits, f"{fits} fit in {MAX_LINES} lines now: remove them from OVER_THE_LIMIT"
 
 
 def test_importing_sparsegpt_registers_nothing() -> None:
