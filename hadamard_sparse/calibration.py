@@ -286,6 +286,16 @@ def _batch_failure(model: nn.Module, batch: Any, index: int, how: str, exc: Base
 
 
 def with_progress(batches: Iterable[Any], show: bool | None, desc: str) -> Iterable[Any]:
+    """``batches`` wrapped in a tqdm progress bar labelled ``desc``, or ``batches`` itself.
+
+    Args:
+        batches: what is iterated (its ``len``, when it has one, is the bar's total).
+        show: ``True``/``False``; ``None``: when stderr is a terminal. Without tqdm installed, no bar.
+        desc: the bar's label.
+
+    Returns:
+        An iterable over the same items.
+    """
     if show is None:
         show = sys.stderr.isatty()
     if not show:
