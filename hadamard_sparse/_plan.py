@@ -46,13 +46,13 @@ from ._checks import (
 )
 from ._engine import check_floor, check_mask_shapes, check_structure, compute_keep_masks, pre_mask_value
 from .allocation import check_allocation, owl_sparsities
+from .calibration import stats_for
 from .densities import densities_for_shapes
 from .errors import InvalidArgumentError, NoTargetsError
 from .gradient_scores import check_gradients
 from .groups import TensorGroups
-from .layers import Target, check_not_wrapped, resolve_targets
+from .layers import Target, check_not_wrapped, resolve_targets, targeted_layers
 from .scores import ScoreEntry
-from .sparsegpt import stats_for
 from .structures import MODEL_STRUCTURES, NM, Structure, StructureLike, parse_structure
 
 __all__ = ["SparsifyPlan", "apply_plan", "keep_masks", "plan_sparsify", "targets_or_raise"]
@@ -113,9 +113,8 @@ def targets_or_raise(model: nn.Module, include: Selectors, exclude: Selectors, v
     targets = resolve_targets(model, include, exclude)
     if not targets:
         raise NoTargetsError(
-            f"{verb}: model {type(model).__name__} has no tensor to act on (targets are the weights of "
-            "Linear, ConvNd, ConvTransposeNd, RNN/LSTM/GRU, MultiheadAttention and HF Conv1D; "
-            "Embedding only when include lists its type); check include/exclude"
+            f"{verb}: model {type(model).__name__} has no tensor to act on (targets are "
+            f"{targeted_layers()}); check include/exclude"
         )
     return targets
 

@@ -33,11 +33,11 @@ import torch
 from torch import nn
 
 from ._engine import pre_mask_value
-from .calibration import LayerStats
+from .calibration import LayerStats, stats_for
 from .errors import InvalidArgumentError
 from .layers import Target
 from .reconstruct import wanda_keep_masks
-from .sparsegpt import Apply, stats_for
+from .scores import Apply
 from .structures import NM
 
 __all__ = ["MAX_CYCLES", "SCOPES", "UPDATE_THRESHOLD", "dsnot_rows", "expected_error", "prune"]

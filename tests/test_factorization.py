@@ -448,7 +448,7 @@ def test_sparse_state_dict_round_trip(kind: str | None) -> None:
         if parametrize.is_parametrized(a):
             pa, pb = a.parametrizations.weight, b.parametrizations.weight
             assert [type(p) for p in pa] == [type(p) for p in pb] == [HadamardFactorization, hs.HadamardMask]
-            ra, rb = pa[0]._record(0), pb[0]._record(0)
+            ra, rb = pa[0].record(0), pb[0].record(0)
             assert ra.keys() == rb.keys() and all(torch.equal(ra[k], rb[k]) for k in ra)
     assert fresh.state_dict().keys() == sd.keys()
 
