@@ -41,7 +41,6 @@ own record (the checkpoint protocol of
 
 from __future__ import annotations
 
-import copy
 import importlib
 import re
 import sys
@@ -53,17 +52,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ._chains import (
-    Keep,
-    current_originals,
-    forward,
-    fresh_class,
     is_ours,
-    right_inverse,
-    split_at_ours,
-    split_chain,
     tensor_shape,
 )
-from ._model_io import eval_mode, join_name
+from ._model_io import join_name
 from .errors import InvalidArgumentError, InvalidTypeError
 from .parametrizations import SparseParametrization
 from .plain_view import load_state_dict_hook, state_dict_hook
@@ -133,89 +125,6 @@ def drop_load_hook(module: nn.Module) -> None:
     module._state_dict_hooks.pop(ids[0], None)
     module._load_state_dict_pre_hooks.pop(ids[1], None)
     del module.__dict__[_HOOK_ATTR]
-
-
-# ----------------------------------------------------------------------------------------------
-# bake
-# ----------------------------------------------------------------------------------------------
-
-
-def bake(model: nn.Module, threshold: float) -> nn.Module:
-    """Replace every parametrization of ours by its value, leaving other libraries' in place.
-
-    A chain ``[head..., tail...]`` split after our last parametrization is baked into the value
-    ``Y`` of its head. Foreign parametrizations of the head are registered again with ``Y``
-    assigned through their ``right_inverse`` (checked to reproduce ``Y`` before anything
-    changes); the tail is appended unchanged with ``Y`` as its input, so outputs are kept.
-    """
-    work: list[tuple[nn.Module, str, list[nn.Module], list[nn.Module], torch.Tensor | None]] = []
-    problems: list[str] = []
-    for mod_name, module in model.named_modules():
-        if not parametrize.is_parametrized(module):
-            continue
-        for tname, plist in module.parametrizations.items():  # type: ignore[union-attr]
-            ours, foreign = split_chain(plist)
-            if not ours:
-                continue
-            if not foreign:
-                work.append((module, tname, [], [], None))
-                continue
-            head_chain, theirs_in_head, tail = split_at_ours(plist, ours, foreign)
-            with torch.no_grad(), eval_mode(*[p for _, p in foreign]):
-                value = forward(head_chain, current_originals(plist)).detach().clone()
-                if threshold > 0:
-                    value.masked_fill_(value.abs() <= threshold, 0.0)
-                lacking = [type(p).__name__ for p in theirs_in_head if not hasattr(p, "right_inverse")]
-                ok = not lacking
-                if theirs_in_head and ok:
-                    chain = copy.deepcopy(theirs_in_head)  # right_inverse may update their state
-                    again = forward(chain, right_inverse(chain, value))
-                    ok = again.shape == value.shape and bool(torch.allclose(again, value))
-            if not ok:
-                qualified = join_name(mod_name, tname)
-                why = (
-                    f"{lacking} have no right_inverse"
-                    if lacking
-                    else "their right_inverse cannot reproduce the masked value (e.g. weight_norm with an "
-                    "entirely pruned slice, spectral_norm or orthogonal before a mask)"
-                )
-                problems.append(
-                    f"{qualified}: its chain {[type(p).__name__ for p in plist]} also holds parametrizations of "
-                    f"another library before ours and {why}; remove theirs first "
-                    f"(torch.nn.utils.parametrize.remove_parametrizations(module, {tname!r}, leave_parametrized=True))"
-                )
-                continue
-            work.append((module, tname, theirs_in_head, tail, value))
-    if problems:
-        raise InvalidArgumentError("cannot bake:\n  " + "\n  ".join(problems))
-    done: set[int] = set()
-    for module, tname, theirs_in_head, tail, value in work:
-        if id(module) not in done:
-            fresh_class(module)
-            done.add(id(module))
-        if value is None:
-            parametrize.remove_parametrizations(module, tname, leave_parametrized=True)
-            if threshold > 0:
-                with torch.no_grad():
-                    t = getattr(module, tname)
-                    t.masked_fill_(t.abs() <= threshold, 0.0)
-            drop_load_hook(module)
-            continue
-        with eval_mode(*theirs_in_head, *tail):
-            parametrize.remove_parametrizations(module, tname, leave_parametrized=True)
-        first = theirs_in_head or [Keep()]
-        for p in first:
-            parametrize.register_parametrization(module, tname, p, unsafe=True)
-        with torch.no_grad():
-            setattr(
-                module, tname, value
-            )  # their right_inverse receives the value of our last parametrization
-        for p in tail:
-            parametrize.register_parametrization(module, tname, p, unsafe=True)
-        if not theirs_in_head:
-            del module.parametrizations[tname][0]  # type: ignore[index, union-attr]  # the Keep
-        drop_load_hook(module)
-    return model
 
 
 # ----------------------------------------------------------------------------------------------
