@@ -8,7 +8,9 @@ Example::
     >>> model = hs.remove_parametrizations(model)
 """
 
-from .api import masks, register_mask, remove_parametrizations, sparsify
+from . import builtin_methods  # noqa: F401  (registers the built-in methods of their own modules, once)
+from .api import masks, register_mask, sparsify
+from .bake import remove_parametrizations
 from .calibration import ActivationStats, LayerStats, calibrate
 from .checkpoint import load_sparse_state_dict
 from .compress import (

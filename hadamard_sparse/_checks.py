@@ -1,4 +1,4 @@
-"""Shared argument checks: sparsities, ints, seeds, method/scope/calibration, selectors, optimizers.
+"""Shared argument checks: sparsities, ints, seeds, method/scope/calibration, selectors, optimizers, finite values.
 
 Every verb and schedule validates its arguments with these helpers before it
 touches the model, so a refused call leaves the model exactly as it was and the
@@ -33,6 +33,7 @@ __all__ = [
     "check_blocksize",
     "check_choice",
     "check_distribution",
+    "check_finite",
     "check_fraction",
     "check_int",
     "check_method",
@@ -209,3 +210,16 @@ def check_blocksize(blocksize: object) -> tuple[int, int]:
     ):
         raise InvalidArgumentError(f"blocksize must be a pair of positive ints, got {blocksize!r}")
     return int(blocksize[0]), int(blocksize[1])
+
+
+def check_finite(value: torch.Tensor, what: str) -> None:
+    """Refuse NaN/inf values (a masked NaN stays NaN, and magnitudes of NaN or inf rank arbitrarily)."""
+    if value.is_meta:
+        return
+    bad = value.numel() - int(torch.isfinite(value).sum())
+    if bad:
+        raise InvalidArgumentError(
+            f"{what} has {bad} non-finite value(s) (NaN or inf); they are refused because a masked NaN "
+            "is still NaN (NaN * 0) and non-finite scores rank arbitrarily: replace them first, e.g. "
+            "with torch.nan_to_num_ under torch.no_grad()"
+        )

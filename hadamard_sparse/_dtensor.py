@@ -19,7 +19,7 @@ from .errors import InvalidArgumentError
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-__all__ = ["Slices", "as_dtensor", "is_dtensor", "local_part", "local_slices", "replicated"]
+__all__ = ["Slices", "as_dtensor", "is_dtensor", "local_part", "local_slices", "local_tensor", "replicated"]
 
 #: The index of a block: one slice per dimension.
 Slices = tuple[slice, ...]
@@ -35,6 +35,11 @@ def is_dtensor(t: object) -> bool:
     except ImportError:  # torch.distributed built without DTensor
         return False
     return isinstance(t, DTensor)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's block of an FSDP2-sharded DTensor (``t.to_local()``), or ``t`` itself if it is plain."""
+    return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined, no-any-return]
 
 
 def replicated(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

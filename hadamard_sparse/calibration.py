@@ -286,6 +286,16 @@ def _batch_failure(model: nn.Module, batch: Any, index: int, how: str, exc: Base
 
 
 def with_progress(batches: Iterable[Any], show: bool | None, desc: str) -> Iterable[Any]:
+    """``batches`` wrapped in a tqdm progress bar labelled ``desc``, or ``batches`` itself.
+
+    Args:
+        batches: what is iterated (its ``len``, when it has one, is the bar's total).
+        show: ``True``/``False``; ``None``: when stderr is a terminal. Without tqdm installed, no bar.
+        desc: the bar's label.
+
+    Returns:
+        An iterable over the same items.
+    """
     if show is None:
         show = sys.stderr.isatty()
     if not show:
@@ -487,3 +497,75 @@ def _is_target_list(targets: object) -> bool:
         and len(targets) > 0
         and all(isinstance(t, Target) for t in targets)
     )
+
+
+# ----------------------------------------------------------------------------- for the data-aware methods
+
+
+def _missing(stats: ActivationStats, targets: Sequence[Target], need_gram: bool) -> list[str]:
+    out = []
+    for t in targets:
+        if t.qualified not in stats:
+            reason = stats.skipped.get(t.qualified, "not in the calibration statistics")
+            out.append(f"{t.qualified}: {reason}")
+        elif need_gram and stats[t.qualified].gram is None:
+            out.append(f"{t.qualified}: no Gram matrix (calibrate(..., gram=True))")
+    return out
+
+
+def check_stats(stats: ActivationStats, targets: Sequence[Target], method: str, need_gram: bool) -> None:
+    """Raise an :class:`InvalidArgumentError` (a ``ValueError``) listing every target that ``stats`` does not cover."""
+    missing = _missing(stats, targets, need_gram)
+    if missing:
+        raise InvalidArgumentError(
+            f"method {method!r} needs input statistics of every targeted tensor; missing for "
+            f"{len(missing)} (exclude them with exclude=[...]):\n  " + "\n  ".join(missing)
+        )
+
+
+def stats_for(
+    model: nn.Module, targets: Sequence[Target], calibration: Any, *, method: str, need_gram: bool
+) -> ActivationStats:
+    """Statistics covering ``targets``: ``calibration`` itself if it is stats, else one calibration pass.
+
+    Args:
+        model: the model (run once over ``calibration`` when it holds batches).
+        targets: the tensors that need statistics.
+        calibration: :class:`ActivationStats`, or an iterable of model inputs.
+        method: the method asking, for the messages.
+        need_gram: also gather (or require) the Gram matrices.
+
+    Returns:
+        :class:`ActivationStats` covering every target.
+
+    Raises:
+        InvalidTypeError: ``calibration`` is neither.
+        InvalidArgumentError: some target has no statistics (all of them are listed).
+    """
+    if isinstance(calibration, ActivationStats):
+        stats = calibration
+    else:
+        stats = collect(model, targets, check_batches(calibration), gram=need_gram, warn=False)
+    check_stats(stats, targets, method, need_gram)
+    return stats
+
+
+def check_batches(calibration: Any) -> Iterable[Any]:
+    """``calibration`` checked to be an iterable of model inputs (not one tensor, dict or string).
+
+    Args:
+        calibration: what a data-aware method was given as calibration data.
+
+    Returns:
+        ``calibration`` itself.
+
+    Raises:
+        InvalidTypeError: it is a single tensor, dict or string, or not iterable.
+    """
+    if isinstance(calibration, (torch.Tensor, dict, str)) or not isinstance(calibration, Iterable):
+        raise InvalidTypeError(
+            "calibration must be an iterable of model inputs (tensors, tuples, or dicts of keyword "
+            f"arguments) or hs.calibrate(...) statistics, got {type(calibration).__name__}; "
+            "wrap a single batch in a list"
+        )
+    return calibration

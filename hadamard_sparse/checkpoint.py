@@ -33,11 +33,14 @@ The load pre-hook maps all of this back (``original ← right_inverse(effective)
 ``mask ← fc.weight_mask``), so ``model.load_state_dict(model.state_dict())``
 round-trips and a dense pretrained checkpoint loads into a sparsified model with
 ``strict=True``, keeping its masks.
+
+The two hooks live in :mod:`hadamard_sparse.plain_view`; each parametrization writes and reads its
+own record (the checkpoint protocol of
+:class:`~hadamard_sparse.parametrizations.SparseParametrization`).
 """
 
 from __future__ import annotations
 
-import copy
 import importlib
 import re
 import sys
@@ -49,176 +52,17 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ._chains import (
-    Keep,
-    current_originals,
-    forward,
-    fresh_class,
     is_ours,
-    original_keys,
-    put_originals,
-    right_inverse,
-    split_at_ours,
-    split_chain,
     tensor_shape,
 )
-from ._model_io import eval_mode, join_name
+from ._model_io import join_name
 from .errors import InvalidArgumentError, InvalidTypeError
 from .parametrizations import SparseParametrization
+from .plain_view import load_state_dict_hook, state_dict_hook
 
 __all__ = ["load_sparse_state_dict"]
 
 _HOOK_ATTR = "_hadamard_sparse_hooks"
-
-
-_MISSING = object()
-
-
-# ----------------------------------------------------------------------------------------------
-# state_dict: write the plain view
-# ----------------------------------------------------------------------------------------------
-
-
-def _state_dict_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    if not parametrize.is_parametrized(module):
-        return
-    for name, plist in module.parametrizations.items():  # type: ignore[union-attr]
-        ours, foreign = split_chain(plist)
-        if ours:
-            _write_plain_view(module, name, plist, ours, foreign, state_dict, prefix)
-
-
-def _write_plain_view(
-    module: nn.Module,
-    name: str,
-    plist: nn.Module,
-    ours: list[tuple[int, SparseParametrization]],
-    foreign: list[tuple[int, nn.Module]],
-    state_dict: dict[str, Any],
-    prefix: str,
-) -> None:
-    base = f"{prefix}parametrizations.{name}."
-    originals = [state_dict.pop(k, None) for k in original_keys(base, plist)]
-    keep_vars = isinstance(originals[0], nn.Parameter)
-    own_state: dict[int, dict[str, Any]] = {}
-    for j, p in enumerate(plist):
-        local = {}
-        for k in p.state_dict(keep_vars=True):
-            v = state_dict.pop(f"{base}{j}.{k}", _MISSING)
-            if v is not _MISSING:
-                local[k] = v
-        own_state[j] = local
-    with torch.no_grad():
-        if not foreign:
-            state_dict[prefix + name] = getattr(module, name).detach()
-        else:
-            # The baked model's view: their chain (ours removed) holding the value after our last one.
-            head_chain, theirs_in_head, _ = split_at_ours(plist, ours, foreign)
-            with eval_mode(*[p for _, p in foreign]):
-                value = forward(head_chain, current_originals(plist)).detach()
-            # Their right_inverse may update their own state (orthogonal does): run it on copies.
-            copies = {id(p): copy.deepcopy(p) for p in theirs_in_head}
-            chain = [copies[id(p)] for p in theirs_in_head]
-            put_originals(state_dict, base, right_inverse(chain, value) if chain else value)
-            for new, (j, p) in enumerate(foreign):
-                local = copies[id(p)].state_dict() if id(p) in copies else own_state[j]
-                for k, v in local.items():
-                    state_dict[f"{base}{new}.{k}"] = v
-    head = f"{prefix}{name}_"
-    for position, (_, p) in enumerate(ours):
-        for suffix, t in p._record(position).items():
-            state_dict[head + suffix] = t if keep_vars else t.detach()
-    first = ours[0][1]
-    if ours[0][0] == 0 and first._ORIGINALS is not None:
-        for i, t in enumerate(originals):
-            state_dict[f"{head}{first._ORIGINALS}{i}"] = t
-
-
-# ----------------------------------------------------------------------------------------------
-# load_state_dict: map the plain view (or a dense checkpoint) back into the parametrizations
-# ----------------------------------------------------------------------------------------------
-
-
-def _load_hook(
-    module: nn.Module,
-    state_dict: dict[str, Any],
-    prefix: str,
-    local_metadata: dict[str, Any],
-    strict: bool,
-    missing_keys: list[str],
-    unexpected_keys: list[str],
-    error_msgs: list[str],
-) -> None:
-    if not parametrize.is_parametrized(module):
-        return
-    for name, plist in module.parametrizations.items():  # type: ignore[union-attr]
-        ours, foreign = split_chain(plist)
-        if ours:
-            _read_plain_view(module, name, plist, ours, foreign, state_dict, prefix)
-
-
-def _read_plain_view(
-    module: nn.Module,
-    name: str,
-    plist: nn.Module,
-    ours: list[tuple[int, SparseParametrization]],
-    foreign: list[tuple[int, nn.Module]],
-    state_dict: dict[str, Any],
-    prefix: str,
-) -> None:
-    base = f"{prefix}parametrizations.{name}."
-    head = f"{prefix}{name}_"
-    # Checkpoints of hadamard_sparse 0.1 stored a dict per parametrization under "_extra_state";
-    # their other keys are the internal ones, which load as they are.
-    legacy = False
-    for j, _ in ours:
-        legacy |= state_dict.pop(f"{base}{j}._extra_state", _MISSING) is not _MISSING
-    # 1. records of ours -> their own state (masks, group maps), checked against the live configuration
-    for position, (j, p) in enumerate(ours):
-        record = {s: state_dict.pop(head + s) for s in p._SUFFIXES if head + s in state_dict}
-        try:
-            local = p._record_to_state(record, position, head + p._SUFFIXES[0])
-        except (ValueError, TypeError) as e:
-            raise InvalidArgumentError(f"state_dict does not fit {prefix}{name}: {e}") from None
-        for k, v in local.items():
-            state_dict[f"{base}{j}.{k}"] = v
-    # 2. originals
-    first = ours[0][1] if ours[0][0] == 0 else None
-    factor_keys = []
-    if first is not None and first._ORIGINALS is not None:
-        factor_keys = [f"{head}{first._ORIGINALS}{i}" for i in range(plist.ntensors)]
-    value_key = prefix + name
-    dense = state_dict.pop(head + "orig", _MISSING)  # torch.nn.utils.prune's dense values
-    effective = state_dict.pop(value_key, _MISSING)
-    source = dense if dense is not _MISSING else effective
-    if factor_keys and all(k in state_dict for k in factor_keys):
-        for k in [base + "original", *(f"{base}original{i}" for i in range(plist.ntensors))]:
-            state_dict.pop(k, None)  # a foreign view's originals, computed from the product
-        put_originals(state_dict, base, [state_dict.pop(k) for k in factor_keys])
-    elif source is not _MISSING:
-        shape = tensor_shape(module, name)
-        if not isinstance(source, torch.Tensor) or source.shape != shape:
-            got = tuple(source.shape) if isinstance(source, torch.Tensor) else type(source).__name__
-            raise InvalidArgumentError(
-                f"state_dict entry {value_key!r} does not fit: expected a tensor of shape {tuple(shape)}, got {got}"
-            )
-        with torch.no_grad():
-            put_originals(state_dict, base, right_inverse(list(plist), source))
-    # else: the originals are under their internal keys (a foreign view: ours have identity right_inverse,
-    # so their chain's originals are the whole chain's)
-    if foreign and not legacy:
-        # Their state was numbered without ours: move it to the chain's indices.
-        moved = {}
-        for new, (j, p) in enumerate(foreign):
-            if new != j:
-                for k in p.state_dict(keep_vars=True):
-                    v = state_dict.pop(f"{base}{new}.{k}", _MISSING)
-                    if v is not _MISSING:
-                        moved[f"{base}{j}.{k}"] = v
-        state_dict.update(moved)
-    # 3. keep the current state of ours where the checkpoint has none (a dense checkpoint keeps the masks)
-    for j, p in ours:
-        for k, v in p.state_dict().items():
-            state_dict.setdefault(f"{base}{j}.{k}", v)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,8 +107,8 @@ def ensure_load_hook(module: nn.Module) -> None:
     _resolve_records_as_attributes(module)
     if getattr(module, _HOOK_ATTR, None) is not None:
         return
-    save = module.register_state_dict_post_hook(_state_dict_hook)
-    load = module.register_load_state_dict_pre_hook(_load_hook)
+    save = module.register_state_dict_post_hook(state_dict_hook)
+    load = module.register_load_state_dict_pre_hook(load_state_dict_hook)
     object.__setattr__(module, _HOOK_ATTR, (save.id, load.id))
 
 
@@ -284,89 +128,6 @@ def drop_load_hook(module: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# bake
-# ----------------------------------------------------------------------------------------------
-
-
-def bake(model: nn.Module, threshold: float) -> nn.Module:
-    """Replace every parametrization of ours by its value, leaving other libraries' in place.
-
-    A chain ``[head..., tail...]`` split after our last parametrization is baked into the value
-    ``Y`` of its head. Foreign parametrizations of the head are registered again with ``Y``
-    assigned through their ``right_inverse`` (checked to reproduce ``Y`` before anything
-    changes); the tail is appended unchanged with ``Y`` as its input, so outputs are kept.
-    """
-    work: list[tuple[nn.Module, str, list[nn.Module], list[nn.Module], torch.Tensor | None]] = []
-    problems: list[str] = []
-    for mod_name, module in model.named_modules():
-        if not parametrize.is_parametrized(module):
-            continue
-        for tname, plist in module.parametrizations.items():  # type: ignore[union-attr]
-            ours, foreign = split_chain(plist)
-            if not ours:
-                continue
-            if not foreign:
-                work.append((module, tname, [], [], None))
-                continue
-            head_chain, theirs_in_head, tail = split_at_ours(plist, ours, foreign)
-            with torch.no_grad(), eval_mode(*[p for _, p in foreign]):
-                value = forward(head_chain, current_originals(plist)).detach().clone()
-                if threshold > 0:
-                    value.masked_fill_(value.abs() <= threshold, 0.0)
-                lacking = [type(p).__name__ for p in theirs_in_head if not hasattr(p, "right_inverse")]
-                ok = not lacking
-                if theirs_in_head and ok:
-                    chain = copy.deepcopy(theirs_in_head)  # right_inverse may update their state
-                    again = forward(chain, right_inverse(chain, value))
-                    ok = again.shape == value.shape and bool(torch.allclose(again, value))
-            if not ok:
-                qualified = join_name(mod_name, tname)
-                why = (
-                    f"{lacking} have no right_inverse"
-                    if lacking
-                    else "their right_inverse cannot reproduce the masked value (e.g. weight_norm with an "
-                    "entirely pruned slice, spectral_norm or orthogonal before a mask)"
-                )
-                problems.append(
-                    f"{qualified}: its chain {[type(p).__name__ for p in plist]} also holds parametrizations of "
-                    f"another library before ours and {why}; remove theirs first "
-                    f"(torch.nn.utils.parametrize.remove_parametrizations(module, {tname!r}, leave_parametrized=True))"
-                )
-                continue
-            work.append((module, tname, theirs_in_head, tail, value))
-    if problems:
-        raise InvalidArgumentError("cannot bake:\n  " + "\n  ".join(problems))
-    done: set[int] = set()
-    for module, tname, theirs_in_head, tail, value in work:
-        if id(module) not in done:
-            fresh_class(module)
-            done.add(id(module))
-        if value is None:
-            parametrize.remove_parametrizations(module, tname, leave_parametrized=True)
-            if threshold > 0:
-                with torch.no_grad():
-                    t = getattr(module, tname)
-                    t.masked_fill_(t.abs() <= threshold, 0.0)
-            drop_load_hook(module)
-            continue
-        with eval_mode(*theirs_in_head, *tail):
-            parametrize.remove_parametrizations(module, tname, leave_parametrized=True)
-        first = theirs_in_head or [Keep()]
-        for p in first:
-            parametrize.register_parametrization(module, tname, p, unsafe=True)
-        with torch.no_grad():
-            setattr(
-                module, tname, value
-            )  # their right_inverse receives the value of our last parametrization
-        for p in tail:
-            parametrize.register_parametrization(module, tname, p, unsafe=True)
-        if not theirs_in_head:
-            del module.parametrizations[tname][0]  # type: ignore[index, union-attr]  # the Keep
-        drop_load_hook(module)
-    return model
-
-
-# ----------------------------------------------------------------------------------------------
 # load_sparse_state_dict
 # ----------------------------------------------------------------------------------------------
 
@@ -380,9 +141,11 @@ def _tensor_names(module: nn.Module) -> set[str]:
 
 def record_key_pattern() -> re.Pattern[str]:
     """``"<tensor>_<suffix>"`` for the suffixes of our records, their originals and torch prune's ``"orig"``."""
-    types = SparseParametrization._TYPES.values()
-    alts = sorted({re.escape(s) for cls in types for s in cls._SUFFIXES} | {"orig"}, key=len, reverse=True)
-    alts += [rf"{re.escape(cls._ORIGINALS)}\d+" for cls in types if cls._ORIGINALS]
+    types = SparseParametrization.record_types().values()
+    alts = sorted(
+        {re.escape(s) for cls in types for s in cls.RECORD_SUFFIXES} | {"orig"}, key=len, reverse=True
+    )
+    alts += [rf"{re.escape(cls.RECORD_ORIGINALS)}\d+" for cls in types if cls.RECORD_ORIGINALS]
     return re.compile(rf"^(?P<tensor>.+)_(?P<suffix>{'|'.join(alts)})$")
 
 
@@ -507,7 +270,7 @@ def load_sparse_state_dict(
         module = modules[mod_name]
         qualified = join_name(mod_name, tname)
         head = f"{qualified}_"
-        types = [cls for s, cls in SparseParametrization._TYPES.items() if s in keys]
+        types = [cls for s, cls in SparseParametrization.record_types().items() if s in keys]
         if not types:
             if "orig" in keys and "mask" not in keys:
                 problems.append(f"{head}orig: torch.nn.utils.prune's dense values without {head}mask")
@@ -532,15 +295,15 @@ def load_sparse_state_dict(
         shape = module._parameters[tname].shape if chain is None else tensor_shape(module, tname)
         built: list[tuple[int | None, SparseParametrization]] = []
         for cls in types:
-            record = {s: state_dict[keys[s]] for s in cls._SUFFIXES if s in keys}
+            record = {s: state_dict[keys[s]] for s in cls.RECORD_SUFFIXES if s in keys}
             try:
-                p, pos = cls._from_record(record, shape, keys[cls._SUFFIXES[0]])
+                p, pos = cls.from_record(record, shape, keys[cls.RECORD_SUFFIXES[0]])
                 built.append((pos, p))
             except (ValueError, TypeError) as e:
                 problems.append(str(e))
         if len(built) != len(types):
             continue
-        if chain is not None and any(c._ORIGINALS for c in types):
+        if chain is not None and any(c.RECORD_ORIGINALS for c in types):
             problems.append(
                 f"{qualified}: a factorization must be first in its chain, the tensor is already parametrized"
             )

@@ -43,7 +43,8 @@ from torch import nn
 from . import __version__
 from ._checks import SCOPES, check_fraction
 from ._cli_common import OneLineParser, check_out_dir, load_model, safetensors_errors
-from .api import remove_parametrizations, sparsify
+from .api import sparsify
+from .bake import remove_parametrizations
 from .cli_recover import add_recover_parser
 from .compress import load_compressed
 from .compress.quant import QUANTIZE_MODES

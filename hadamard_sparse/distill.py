@@ -57,6 +57,7 @@ from torch.nn.utils import parametrize
 
 from ._checks import check_fraction, check_module
 from ._dtensor import is_dtensor
+from .distill_cache import TeacherCache
 from .distill_losses import (
     Pooling,
     batch_key,
@@ -121,11 +122,6 @@ def _remove_handles(handles: list[Any]) -> None:
     handles.clear()
 
 
-def _to_cache(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    t = t.detach().to("cpu")
-    return t.to(dtype) if dtype is not None and t.is_floating_point() else t.clone()
-
-
 # ---------------------------------------------------------------- the distiller
 
 
@@ -186,9 +182,7 @@ class Distiller(nn.Module):
     cache: str | None
     cache_dtype: torch.dtype | None
     _call_fn: Callable[[nn.Module, Any], Any]
-    _cache: dict[str, dict[str, Any]]
-    _hits: int
-    _misses: int
+    _cache: TeacherCache
     _recording: bool
     _removed: bool
     _handles: list[Any]
@@ -319,9 +313,7 @@ class Distiller(nn.Module):
         self.cache = mode
         self.cache_dtype = cache_dtype
         self._call_fn = call or call_model
-        self._cache: dict[str, dict[str, Any]] = {}
-        self._hits = 0
-        self._misses = 0
+        self._cache = TeacherCache()
         self._recording = False
         self._removed = False
         self._s_feats: dict[str, list[torch.Tensor]] = {}
@@ -406,13 +398,6 @@ class Distiller(nn.Module):
             self._t_feats.clear()
         return entry
 
-    def _store(self, key: str, entry: dict[str, Any]) -> None:
-        d = self.cache_dtype
-        stored: dict[str, Any] = {k: _to_cache(v, d) for k, v in entry.items() if k != "features"}
-        if "features" in entry:
-            stored["features"] = {n: [_to_cache(t, d) for t in ts] for n, ts in entry["features"].items()}
-        self._cache[key] = stored
-
     def cache_teacher(self, batches: Iterable[Any]) -> Distiller:
         """Run the teacher once on each batch and keep its outputs (needs ``cache="lazy"`` or ``"strict"``).
 
@@ -427,34 +412,23 @@ class Distiller(nn.Module):
         for batch in batches:
             key = batch_key(batch)
             if key not in self._cache:
-                self._store(key, self._run_teacher(batch))
+                self._cache.store(key, self._run_teacher(batch), self.cache_dtype)
         return self
 
     def clear_cache(self) -> None:
         """Forget every cached teacher output."""
         self._cache.clear()
-        self._hits = self._misses = 0
 
     def cache_info(self) -> dict[str, int]:
         """``{"batches", "hits", "misses", "bytes"}`` of the teacher cache."""
-
-        def size(v: Any) -> int:
-            if isinstance(v, torch.Tensor):
-                return v.numel() * v.element_size()
-            if isinstance(v, dict):
-                return sum(size(x) for x in v.values())
-            return sum(size(x) for x in v) if isinstance(v, list) else 0
-
-        n = sum(size(e) for e in self._cache.values())
-        return {"batches": len(self._cache), "hits": self._hits, "misses": self._misses, "bytes": n}
+        return self._cache.info()
 
     def _teacher_outputs(self, batch: Any, key: str | None) -> dict[str, Any]:
         if key is None:
             return self._run_teacher(batch)
-        if key in self._cache:
-            self._hits += 1
-            return self._cache[key]
-        self._misses += 1
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
         if self.cache == "strict":
             raise TeacherCacheMissError(
                 f"this batch (key {key[:12]}) is not in the teacher cache ({len(self._cache)} batches cached, "
@@ -463,7 +437,7 @@ class Distiller(nn.Module):
                 "DataLoader makes new batches every epoch: shuffle a fixed list of batches instead)"
             )
         entry = self._run_teacher(batch)
-        self._store(key, entry)
+        self._cache.store(key, entry, self.cache_dtype)
         return entry
 
     # ---------------------------------------------------------------- the loss

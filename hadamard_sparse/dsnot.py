@@ -20,8 +20,8 @@ weight out, to shrink the *expected* reconstruction error of the row estimated f
 Every row keeps its number of zeros (and every ``N:M`` group its ``N``), and ``|e_i|`` never grows.
 Candidate lists are fixed at the start (a grown weight is never pruned again, a newly pruned one never
 regrown), as in the reference implementation; all rows of a tensor run together (vectorised). The
-mask is all that changes: the weights are untouched, so ``sparsify(model, 0.0)`` undoes it. api
-registers it as ``"dsnot"`` (Wanda's score for mask-only uses, :func:`prune` as the pruner).
+mask is all that changes: the weights are untouched, so ``sparsify(model, 0.0)`` undoes it.
+:mod:`~hadamard_sparse.builtin_methods` registers it as ``"dsnot"`` (Wanda's score for mask-only uses, :func:`prune` as the pruner).
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ import torch
 from torch import nn
 
 from ._engine import pre_mask_value
-from .calibration import LayerStats
+from .calibration import LayerStats, stats_for
 from .errors import InvalidArgumentError
 from .layers import Target
 from .reconstruct import wanda_keep_masks
-from .sparsegpt import Apply, stats_for
+from .scores import Apply
 from .structures import NM
 
 __all__ = ["MAX_CYCLES", "SCOPES", "UPDATE_THRESHOLD", "dsnot_rows", "expected_error", "prune"]

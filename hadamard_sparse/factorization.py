@@ -48,7 +48,7 @@ from torch.nn.utils import parametrize
 from ._model_io import join_name
 from .checkpoint import ensure_load_hook
 from .errors import InvalidArgumentError, InvalidTypeError, NoTargetsError
-from .layers import Selectors, Target, check_not_wrapped, resolve_targets, weight_dims
+from .layers import Selectors, Target, check_not_wrapped, resolve_targets, targeted_layers, weight_dims
 from .parametrizations import SparseParametrization
 
 __all__ = [
@@ -145,8 +145,8 @@ class HadamardFactorization(SparseParametrization):
         ['bias', 'parametrizations.weight.original0', 'parametrizations.weight.original1']
     """
 
-    _SUFFIXES: ClassVar[tuple[str, ...]] = ("factorization", "group_index")
-    _ORIGINALS: ClassVar[str | None] = "factor"
+    RECORD_SUFFIXES: ClassVar[tuple[str, ...]] = ("factorization", "group_index")
+    RECORD_ORIGINALS: ClassVar[str | None] = "factor"
     group_index: torch.Tensor | None
 
     def __init__(
@@ -262,7 +262,7 @@ class HadamardFactorization(SparseParametrization):
     # "<tensor>_group_index" (index maps only), the factors as "<tensor>_factor0", ...
     _GROUP_CODES: ClassVar[tuple[str | None, ...]] = (None, "row", "column", "index")
 
-    def _record(self, position: int) -> dict[str, torch.Tensor]:
+    def record(self, position: int) -> dict[str, torch.Tensor]:
         gd = -1 if self.group_dim is None else self.group_dim
         code = [self.depth, self._GROUP_CODES.index(self.group), gd, _INITS.index(self.init)]
         out = {"factorization": torch.tensor(code, dtype=torch.int64)}
@@ -286,7 +286,7 @@ class HadamardFactorization(SparseParametrization):
         return _check_depth(depth), cls._GROUP_CODES[g], (None if gd == -1 else gd), _INITS[init]
 
     @classmethod
-    def _from_record(
+    def from_record(
         cls, record: dict[str, Any], shape: torch.Size, what: str
     ) -> tuple[HadamardFactorization, int | None]:
         depth, group, gd, init = cls._parse_record(record, what)
@@ -307,7 +307,7 @@ class HadamardFactorization(SparseParametrization):
             )
         return cls(depth, group=group, group_dim=gd, init=init), 0
 
-    def _record_to_state(self, record: dict[str, Any], position: int, what: str) -> dict[str, Any]:
+    def record_to_state(self, record: dict[str, Any], position: int, what: str) -> dict[str, Any]:
         if "factorization" in record:
             got = self._parse_record(record, what)
             if got != (self.depth, self.group, self.group_dim, self.init):
@@ -486,9 +486,8 @@ def factorize(
     targets: list[Target] = resolve_targets(model, include, exclude)
     if not targets:
         raise NoTargetsError(
-            f"factorize: model {type(model).__name__} has no tensor to act on (targets are the weights of "
-            "Linear, ConvNd, ConvTransposeNd, RNN/LSTM/GRU, MultiheadAttention and HF Conv1D; "
-            "Embedding only when include lists its type); check include/exclude"
+            f"factorize: model {type(model).__name__} has no tensor to act on (targets are "
+            f"{targeted_layers()}); check include/exclude"
         )
     built = [_build(t.module, t.tensor_name, depth, group, init, t.qualified) for t in targets]
     _warn_stale_optimizer([(t.qualified, t.module._parameters[t.tensor_name]) for t in targets])  # type: ignore[misc]

@@ -19,7 +19,8 @@ The gradient recorded is the one of the Parameter the optimizer trains (``origin
 mask it is ``mask * dL/dW_effective``, so masked entries get no gradient and no score; both
 methods score entries that are masked when scored at ``-inf`` (pruned first, masks stay nested).
 
-The methods are registered by :mod:`hadamard_sparse.api` (importing this module registers nothing).
+The per-tensor state and the Fisher/OBS math are :class:`~hadamard_sparse.tensor_gradients.TensorGradients`.
+The methods are registered by :mod:`hadamard_sparse.builtin_methods` (importing this module registers nothing).
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ._checks import Selectors, check_int, check_module
-from ._dtensor import is_dtensor
+from ._dtensor import is_dtensor, local_tensor
 from ._engine import compute_keep_masks, mask_of
 from .errors import InvalidArgumentError, InvalidTypeError, NoTargetsError
 from .layers import Target, check_not_wrapped, resolve_targets
 from .parametrizations import HadamardMask
-from .scores import ScoreContext
+from .scores import Apply, ScoreContext
+from .tensor_gradients import TensorGradients
 
 __all__ = [
     "MOVEMENT_SCOPES",
@@ -61,12 +63,6 @@ MOVEMENT_SCOPES = ("layer", "global")
 #: What a schedule's pruning step does to the movement: nothing ("run") or reset it ("since_prune").
 MOVEMENT_WINDOWS = ("run", "since_prune")
 SCOPES = ("global", "layer")
-_CHUNK = 2048  # Fisher blocks inverted at once (2048 x 50 x 50 float64: 41 MB)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's block of an FSDP2-sharded DTensor, or ``t`` itself."""
-    return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined, no-any-return]
 
 
 def _sharded_targets(model: nn.Module, include: Selectors, exclude: Selectors) -> list[Target] | None:
@@ -105,132 +101,6 @@ def leaf_of(module: nn.Module, name: str) -> torch.Tensor | None:
         return plist.original  # type: ignore[union-attr, no-any-return]
     p = module._parameters.get(name)
     return p if isinstance(p, nn.Parameter) else None
-
-
-class TensorGradients:
-    """The gradient state of one tensor: movement accumulator and the last ``num_grads`` gradients.
-
-    Attributes:
-        name: the qualified tensor name.
-        param: the Parameter whose gradients are recorded.
-        steps: backward passes summed into :attr:`movement` since it was last reset.
-        grad_steps: gradients written to :attr:`grads` since they were last reset (the Fisher uses the
-            last ``min(grad_steps, num_grads)``).
-        movement: ``-sum w * g`` over those passes (the tensor's shape; float32, float64 for float64 weights).
-        grads: ``(num_grads, padded numel)`` ring buffer of flattened gradients (same dtype), or ``None``.
-    """
-
-    def __init__(self, name: str, param: torch.Tensor, num_grads: int, block_size: int, damp: float) -> None:
-        self.name = name
-        self.param = param
-        self.block_size = block_size
-        self.damp = damp
-        self.steps = 0
-        self.grad_steps = 0
-        dtype = torch.promote_types(param.dtype, torch.float32)  # float32, or float64 for a float64 weight
-        #: FSDP2: the movement of this rank's block of rows only (gradients are reduce-scattered).
-        self.sharded = is_dtensor(param)
-        local = _local(param)
-        self.movement = torch.zeros(local.shape, dtype=dtype, device=local.device)
-        self.n_blocks = math.ceil(param.numel() / block_size)
-        self.grads = (
-            torch.zeros(num_grads, self.n_blocks * block_size, dtype=dtype, device=param.device)
-            if num_grads
-            else None
-        )
-        self._diag: torch.Tensor | None = None
-
-    @property
-    def num_grads(self) -> int:
-        return 0 if self.grads is None else self.grads.shape[0]
-
-    @property
-    def stored(self) -> int:
-        """How many gradients the Fisher is built from (``min(grad_steps, num_grads)``)."""
-        return min(self.grad_steps, self.num_grads)
-
-    def add(self, grad: torch.Tensor) -> None:
-        """Record one gradient of :attr:`param` (taken at its current value)."""
-        with torch.no_grad():
-            g = _local(grad.detach()).to(self.movement.dtype)
-            self.movement.sub_(_local(self.param.detach()).to(g.dtype) * g)
-            if self.grads is not None:
-                self.grads[self.grad_steps % self.num_grads, : g.numel()].copy_(g.reshape(-1))
-            self.steps += 1
-            self.grad_steps += 1
-            self._diag = None
-
-    def reset(self, *, movement: bool = True, fisher: bool = True) -> None:
-        """Forget the recorded movement and/or the kept gradients."""
-        if movement:
-            self.movement.zero_()
-            self.steps = 0
-        if fisher:
-            self.grad_steps = 0
-            self._diag = None
-
-    def fisher_inverse(self, start: int, stop: int) -> torch.Tensor:
-        """``(F + damp I)^-1`` of blocks ``start:stop``, float64, shape ``(stop - start, B, B)``."""
-        assert self.grads is not None
-        k, b = self.stored, self.block_size
-        g = self.grads[:k].view(k, self.n_blocks, b)[:, start:stop].permute(1, 0, 2).to(torch.float64)
-        eye = torch.eye(b, dtype=torch.float64, device=g.device)
-        f = g.transpose(1, 2) @ g / k + self.damp * eye
-        chol, info = torch.linalg.cholesky_ex(f)
-        if bool((info != 0).any()):
-            raise InvalidArgumentError(
-                f"method 'obs': a Fisher block of {self.name} is not positive definite in float64 with "
-                f"damp={self.damp:g} (its gradients are too large for this dampening); build the "
-                "GradientScores with a larger damp"
-            )
-        return torch.cholesky_inverse(chol)
-
-    def fisher_inverse_diag(self) -> torch.Tensor:
-        """The diagonal of the block Fisher inverse, flat (padded numel), float64; cached until the next gradient."""
-        if self._diag is None:
-            parts = [
-                torch.diagonal(
-                    self.fisher_inverse(i, min(i + _CHUNK, self.n_blocks)), dim1=1, dim2=2
-                ).reshape(-1)
-                for i in range(0, self.n_blocks, _CHUNK)
-            ]
-            self._diag = torch.cat(parts)
-        return self._diag
-
-    def obs_scores(self, weight: torch.Tensor) -> torch.Tensor:
-        """``w^2 / (2 [F^-1]_ii)`` for the values ``weight`` (float64, the weight's shape)."""
-        d = self.fisher_inverse_diag()[: weight.numel()].view(weight.shape)
-        return weight.to(torch.float64).square() / (2.0 * d)
-
-    def obs_update(
-        self, original: torch.Tensor, keep_old: torch.Tensor, keep_new: torch.Tensor
-    ) -> torch.Tensor:
-        """``original`` with the multi-weight OBS update applied at the entries ``keep_new`` keeps.
-
-        In every block, ``S`` are the entries ``keep_new`` prunes and ``w = original * keep_old`` the
-        effective weights; ``w + dw`` with ``dw = -F^-1[:, S] (F^-1[S, S])^-1 w_S`` is zero on ``S``
-        and the least increase of ``dw^T F dw / 2`` elsewhere. Pruned entries keep their value in
-        ``original`` (pruning never zeroes it). Returns a new tensor of ``original``'s dtype.
-        """
-        n, b = original.numel(), self.block_size
-        pad = self.n_blocks * b - n
-        w = original.detach().to(torch.float64).reshape(-1)
-        eff = torch.nn.functional.pad(w * keep_old.expand(original.shape).reshape(-1), (0, pad))
-        s_all = torch.nn.functional.pad(~keep_new.expand(original.shape).reshape(-1), (0, pad)).view(-1, b)
-        eff = eff.view(-1, b)
-        delta = torch.zeros_like(eff)
-        for i in range(0, self.n_blocks, _CHUNK):
-            stop = min(i + _CHUNK, self.n_blocks)
-            s = s_all[i:stop].to(torch.float64)
-            if not bool(s.any()):
-                continue
-            finv = self.fisher_inverse(i, stop)
-            a = finv * s[:, :, None] * s[:, None, :] + torch.diag_embed(1.0 - s)
-            z = torch.linalg.solve(a, (eff[i:stop] * s).unsqueeze(-1))
-            delta[i:stop] = -(finv @ z).squeeze(-1)
-        new = w + delta.reshape(-1)[:n]
-        keep = keep_new.expand(original.shape).reshape(-1)
-        return torch.where(keep, new, w).view(original.shape).to(original.dtype)
 
 
 class GradientScores(Mapping[str, TensorGradients]):
@@ -438,15 +308,7 @@ class GradientScores(Mapping[str, TensorGradients]):
         """The recorded state (tensors and ints, readable with ``torch.load(..., weights_only=True)``)."""
         return {
             "config": self._config(),
-            "tensors": {
-                name: {
-                    "steps": tg.steps,
-                    "grad_steps": tg.grad_steps,
-                    "movement": tg.movement.clone(),
-                    "grads": tg.grads,
-                }
-                for name, tg in self._tensors.items()
-            },
+            "tensors": {name: tg.state_dict() for name, tg in self._tensors.items()},
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -460,15 +322,8 @@ class GradientScores(Mapping[str, TensorGradients]):
                 f"{len(state_dict['tensors'])} tensors; this one has {mine} over {len(self)}: build it with the "
                 "same arguments on the same model"
             )
-        with torch.no_grad():
-            for name, saved in state_dict["tensors"].items():
-                tg = self._tensors[name]
-                tg.movement.copy_(saved["movement"])
-                if tg.grads is not None:
-                    tg.grads.copy_(saved["grads"])
-                tg.steps = int(saved["steps"])
-                tg.grad_steps = int(saved["grad_steps"])
-                tg._diag = None
+        for name, saved in state_dict["tensors"].items():
+            self._tensors[name].load_state_dict(saved)
 
     def _config(self) -> dict[str, Any]:
         return {
@@ -590,11 +445,11 @@ def movement_score(ctx: ScoreContext) -> torch.Tensor:
         from torch.distributed.tensor import DTensor
 
         w = ctx.weight
-        if not is_dtensor(w) or _local(w).shape != st.movement.shape:
+        if not is_dtensor(w) or local_tensor(w).shape != st.movement.shape:
             raise InvalidArgumentError(
                 f"method 'movement': {ctx.name} was recorded on FSDP2 shards of shape "
                 f"{tuple(st.movement.shape)}, but is scored as {type(w).__name__} of local shape "
-                f"{tuple(_local(w).shape)}; prune it with the same sharding (e.g. GradualPruning)"
+                f"{tuple(local_tensor(w).shape)}; prune it with the same sharding (e.g. GradualPruning)"
             )
         return DTensor.from_local(
             st.movement.to(torch.float32),
@@ -626,7 +481,7 @@ def obs_prune(
     scope: str,
     structure: Any,
     calibration: Any,
-    apply: Any,
+    apply: Apply,
     min_keep: int = 0,
 ) -> None:
     """The ``"obs"`` pruner: oBERT masks from the recorded gradients, then the OBS update of the kept weights."""

@@ -59,6 +59,8 @@ __all__ = [
     "rule_for_kind",
     "select_targets",
     "shared_parameter_ids",
+    "supported_layers",
+    "targeted_layers",
     "weight_dims",
 ]
 
@@ -87,6 +89,7 @@ class LayerRule:
 
     Attributes:
         kind: short family name (``"linear"``, ``"conv"``, ...), also stored in ``LayerStats.kind``.
+        label: the family as messages list it (``"ConvNd"``); see :func:`supported_layers`.
         opt_in: targeted only when ``include`` lists the type explicitly.
         no_features: why calibration cannot observe the inputs of this family (``None``: it can,
             through :meth:`features`).
@@ -94,6 +97,7 @@ class LayerRule:
     """
 
     kind: ClassVar[str] = "other"
+    label: ClassVar[str] = ""
     opt_in: ClassVar[bool] = False
     no_features: ClassVar[str | None] = "this layer kind has no calibration rule (LayerRule.features)"
     reconstructable: ClassVar[bool] = False
@@ -166,12 +170,14 @@ class _MatrixRule(LayerRule):
 @register_layer(nn.Linear)
 class _Linear(_MatrixRule):
     kind = "linear"
+    label = "Linear"
 
 
 class _HFConv1D(_MatrixRule):
     """Hugging Face GPT-2 style ``Conv1D``: a linear layer whose weight is ``(in, out)``."""
 
     kind = "hf_conv1d"
+    label = "HF Conv1D"
 
     def dims(self, tensor_name: str) -> tuple[int, int]:
         return 1, 0
@@ -215,6 +221,7 @@ class _Conv(LayerRule):
     """``ConvNd``: weight ``(out, in // groups, *kernel)``; one block per group, features im2col'ed."""
 
     kind = "conv"
+    label = "ConvNd"
     no_features = None
     reconstructable = True
 
@@ -237,6 +244,7 @@ class _ConvTranspose(LayerRule):
     """``ConvTransposeNd``: weight ``(in, out // groups, *kernel)``."""
 
     kind = "conv_transpose"
+    label = "ConvTransposeNd"
     no_features = None
 
     def dims(self, tensor_name: str) -> tuple[int, int]:
@@ -261,6 +269,7 @@ class _RNN(LayerRule):
     """RNN/LSTM/GRU: every ``weight_*`` tensor."""
 
     kind = "rnn"
+    label = "RNN/LSTM/GRU"
     no_features = "RNN weights see the hidden state and the previous layer's output, not the module's input"
 
     def tensors(self, module: nn.Module) -> list[str]:
@@ -276,6 +285,7 @@ class _MHA(LayerRule):
     """``nn.MultiheadAttention`` input projections (``out_proj`` is an ``nn.Linear`` child, targeted on its own)."""
 
     kind = "mha"
+    label = "MultiheadAttention"
     no_features = None
     reconstructable = True
 
@@ -304,6 +314,7 @@ class _Embedding(LayerRule):
     """Embeddings: targeted only when ``include`` lists the type."""
 
     kind = "embedding"
+    label = "Embedding"
     no_features = "embeddings are lookups, their input has no per-feature norm"
 
 
@@ -332,6 +343,28 @@ def rule_for_kind(kind: str) -> LayerRule:
     if kind not in _BY_KIND:
         raise InvalidArgumentError(f"kind must be one of {sorted(_BY_KIND)}, got {kind!r}")
     return _BY_KIND[kind]
+
+
+def supported_layers(*, opt_in: bool = True, reconstructable: bool = False) -> str:
+    """The registered layer families as messages list them, e.g. ``"Linear, HF Conv1D, ConvNd and Embedding"``.
+
+    Args:
+        opt_in: include the families targeted only when ``include`` lists them (Embedding).
+        reconstructable: only the families SparseGPT can reconstruct.
+    """
+    labels = [
+        r.label
+        for r in _BY_KIND.values()
+        if r.label and (opt_in or not r.opt_in) and (r.reconstructable or not reconstructable)
+    ]
+    return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
+
+
+def targeted_layers() -> str:
+    """What a model's targets are, for "no target" messages (generated from the registry)."""
+    opt_in = [r.label for r in _BY_KIND.values() if r.label and r.opt_in]
+    only = f"; {' and '.join(opt_in)} only when include lists its type" if opt_in else ""
+    return f"the weights of {supported_layers(opt_in=False)}{only}"
 
 
 def layer_kind(module: nn.Module) -> str:
@@ -408,8 +441,7 @@ def check_all_used(
     raise InvalidArgumentError(
         f"{arg} {which} matches no targetable tensor of {type(model).__name__}; each entry must "
         "match at least one module name, qualified tensor name (glob) or layer type among the weights "
-        "of Linear, ConvNd, ConvTransposeNd, RNN/LSTM/GRU, MultiheadAttention, HF Conv1D and Embedding "
-        "(see hs.sparsity_report(model) for the names)"
+        f"of {supported_layers()} (see hs.sparsity_report(model) for the names)"
     )
 
 

@@ -25,48 +25,88 @@ class SparseParametrization(nn.Module):
     ``remove_parametrizations`` bakes a tensor whose parametrization chain holds
     at least one of these. In a ``state_dict`` (see :mod:`hadamard_sparse.checkpoint`)
     each one is recorded as plain tensors beside the tensor it parametrizes:
-    ``"<tensor>_<suffix>"`` for each suffix of ``_SUFFIXES`` (the first one is always
+    ``"<tensor>_<suffix>"`` for each suffix of ``RECORD_SUFFIXES`` (the first one is always
     written and declares the parametrization), so that a fresh model can rebuild it.
 
-    Subclasses define:
+    The checkpoint protocol (what :mod:`hadamard_sparse.checkpoint` calls), defined by subclasses:
 
-    - ``_SUFFIXES``: the record's key suffixes, the declaring one first.
-    - ``_ORIGINALS``: for a parametrization that must be first in its chain and owns the
+    - ``RECORD_SUFFIXES``: the record's key suffixes, the declaring one first.
+    - ``RECORD_ORIGINALS``: for a parametrization that must be first in its chain and owns the
       chain's originals (the factors of a factorization), the prefix of their keys
       (``"<tensor>_<prefix>0"``, ...); ``None`` otherwise.
-    - :meth:`_record`, :meth:`_from_record` and :meth:`_record_to_state`.
+    - :meth:`record`, :meth:`from_record` and :meth:`record_to_state`.
+
+    Every subclass with ``RECORD_SUFFIXES`` is registered under its declaring suffix
+    (:meth:`record_types`).
     """
 
     _TYPES: ClassVar[dict[str, type[SparseParametrization]]] = {}
-    _SUFFIXES: ClassVar[tuple[str, ...]] = ()
-    _ORIGINALS: ClassVar[str | None] = None
+    RECORD_SUFFIXES: ClassVar[tuple[str, ...]] = ()
+    RECORD_ORIGINALS: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if cls._SUFFIXES:
-            SparseParametrization._TYPES[cls._SUFFIXES[0]] = cls
+        if cls.RECORD_SUFFIXES:
+            SparseParametrization._TYPES[cls.RECORD_SUFFIXES[0]] = cls
 
-    def _record(self, position: int) -> dict[str, torch.Tensor]:
-        """The checkpoint record: ``{suffix: tensor}``; ``position`` is the index among ours in the chain."""
-        raise NotImplementedError
+    @staticmethod
+    def record_types() -> dict[str, type[SparseParametrization]]:
+        """Every parametrization type with a checkpoint record, keyed by its declaring suffix.
 
-    @classmethod
-    def _from_record(
-        cls, record: dict[str, Any], shape: torch.Size, what: str
-    ) -> tuple[SparseParametrization, int | None]:
-        """Rebuild from a record (the suffixes present) for a tensor of ``shape``.
+        Returns:
+            A new dict ``{declaring suffix: class}``, e.g. ``{"mask": HadamardMask, ...}``.
 
-        Returns the parametrization and its position among ours in the chain (``None``: any free
-        slot). Raises ``ValueError``/``TypeError`` naming ``what`` (the record's key) when the
-        record does not fit.
+        Example::
+
+            >>> SparseParametrization.record_types()["mask"] is HadamardMask
+            True
+        """
+        return dict(SparseParametrization._TYPES)
+
+    def record(self, position: int) -> dict[str, torch.Tensor]:
+        """The checkpoint record of this parametrization.
+
+        Args:
+            position: its index among this library's parametrizations in the chain.
+
+        Returns:
+            ``{suffix: tensor}``, written as ``"<tensor>_<suffix>"`` in the ``state_dict``.
         """
         raise NotImplementedError
 
-    def _record_to_state(self, record: dict[str, Any], position: int, what: str) -> dict[str, Any]:
-        """Check a record against this (already registered) parametrization.
+    @classmethod
+    def from_record(
+        cls, record: dict[str, Any], shape: torch.Size, what: str
+    ) -> tuple[SparseParametrization, int | None]:
+        """Rebuild a parametrization from a checkpoint record, for a tensor of ``shape``.
 
-        Returns its own ``state_dict`` entries (local names) taken from the record. Raises
-        ``ValueError``/``TypeError`` naming ``what`` when the record describes another configuration.
+        Args:
+            record: ``{suffix: value}`` of the suffixes present in the checkpoint.
+            shape: the shape of the tensor it will parametrize.
+            what: the record's key, for the messages.
+
+        Returns:
+            ``(parametrization, position)``: its position among ours in the chain (``None``: any free slot).
+
+        Raises:
+            ValueError, TypeError: (this library's error types) naming ``what`` when the record does not fit.
+        """
+        raise NotImplementedError
+
+    def record_to_state(self, record: dict[str, Any], position: int, what: str) -> dict[str, Any]:
+        """Check a checkpoint record against this (already registered) parametrization.
+
+        Args:
+            record: ``{suffix: value}`` of the suffixes present in the checkpoint.
+            position: its index among this library's parametrizations in the chain.
+            what: the record's key, for the messages.
+
+        Returns:
+            Its own ``state_dict`` entries (local names) taken from the record.
+
+        Raises:
+            ValueError, TypeError: (this library's error types) naming ``what`` when the record
+                describes another configuration.
         """
         raise NotImplementedError
 
@@ -133,7 +173,7 @@ class HadamardMask(SparseParametrization):
         ParametrizedLinear(...)
     """
 
-    _SUFFIXES: ClassVar[tuple[str, ...]] = ("mask",)
+    RECORD_SUFFIXES: ClassVar[tuple[str, ...]] = ("mask",)
     mask: torch.Tensor
 
     def __init__(self, mask: torch.Tensor) -> None:
@@ -183,16 +223,16 @@ class HadamardMask(SparseParametrization):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
-    def _record(self, position: int) -> dict[str, torch.Tensor]:
+    def record(self, position: int) -> dict[str, torch.Tensor]:
         return {"mask": self.mask}
 
     @classmethod
-    def _from_record(
+    def from_record(
         cls, record: dict[str, Any], shape: torch.Size, what: str
     ) -> tuple[HadamardMask, int | None]:
         return cls(_mask_from_record(record["mask"], shape, what)), None
 
-    def _record_to_state(self, record: dict[str, Any], position: int, what: str) -> dict[str, Any]:
+    def record_to_state(self, record: dict[str, Any], position: int, what: str) -> dict[str, Any]:
         if "mask" not in record:
             return {}
         mask = _mask_from_record(record["mask"], self.mask.shape, what)

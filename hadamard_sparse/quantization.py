@@ -89,7 +89,7 @@ class FakeQuant(SparseParametrization):
         True
     """
 
-    _SUFFIXES: ClassVar[tuple[str, ...]] = ("fake_quant",)
+    RECORD_SUFFIXES: ClassVar[tuple[str, ...]] = ("fake_quant",)
 
     def __init__(self, bits: int = 8, channel_dim: int | None = None) -> None:
         super().__init__()
@@ -126,7 +126,7 @@ class FakeQuant(SparseParametrization):
     def extra_repr(self) -> str:
         return f"bits={self.bits}, channel_dim={self.channel_dim}"
 
-    def _record(self, position: int) -> dict[str, torch.Tensor]:
+    def record(self, position: int) -> dict[str, torch.Tensor]:
         cd = -1 if self.channel_dim is None else self.channel_dim
         return {"fake_quant": torch.tensor([self.bits, cd, position], dtype=torch.int64)}
 
@@ -146,7 +146,7 @@ class FakeQuant(SparseParametrization):
         return _check_bits(bits), (None if cd == -1 else cd), pos
 
     @classmethod
-    def _from_record(
+    def from_record(
         cls, record: dict[str, Any], shape: torch.Size, what: str
     ) -> tuple[FakeQuant, int | None]:
         bits, cd, pos = cls._parse_record(record, what)
@@ -156,7 +156,7 @@ class FakeQuant(SparseParametrization):
             )
         return cls(bits=bits, channel_dim=cd), pos
 
-    def _record_to_state(self, record: dict[str, Any], position: int, what: str) -> dict[str, Any]:
+    def record_to_state(self, record: dict[str, Any], position: int, what: str) -> dict[str, Any]:
         if "fake_quant" not in record:
             return {}
         got = self._parse_record(record, what)

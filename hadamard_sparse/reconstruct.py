@@ -46,10 +46,19 @@ from torch import nn
 from . import sparsegpt as _sgpt
 from ._engine import compute_keep_masks, pre_mask_value
 from ._model_io import eval_mode
-from .calibration import ActivationStats, LayerStats, call_batch, collect, with_progress
+from .calibration import (
+    ActivationStats,
+    LayerStats,
+    call_batch,
+    check_batches,
+    check_stats,
+    collect,
+    stats_for,
+    with_progress,
+)
 from .errors import InvalidArgumentError, InvalidTypeError
 from .layers import Target
-from .scores import ScoreContext, get_score
+from .scores import Apply, ScoreContext, get_score
 
 # api registers the methods "wanda_refit" (wanda_score + prune_wanda_refit) and "sparsegpt_block"
 # (sparsegpt.obs_saliency + prune_blocks); importing this module registers nothing.
@@ -68,7 +77,7 @@ SCOPES = ("row", "layer")
 
 _STEPS = 200
 _LR = 1e-4
-_DAMP = _sgpt._PERCDAMP
+_DAMP = _sgpt.PERCDAMP
 _SOLVE_BYTES = 64 * 2**20  # memory bound of one batch of per-row solves
 
 
@@ -153,12 +162,12 @@ def prune_wanda_refit(
     scope: str,
     structure: Any,
     calibration: Any,
-    apply: _sgpt.Apply,
+    apply: Apply,
     progress: bool | None = None,
 ) -> None:
     """The ``"wanda_refit"`` pruner: Wanda masks, then the support-restricted least-squares refit."""
-    _sgpt._check(targets, structure, sparsities)
-    stats = _sgpt.stats_for(model, targets, calibration, method="wanda_refit", need_gram=True)
+    _sgpt.check_targets(targets, structure, sparsities)
+    stats = stats_for(model, targets, calibration, method="wanda_refit", need_gram=True)
     keeps = wanda_keep_masks(targets, sparsities, scope=scope, stats=stats, structure=structure)
     news = [_refit_target(t, stats[t.qualified], k) for t, k in zip(targets, keeps)]  # all before any change
     for t, keep, new in zip(targets, keeps, news):
@@ -375,24 +384,24 @@ def prune_blocks(
     scope: str,
     structure: Any,
     calibration: Any,
-    apply: _sgpt.Apply,
+    apply: Apply,
     progress: bool | None = None,
 ) -> None:
     """The ``"sparsegpt_block"`` pruner (see the module doc)."""
     nm_struct = structure
-    _sgpt._check(targets, structure, sparsities)
+    _sgpt.check_targets(targets, structure, sparsities)
     if isinstance(calibration, ActivationStats):
         raise InvalidArgumentError(
             "method 'sparsegpt_block' needs calibration batches (an iterable of model inputs: it runs "
             "the blocks), got ActivationStats"
         )
-    batches = list(_sgpt._check_batches(calibration))
+    batches = list(check_batches(calibration))
     if not batches:
         raise InvalidArgumentError(
             "method 'sparsegpt_block' needs at least one calibration batch, got an empty iterable"
         )
     probe = collect(model, targets, batches, gram=False, warn=False)
-    _sgpt.check_stats(probe, targets, "sparsegpt_block", False)
+    check_stats(probe, targets, "sparsegpt_block", False)
     blocks = find_blocks(model, targets)
     dense_out = _dense_outputs(model, blocks, batches) if blocks else []
     for b, idx in with_progress(_segments(targets, blocks), progress, "sparsegpt_block"):

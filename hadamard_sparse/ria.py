@@ -6,7 +6,7 @@ with calibration input norms ``||X_j||_2``::
     RIA_ij = (|W_ij| / sum_k |W_ik|  +  |W_ij| / sum_k |W_kj|) * ||X_j||_2 ** a,   a = 0.5
 
 the relative importance of the weight within its output row and within its input column, scaled by
-the activation. api registers it as ``"ria"`` (mask only, scopes ``"row"`` then ``"layer"``, needs
+the activation. builtin_methods registers it as ``"ria"`` (mask only, scopes ``"row"`` then ``"layer"``, needs
 calibration); importing this module registers nothing.
 
 N:M and the channel permutation. The paper permutes the input channels so that large scores are

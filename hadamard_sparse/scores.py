@@ -8,9 +8,9 @@ call it more than once to keep memory bounded).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -44,10 +44,45 @@ class ScoreContext:
 ScoreFn = Callable[[ScoreContext], torch.Tensor]
 
 
-# A pruner replaces the mask-only path of ``sparsify`` (it also edits kept weights, e.g. SparseGPT):
-# ``pruner(model, targets, sparsities, *, scope, structure, calibration, apply)`` where
-# ``apply(target, keep, new_dense_value)`` registers the mask and writes the original.
-PrunerFn = Callable[..., None]
+#: ``apply(target, keep, new_dense_value)``: what a :class:`Pruner` calls for each tensor it prunes;
+#: ``sparsify`` registers the mask ``keep`` on the target (a ``layers.Target``) and writes
+#: ``new_dense_value`` into its original, undoing every applied tensor if the pruner raises later.
+Apply = Callable[[Any, torch.Tensor, torch.Tensor], None]
+
+
+class Pruner(Protocol):
+    """A one-shot pruner: replaces the mask-only path of ``sparsify`` for its method.
+
+    It may also edit the kept weights (SparseGPT's reconstruction, Wanda's refit, oBERT's OBS
+    update) and may apply as it goes (SparseGPT gathers each wave's statistics with the earlier
+    waves applied). The built-in pruners (``sparsegpt.prune``, ``reconstruct.prune_wanda_refit``,
+    ``reconstruct.prune_blocks``, ``dsnot.prune``, ``gradient_scores.obs_prune``) satisfy it; they
+    may take further keyword arguments with defaults.
+
+    Args:
+        model: the model being pruned.
+        targets: the targeted tensors (``layers.Target``), in model order.
+        sparsities: one sparsity per target (all equal with ``scope="global"``).
+        scope: the method's scope, one of its registered ``scopes``.
+        structure: the parsed structure (``structures.NM``, ...) or ``None`` (unstructured).
+        calibration: what ``sparsify`` was given as ``calibration`` (batches, ``ActivationStats``,
+            a ``GradientScores``).
+        apply: :data:`Apply`, called once per pruned tensor.
+
+    Every check should run before the first ``apply``: a refusal then leaves the model unchanged.
+    """
+
+    def __call__(
+        self,
+        model: nn.Module,
+        targets: Sequence[Any],
+        sparsities: Sequence[float],
+        *,
+        scope: str,
+        structure: Any,
+        calibration: Any,
+        apply: Apply,
+    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -58,7 +93,7 @@ class ScoreEntry:
     needs_calibration: bool
     scopes: tuple[str, ...]
     needs_gram: bool = False
-    pruner: PrunerFn | None = None
+    pruner: Pruner | None = None
     needs_gradients: bool = False
 
 
@@ -71,7 +106,7 @@ def register_score(
     needs_calibration: bool = False,
     scopes: tuple[str, ...] = ("global", "layer"),
     needs_gram: bool = False,
-    pruner: PrunerFn | None = None,
+    pruner: Pruner | None = None,
     needs_gradients: bool = False,
 ) -> Callable[[ScoreFn], ScoreFn]:
     """Register a score function under ``name`` (usable as ``sparsify(..., method=name)``).
@@ -82,8 +117,8 @@ def register_score(
         scopes: the ``scope`` values the method supports; others are refused. The first one is
             the method's default scope.
         needs_gram: calibration must also gather the input Gram matrix ``X^T X``.
-        pruner: optional function that replaces the mask-only path of ``sparsify`` for this method
-            (it may edit kept weights, as ``"sparsegpt"`` does); the score function then serves
+        pruner: optional :class:`Pruner` that replaces the mask-only path of ``sparsify`` for this
+            method (it may edit kept weights, as ``"sparsegpt"`` does); the score function then serves
             mask-only uses such as ``compute_keep_masks``.
         needs_gradients: the method reads gradients gathered during training by a
             :class:`~hadamard_sparse.GradientScores` passed as ``calibration`` (``"movement"``, ``"obs"``);

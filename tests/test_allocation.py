@@ -12,20 +12,14 @@ import hadamard_sparse as hs
 from hadamard_sparse.allocation import owl_sparsities
 from hadamard_sparse.calibration import calibrate
 from hadamard_sparse.layers import resolve_targets
+from tests.hf_models import bert_config
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
 
 def _bert() -> nn.Module:
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-    )
+    cfg = bert_config(num_hidden_layers=3)
     model = transformers.BertModel(cfg).eval()
     with torch.no_grad():  # give the layers different outlier ratios
         model.encoder.layer[1].intermediate.dense.weight[:, :3] *= 8.0

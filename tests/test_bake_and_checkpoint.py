@@ -12,11 +12,11 @@ from html.parser import HTMLParser
 
 import pytest
 import torch
-from conftest import LayerCase, mlp, small_cnn
 from torch import nn
 from torch.nn.utils import parametrize
 
 import hadamard_sparse as hs
+from tests.conftest import LayerCase, mlp, small_cnn
 
 
 def test_bake_is_bitwise_and_restores_classes(layer_case: LayerCase) -> None:

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LAYER_CASES, Conv1D, LayerCase
 from torch import nn
 
 import hadamard_sparse as hs
@@ -19,6 +18,8 @@ from hadamard_sparse._engine import compute_keep_masks
 from hadamard_sparse.calibration import ActivationStats, calibrate
 from hadamard_sparse.errors import InvalidArgumentError
 from hadamard_sparse.sparsegpt import obs_prune
+from tests.conftest import LAYER_CASES, Conv1D, LayerCase
+from tests.hf_models import bert_config
 
 # --------------------------------------------------------------------------- reference input norms
 
@@ -550,9 +551,10 @@ def test_tuple_and_dict_batches_say_how_the_model_was_called() -> None:
 def _tiny_sentence_transformer(tmp_path) -> nn.Module:  # type: ignore[no-untyped-def]
     """A SentenceTransformer around a 2-layer BERT from a tiny config (MiniLM's tokenizer; no download)."""
     pytest.importorskip("sentence_transformers")
-    from conftest import minilm_path
     from sentence_transformers import SentenceTransformer
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
+
+    from tests.conftest import minilm_path
 
     with warnings.catch_warnings():  # sentence-transformers >= 6 moved the module classes
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -560,9 +562,8 @@ def _tiny_sentence_transformer(tmp_path) -> nn.Module:  # type: ignore[no-untype
 
     tok = minilm_path()
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
-    )
+    config = bert_config(vocab_size=30522, max_position_embeddings=512)
+
     BertModel(config).save_pretrained(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -8,12 +8,12 @@ import time
 
 import pytest
 import torch
-from conftest import LayerCase, mlp, small_cnn
 from torch import nn
 from torch.nn.utils import parametrize, prune
 from torch.nn.utils.parametrizations import orthogonal, spectral_norm, weight_norm
 
 import hadamard_sparse as hs
+from tests.conftest import LayerCase, mlp, small_cnn
 
 
 def _sparse_with_kept_zeros(layer_case: LayerCase) -> tuple[nn.Module, dict[str, torch.Tensor]]:

@@ -13,19 +13,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import minilm_path
 
 import hadamard_sparse as hs
 from hadamard_sparse import cli
 from hadamard_sparse._cli_common import check_out_dir
+from tests.conftest import minilm_path
+from tests.hf_models import gpt2_config, transformers
 
-transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+    cfg = gpt2_config()
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("gpt2")
     transformers.GPT2LMHeadModel(cfg).save_pretrained(d)

@@ -12,6 +12,7 @@ import torch
 
 import hadamard_sparse as hs
 from hadamard_sparse import cli
+from tests.hf_models import bert_config
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,15 +33,7 @@ def _model_dir(path: Path) -> Path:
         vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
     )
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        initializer_range=0.2,
-    )
+    cfg = bert_config(vocab_size=tok.vocab_size, initializer_range=0.2)
     transformers.BertModel(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path

@@ -12,13 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import minilm_path, mlp, run_ranks
 from torch import nn
 
 import hadamard_sparse as hs
 from hadamard_sparse.distill_losses import batch_key, kl_distill_loss, squarehead_loss
-
-transformers = pytest.importorskip("transformers")
+from tests.conftest import minilm_path, mlp, run_ranks
+from tests.hf_models import transformers
 
 
 def _pair(seed: int = 0) -> tuple[nn.Module, nn.Module]:
@@ -477,19 +476,19 @@ def test_sentence_transformer_student(tmp_path: object) -> None:
     assert after < 0.6 * before, (before, after)
 
 
-class _DistillingTrainer(transformers.Trainer):
-    """The docs' Trainer subclass: its loss is the distiller's."""
-
-    def __init__(self, *args: object, distiller: hs.Distiller, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
-        self.distiller = distiller
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
-        return self.distiller(inputs, student=model, return_outputs=return_outputs)
-
-
 def test_hugging_face_trainer_with_compute_loss(tmp_path: object) -> None:
     pytest.importorskip("accelerate")
+
+    class _DistillingTrainer(transformers.Trainer):
+        """The docs' Trainer subclass: its loss is the distiller's (defined here: it needs transformers)."""
+
+        def __init__(self, *args: object, distiller: hs.Distiller, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            self.distiller = distiller
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+            return self.distiller(inputs, student=model, return_outputs=return_outputs)
+
     student = _tiny_bert(transformers.BertForSequenceClassification, num_labels=3, initializer_range=0.2)
     d = hs.Distiller(student, hardness=1.0, temperature=2.0)  # oBERT's setting: the teacher's logits only
     hs.sparsify(student, 0.8, scope="layer", exclude="classifier")
@@ -575,7 +574,7 @@ _DDP_WORKER = textwrap.dedent(
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)  # see tests/test_distributed.py: no C++ static destructors after the work is done
+    os._exit(0)  # see tests/schedules/test_distributed.py: no C++ static destructors after the work is done
     """
 )
 

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
-from conftest import LAYER_CASES, LayerCase, mlp, small_cnn
 from sklearn.datasets import load_diabetes, load_wine
 from sklearn.linear_model import Lasso
 from sklearn.preprocessing import StandardScaler
@@ -29,6 +28,7 @@ from hadamard_sparse.factorization import (
     l1_penalty,
     register_factorization,
 )
+from tests.conftest import LAYER_CASES, LayerCase, mlp, small_cnn
 
 
 @pytest.fixture
@@ -114,7 +114,7 @@ def test_group_gates_follow_output_and_input_dims(make, group: str, gate_shape: 
 
 
 def test_hf_conv1d_row_is_dim1() -> None:
-    from conftest import Conv1D
+    from tests.conftest import Conv1D
 
     m = Conv1D(5, 6)  # weight (in=6, out=5)
     register_factorization(m, group="row")
@@ -448,7 +448,7 @@ def test_sparse_state_dict_round_trip(kind: str | None) -> None:
         if parametrize.is_parametrized(a):
             pa, pb = a.parametrizations.weight, b.parametrizations.weight
             assert [type(p) for p in pa] == [type(p) for p in pb] == [HadamardFactorization, hs.HadamardMask]
-            ra, rb = pa[0]._record(0), pb[0]._record(0)
+            ra, rb = pa[0].record(0), pb[0].record(0)
             assert ra.keys() == rb.keys() and all(torch.equal(ra[k], rb[k]) for k in ra)
     assert fresh.state_dict().keys() == sd.keys()
 

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import minilm_path
 from torch import nn
 
 import hadamard_sparse as hs
 from hadamard_sparse import cli
 from hadamard_sparse.hf import COMPRESSED_WEIGHTS
+from tests.conftest import minilm_path
+from tests.hf_models import bert_config, gpt2_config, vit_config
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 pytest.importorskip("safetensors", reason="safetensors is not installed")
@@ -23,19 +24,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def _gpt2() -> nn.Module:
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=128, n_head=2, vocab_size=64, n_positions=16)
+    cfg = gpt2_config(n_embd=128)
     return transformers.GPT2LMHeadModel(cfg)
 
 
 def _bert() -> nn.Module:
-    cfg = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=512,
-        max_position_embeddings=16,
-    )
+    cfg = bert_config(hidden_size=128, intermediate_size=512, max_position_embeddings=16)
     return transformers.BertForMaskedLM(cfg)
 
 
@@ -236,15 +230,7 @@ def test_cli_compress_minilm_bake(tmp_path: Path, capsys: pytest.CaptureFixture[
 @pytest.mark.parametrize("compress", [False, True])
 def test_vit_saved_under_renamed_keys(compress: bool, tmp_path: Path) -> None:
     # transformers 5 writes ViT in its original key format and renames on load
-    cfg = transformers.ViTConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        image_size=16,
-        patch_size=8,
-        num_labels=3,
-    )
+    cfg = vit_config(hidden_size=64, intermediate_size=128, patch_size=8, num_labels=3)
     torch.manual_seed(0)
     model = hs.sparsify(transformers.ViTForImageClassification(cfg).eval(), 0.9, scope="layer")
     hs.save_pretrained(model, tmp_path / "vit", compress=compress)

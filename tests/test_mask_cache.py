@@ -9,13 +9,13 @@ import pickle
 
 import pytest
 import torch
-from conftest import LayerCase, mlp
 from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 
 import hadamard_sparse as hs
 from hadamard_sparse.parametrizations import _MASK_CACHE, HadamardMask
+from tests.conftest import LayerCase, mlp
 
 
 def reference(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

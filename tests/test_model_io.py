@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +21,7 @@ from hadamard_sparse._model_io import (
     train_mode,
     unwrap_parallel,
 )
+from hadamard_sparse.recover.quality import embeddings
 
 
 class _Args(nn.Module):
@@ -135,3 +138,35 @@ def test_join_name_and_set_submodule() -> None:
     top = nn.Identity()
     set_submodule(model, "enc", top)
     assert model.enc is top
+
+
+def test_quality_embeddings_run_in_eval_mode_and_restore_each_flag() -> None:
+    """``recover.quality.embeddings`` uses eval_mode: dropout off inside, every own flag back after
+    (``model.train(was)`` would have set the frozen part back to training)."""
+    torch.manual_seed(0)
+    model = _mixed()
+    before = _flags(model)
+    batches = [torch.randn(3, 2), torch.randn(2, 2)]
+    got = embeddings(model, batches)
+    assert _flags(model) == before
+    with eval_mode(model), torch.no_grad():
+        want = torch.cat([model(b) for b in batches])
+    assert torch.equal(got, want)
+
+
+def test_only_model_io_saves_and_restores_training_flags() -> None:
+    """One restore semantic: no module but _model_io keeps a ``.training`` flag to put it back later
+    (``was = m.training`` ... ``m.train(was)``) or writes ``.training`` itself; they use eval_mode/train_mode."""
+    package = Path(hs.__file__).parent
+    bad = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "_model_io.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                writes = any(isinstance(t, ast.Attribute) and t.attr == "training" for t in targets)
+                saves = isinstance(node.value, ast.Attribute) and node.value.attr == "training"
+                if writes or saves:
+                    bad.append(f"{path.relative_to(package)}:{node.lineno}")
+    assert not bad, f"training flags saved or written by hand (use _model_io.eval_mode/train_mode): {bad}"

@@ -19,10 +19,11 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import minilm_path
 from torch import nn
 
 import hadamard_sparse as hs
+from tests.conftest import minilm_path
+from tests.hf_models import bert_config
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 safetensors_torch = pytest.importorskip("safetensors.torch", reason="safetensors is not installed")
@@ -50,15 +51,7 @@ def _gpt2() -> nn.Module:
 
 
 def _bert() -> nn.Module:
-    cfg = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-        num_labels=3,
-    )
+    cfg = bert_config(hidden_size=16, intermediate_size=32, num_labels=3)
     return transformers.BertForSequenceClassification(cfg)
 
 

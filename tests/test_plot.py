@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import mlp, small_cnn
 from torch import nn
+
+from tests.conftest import mlp, small_cnn
 
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")

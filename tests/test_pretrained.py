@@ -7,24 +7,18 @@ import io
 
 import pytest
 import torch
-from conftest import minilm_path
 
 import hadamard_sparse as hs
 from hadamard_sparse.calibration import calibrate
+from tests.conftest import minilm_path
+from tests.hf_models import bert_config
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
 
 def _tiny_bert() -> torch.nn.Module:
-    cfg = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-        hidden_dropout_prob=0.1,
-        attention_probs_dropout_prob=0.1,
+    cfg = bert_config(
+        hidden_size=16, intermediate_size=32, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1
     )
     torch.manual_seed(0)
     return transformers.BertModel(cfg).eval()

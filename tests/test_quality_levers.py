@@ -7,7 +7,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import LAYER_CASES, LayerCase, minilm_path
 from torch import nn
 
 import hadamard_sparse as hs
@@ -19,8 +18,9 @@ from hadamard_sparse.errors import InvalidArgumentError
 from hadamard_sparse.layers import resolve_targets, weight_dims
 from hadamard_sparse.ria import channel_permutation, permuted_nm_keep
 from hadamard_sparse.scores import ScoreContext, get_score
-
-transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+from tests.conftest import LAYER_CASES, LayerCase, minilm_path
+from tests.hf_models import bert_config, transformers
+from tests.test_dsnot import dsnot_row_reference
 
 
 def _numpy_ria(w: np.ndarray, x: np.ndarray, alpha: float = 0.5) -> np.ndarray:
@@ -39,14 +39,15 @@ class _HFConv1DNet(nn.Module):
         return self.c(x)
 
 
-def _ria_cases() -> list[tuple[str, nn.Module, str]]:
-    return [("linear", nn.Sequential(nn.Linear(8, 12)), "0"), ("hf_conv1d", _HFConv1DNet(), "c")]
+def _ria_case(case: int) -> tuple[nn.Module, str]:
+    """The model and the name of its layer: 0 a Linear, 1 Hugging Face's Conv1D (needs transformers)."""
+    return (nn.Sequential(nn.Linear(8, 12)), "0") if case == 0 else (_HFConv1DNet(), "c")
 
 
-@pytest.mark.parametrize("case", range(2), ids=[c[0] for c in _ria_cases()])
+@pytest.mark.parametrize("case", range(2), ids=["linear", "hf_conv1d"])
 def test_ria_score_equals_numpy_formula(case: int) -> None:
     torch.manual_seed(case)
-    _, model, mod_name = _ria_cases()[case]
+    model, mod_name = _ria_case(case)
     x = [torch.randn(5, 8) * torch.linspace(0.1, 3.0, 8) for _ in range(3)]
     stats = calibrate(model, x)
     mod = model.get_submodule(mod_name)
@@ -75,9 +76,7 @@ def test_ria_score_on_mha_in_proj_treats_q_k_v_as_separate_matrices() -> None:
 
 
 def _tiny_bert() -> nn.Module:
-    cfg = transformers.BertConfig(
-        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
-    )
+    cfg = bert_config(hidden_size=16, intermediate_size=32, max_position_embeddings=512)
     torch.manual_seed(0)
     return transformers.BertModel(cfg).eval()
 
@@ -190,47 +189,6 @@ def test_dsnot_keeps_counts_and_never_raises_the_expected_error_on_real_data(min
     torch.testing.assert_close(expected_error(w, keep, mean), torch.from_numpy(e1))
 
 
-def _dsnot_row_reference(
-    w: np.ndarray,
-    keep: np.ndarray,
-    mean: np.ndarray,
-    var: np.ndarray,
-    sq_norm: np.ndarray,
-    nm: tuple[int, int] | None,
-    max_cycles: int,
-    threshold: float,
-) -> np.ndarray:
-    """DSnoT on one row, written as the paper's loop over one row at a time (numpy, float64)."""
-    metric, wanda = w * mean, np.abs(w) * np.sqrt(sq_norm)
-    grow_key = metric / np.maximum(var, 1e-12)
-    keep, kept0 = keep.copy(), keep.copy()
-    e = float((metric * ~keep).sum())
-    s = np.sign(e)
-    if abs(e) <= threshold:
-        return keep
-    pruned = [j for j in range(len(w)) if not kept0[j]]
-    grow = sorted(pruned, key=lambda j: -s * grow_key[j])  # stable: ties in column order
-    prune = sorted((j for j in range(len(w)) if kept0[j] and metric[j] * s < 0), key=lambda j: wanda[j])
-    for c in range(max_cycles):
-        if c >= len(grow) or (nm is None and c >= len(prune)):
-            break
-        g = grow[c]
-        if nm is None:
-            p = prune[c]
-        else:  # the kept (from the start) weight of g's group with the lowest Wanda score
-            group = [j for j in range(g - g % nm[1], g - g % nm[1] + nm[1]) if keep[j] and kept0[j]]
-            if not group:
-                break
-            p = min(group, key=lambda j: wanda[j])
-        after = e + metric[p] - metric[g]
-        if np.sign(after) != s or abs(after) >= abs(e):
-            break
-        keep[g], keep[p], e = True, False, after
-        if abs(e) <= threshold:
-            break
-    return keep
-
-
 @pytest.mark.parametrize("nm", [None, (2, 4)])
 @pytest.mark.parametrize("threshold", [0.0, 0.01])
 def test_dsnot_rows_equal_a_row_by_row_reference_on_real_data(
@@ -243,7 +201,7 @@ def test_dsnot_rows_equal_a_row_by_row_reference_on_real_data(
     start = _select.row_keep_mask(wanda if nm is None else wanda.reshape(-1, 4), 0.5, 0).reshape(w.shape)
     got = dsnot_rows(w, start, mean, var, st.sq_sum[0], nm=nm, max_cycles=20, update_threshold=threshold)
     args = (w.double().numpy(), start.numpy(), mean.numpy(), var.numpy(), st.sq_sum[0].numpy())
-    ref = np.stack([_dsnot_row_reference(a, k, *args[2:], nm, 20, threshold) for a, k in zip(*args[:2])])
+    ref = np.stack([dsnot_row_reference(a, k, *args[2:], nm, 20, threshold) for a, k in zip(*args[:2])])
     assert int((ref != args[1]).sum()) > 0  # the reference does swap
     np.testing.assert_array_equal(got.numpy(), ref)
 

@@ -8,7 +8,6 @@ import io
 import numpy as np
 import pytest
 import torch
-from conftest import LAYER_CASES, LayerCase, mlp, small_cnn
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -17,6 +16,7 @@ from hadamard_sparse.checkpoint import load_sparse_state_dict
 from hadamard_sparse.factorization import register_factorization
 from hadamard_sparse.layers import resolve_targets, weight_dims
 from hadamard_sparse.quantization import FakeQuant, fake_quantize, register_fake_quant
+from tests.conftest import LAYER_CASES, LayerCase, mlp, small_cnn
 
 
 def _np_fake_quant(x: np.ndarray, bits: int, channel_dim: int | None) -> np.ndarray:

@@ -7,13 +7,14 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import Conv1D, minilm_path
 from torch import nn
 
 import hadamard_sparse as hs
 from hadamard_sparse import reconstruct
 from hadamard_sparse.calibration import calibrate
 from hadamard_sparse.layers import resolve_targets
+from tests.conftest import Conv1D, minilm_path
+from tests.hf_models import bert_config, gpt2_config, llama_config, transformers
 
 
 def _reference_refit(w: np.ndarray, keep: np.ndarray, x: np.ndarray, damp: float) -> np.ndarray:
@@ -142,33 +143,15 @@ def test_wanda_refit_lowers_layer_error_vs_wanda() -> None:
     assert e_r < e_w
 
 
-transformers = pytest.importorskip("transformers", reason="transformers is not installed")
-
-
 def _tiny(family: str) -> nn.Module:
     torch.manual_seed(0)
     if family == "bert":
-        cfg = transformers.BertConfig(
-            vocab_size=64,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=32,
-        )
+        cfg = bert_config()
         return transformers.BertModel(cfg).eval()
     if family == "gpt2":
-        cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32)
+        cfg = gpt2_config(n_positions=32)
         return transformers.GPT2Model(cfg).eval()
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-    )
+    cfg = llama_config(num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
     return transformers.LlamaModel(cfg).eval()
 
 

@@ -8,13 +8,14 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import Conv1D, MHAWrap, RNNWrap, mlp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
 
 import hadamard_sparse as hs
+from tests.conftest import Conv1D, MHAWrap, RNNWrap, mlp
+from tests.hf_models import gpt2_config, transformers
 
 # ----------------------------------------------------------------------------------------------
 # An independent reference for the floor: concatenate every score, protect each unit's best,
@@ -117,8 +118,7 @@ def test_issue_example_output_layer_keeps_depending_on_input() -> None:
 
 
 def test_floor_on_hf_gpt2_conv1d() -> None:
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+    cfg = gpt2_config()
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(cfg)
     with torch.no_grad():

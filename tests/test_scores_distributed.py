@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_ranks
+
+from tests.conftest import run_ranks
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -90,7 +91,7 @@ _DDP_WORKER = textwrap.dedent(
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)  # see tests/test_distributed.py: no C++ static destructors after the work is done
+    os._exit(0)  # see tests/schedules/test_distributed.py: no C++ static destructors after the work is done
     """
 )
 
@@ -261,7 +262,7 @@ _FSDP_WORKER = textwrap.dedent(
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)  # see tests/test_distributed.py: no C++ static destructors after the work is done
+    os._exit(0)  # see tests/schedules/test_distributed.py: no C++ static destructors after the work is done
     """
 )
 

@@ -16,8 +16,7 @@ from torch import nn
 
 import hadamard_sparse as hs
 from hadamard_sparse.gradient_scores import GradientScores
-
-transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+from tests.hf_models import bert_config, transformers
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -326,17 +325,7 @@ def test_gradual_obs_first_event_is_exact_obs() -> None:
 
 def _tiny_bert() -> nn.Module:
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
+    cfg = bert_config(num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return transformers.BertForSequenceClassification(cfg)
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_select import _reference
 
 from hadamard_sparse import _select
+from tests.test_select import _reference
 
 _values = st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, 3.0, 1e-30, -1e30, 7.25])
 _tensor = st.lists(st.one_of(_values, st.floats(-1e6, 1e6, width=32)), min_size=1, max_size=40)

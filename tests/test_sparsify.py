@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch.nn.utils.prune as tprune
-from conftest import LAYER_CASES, Conv1D, LayerCase, mlp, small_cnn
 from torch import nn
 from torch.nn.utils import parametrize
 
 import hadamard_sparse as hs
+from tests.conftest import LAYER_CASES, Conv1D, LayerCase, mlp, small_cnn
 
 
 def _twin_with_masks(twin: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
@@ -370,3 +370,130 @@ def test_register_score_plugs_a_new_method() -> None:
     from hadamard_sparse import scores
 
     scores._SCORES.pop("largest_first")  # keep the registry as other tests expect it
+
+
+# --------------------------------------------------------------------------- plan, then apply
+
+
+def _snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[tuple]]:
+    """The state_dict (cloned) and the parametrization registry: per module its class, flag, hooks, chains."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    registry = [
+        (
+            name,
+            type(m).__name__,
+            m.training,
+            len(m._forward_hooks),
+            len(m._forward_pre_hooks),
+            len(m._state_dict_hooks),
+            len(m._load_state_dict_pre_hooks),
+            {t: [type(p).__name__ for p in pl] for t, pl in m.parametrizations.items()}
+            if parametrize.is_parametrized(m)
+            else {},
+        )
+        for name, m in model.named_modules()
+    ]
+    return state, registry
+
+
+def _assert_same(before: tuple, model: nn.Module) -> None:
+    state, registry = _snapshot(model)
+    assert registry == before[1]
+    assert list(state) == list(before[0])
+    for k, v in state.items():  # bitwise, NaN included
+        assert v.dtype == before[0][k].dtype and v.shape == before[0][k].shape, k
+        assert torch.equal(v.reshape(-1).view(torch.uint8), before[0][k].reshape(-1).view(torch.uint8)), k
+
+
+_XS = [torch.randn(4, 8) for _ in range(2)]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize(
+    ("kwargs", "exc"),
+    [
+        ({"sparsity": 1.5}, hs.InvalidArgumentError),
+        ({"sparsity": "0.5"}, hs.InvalidTypeError),
+        ({"method": "nope"}, hs.InvalidArgumentError),
+        ({"method": "wanda"}, hs.InvalidArgumentError),  # no calibration
+        ({"method": "wanda", "calibration": [torch.randn(4, 5)]}, hs.CalibrationError),  # wrong width
+        ({"scope": "row", "structure": "row"}, hs.InvalidArgumentError),
+        ({"structure": "3:2"}, hs.InvalidArgumentError),
+        ({"structure": "neuron"}, hs.InvalidArgumentError),  # no example_inputs
+        ({"distribution": "normal"}, hs.InvalidArgumentError),
+        ({"distribution": "erk", "structure": "row"}, hs.InvalidArgumentError),
+        ({"allocation": "owl"}, hs.InvalidArgumentError),  # no calibration
+        ({"include": "nothing*"}, hs.InvalidArgumentError),
+        ({"exclude": "*"}, hs.NoTargetsError),
+        ({"seed": 1.0}, hs.InvalidTypeError),
+        ({"min_keep": -1}, hs.InvalidArgumentError),
+        ({"sparsity": 0.999, "min_keep": 4}, hs.InvalidArgumentError),  # the floor cannot be met
+        ({"method": "movement"}, hs.InvalidArgumentError),  # no recorded gradients
+    ],
+)
+def test_plan_builder_changes_nothing_when_it_refuses(kwargs: dict, exc: type, masked: bool) -> None:
+    """Every refusal comes from the plan builder, and the builder leaves state_dict and registry alone."""
+    from hadamard_sparse._plan import plan_sparsify
+
+    torch.manual_seed(0)
+    model = mlp()
+    if masked:
+        hs.sparsify(model, 0.3, scope="layer")
+    before = _snapshot(model)
+    kw = {"sparsity": 0.5, **kwargs}
+    with pytest.raises(exc):
+        plan_sparsify(model, kw.pop("sparsity"), **kw)
+    _assert_same(before, model)
+    with pytest.raises(exc):  # sparsify refuses the same way (it is plan, then apply)
+        hs.sparsify(model, 0.5 if "sparsity" not in kwargs else kwargs["sparsity"], **kw)
+    _assert_same(before, model)
+
+
+def test_plan_builder_refuses_non_finite_weights_and_a_mask_of_another_shape() -> None:
+    from hadamard_sparse._plan import plan_sparsify
+
+    torch.manual_seed(0)
+    model = hs.sparsify(mlp(), 0.3, scope="layer", structure="row")  # compact (out, 1) masks
+    before = _snapshot(model)
+    with pytest.raises(hs.InvalidArgumentError, match="keep their shape"):
+        plan_sparsify(model, 0.5)  # unstructured masks do not fit them
+    _assert_same(before, model)
+    with torch.no_grad():
+        model[2].parametrizations.weight.original[0, 0] = float("nan")
+    before = _snapshot(model)
+    with pytest.raises(hs.InvalidArgumentError, match="non-finite"):
+        plan_sparsify(model, 0.5)
+    _assert_same(before, model)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"scope": "layer", "structure": "row"},
+        {"distribution": "erk"},
+        {"method": "wanda", "calibration": _XS},
+        {"method": "wanda", "calibration": _XS, "allocation": "owl"},
+        {"method": "sparsegpt", "calibration": _XS},
+        {"structure": "neuron", "example_inputs": _XS[0]},
+    ],
+)
+def test_plan_builder_changes_nothing_and_apply_matches_sparsify(kwargs: dict) -> None:
+    """An accepted plan changed nothing (calibration passes included); applying it is sparsify."""
+    from hadamard_sparse._plan import apply_plan, plan_sparsify
+
+    torch.manual_seed(0)
+    model = mlp()
+    model.train()
+    twin = copy.deepcopy(model)
+    before = _snapshot(model)
+    plan = plan_sparsify(model, 0.5, **kwargs)
+    _assert_same(before, model)
+    assert plan.model is model and len(plan.targets) == len(plan.sparsities()) > 0
+    assert "SparsifyPlan(model=Sequential" in repr(plan)
+    assert apply_plan(plan) is model
+    hs.sparsify(twin, 0.5, **kwargs)
+    ours, ref = hs.masks(model), hs.masks(twin)
+    assert list(ours) == list(ref) and all(torch.equal(ours[k], ref[k]) for k in ref)
+    sd, sd_ref = model.state_dict(), twin.state_dict()
+    assert all(torch.equal(sd[k], sd_ref[k]) for k in sd_ref)

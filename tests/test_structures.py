@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch.nn.utils.prune as tprune
-from conftest import Conv1D, MHAWrap, RNNWrap, mlp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -21,6 +20,7 @@ import hadamard_sparse as hs
 from hadamard_sparse._engine import compute_keep_masks
 from hadamard_sparse.api import masks, sparsify
 from hadamard_sparse.structures import NM, Block, Channels, parse_structure
+from tests.conftest import Conv1D, MHAWrap, RNNWrap, mlp
 
 # ----------------------------------------------------------------------------------------------
 # Layer table and independent references

@@ -34,6 +34,7 @@ from ..parametrizations import SparseParametrization
 
 __all__ = [
     "FUNCTION_RULES",
+    "LAYER_LABELS",
     "METHOD_RULES",
     "MODULE_RULES",
     "WEIGHTED_MODULES",
@@ -106,6 +107,9 @@ FUNCTION_RULES: dict[Any, NodeRule] = {}
 METHOD_RULES: dict[str, NodeRule] = {}
 #: Module types whose weights shrink slices; a shared one is kept whole.
 WEIGHTED_MODULES: set[type] = set()
+#: How messages name the layer families with a channel rule, filled by
+#: :func:`~hadamard_sparse.export.layer_rules.register_layer_rule`.
+LAYER_LABELS: list[str] = []
 
 
 def module_rule(*types: type, weighted: bool = False) -> Callable[[ModuleRule], ModuleRule]:
@@ -274,7 +278,7 @@ class ChannelFlow:
                 raise UnsupportedGraphError(
                     f"shrink cannot handle {self.describe(node)}: it consumes pruned channels of "
                     f"{self.describe(arg) if arg.op != 'placeholder' else arg.name}; {reason}. "
-                    "Supported: Linear, Conv1d/2d/3d (grouped and depthwise too), BatchNorm, elementwise "
+                    f"Supported: {', '.join(LAYER_LABELS)}, elementwise "
                     "activations, dropout, pooling, pad, add/sub/mul/div, cat/split/chunk, permute/"
                     "transpose, flatten/view/reshape that keep each channel whole, mean over non-channel dims"
                 )

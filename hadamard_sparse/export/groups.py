@@ -16,7 +16,6 @@ its query heads, the output projection's columns and the q/k/v biases.
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -26,13 +25,14 @@ from torch import nn
 
 from .._checks import check_norm
 from .._model_io import join_name
-from ..api import remove_parametrizations
 from ..errors import InvalidArgumentError, NoTargetsError
 from ..groups import Member, TensorGroups
 from ..layers import weight_dims
 from ..structures import register_model_structure
+from .baking import baked_copy
 from .graph import ChannelFlow, as_inputs, capture
 from .heads import attention_blocks
+from .layer_rules import rule_of
 
 __all__ = ["ChannelGroups", "Heads"]
 
@@ -68,7 +68,7 @@ class ChannelGroups(TensorGroups):
         if layers not in ("all", "linear"):
             raise InvalidArgumentError(f"layers must be 'all' or 'linear', got {layers!r}")
         args, kwargs = as_inputs(example_inputs)
-        work = remove_parametrizations(copy.deepcopy(model))
+        work = baked_copy(model)
         cap = capture(work, args, kwargs)
         flow = ChannelFlow(
             cap.gm, cap.frozen, root=None if cap.mode == "fx" else cap.root, params=cap.params, discover=True
@@ -111,19 +111,16 @@ class ChannelGroups(TensorGroups):
             gid(flow.plans[name].out_ids, name, True)  # type: ignore[arg-type]
         for name, plan in flow.plans.items():
             mod = work.get_submodule(name)
+            rule = rule_of(mod, "members")
+            if rule is None:  # pragma: no cover - only layers with a rule are planned
+                continue
             rows = gid(plan.out_ids, name, True) if plan.out_ids is not None else None
-            if plan.kind in ("linear", "conv"):
-                cols = None
-                per = mod.in_channels // mod.groups if plan.kind == "conv" else None
-                for ids, _, droppable in plan.in_cols:  # grouped conv: column j reads channel j of each group
-                    cols = gid(ids[:per], name, False, droppable[:per])
-                add(name, "weight", Member(rows, cols, True))
-            elif plan.kind == "depthwise":
-                add(name, "weight", Member(rows, None, True))
-            if getattr(mod, "weight", None) is not None and plan.kind == "bn":
-                add(name, "weight", Member(rows, None, False))
-            if getattr(mod, "bias", None) is not None:
-                add(name, "bias", Member(rows, None, False))
+
+            def cols(ids: torch.Tensor, ok: torch.Tensor, name: str = name) -> torch.Tensor:
+                return gid(ids, name, False, ok)
+
+            for tensor, m in rule.members(mod, plan, rows, cols).items():
+                add(name, tensor, m)
         order = {n: i for i, (n, _) in enumerate(model.named_modules())}
         members = dict(
             sorted(members.items(), key=lambda kv: (order.get(kv[0].rpartition(".")[0], 0), kv[0]))

@@ -2,10 +2,10 @@
 
 Each rule tells :class:`~hadamard_sparse.export.graph.ChannelFlow` what an op does to
 the channels of its inputs: keeps them (elementwise activations, dropout), maps their
-constants (BatchNorm with running statistics, ``x * 2``), produces new ones (Linear,
-Conv), ties them together (``a + b``), moves them (``flatten``, ``cat``) or cannot keep
-them apart (LayerNorm over channels). To support a new op, add a function here
-decorated with :func:`~hadamard_sparse.export.graph.module_rule`,
+constants (``x * 2``), ties them together (``a + b``), moves them (``flatten``, ``cat``) or
+cannot keep them apart (LayerNorm over channels). Layers with weights that shrink slices
+(Linear, Conv, BatchNorm: they produce or map channels) have their channel flow in their
+rule of ``export/layer_rules.py``. To support a new op, add a function here decorated with :func:`~hadamard_sparse.export.graph.module_rule`,
 :func:`~hadamard_sparse.export.graph.function_rule` or
 :func:`~hadamard_sparse.export.graph.method_rule`.
 """
@@ -21,20 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .graph import (
-    ChannelFlow,
-    ChannelInfo,
-    LayerPlan,
-    flat_nodes,
-    function_rule,
-    method_rule,
-    module_rule,
+from .graph import ChannelFlow, ChannelInfo, flat_nodes, function_rule, method_rule, module_rule
+from .layer_rules import (  # re-exported: the layer rules moved to layer_rules.py
+    CONV_DIMS,
+    as_tuple,
+    batchnorm_flow,
+    conv_dims,
+    conv_flow,
+    linear_flow,
+    no_padding,
 )
 
-__all__ = ["CONV_DIMS", "conv_dims", "no_padding"]
-
-#: Spatial dimensions of the convolution types shrink rebuilds.
-CONV_DIMS: dict[type, int] = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+__all__ = ["CONV_DIMS", "batchnorm_flow", "conv_dims", "conv_flow", "linear_flow", "no_padding"]
 
 _UNARY_MODULES: tuple[type, ...] = (
     nn.ReLU,
@@ -119,161 +117,8 @@ _POOL_FUNCTIONS: dict[Any, int] = {
 }
 
 
-def _as_tuple(x: Any) -> tuple[Any, ...]:
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
-
-
-def conv_dims(conv: nn.Module) -> int:
-    """The number of spatial dimensions of a Conv1d/2d/3d."""
-    return next(k for t, k in CONV_DIMS.items() if isinstance(conv, t))
-
-
-def no_padding(conv: nn.Module) -> bool:
-    """Whether ``conv`` pads nothing (then a constant input channel folds exactly into its bias)."""
-    p = conv.padding
-    if isinstance(p, str):
-        return p == "valid" or all(k == 1 for k in _as_tuple(conv.kernel_size))
-    return all(v == 0 for v in _as_tuple(p))
-
-
 def arg_at(args: Any, kwargs: Any, i: int, name: str, default: Any) -> Any:
     return args[i] if len(args) > i else kwargs.get(name, default)
-
-
-# --------------------------------------------------------------------------------------------
-# weighted layers: producers and consumers of channels
-# --------------------------------------------------------------------------------------------
-
-
-def _consume(
-    flow: ChannelFlow, name: str, mod: nn.Module, info: ChannelInfo | None, width: int, foldable: bool
-) -> None:
-    """Record a weight-reading consumer: drop zero inputs, fold constant ones into the bias."""
-    if info is None or len(info.ids) != width:
-        flow.block(info)
-        return
-    has_bias = getattr(mod, "bias", None) is not None
-    droppable = ~info.var & ((info.const == 0) | bool(has_bias and foldable))
-    flow.blocked.update(info.ids[~droppable].tolist())
-    flow.plans[name].in_cols.append((info.ids, info.const, droppable))
-
-
-def _linear_or_conv(
-    flow: ChannelFlow, node: fx.Node, name: str, mod: nn.Module, kind: str, src: Any = None
-) -> None:
-    src = node.args[0] if src is None else src
-    info = flow.tensor_info(src)
-    in_shape, out_shape = flow.shape(src), flow.shape(node)
-    if in_shape is None or out_shape is None:
-        flow.unknown(node, "its shapes are unknown")
-        return
-    if kind == "linear":
-        cdim_in, cdim_out, width = len(in_shape) - 1, len(out_shape) - 1, mod.in_features
-        foldable = True
-    else:
-        k = conv_dims(mod)
-        cdim_in, cdim_out, width = len(in_shape) - k - 1, len(out_shape) - k - 1, mod.in_channels
-        foldable = mod.padding_mode != "zeros" or no_padding(mod)
-    if info is not None and info.cdim != cdim_in:
-        flow.unknown(node, "the pruned dimension is not its input-channel dimension")
-        return
-    plan = flow.plans.setdefault(name, LayerPlan(kind))
-    _consume(flow, name, mod, info, width, foldable)
-    weight = mod.weight.detach()
-    ids = flow.fresh(weight.shape[0])
-    groups = getattr(mod, "groups", 1)
-    if groups > 1:  # grouped conv: channel j of every group goes together, so the groups stay equal
-        _couple(flow, ids, groups)
-        if info is not None and len(info.ids) == width:
-            _couple(flow, info.ids, groups)
-    zero_rows = weight.reshape(weight.shape[0], -1).eq(0).all(dim=1)
-    bias = (
-        mod.bias.detach().to(torch.float64)
-        if mod.bias is not None
-        else torch.zeros(weight.shape[0], dtype=torch.float64)
-    )
-    if flow.discover:  # every row a candidate, its bias masked with it
-        zero_rows, bias = torch.ones_like(zero_rows), torch.zeros_like(bias)
-    plan.out_ids = ids
-    flow.producer_order.append(name)
-    flow.info[node] = ChannelInfo(cdim_out, ids, torch.where(zero_rows, bias.cpu(), 0.0), ~zero_rows.cpu())
-
-
-def _couple(flow: ChannelFlow, ids: torch.Tensor, groups: int) -> None:
-    """Tie channel ``j`` of each of ``groups`` equal consecutive groups of ``ids`` together."""
-    per = ids.view(groups, -1)
-    flow.union(per[:-1].reshape(-1), per[1:].reshape(-1))
-
-
-@module_rule(nn.Linear, weighted=True)
-def linear_flow(flow: ChannelFlow, node: fx.Node, name: str, mod: nn.Module, src: Any = None) -> None:
-    """``mod`` (an ``nn.Linear``) run by ``node`` on ``src`` (default: the node's first argument)."""
-    _linear_or_conv(flow, node, name, mod, "linear", src)
-
-
-@module_rule(*CONV_DIMS, weighted=True)
-def conv_flow(flow: ChannelFlow, node: fx.Node, name: str, mod: nn.Module) -> None:
-    if mod.groups == mod.in_channels == mod.out_channels > 1:
-        _depthwise(flow, node, name, mod)
-    else:  # groups == 1, or grouped: channels coupled across the groups
-        _linear_or_conv(flow, node, name, mod, "conv")
-
-
-def _depthwise(flow: ChannelFlow, node: fx.Node, name: str, mod: nn.Module) -> None:
-    src = node.args[0]
-    info = flow.tensor_info(src)
-    k = conv_dims(mod)
-    in_shape = flow.shape(src)
-    if info is None or in_shape is None:
-        flow.info[node] = None
-        return
-    if info.cdim != len(in_shape) - k - 1 or mod.out_channels != len(info.ids):
-        flow.unknown(node, "the pruned dimension is not its channel dimension")
-        return
-    w = mod.weight.detach().to(torch.float64).cpu().reshape(mod.out_channels, -1)
-    b = (
-        mod.bias.detach().to(torch.float64).cpu()
-        if mod.bias is not None
-        else torch.zeros(mod.out_channels, dtype=torch.float64)
-    )
-    foldable = mod.padding_mode != "zeros" or no_padding(mod)
-    zero = ~info.var & (info.const == 0)
-    const_ok = ~info.var & (zero | foldable)
-    const = torch.where(const_ok, info.const * w.sum(dim=1) + b, 0.0)
-    if flow.discover:  # weight and bias of the channel masked with it
-        const, const_ok = torch.zeros_like(const), ~info.var
-    flow.plans[name] = LayerPlan("depthwise", out_ids=info.ids)
-    flow.info[node] = ChannelInfo(info.cdim, info.ids, const, ~const_ok)
-
-
-@module_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, weighted=True)
-def batchnorm_flow(flow: ChannelFlow, node: fx.Node, name: str, mod: nn.Module) -> None:
-    src = node.args[0]
-    info = flow.tensor_info(src)
-    if info is None:
-        flow.info[node] = None
-        return
-    in_shape = flow.shape(src)
-    if in_shape is None or info.cdim != (1 if len(in_shape) > 1 else 0) or len(info.ids) != mod.num_features:
-        flow.unknown(node, "the pruned dimension is not its feature dimension")
-        return
-    if mod.running_mean is None or mod.running_var is None:
-        var = torch.ones_like(info.var)  # batch statistics: a constant channel is not exact after removal
-        const = info.const
-    else:
-        rm = mod.running_mean.detach().to(torch.float64).cpu()
-        rv = mod.running_var.detach().to(torch.float64).cpu()
-        const = (info.const - rm) / torch.sqrt(rv + mod.eps)
-        if mod.weight is not None:
-            const = (
-                const * mod.weight.detach().to(torch.float64).cpu()
-                + mod.bias.detach().to(torch.float64).cpu()
-            )
-        var = info.var
-    if flow.discover and mod.weight is not None:  # the affine entries are masked with the channel
-        const, var = torch.zeros_like(info.const), info.var
-    flow.plans[name] = LayerPlan("bn", out_ids=info.ids)
-    flow.info[node] = ChannelInfo(info.cdim, info.ids, torch.where(var, 0.0, const), var)
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,7 +208,7 @@ def pool_flow(flow: ChannelFlow, node: fx.Node, src: Any, k: int, mod: Any) -> N
         return
     var = info.var
     if isinstance(mod, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
-        padded = any(p != 0 for p in _as_tuple(mod.padding))
+        padded = any(p != 0 for p in as_tuple(mod.padding))
         if (padded and mod.count_include_pad) or getattr(mod, "divisor_override", None):
             var = var | (info.const != 0)
     flow.info[node] = ChannelInfo(info.cdim, info.ids, torch.where(var, 0.0, info.const), var)

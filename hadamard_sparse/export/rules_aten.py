@@ -20,16 +20,13 @@ from torch import fx, nn
 
 from .._model_io import join_name
 from .graph import ChannelFlow, ChannelInfo, FixedSize, flat_nodes, function_rule, method_rule
+from .layer_rules import layer_types, rule_of
 from .rules import (
     BINARY_FNS,
-    CONV_DIMS,
     arg_at,
-    batchnorm_flow,
     binary_flow,
     cat_flow,
-    conv_flow,
     flatten_flow,
-    linear_flow,
     mean_flow,
     norm_over_channels_flow,
     pool_flow,
@@ -38,7 +35,6 @@ from .rules import (
 __all__ = ["reshape_channels"]
 
 A = torch.ops.aten
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _packets(*names: str) -> list[Any]:
@@ -58,9 +54,19 @@ def _is_own(flow: ChannelFlow, node: Any, name: str, mod: nn.Module, attr: str) 
     return flow.param_of(node) == join_name(name, attr)
 
 
-def _weighted(flow: ChannelFlow, node: fx.Node, types: tuple[type, ...], weight: Any, bias: Any) -> Any:
-    """``(name, module)`` of the layer this op runs, or ``None`` after handling it as unknown/frozen."""
-    hit = flow.layer_of(weight, types)
+def _layer_flow(flow: ChannelFlow, node: fx.Node, name: str, mod: nn.Module) -> None:
+    """Apply the channel flow of ``mod``'s rule (``export/layer_rules.py``) to ``node``."""
+    rule = rule_of(mod, "flow")
+    assert rule is not None  # found through layer_types: a type with a rule
+    rule.flow(flow, node, name, mod)
+
+
+def _weighted(flow: ChannelFlow, node: fx.Node, op: str, weight: Any, bias: Any) -> Any:
+    """``(name, module)`` of the layer this op runs, or ``None`` after handling it as unknown/frozen.
+
+    The layer types are those whose rule lists the ATen op ``op``.
+    """
+    hit = flow.layer_of(weight, layer_types(op))
     if hit is None or not _is_own(flow, bias, hit[0], hit[1], "bias"):
         flow.unknown(node, "its weight or bias is not the parameter of a layer shrink rebuilds")
         return None
@@ -74,9 +80,9 @@ def _weighted(flow: ChannelFlow, node: fx.Node, types: tuple[type, ...], weight:
 @function_rule(A.linear)
 def _aten_linear(flow: ChannelFlow, node: fx.Node) -> None:
     bias = arg_at(node.args, node.kwargs, 2, "bias", None)
-    hit = _weighted(flow, node, (nn.Linear,), node.args[1], bias)
+    hit = _weighted(flow, node, "linear", node.args[1], bias)
     if hit is not None:
-        linear_flow(flow, node, *hit)
+        _layer_flow(flow, node, *hit)
 
 
 @function_rule(*_packets("conv1d", "conv2d", "conv3d", "convolution"))
@@ -85,9 +91,9 @@ def _aten_conv(flow: ChannelFlow, node: fx.Node) -> None:
         flow.unknown(node, "transposed convolutions are not rebuilt")
         return
     bias = arg_at(node.args, node.kwargs, 2, "bias", None)
-    hit = _weighted(flow, node, tuple(CONV_DIMS), node.args[1], bias)
+    hit = _weighted(flow, node, node.target.overloadpacket.__name__, node.args[1], bias)
     if hit is not None:
-        conv_flow(flow, node, *hit)
+        _layer_flow(flow, node, *hit)
 
 
 @function_rule(A.batch_norm)
@@ -97,14 +103,14 @@ def _aten_batch_norm(flow: ChannelFlow, node: fx.Node) -> None:
         arg_at(node.args, node.kwargs, 2, "bias", None),
     )
     mean = arg_at(node.args, node.kwargs, 3, "running_mean", None)
-    hit = flow.layer_of(mean if mean is not None else weight, _BN)
+    hit = flow.layer_of(mean if mean is not None else weight, layer_types("batch_norm"))
     if hit is None or not _is_own(flow, weight, *hit, "weight") or not _is_own(flow, bias, *hit, "bias"):
         flow.unknown(node, "its parameters are not those of a BatchNorm layer")
     elif hit[0] in flow.frozen:
         flow.block(flow.tensor_info(node.args[0]))
         flow.info[node] = None
     else:
-        batchnorm_flow(flow, node, *hit)
+        _layer_flow(flow, node, *hit)
 
 
 @function_rule(*_packets("layer_norm", "group_norm", "rms_norm", "native_layer_norm"))

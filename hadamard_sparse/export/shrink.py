@@ -1,17 +1,16 @@
-"""``shrink``: physically remove pruned channels, and the per-layer-type rebuild rules it uses.
+"""``shrink``: physically remove pruned channels, neurons and attention heads.
 
 The channel analysis lives in ``export/graph.py`` (traversal) and ``export/rules.py``
-(one rule per op). Here each rebuildable layer type has one entry in
-``REBUILD_RULES``, filled with :func:`rebuild_rule`: given the layer, its
-:class:`~hadamard_sparse.export.graph.LayerPlan` and which channel ids are removed,
-it returns a shallow copy of the layer holding the kept slices.
+(one rule per op); how each layer type is rebuilt is its rule's ``rebuild`` in
+``export/layer_rules.py`` (:func:`~hadamard_sparse.export.layer_rules.rebuild`: given the
+layer, its :class:`~hadamard_sparse.export.graph.LayerPlan` and which channel ids are removed,
+a shallow copy of the layer holding the kept slices).
 """
 
 from __future__ import annotations
 
-import copy
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,131 +19,53 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .._model_io import eval_mode, set_submodule
-from ..api import masks, remove_parametrizations
+from ..api import masks
 from ..errors import InvalidArgumentError, InvalidTypeError, UnsupportedGraphError
 from ..layers import weight_dims
 from . import (
     rules,  # noqa: F401  (registers the op rules)
     rules_aten,  # noqa: F401  (registers the ATen op rules)
+    rules_hf,  # noqa: F401  (registers the Hugging Face Conv1D rule)
 )
 from .attention import disable_fused_paths
+from .baking import bake, baked_copy
 from .graph import ChannelFlow, FixedSize, LayerPlan, as_inputs, capture
 from .heads import prune_zero_heads
-from .rules import CONV_DIMS, no_padding
+from .layer_rules import (
+    CONV_DIMS,
+    RebuildFn,
+    Removed,
+    no_padding,
+    rebuild,
+    rebuild_rule,
+    rules_by_type,
+    supported,
+)
 
 __all__ = ["REBUILD_RULES", "rebuild", "rebuild_rule", "shrink"]
 
-Removed = Callable[[torch.Tensor], torch.Tensor]
 #: ``rule(new, old, plan, removed)`` slices the tensors of ``new`` (a shallow copy of ``old``).
-RebuildRule = Callable[[nn.Module, nn.Module, LayerPlan, Removed], None]
-#: One rebuild rule per layer type, looked up along the MRO.
-REBUILD_RULES: dict[type, RebuildRule] = {}
+RebuildRule = RebuildFn
 
 
-def rebuild_rule(*types: type) -> Callable[[RebuildRule], RebuildRule]:
-    """Register how :func:`shrink` rebuilds layers of ``types``."""
+class _RebuildRules(Mapping[type, RebuildRule]):
+    """Read-only view of the rebuild capability of the layer rules, by type (the former table)."""
 
-    def decorator(fn: RebuildRule) -> RebuildRule:
-        for t in types:
-            REBUILD_RULES[t] = fn
-        return fn
+    def _table(self) -> dict[type, RebuildRule]:
+        return {t: r.rebuild for t, r in rules_by_type().items() if "rebuild" in r.capabilities()}
 
-    return decorator
+    def __getitem__(self, key: type) -> RebuildRule:
+        return self._table()[key]
 
+    def __iter__(self) -> Iterator[type]:
+        return iter(self._table())
 
-def _param_like(src: torch.Tensor | None, value: torch.Tensor) -> nn.Parameter:
-    p = nn.Parameter(value.detach().clone().contiguous())
-    if src is not None:
-        p.requires_grad_(src.requires_grad)
-    return p
+    def __len__(self) -> int:
+        return len(self._table())
 
 
-def rebuild(mod: nn.Module, plan: LayerPlan, removed: Removed) -> nn.Module:
-    """A shallow copy of ``mod`` (same class, hooks and attributes) holding the kept slices."""
-    rule = next((REBUILD_RULES[t] for t in type(mod).__mro__ if t in REBUILD_RULES), None)
-    if rule is None:  # pragma: no cover - the op rules only plan layers that have a rebuild rule
-        raise TypeError(f"shrink has no rebuild rule for {type(mod).__name__}")
-    new = copy.copy(mod)
-    new._parameters = dict(mod._parameters)  # type: ignore[assignment]
-    new._buffers = dict(mod._buffers)  # type: ignore[assignment]
-    new._modules = dict(mod._modules)  # type: ignore[assignment]
-    with torch.no_grad():
-        rule(new, mod, plan, removed)
-    return new
-
-
-def _keep(plan: LayerPlan, removed: Removed) -> torch.Tensor:
-    assert plan.out_ids is not None
-    return (~removed(plan.out_ids)).nonzero().squeeze(1)
-
-
-@rebuild_rule(nn.Linear, *CONV_DIMS)
-def _rebuild_linear_or_conv(new: nn.Module, mod: nn.Module, plan: LayerPlan, removed: Removed) -> None:
-    if plan.kind == "depthwise":
-        keep = _keep(plan, removed).to(mod.weight.device)
-        new.weight = _param_like(mod.weight, mod.weight.detach().index_select(0, keep))
-        if mod.bias is not None:
-            new.bias = _param_like(mod.bias, mod.bias.detach().index_select(0, keep))
-        new.out_channels = new.in_channels = new.groups = len(keep)
-        return
-    w = mod.weight.detach()
-    keep_rows = (
-        ~removed(plan.out_ids) if plan.out_ids is not None else torch.ones(w.shape[0], dtype=torch.bool)
-    )
-    keep_cols = torch.ones(w.shape[1], dtype=torch.bool)
-    delta = torch.zeros(w.shape[0], dtype=torch.float64)
-    groups = getattr(mod, "groups", 1)
-    for ids, const, _ in plan.in_cols:
-        gone = removed(ids)
-        if groups > 1:  # coupled across the groups: the same columns go in each
-            gone_g = gone.view(groups, -1)
-            if not bool((gone_g == gone_g[0]).all()):  # the channel rules couple them; never expected
-                raise UnsupportedGraphError(
-                    f"shrink: the input channels removed from a grouped {type(mod).__name__}({mod.in_channels}, "
-                    f"{mod.out_channels}, groups={groups}) differ between its groups; a grouped conv needs "
-                    "the same channels removed in every group"
-                )
-            keep_cols &= ~gone_g[0]
-            fold = gone_g & (const.view(groups, -1) != 0)  # (groups, in per group)
-            if fold.any():  # row o reads the constants of its own group
-                wsum = w.reshape(w.shape[0], w.shape[1], -1).sum(-1).to(torch.float64).cpu()
-                group_of_row = torch.arange(w.shape[0]) // (w.shape[0] // groups)
-                cg = torch.where(fold, const.view(groups, -1), 0.0)[group_of_row]
-                delta += (wsum * cg).sum(1)
-            continue
-        keep_cols &= ~gone
-        fold = gone & (const != 0)
-        if fold.any():
-            wf = w[:, fold].to(torch.float64).cpu()
-            cf = const[fold]
-            if plan.kind == "linear":
-                delta += wf @ cf
-            else:
-                delta += (wf.reshape(wf.shape[0], wf.shape[1], -1).sum(-1)) @ cf
-    rows = keep_rows.nonzero().squeeze(1).to(w.device)
-    cols = keep_cols.nonzero().squeeze(1).to(w.device)
-    new.weight = _param_like(mod.weight, w.index_select(0, rows).index_select(1, cols))
-    if mod.bias is not None:
-        b = (mod.bias.detach().to(torch.float64) + delta.to(mod.bias.device)).to(mod.bias.dtype)
-        new.bias = _param_like(mod.bias, b.index_select(0, rows))
-    if plan.kind == "linear":
-        new.out_features, new.in_features = len(rows), len(cols)
-    else:
-        new.out_channels, new.in_channels = len(rows), len(cols) * groups
-
-
-@rebuild_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-def _rebuild_batchnorm(new: nn.Module, mod: nn.Module, plan: LayerPlan, removed: Removed) -> None:
-    keep = _keep(plan, removed)
-    for pname in ("weight", "bias"):
-        if mod._parameters.get(pname) is not None:
-            t = mod._parameters[pname]
-            new._parameters[pname] = _param_like(t, t.detach().index_select(0, keep.to(t.device)))
-    for bname in ("running_mean", "running_var"):
-        if mod._buffers.get(bname) is not None:
-            t = mod._buffers[bname]
-            new._buffers[bname] = t.index_select(0, keep.to(t.device)).clone()
-    new.num_features = len(keep)
+#: The rebuild rule of each layer type (a view of ``export/layer_rules.py``'s registry).
+REBUILD_RULES: Mapping[type, RebuildRule] = _RebuildRules()
 
 
 def _run(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
@@ -249,10 +170,11 @@ def shrink(model: nn.Module, example_inputs: torch.Tensor | Sequence[Any] | dict
     forward, explicit ``q_proj``/``k_proj``/``v_proj``/``out_proj``) holding the other heads; one
     it cannot reproduce (``add_bias_kv``, ``add_zero_attn``) is kept whole with a warning.
 
-    The work is done on a baked deep copy; the copy's output is checked against the masked
-    model's (up to float rounding) before the changed layers are swapped into ``model``, so
-    a refused call leaves ``model`` unchanged. Parametrizations of this library are then
-    baked into ``model`` (:func:`remove_parametrizations`); ``copy.deepcopy`` it beforehand
+    **A masked model is baked**, as :func:`~hadamard_sparse.to_sparse` does (one rule,
+    ``export/baking.py``): the work is done on a baked deep copy; the copy's output is checked
+    against the masked model's (up to float rounding) before the changed layers are swapped into
+    ``model``, so a refused call leaves ``model`` unchanged. Parametrizations of this library are
+    then baked into ``model`` (:func:`remove_parametrizations`); ``copy.deepcopy`` it beforehand
     to keep the masked one. Changed layers are shallow copies of the same class with the
     kept slices (``isinstance``, hooks and extra attributes hold) and updated
     ``in_features``/``out_features``/``in_channels``/``out_channels``/``num_features``/
@@ -294,7 +216,7 @@ def shrink(model: nn.Module, example_inputs: torch.Tensor | Sequence[Any] | dict
         raise InvalidTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     args, kwargs = as_inputs(example_inputs)
     masked = _masked_units(model)
-    work = remove_parametrizations(copy.deepcopy(model))
+    work = baked_copy(model)
     try:
         ref = _run(work, args, kwargs)
     except Exception as exc:
@@ -336,7 +258,7 @@ def shrink(model: nn.Module, example_inputs: torch.Tensor | Sequence[Any] | dict
             UserWarning,
             stacklevel=2,
         )
-    remove_parametrizations(model)
+    bake(model)
     done: list[str] = []
     for name in sorted(set(changed), key=lambda n: n.count(".")):
         if any(name == d or name.startswith(d + ".") for d in done):
@@ -454,7 +376,8 @@ def _not_removed(
             if bool(m.rows.any()):
                 lines.append(
                     f"{label}: {int(m.rows.sum())} masked output unit(s) stay: shrink removes neurons/filters "
-                    "of the Linear/Conv layers the example run reaches (not shared ones) and whole attention heads"
+                    f"of the layers the example run reaches ({supported('rebuild', producers=True)}; not "
+                    "shared ones) and whole attention heads"
                 )
             else:
                 lines.append(f"{label}: {_unstructured(m)}")

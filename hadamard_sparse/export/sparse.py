@@ -1,34 +1,36 @@
-"""``to_sparse``: run baked linear-like layers with sparse weights, in :class:`SparseLinear`.
+"""``to_sparse``: run baked linear-like layers and convolutions with sparse weights.
 
 Formats: ``csr_kernel`` (CSR with narrow indices, run by the compiled kernel of
 :mod:`.kernels` on CPU), CSR and BSR with int32 indices (``torch.sparse``, the MKL kernels
-on CPU) and 2:4 semi-structured on CUDA. With ``example_inputs``, :func:`to_sparse` times
+on CPU) and 2:4 semi-structured on CUDA (:class:`SparseLinear`, ``sparse_linear.py``), and
+:class:`SparseConv` for convolutions. With ``example_inputs``, :func:`to_sparse` times
 every candidate per layer on the real input shapes and keeps the fastest (dense
 included); without, a density rule applies. See ``docs/speed.md`` for measured speed.
+
+:func:`to_sparse` runs in four steps: :func:`_plan` (check everything, bake a copy of a masked
+model, list the layers whose rule in ``export/layer_rules.py`` converts them), the choice per
+layer (:func:`_choose_timed` on example inputs, or :func:`_choose_by_rule`; both end in
+:func:`_by_rule`, the one density rule), and :func:`_swap` (bake ``model``, swap the sparse
+modules in).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import numbers
-import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
 from .._checks import Selectors, check_blocksize, check_selectors
 from .._model_io import set_submodule
-from ..errors import InvalidArgumentError, InvalidTypeError, UnsupportedGraphError
-from ..layers import check_all_used, layer_kind, selector_matches
-from ..parametrizations import SparseParametrization
-from . import kernels, ops
-from .attention import disable_fused_paths, shadow_runs, unpacked_modules
+from ..errors import InvalidArgumentError, InvalidTypeError
+from ..layers import check_all_used, selector_matches
+from .attention import Unpacked, disable_fused_paths, shadow_runs, unpacked_modules
+from .baking import bake, baked_copy, holds_masks
 from .choice import (
     DEFAULT_MAX_DENSITY,
     LAYOUTS,
@@ -42,319 +44,13 @@ from .choice import (
     split_inputs,
     timed_choice,
 )
-from .dense_state import load_dense_entries, save_dense_entries
-from .sparse_conv import CONV_LAYOUTS, CONV_MAX_DENSITY, SparseConv, conv_weight_bias
+from .layer_rules import SparseSpec, rule_of
 from .sparse_int8 import SparseLinearInt8, int8_plan
+from .sparse_linear import SparseLinear
 
 __all__ = ["DEFAULT_MAX_DENSITY", "LayerChoice", "SparseLinear", "to_sparse"]
 
 _log = logging.getLogger("hadamard_sparse")
-
-
-def _csr32(w: torch.Tensor) -> torch.Tensor:
-    c = w.to_sparse_csr()
-    return torch.sparse_csr_tensor(
-        c.crow_indices().to(torch.int32),
-        c.col_indices().to(torch.int32),
-        c.values(),
-        c.shape,
-        check_invariants=False,
-    )
-
-
-def _bsr32(w: torch.Tensor, blocksize: tuple[int, int]) -> torch.Tensor:
-    c = w.to_sparse_bsr(blocksize)
-    return torch.sparse_bsr_tensor(
-        c.crow_indices().to(torch.int32),
-        c.col_indices().to(torch.int32),
-        c.values(),
-        c.shape,
-        check_invariants=False,
-    )
-
-
-class SparseLinear(nn.Module):
-    r"""Inference replacement of a baked linear-like layer, holding its weight sparse.
-
-    ``forward(x) = x @ W.T + b`` like ``nn.Linear`` (any leading dimensions). Layouts:
-
-    * ``"csr_kernel"``: CSR with ``int32`` row pointers, ``uint16`` column indices (``int32``
-      above 65,536 inputs) and the values, as the buffers ``crow``, ``col`` and ``values``,
-      run by the compiled kernel of :mod:`hadamard_sparse.export.kernels` (float32 on CPU;
-      other dtypes and devices, or a machine without a C compiler, use ``torch.sparse``);
-    * ``"csr"`` / ``"bsr"``: a ``torch.sparse`` tensor with int32 indices in ``weight``
-      (the MKL kernels on CPU);
-    * ``"semi_structured"``: a 2:4 ``SparseSemiStructuredTensor`` in ``weight`` (CUDA).
-
-    The sparse data are non-persistent buffers, never Parameters, so the module runs under
-    ``torch.inference_mode()`` as well as ``torch.no_grad()``. ``state_dict`` stores the dense
-    ``weight`` and ``bias`` under the names the original layer used (transposed back for a
-    Hugging Face ``Conv1D``), so it loads into the dense model, and a dense state_dict loads
-    back into this module (re-sparsified).
-
-    It is an export format for inference, not for training: the weight gets no gradient.
-
-    Args:
-        linear: the (baked) ``nn.Linear`` to convert.
-        layout: ``"csr_kernel"``, ``"csr"``, ``"bsr"`` or ``"semi_structured"``.
-        blocksize: BSR block shape.
-
-    Attributes:
-        in_features, out_features: as in ``nn.Linear``.
-        weight: the ``torch.sparse`` weight (not for ``"csr_kernel"``, see :meth:`dense_weight`).
-        bias: the dense bias Parameter, or ``None``.
-
-    Example::
-
-        >>> lin = nn.Linear(64, 32)
-        >>> sl = SparseLinear(lin, "csr_kernel")
-        >>> sl(torch.randn(3, 64)).shape
-        torch.Size([3, 32])
-    """
-
-    weight: torch.Tensor
-    crow: torch.Tensor
-    col: torch.Tensor
-    values: torch.Tensor
-
-    def __init__(
-        self, linear: nn.Linear, layout: str = "csr_kernel", *, blocksize: tuple[int, int] = (16, 16)
-    ) -> None:
-        if not isinstance(linear, nn.Linear):
-            raise InvalidTypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        self._setup(linear.weight.detach(), linear.bias, layout, blocksize, transposed=False)
-
-    @classmethod
-    def from_weight(
-        cls,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None = None,
-        layout: str = "csr_kernel",
-        *,
-        blocksize: tuple[int, int] = (16, 16),
-        transposed: bool = False,
-    ) -> SparseLinear:
-        """Build from a dense weight ``(out_features, in_features)`` and an optional bias.
-
-        Args:
-            weight: the dense weight; ``(in_features, out_features)`` when ``transposed``.
-            bias: ``(out_features,)`` or ``None``.
-            layout: as for the constructor.
-            blocksize: BSR block shape.
-            transposed: the weight is stored ``(in, out)`` (Hugging Face ``Conv1D``); the
-                state_dict keeps that orientation.
-
-        Returns:
-            The module.
-        """
-        new = cls.__new__(cls)
-        w = weight.detach()
-        new._setup(w.t() if transposed else w, bias, layout, blocksize, transposed=transposed)
-        return new
-
-    def _setup(
-        self,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        layout: str,
-        blocksize: tuple[int, int],
-        *,
-        transposed: bool,
-    ) -> None:
-        super().__init__()
-        if layout not in LAYOUTS:
-            raise InvalidArgumentError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
-        self.out_features, self.in_features = (int(d) for d in weight.shape)
-        self.layout = layout
-        self.blocksize = tuple(blocksize)
-        self.transposed = transposed
-        self._set_dense(weight)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-
-    def _set_dense(self, w: torch.Tensor) -> None:
-        if self.layout == "csr_kernel":
-            packed = self._sparsify(w)
-            assert isinstance(packed, kernels.CSRWeight)
-            self.register_buffer("crow", packed.crow, persistent=False)
-            self.register_buffer("col", packed.col, persistent=False)
-            self.register_buffer("values", packed.values, persistent=False)
-        else:
-            self.register_buffer("weight", self._sparsify(w), persistent=False)
-
-    def _sparsify(self, w: torch.Tensor) -> torch.Tensor | kernels.CSRWeight:
-        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse (CSR|BSR).*beta", category=UserWarning)
-            w = w.detach().clone()
-            if self.layout == "csr_kernel":
-                return kernels.pack_csr(w)
-            if self.layout == "csr":
-                return _csr32(w)
-            if self.layout == "bsr":
-                return _bsr32(w, self.blocksize)  # type: ignore[arg-type]
-            from torch.sparse import to_sparse_semi_structured
-
-            return to_sparse_semi_structured(w)
-
-    def _packed(self) -> kernels.CSRWeight:
-        b = self._buffers  # direct access: this runs on every forward
-        shape = (self.out_features, self.in_features)
-        return kernels.CSRWeight.unchecked(b["crow"], b["col"], b["values"], shape)  # type: ignore[arg-type]
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> SparseLinear:
-        # Sparse compressed tensors have no storage for copy.deepcopy: clone the weight instead.
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        for key, value in self.__dict__.items():
-            if key == "_buffers":
-                value = {
-                    k: (v.clone() if k == "weight" else copy.deepcopy(v, memo)) for k, v in value.items()
-                }
-            else:
-                value = copy.deepcopy(value, memo)
-            new.__dict__[key] = value
-        return new
-
-    def dense_weight(self) -> torch.Tensor:
-        """The weight as a dense (strided) ``(out_features, in_features)`` tensor."""
-        if self.layout == "csr_kernel":
-            return self._packed().to_dense()
-        return self.weight.to_dense()
-
-    @property
-    def density(self) -> float:
-        """Stored nonzeros over ``out_features * in_features``."""
-        n = self.out_features * self.in_features
-        if self.layout == "semi_structured":
-            return 0.5
-        stored = self.values.numel() if self.layout == "csr_kernel" else self.weight.values().numel()
-        return float(stored) / n if n else 0.0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layout == "csr_kernel":
-            if ops.plain_eager(x):
-                return kernels.csr_linear(x, self._packed(), self.bias)
-            if torch.onnx.is_in_onnx_export():
-                ops.warn_onnx_dense("SparseLinear")
-                return ops.dense_linear(x, self.crow, self.col, self.values, self.bias, self.in_features)
-            return ops.csr_linear_op(x, self.crow, self.col, self.values, self.bias, self.in_features)
-        if self.layout == "semi_structured":
-            return F.linear(x, self.weight, self.bias)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] == 1 and ops.plain_eager(x):  # a tracer would freeze this branch
-            y = torch.mv(self.weight, x2[0]).unsqueeze(0)
-        else:
-            y = torch.sparse.mm(self.weight, x2.t().contiguous()).t()
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*lead, self.out_features)
-
-    def __prepare_scriptable__(self) -> nn.Module:
-        # torch.jit.script calls this before compiling the module: refuse clearly rather than fail in
-        # TorchScript's parser on Python-only code.
-        raise UnsupportedGraphError(
-            "torch.jit.script cannot compile SparseLinear (its forward is Python that picks a kernel); use "
-            "torch.jit.trace, torch.export.export or torch.compile, which record the "
-            "hadamard_sparse operators"
-        )
-
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        w = self.dense_weight()
-        save_dense_entries(
-            destination, prefix, keep_vars, w.t().contiguous() if self.transposed else w, self.bias
-        )
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        expected = (self.out_features, self.in_features)
-        if self.transposed:
-            expected = expected[::-1]
-        ref = self.values if self.layout == "csr_kernel" else self.weight
-
-        def set_dense(w: torch.Tensor) -> None:
-            self._set_dense((w.t() if self.transposed else w).to(ref.device, ref.dtype))
-
-        load_dense_entries(
-            state_dict,
-            prefix,
-            strict,
-            missing_keys,
-            unexpected_keys,
-            error_msgs,
-            expected=expected,
-            set_dense=set_dense,
-            bias=self.bias,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, layout={self.layout}, density={self.density:.3f}"
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# Which layers convert, and how: one rule per layer family.
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Rule:
-    kind: str
-    #: the layer's ``(out, in)`` weight and bias, or a reason it stays as it is
-    weight_bias: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor | None] | str]
-    transposed: bool = False
-    #: builds the sparse module from the layer and a layout (``None``: a ``SparseLinear``)
-    build: Callable[[nn.Module, str], nn.Module] | None = None
-    #: the layouts this layer can run in, and its densities for the rule without example inputs
-    layouts: tuple[str, ...] = LAYOUTS
-    max_density: dict[str, float] | None = None
-
-
-def _linear_rule(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | str:
-    assert isinstance(mod, nn.Linear)
-    if type(mod).forward is not nn.Linear.forward:
-        return f"{type(mod).__name__} overrides nn.Linear.forward"
-    return mod.weight.detach(), mod.bias
-
-
-def _hf_conv1d_rule(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | str:
-    return mod.weight.detach().t(), mod.bias  # type: ignore[union-attr,operator]
-
-
-def _rule_for(mod: nn.Module) -> _Rule | None:
-    if isinstance(mod, nn.Linear):
-        return _Rule("Linear" if type(mod) is nn.Linear else type(mod).__name__, _linear_rule)
-    if layer_kind(mod) == "hf_conv1d":
-        return _Rule("Conv1D", _hf_conv1d_rule, transposed=True)
-    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
-        return _Rule(type(mod).__name__, conv_weight_bias, False, SparseConv, CONV_LAYOUTS, CONV_MAX_DENSITY)
-    return None
-
-
-def _check_semi_structured(name: str, w: torch.Tensor) -> None:
-    if w.device.type != "cuda":
-        raise InvalidArgumentError(
-            f"layout='semi_structured' needs CUDA weights, but {name!r} is on {w.device}; "
-            "move the model to a GPU first, or use layout='csr'"
-        )
-    if w.dtype not in (torch.float16, torch.bfloat16):
-        raise InvalidArgumentError(
-            f"layout='semi_structured' needs float16/bfloat16 weights, {name!r} is {w.dtype}"
-        )
-    groups = w.reshape(w.shape[0], -1, 4) if w.shape[1] % 4 == 0 else None
-    if groups is None or bool((groups.ne(0).sum(-1) > 2).any()):
-        raise InvalidArgumentError(
-            f"layout='semi_structured' needs a 2:4 pattern; {name!r} does not have one"
-        )
 
 
 @overload
@@ -414,8 +110,15 @@ def to_sparse(
     CSR convolution kernel, or im2col + CSR; layouts ``csr_kernel``/``csr``; without
     ``example_inputs`` or ``max_density`` they convert as ``csr_kernel`` at density <= 0.1 when
     the compiled kernel is built, :data:`~.sparse_conv.CONV_MAX_DENSITY`, else stay dense). Grouped
-    convolutions and other layers stay dense. The model must be baked (no parametrization of
-    this library left); run :func:`remove_parametrizations` first.
+    convolutions and other layers stay dense. The layers are those with a ``sparse`` capability in
+    ``export/layer_rules.py``.
+
+    **A masked model is baked**, as :func:`~hadamard_sparse.shrink` does (one rule, ``export/baking.py``):
+    the checks and the choice run on a baked copy, so a refused call leaves ``model`` unchanged;
+    then ``model``'s parametrizations of this library are baked in place (as
+    :func:`~hadamard_sparse.remove_parametrizations` does, even when no layer converts) and the
+    sparse layers swapped in. ``copy.deepcopy`` the model beforehand to keep it masked. Layers
+    parametrized by other libraries (``weight_norm``) stay as they are.
 
     **With** ``example_inputs`` the model runs once on them, and each candidate layer is timed
     on the input it received there: dense against every sparse layout that applies
@@ -438,7 +141,7 @@ def to_sparse(
           nonzeros); needs a CUDA device.
 
     Args:
-        model: a baked model.
+        model: a baked or masked (parametrized) model.
         layout: ``"auto"``, ``"csr_kernel"``, ``"csr"``, ``"bsr"`` or ``"semi_structured"``.
         example_inputs: the model's input (a tensor, a tuple of positional inputs or a dict of
             keyword inputs) with the real shapes; ``None``: use the density rule.
@@ -468,6 +171,77 @@ def to_sparse(
         >>> with torch.inference_mode():
         ...     y = model(x)
     """
+    plan = _plan(model, layout, max_density, blocksize, example_inputs, timer, include, exclude, quantize)
+    if example_inputs is not None and plan.layers:
+        built = _choose_timed(plan, example_inputs, max_density, timer or measure)
+    else:
+        built = _choose_by_rule(plan, max_density)
+    order = {n: i for i, (n, _) in enumerate(plan.unpacked.modules)}
+    plan.report.sort(key=lambda c: order[c.name])
+    _swap(model, plan, built)
+    for choice in plan.report:
+        _log.info("to_sparse: %s", choice)
+    return (model, plan.report) if return_report else model
+
+
+# --------------------------------------------------------------------------------------------
+# plan: every check, nothing changed
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Layer:
+    """A layer ``to_sparse`` may convert: its rule's spec, the module, its ``(out, in)`` weight and bias."""
+
+    spec: SparseSpec
+    mod: nn.Module
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    density: float
+
+
+@dataclass
+class _Plan:
+    """What :func:`to_sparse` settled before choosing any layout (checked; ``model`` unchanged)."""
+
+    work: nn.Module  # the model, or a baked copy of it when it holds masks
+    layout: str
+    blocksize: tuple[int, int]
+    quantize: str | None
+    learned: dict[str, torch.Tensor]  # int8 scales read from FakeQuant, by layer name
+    unpacked: Unpacked
+    layers: dict[str, _Layer] = field(default_factory=dict)
+    report: list[LayerChoice] = field(default_factory=list)
+
+    def build(self, name: str, chosen: str) -> nn.Module:
+        """The sparse module of layer ``name`` in layout ``chosen`` (not swapped in)."""
+        layer = self.layers[name]
+        spec = layer.spec
+        if spec.build is not None:
+            new = spec.build(layer.mod, chosen)
+        elif self.quantize is not None:
+            new = SparseLinearInt8.from_weight(
+                layer.weight, layer.bias, scale=self.learned.get(name), transposed=spec.transposed
+            )
+        else:
+            w = layer.weight.t() if spec.transposed else layer.weight
+            new = SparseLinear.from_weight(
+                w, layer.bias, chosen, blocksize=self.blocksize, transposed=spec.transposed
+            )
+        new.train(layer.mod.training)
+        return new
+
+
+def _check_arguments(
+    model: nn.Module,
+    layout: str,
+    max_density: float | None,
+    blocksize: tuple[int, int],
+    quantize: str | None,
+    timer: Timer | None,
+    example_inputs: Any,
+) -> tuple[str, dict[str, torch.Tensor], tuple[int, int]]:
+    """Check the arguments; returns the layout (``int8_plan``'s), the learned int8 scales and the block shape."""
     if not isinstance(model, nn.Module):
         raise InvalidTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if layout != "auto" and layout not in LAYOUTS:
@@ -484,13 +258,17 @@ def to_sparse(
         raise InvalidTypeError(f"timer must be callable or None, got {type(timer).__name__}")
     if example_inputs is not None:
         split_inputs(example_inputs)  # type check before anything runs
+    return layout, learned, bs
+
+
+def _wanted(model: nn.Module, unpacked: Unpacked, include: Selectors, exclude: Selectors) -> set[str]:
+    """The names of the layers with a sparse rule that ``include``/``exclude`` keep (unused entries refused)."""
     inc, exc = check_selectors(include, "include"), check_selectors(exclude, "exclude")
     inc_used: set[int] = set()
     exc_used: set[int] = set()
     wanted: set[str] = set()
-    unpacked = unpacked_modules(model)  # nn.MultiheadAttention seen with q/k/v/out_proj modules
     for name, mod in unpacked.modules:
-        if _rule_for(mod) is None:
+        if _spec(mod) is None:
             continue
         included = not inc or selector_matches(inc, name, mod, f"{name}.weight", inc_used)
         excluded = bool(exc) and selector_matches(exc, name, mod, f"{name}.weight", exc_used)
@@ -498,117 +276,174 @@ def to_sparse(
             wanted.add(name)
     check_all_used(inc, inc_used, "include", model)
     check_all_used(exc, exc_used, "exclude", model)
-    foreign: dict[str, str] = {}  # other libraries' parametrizations (weight_norm): those layers stay
-    for name, mod in model.named_modules():
-        if not parametrize.is_parametrized(mod) or name in learned:
-            continue
-        params = [p for plist in mod.parametrizations.values() for p in plist]  # type: ignore[union-attr]
-        foreign[name] = f"parametrized by {', '.join(type(p).__name__ for p in params)}: left as is"
-        if any(isinstance(p, SparseParametrization) for p in params):
-            raise InvalidArgumentError(
-                f"to_sparse needs a baked model, but {name or type(model).__name__!r} is still parametrized; "
-                "run hs.remove_parametrizations(model) first"
-            )
+    return wanted
 
-    report: list[LayerChoice] = []
-    todo: dict[str, tuple[_Rule, nn.Module, torch.Tensor, torch.Tensor | None, float]] = {}
-    inside_mha = unpacked.refused
+
+def _spec(mod: nn.Module) -> SparseSpec | None:
+    rule = rule_of(mod, "sparse")
+    return None if rule is None else rule.sparse(mod)
+
+
+def _foreign(work: nn.Module) -> dict[str, str]:
+    """Layers another library's parametrizations hold (``weight_norm``): they stay, with why."""
+    out = {}
+    for name, mod in work.named_modules():
+        if parametrize.is_parametrized(mod):
+            params = [p for plist in mod.parametrizations.values() for p in plist]  # type: ignore[union-attr]
+            out[name] = f"parametrized by {', '.join(type(p).__name__ for p in params)}: left as is"
+    return out
+
+
+def _plan(
+    model: nn.Module,
+    layout: str,
+    max_density: float | None,
+    blocksize: tuple[int, int],
+    example_inputs: Any,
+    timer: Timer | None,
+    include: Selectors,
+    exclude: Selectors,
+    quantize: str | None,
+) -> _Plan:
+    """Check every argument and layer, and list the candidates; ``model`` is not changed.
+
+    A model holding this library's parametrizations is planned on a baked copy (``baking.py``).
+    """
+    layout, learned, bs = _check_arguments(
+        model, layout, max_density, blocksize, quantize, timer, example_inputs
+    )
+    work = baked_copy(model) if holds_masks(model) else model
+    unpacked = unpacked_modules(work)  # nn.MultiheadAttention seen with q/k/v/out_proj modules
+    wanted = _wanted(model, unpacked, include, exclude)
+    plan = _Plan(work, layout, bs, quantize, learned, unpacked)
+    foreign = _foreign(work)
     for name, mod in unpacked.modules:
-        rule = _rule_for(mod)
-        if rule is None or name not in wanted:
+        spec = _spec(mod)
+        if spec is None or name not in wanted:
             continue
         if name == "":
             raise InvalidArgumentError(
                 "to_sparse cannot replace the root module; wrap the layer in an nn.Sequential"
             )
-        got = foreign[name] if name in foreign else rule.weight_bias(mod)
-        if isinstance(got, str) or name in inside_mha:
-            why = inside_mha[name] if name in inside_mha else got
-            report.append(LayerChoice(name, rule.kind, float("nan"), "dense", f"skipped: {why}"))
+        got = foreign[name] if name in foreign else spec.weight_bias(mod)
+        if isinstance(got, str) or name in unpacked.refused:
+            why = unpacked.refused.get(name, got)
+            plan.report.append(LayerChoice(name, spec.kind, float("nan"), "dense", f"skipped: {why}"))
             continue
         w, b = got
         density = float(w.count_nonzero()) / max(1, w.numel())
-        if layout == "semi_structured" and layout in rule.layouts:
+        if layout == "semi_structured" and layout in spec.layouts:
             _check_semi_structured(name, w)
-        todo[name] = (rule, mod, w, b, density)
+        plan.layers[name] = _Layer(spec, mod, w, b, density)
+    return plan
 
-    def build(name: str, chosen: str) -> nn.Module:
-        rule, mod, w, b, _ = todo[name]
-        if rule.build is not None:
-            new = rule.build(mod, chosen)
-        elif quantize is not None:
-            new = SparseLinearInt8.from_weight(w, b, scale=learned.get(name), transposed=rule.transposed)
-        else:
-            new = SparseLinear.from_weight(
-                w.t() if rule.transposed else w, b, chosen, blocksize=bs, transposed=rule.transposed
-            )
-        new.train(mod.training)
-        return new
 
-    def layouts_for(rule: _Rule, got: tuple[list[str], str]) -> tuple[list[str], str]:
-        sparse, why = got
-        if sparse and not set(sparse) & set(rule.layouts):
-            return [], f"{rule.kind} runs sparse only as {'/'.join(rule.layouts)}, not {'/'.join(sparse)}"
-        return [c for c in sparse if c in rule.layouts], why
+def _check_semi_structured(name: str, w: torch.Tensor) -> None:
+    if w.device.type != "cuda":
+        raise InvalidArgumentError(
+            f"layout='semi_structured' needs CUDA weights, but {name!r} is on {w.device}; "
+            "move the model to a GPU first, or use layout='csr'"
+        )
+    if w.dtype not in (torch.float16, torch.bfloat16):
+        raise InvalidArgumentError(
+            f"layout='semi_structured' needs float16/bfloat16 weights, {name!r} is {w.dtype}"
+        )
+    groups = w.reshape(w.shape[0], -1, 4) if w.shape[1] % 4 == 0 else None
+    if groups is None or bool((groups.ne(0).sum(-1) > 2).any()):
+        raise InvalidArgumentError(
+            f"layout='semi_structured' needs a 2:4 pattern; {name!r} does not have one"
+        )
 
-    # Build every sparse module before swapping any: a failure leaves the model as it was.
+
+# --------------------------------------------------------------------------------------------
+# choice: one density rule, timing on example inputs
+# --------------------------------------------------------------------------------------------
+
+
+def _allowed(spec: SparseSpec, got: tuple[list[str], str]) -> tuple[list[str], str]:
+    """The candidate layouts ``got`` (``candidate_layouts``) that the layer can run in, or why none."""
+    sparse, why = got
+    if sparse and not set(sparse) & set(spec.layouts):
+        return [], f"{spec.kind} runs sparse only as {'/'.join(spec.layouts)}, not {'/'.join(sparse)}"
+    return [c for c in sparse if c in spec.layouts], why
+
+
+def _by_rule(plan: _Plan, layer: _Layer, max_density: float | None) -> tuple[str, str]:
+    """The density rule (no timing): the layout chosen for ``layer``, and why."""
+    w, spec = layer.weight, layer.spec
+    chosen, why = rule_choice(plan.layout, w, layer.density, max_density, spec.max_density, spec.kind)
+    if chosen == "dense" or plan.layout == "auto":
+        return chosen, why
+    # an explicit layout: the layer must run in it and its shape fit it (BSR blocks)
+    sparse, no = _allowed(spec, candidate_layouts(chosen, w, layer.density, 1.0, plan.blocksize))
+    return (chosen, why) if sparse else ("dense", no)
+
+
+def _choose_by_rule(plan: _Plan, max_density: float | None) -> dict[str, nn.Module]:
+    """Choose every layer by the density rule; the sparse modules built, by name."""
     built: dict[str, nn.Module] = {}
-    if example_inputs is not None and todo:
-        cap = TIMED_MAX_DENSITY if max_density is None else float(max_density)
-        shadows = {model.get_submodule(n): c for n, c in unpacked.copies.items()}
-        with shadow_runs(shadows):  # a converted attention's projections see their inputs
-            inputs = capture_inputs(model, {n: t[1] for n, t in todo.items()}, example_inputs)
-        run = timer or measure
-        for name, (rule, mod, w, _, density) in todo.items():
-            sparse, why = layouts_for(rule, candidate_layouts(layout, w, density, cap, bs))
-            if name not in inputs:
-                chosen, why = rule_choice(layout, w, density, max_density, rule.max_density, rule.kind)
-                report.append(
-                    LayerChoice(name, rule.kind, density, chosen, f"not run by example_inputs; {why}")
-                )
-                if chosen != "dense":
-                    built[name] = build(name, chosen)
-                continue
-            x = inputs[name]
-            if not sparse:
-                report.append(LayerChoice(name, rule.kind, density, "dense", why, input_shape=tuple(x.shape)))
-                continue
-            mods: dict[str, nn.Module] = {"dense": mod}
-            for cand in sparse:
-                mods[cand] = build(name, cand).eval()
-            fns = {c: (lambda m=m, x=x: m(x)) for c, m in mods.items()}
-            with torch.inference_mode():
-                seconds = run(name, fns)
-            ruled = rule_choice(layout, w, density, max_density, rule.max_density, rule.kind)
-            chosen, why, seconds = timed_choice(seconds, sparse, *ruled, lambda: run(name, fns))  # noqa: B023
-            report.append(LayerChoice(name, rule.kind, density, chosen, why, seconds, tuple(x.shape)))
+    for name, layer in plan.layers.items():
+        chosen, why = _by_rule(plan, layer, max_density)
+        plan.report.append(LayerChoice(name, layer.spec.kind, layer.density, chosen, why))
+        if chosen != "dense":
+            built[name] = plan.build(name, chosen)
+    return built
+
+
+def _choose_timed(
+    plan: _Plan, example_inputs: Any, max_density: float | None, run: Timer
+) -> dict[str, nn.Module]:
+    """Time every allowed layout of each layer on the input it gets from ``example_inputs``.
+
+    A layer the inputs do not reach is chosen by the rule. Returns the sparse modules built, by name.
+    """
+    cap = TIMED_MAX_DENSITY if max_density is None else float(max_density)
+    shadows = {plan.work.get_submodule(n): c for n, c in plan.unpacked.copies.items()}
+    with shadow_runs(shadows):  # a converted attention's projections see their inputs
+        inputs = capture_inputs(plan.work, {n: la.mod for n, la in plan.layers.items()}, example_inputs)
+    built: dict[str, nn.Module] = {}
+    for name, layer in plan.layers.items():
+        kind, density = layer.spec.kind, layer.density
+        if name not in inputs:
+            chosen, why = _by_rule(plan, layer, max_density)
+            plan.report.append(LayerChoice(name, kind, density, chosen, f"not run by example_inputs; {why}"))
             if chosen != "dense":
-                built[name] = mods[chosen]
-                built[name].train(mod.training)
-    else:
-        for name, (rule, _, w, _, density) in todo.items():
-            if layout == "auto":
-                chosen, why = rule_choice(layout, w, density, max_density, rule.max_density, rule.kind)
-            else:
-                cap = (
-                    (rule.max_density or DEFAULT_MAX_DENSITY)[layout] if max_density is None else max_density
-                )
-                sparse, why = layouts_for(rule, candidate_layouts(layout, w, density, float(cap), bs))
-                chosen = sparse[0] if sparse and (cap or max_density is not None) else "dense"
-                why = why or f"rule: density {density:.3f} <= {cap:.3f} for {layout}"
-                if not cap and max_density is None:
-                    why = f"rule: {rule.kind} stays dense without example_inputs or max_density"
-            report.append(LayerChoice(name, rule.kind, density, chosen, why))
-            if chosen != "dense":
-                built[name] = build(name, chosen)
-    order = {n: i for i, (n, _) in enumerate(unpacked.modules)}
-    report.sort(key=lambda c: order[c.name])
-    for name, copy_ in unpacked.copies.items():
+                built[name] = plan.build(name, chosen)
+            continue
+        x = inputs[name]
+        sparse, why = _allowed(
+            layer.spec, candidate_layouts(plan.layout, layer.weight, density, cap, plan.blocksize)
+        )
+        if not sparse:
+            plan.report.append(LayerChoice(name, kind, density, "dense", why, input_shape=tuple(x.shape)))
+            continue
+        mods: dict[str, nn.Module] = {"dense": layer.mod}
+        for cand in sparse:
+            mods[cand] = plan.build(name, cand).eval()
+        fns = {c: (lambda m=m, x=x: m(x)) for c, m in mods.items()}
+        with torch.inference_mode():
+            seconds = run(name, fns)
+        ruled = _by_rule(plan, layer, max_density)
+        chosen, why, seconds = timed_choice(seconds, sparse, *ruled, lambda: run(name, fns))  # noqa: B023
+        plan.report.append(LayerChoice(name, kind, density, chosen, why, seconds, tuple(x.shape)))
+        if chosen != "dense":
+            built[name] = mods[chosen]
+            built[name].train(layer.mod.training)
+    return built
+
+
+# --------------------------------------------------------------------------------------------
+# swap
+# --------------------------------------------------------------------------------------------
+
+
+def _swap(model: nn.Module, plan: _Plan, built: dict[str, nn.Module]) -> None:
+    """Bake ``model`` when it was planned on a baked copy, then swap the sparse modules in."""
+    if plan.work is not model:
+        bake(model)
+    for name, copy_ in plan.unpacked.copies.items():
         if any(b.startswith(name + ".") for b in built):
             set_submodule(model, name, copy_)
     for name, new in built.items():
         set_submodule(model, name, new)
     disable_fused_paths(model)
-    for choice in report:
-        _log.info("to_sparse: %s", choice)
-    return (model, report) if return_report else model

@@ -19,11 +19,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import InvalidArgumentError, InvalidTypeError
-from ..layers import layer_kind, weight_dims
+from ..layers import weight_dims
 from ..parametrizations import SparseParametrization
 from ..quantization import FakeQuant
 from .dense_state import load_dense_entries, save_dense_entries
 from .kernels_int8 import ACTIVATIONS, CSRWeightInt8, csr_linear_int8, pack_csr_int8
+from .layer_rules import rule_of
 
 __all__ = ["QUANTIZE", "SparseLinearInt8", "int8_plan"]
 
@@ -263,7 +264,9 @@ def int8_plan(model: nn.Module, quantize: object, layout: str) -> tuple[str, dic
         chain = mod.parametrizations["weight"]  # type: ignore[index,union-attr]
         if not any(isinstance(p, FakeQuant) for p in chain):
             continue
-        if not (isinstance(mod, nn.Linear) or layer_kind(mod) == "hf_conv1d"):
+        rule = rule_of(mod, "sparse")
+        spec = None if rule is None else rule.sparse(mod)
+        if spec is None or spec.build is not None:  # linear-like: converted by SparseLinear(Int8)
             raise InvalidArgumentError(
                 f"{name!r} ({type(mod).__name__}) is fake-quantized but has no int8 sparse export; "
                 "run hs.remove_parametrizations on it first"

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._model_io import eval_mode
 from ..errors import InvalidTypeError
 from .data import call_model
 
@@ -74,13 +75,8 @@ def has_logits(out: Any) -> bool:
 
 def embeddings(model: nn.Module, batches: Sequence[Any]) -> torch.Tensor:
     """The representations of every example of ``batches``, in eval mode without gradients, ``(N, D)``."""
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = [representation(call_model(model, b), b).float() for b in batches]
-    finally:
-        model.train(was)
+    with eval_mode(model), torch.no_grad():
+        out = [representation(call_model(model, b), b).float() for b in batches]
     return torch.cat(out)
 
 

@@ -11,6 +11,7 @@ step counter, the generator, the history and the checkpoint format.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,12 +21,14 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .. import _select
-from .._checks import check_choice, check_method, check_seed
-from .._engine import compute_keep_masks, mask_of
+from .._checks import check_choice, check_int, check_method, check_seed
+from .._engine import check_floor, mask_of
+from .._plan import SparsifyPlan, keep_masks
 from ..errors import InvalidArgumentError, InvalidTypeError, NoTargetsError
 from ..layers import Selectors, Target, select_targets
 from ..parametrizations import HadamardMask
 from ..scores import get_score
+from ..structures import Structure, check_targets
 from . import sharded
 
 __all__ = [
@@ -341,54 +344,79 @@ class Schedule:
 
     # -- pruning to a target with nested masks ----------------------------------------------
 
-    def _prune_nested(
-        self,
-        target: float,
-        method: str,
-        scope: str,
-        structure: Any = None,
-        min_keep: int = 0,
-        stats: Any = None,
-    ) -> None:
-        """Prune the masks to ``target`` keeping them nested (masked entries are pruned first).
+    def _plan_nested(
+        self, final: float, *, method: str, scope: str, structure: Structure | None, min_keep: int
+    ) -> SparsifyPlan:
+        """Check ``method``'s pruning of the masked tensors up to ``final``; the plan every update follows.
 
-        ``stats``: an ``hs.GradientScores`` for methods that read recorded gradients; it is handed to
-        the scores and told about the new masks (``"obs"`` updates the kept weights; the tracker
+        Refuses, before any change: a structure on sharded weights, structured masks without a
+        structure (or targets the structure does not fit), and a ``final`` sparsity the global
+        ``min_keep`` floor cannot reach. The plan's sparsity and seed are set at each update
+        (:meth:`_prune_nested`); its statistics are a subclass's (``dataclasses.replace``).
+
+        Args:
+            final: the highest sparsity the schedule prunes to.
+            method: a registered score, checked with :func:`check_schedule_method`.
+            scope: ``"global"`` or ``"layer"``.
+            structure: the parsed structure (``None``: unstructured, full-shape masks).
+            min_keep: the floor of a global selection (ignored with ``scope="layer"``).
+
+        Returns:
+            The :class:`~hadamard_sparse._plan.SparsifyPlan` over the masked tensors.
+        """
+        sharded.check_no_structure(self._masked, structure, self._who)
+        if structure is None:
+            check_unstructured(self._masked, self._who)
+        else:
+            check_targets(structure, self._masked)
+        min_keep = check_int(min_keep, "min_keep", 0) if scope == "global" else 0  # a floor is global
+        check_floor(self._masked, final, structure, min_keep, "final_sparsity")
+        return SparsifyPlan(
+            model=self.model,
+            targets=tuple(self._masked),
+            sparsity=final,
+            method=method,
+            entry=get_score(method),
+            scope=scope,
+            structure=structure,
+            seed=0,
+            min_keep=min_keep,
+            calibration=None,
+            stats=None,
+        )
+
+    def _prune_nested(self, target: float, plan: SparsifyPlan) -> None:
+        """Prune the masks to ``target`` as ``plan`` says, keeping them nested (masked entries go first).
+
+        ``plan.stats``: an ``hs.GradientScores`` for methods that read recorded gradients; it is handed
+        to the scores and told about the new masks (``"obs"`` updates the kept weights; the tracker
         drops its kept gradients) before they are written.
         """
+        stats, method = plan.stats, plan.method
         if stats is not None and target <= 0:  # nothing to prune: no scores needed, keep recording
             return
         if stats is not None and is_distributed():  # DDP: score the movement of the averaged gradients
-            stats.synchronize()
+            stats.synchronize()  # type: ignore[attr-defined]
         mesh = sharded.mesh_of(self._masked, self._who)
         if mesh is not None:  # FSDP2: each rank scores its shard, thresholds from all-reduced histograms
-            sharded.check_no_structure(self._masked, structure, self._who)
+            sharded.check_no_structure(self._masked, plan.structure, self._who)
             seed = draw_seed(self._gen)
             new = sharded.prune_nested(
                 self._masked,
                 target,
                 method=method,
-                scope=scope,
+                scope=plan.scope,
                 seed=seed,
                 mesh=mesh,
-                min_keep=min_keep,
+                min_keep=plan.min_keep,
                 stats=stats,
             )
             if stats is not None:
-                stats.pruned(method, self._masked, new)
+                stats.pruned(method, self._masked, new)  # type: ignore[attr-defined]
             write_masks(self._masked, new)
             return
-        keeps = compute_keep_masks(
-            self._masked,
-            target,
-            method=method,
-            scope=scope,
-            seed=draw_seed(self._gen),
-            value="effective",
-            structure=structure,
-            min_keep=min_keep,
-            stats=stats,
-        )
+        step_plan = dataclasses.replace(plan, sparsity=float(target), seed=draw_seed(self._gen))
+        keeps = keep_masks(step_plan, value="effective", checked=False)
         new = []
         for m, keep in zip(self._masked, keeps):
             keep = keep.to(m.mask.device)
@@ -397,5 +425,5 @@ class Schedule:
             new.append(m.mask & keep)
         new = broadcast_masks(new)
         if stats is not None:
-            stats.pruned(method, self._masked, new)
+            stats.pruned(method, self._masked, new)  # type: ignore[attr-defined]
         write_masks(self._masked, new)

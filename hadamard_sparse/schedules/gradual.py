@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
 from .._checks import check_fraction, check_int
-from .._engine import check_floor
 from ..errors import InvalidArgumentError
 from ..gradient_scores import GradientScores, check_gradients
 from ..layers import Selectors
 from ..scores import get_score
-from ..structures import check_sparsity, check_targets, parse_structure
+from ..structures import check_sparsity, parse_structure
 from . import sharded
-from .base import Schedule, check_schedule_method, check_unstructured, is_distributed
+from .base import Schedule, check_schedule_method, is_distributed
 from .curves import CURVES
 
 __all__ = ["GradualPruning"]
@@ -118,14 +118,10 @@ class GradualPruning(Schedule):
         if parsed is not None:
             check_sparsity(parsed, final, "final_sparsity")
         super().__init__(model, seed, include, exclude)
-        sharded.check_no_structure(self._masked, parsed, self._who)
-        if parsed is None:
-            check_unstructured(self._masked, self._who)
-        else:
-            check_targets(parsed, self._masked)
-        self.min_keep = check_int(min_keep, "min_keep", 0) if scope == "global" else 0  # a floor is global
-        check_floor(self._masked, final, parsed, self.min_keep, "final_sparsity")
+        plan = self._plan_nested(final, method=method, scope=scope, structure=parsed, min_keep=min_keep)
+        self.min_keep = plan.min_keep
         self.calibration = self._check_gradients(method, calibration, parsed)
+        self._plan = dataclasses.replace(plan, calibration=self.calibration, stats=self.calibration)
         self.final_sparsity = final
         self.initial_sparsity = initial
         self.start_step = start
@@ -203,7 +199,7 @@ class GradualPruning(Schedule):
 
     def _update(self, step: int) -> None:
         target = self._curve_value(step)
-        self._prune_nested(target, self.method, self.scope, self.structure, self.min_keep, self.calibration)
+        self._prune_nested(target, self._plan)
         self._record(step, target)
 
     def _config(self) -> dict[str, Any]:

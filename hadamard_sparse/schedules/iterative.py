@@ -12,13 +12,11 @@ from torch import nn
 
 from .._checks import check_fraction, check_int, check_optimizer
 from .._dtensor import replicated
-from .._engine import check_floor
 from .._names import dense_key, original_key
 from ..errors import InvalidArgumentError, InvalidTypeError
 from ..layers import Selectors
-from ..structures import check_sparsity, check_targets, parse_structure
-from . import sharded
-from .base import Schedule, check_schedule_method, check_unstructured
+from ..structures import check_sparsity, parse_structure
+from .base import Schedule, check_schedule_method
 
 __all__ = ["IterativePruning"]
 
@@ -136,14 +134,11 @@ class IterativePruning(Schedule):
         if parsed is not None:
             check_sparsity(parsed, self.final_sparsity, "final_sparsity")
         super().__init__(model, seed, include, exclude)
-        sharded.check_no_structure(self._masked, parsed, self._who)
-        if parsed is None:
-            check_unstructured(self._masked, self._who)
-        else:
-            check_targets(parsed, self._masked)
+        self._plan = self._plan_nested(
+            self.final_sparsity, method=method, scope=scope, structure=parsed, min_keep=min_keep
+        )
         self.structure = structure
-        self.min_keep = check_int(min_keep, "min_keep", 0) if scope == "global" else 0  # a floor is global
-        check_floor(self._masked, self.final_sparsity, parsed, self.min_keep, "final_sparsity")
+        self.min_keep = self._plan.min_keep
         self.method = method
         self.scope = scope
         self.round = 0
@@ -201,7 +196,7 @@ class IterativePruning(Schedule):
         if step % self.every == 0 and self.round < self.rounds:
             self.round += 1
             target = self.target_of_round(self.round)
-            self._prune_nested(target, self.method, self.scope, self.structure, self.min_keep)
+            self._prune_nested(target, self._plan)
             self._rewind()
             self._record(step, target)
 

@@ -21,8 +21,7 @@ from torch import nn
 import hadamard_sparse as hs
 from hadamard_sparse.export.heads import attention_blocks
 from hadamard_sparse.layers import weight_dims
-
-transformers = pytest.importorskip("transformers")
+from tests.hf_models import llama_config, transformers
 
 ATOL = 1e-5
 IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -65,10 +64,7 @@ def wav2vec2() -> nn.Module:
 
 
 def llama() -> nn.Module:
-    cfg = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=48, use_cache=False, attn_implementation="eager",
-    )  # fmt: skip
+    cfg = llama_config(intermediate_size=48, use_cache=False, attn_implementation="eager")
     return transformers.LlamaModel(cfg)
 
 
@@ -294,10 +290,7 @@ def test_shrink_of_a_decoder_with_its_default_cache(config: str) -> None:
             vocab_size=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
         )
     else:
-        cfg = transformers.LlamaConfig(
-            vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=48,
-        )  # fmt: skip
+        cfg = llama_config(intermediate_size=48)
     model = transformers.AutoModel.from_config(cfg).eval()
     assert model.config.use_cache
     x = {"input_ids": IDS}

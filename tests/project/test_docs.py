@@ -14,7 +14,7 @@ need. The conventions, also described in docs/architecture.md ("Docs that run"):
   are added automatically. When one is missing, that block and every later block of the file are
   skipped, and the test reports why.
 
-Tracebacks point at the Markdown file and line. Run ``python tests/test_docs.py README.md`` to run
+Tracebacks point at the Markdown file and line. Run ``python tests/project/test_docs.py README.md`` to run
 one file by hand (in a temporary directory).
 """
 
@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 _TIMEOUT_S = 300
 
@@ -164,7 +164,7 @@ def run_plan(filename: str, steps: list[dict[str, Any]]) -> list[dict[str, Any]]
 
 
 def _runner_main(argv: list[str]) -> None:
-    """``python tests/test_docs.py FILE.md [RESULTS.json]``: run one file's blocks."""
+    """``python tests/project/test_docs.py FILE.md [RESULTS.json]``: run one file's blocks."""
     path = Path(argv[0]).resolve()
     sys.path.insert(0, str(ROOT))
     try:

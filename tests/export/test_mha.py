@@ -10,6 +10,7 @@ and small wrappers calling ``nn.MultiheadAttention`` the way user code does.
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 
 import pytest
@@ -92,11 +93,53 @@ def _close(
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("need_weights,average", WEIGHTS)
-@pytest.mark.parametrize("mask", MASKS)
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("kdim", [None, 6], ids=["same_dim", "kdim_vdim"])
-@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+# The full product of the five options is 2 * 2 * 2 * 8 * 3 = 192 cases; the table below has 24 and
+# still holds every pair of option values (test_pairwise_table_covers_every_pair checks it). That is
+# enough because each branch of from_mha and of ProjectedMultiheadAttention.forward depends on at most
+# two options: the copy of the projections on (kdim, bias); the layout transposes on batch_first;
+# the additive mask on the mask kind alone (attn and padding masks are one option), and whether it goes
+# to SDPA or to the explicit softmax on (mask, need_weights); the weights returned on (need_weights,
+# average). A bug in one branch then shows in a case the table has; breaking the packed-projection
+# split, the batch_first transposes, the 3-D mask reshape or the averaging each fails it.
+#
+# (batch_first, kdim, bias): an orthogonal array of strength 2, every pair of these values occurs once.
+_TWO_VALUED = [(True, None, True), (True, 6, False), (False, None, False), (False, 6, True)]
+#: (batch_first, kdim, bias, mask, need_weights, average): each (mask, weights) pair once, with the rows
+#: of _TWO_VALUED in turn, so each mask meets 3 rows (both values of each option) and each weights
+#: mode meets all 4.
+PAIRWISE = [
+    (*_TWO_VALUED[(i + j) % len(_TWO_VALUED)], mask, *weights)
+    for i, mask in enumerate(MASKS)
+    for j, weights in enumerate(WEIGHTS)
+]
+
+
+def _case_id(case: tuple[bool, int | None, bool, str, bool, bool]) -> str:
+    batch_first, kdim, bias, mask, need_weights, average = case
+    return "-".join(
+        [
+            "batch_first" if batch_first else "seq_first",
+            "kdim_vdim" if kdim else "same_dim",
+            str(bias),
+            mask,
+            str(need_weights),
+            str(average),
+        ]
+    )
+
+
+def test_pairwise_table_covers_every_pair() -> None:
+    options = [[True, False], [None, 6], [True, False], MASKS, WEIGHTS]
+    rows = [(bf, kdim, bias, mask, (nw, avg)) for bf, kdim, bias, mask, nw, avg in PAIRWISE]
+    assert len(rows) == len(set(rows)) == 24
+    for a, b in itertools.combinations(range(len(options)), 2):
+        want = set(itertools.product(options[a], options[b]))
+        assert {(r[a], r[b]) for r in rows} == want, (a, b)
+
+
+@pytest.mark.parametrize(
+    "batch_first,kdim,bias,mask,need_weights,average", PAIRWISE, ids=[_case_id(c) for c in PAIRWISE]
+)
 def test_from_mha_equals_multihead_attention(
     batch_first: bool, kdim: int | None, bias: bool, mask: str, need_weights: bool, average: bool
 ) -> None:

@@ -11,7 +11,6 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from conftest import minilm_path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -19,6 +18,8 @@ from torch import nn
 import hadamard_sparse as hs
 from hadamard_sparse.compress import layouts as C
 from hadamard_sparse.errors import HadamardSparseError
+from tests.conftest import minilm_path
+from tests.hf_models import bert_config, gpt2_config, llama_config, t5_config, transformers, vit_config
 
 safetensors_torch = pytest.importorskip("safetensors.torch", reason="safetensors is not installed")
 
@@ -348,47 +349,21 @@ def test_save_and_load_file(tmp_path) -> None:
         hs.save_compressed(sd, path, metadata={"a": 1})  # type: ignore[dict-item]
 
 
-transformers = pytest.importorskip("transformers", reason="transformers is not installed")
-
-
 def _hf(name: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     torch.manual_seed(0)
     ids = torch.randint(1, 60, (2, 9))
     if name == "gpt2":
-        cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=16)
-        return transformers.GPT2LMHeadModel(cfg), {"input_ids": ids}
+        return transformers.GPT2LMHeadModel(gpt2_config()), {"input_ids": ids}
     if name == "bert":
-        cfg = transformers.BertConfig(
-            vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
-        )
-        return transformers.BertModel(cfg), {"input_ids": ids}
+        return transformers.BertModel(bert_config(max_position_embeddings=512)), {"input_ids": ids}
     if name == "t5":
-        cfg = transformers.T5Config(
-            vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2, decoder_start_token_id=0
-        )
-        return transformers.T5ForConditionalGeneration(cfg), {
+        return transformers.T5ForConditionalGeneration(t5_config(decoder_start_token_id=0)), {
             "input_ids": ids,
             "decoder_input_ids": ids[:, :4],
         }
     if name == "llama":
-        cfg = transformers.LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-        return transformers.LlamaForCausalLM(cfg), {"input_ids": ids}
-    cfg = transformers.ViTConfig(
-        image_size=16,
-        patch_size=4,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
-    return transformers.ViTModel(cfg), {"pixel_values": torch.randn(2, 3, 16, 16)}
+        return transformers.LlamaForCausalLM(llama_config()), {"input_ids": ids}
+    return transformers.ViTModel(vit_config()), {"pixel_values": torch.randn(2, 3, 16, 16)}
 
 
 def _out(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import ast
+import inspect
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import mlp
 from torch import nn
 
 import hadamard_sparse as hs
 from hadamard_sparse import layers
+from hadamard_sparse.scores import Pruner, get_score
+from tests.conftest import mlp
 
 PACKAGE = Path(hs.__file__).parent
-MAX_LINES = 650  # "no module over about 600 lines"
+MAX_LINES = 600  # issue 20: "no module over 600 lines"
+# Modules still over the limit, each with the change that splits it; an entry fails the test once its
+# module fits, so that it is removed then.
+OVER_THE_LIMIT: dict[str, str] = {}
 
 
 def _modules() -> dict[str, Path]:
@@ -29,16 +34,20 @@ def _modules() -> dict[str, Path]:
     return out
 
 
+def _base(module: str, is_package: bool, node: ast.ImportFrom) -> str:
+    """The absolute name of the module a ``from ... import ...`` statement imports from."""
+    if node.level == 0:
+        return node.module or ""
+    parts = module.split(".")
+    if not is_package:
+        parts = parts[:-1]
+    parts = parts[: len(parts) - (node.level - 1)]
+    return ".".join(parts + ([node.module] if node.module else []))
+
+
 def _resolve(module: str, is_package: bool, node: ast.ImportFrom) -> list[str]:
     """Absolute names of the package modules a ``from ... import ...`` statement refers to."""
-    if node.level == 0:
-        base = node.module or ""
-    else:
-        parts = module.split(".")
-        if not is_package:
-            parts = parts[:-1]
-        parts = parts[: len(parts) - (node.level - 1)]
-        base = ".".join(parts + ([node.module] if node.module else []))
+    base = _base(module, is_package, node)
     known = _modules()
     # "from pkg import sub" imports the submodule; "from mod import name" imports mod
     out = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
@@ -119,13 +128,77 @@ def test_no_private_name_crosses_a_module() -> None:
     assert not bad, f"private names imported across modules (drop the underscore where they live): {bad}"
 
 
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _private_attributes(module: str, source: str, is_package: bool = False) -> list[str]:
+    """``'line: name._attr'`` wherever ``name`` is bound by an import from the package (a module of it,
+    or a class or function of one) and a private attribute of it is read or written."""
+    tree = ast.parse(source)
+    bound: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = _base(module, is_package, node)
+            if base.startswith("hadamard_sparse"):
+                bound.update({a.asname or a.name: f"{base}.{a.name}" for a in node.names})
+        elif isinstance(node, ast.Import):
+            bound.update(
+                {a.asname or a.name: a.name for a in node.names if a.name.startswith("hadamard_sparse")}
+            )
+    return [
+        f"{node.lineno}: {node.value.id}.{node.attr} ({bound[node.value.id]})"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id in bound
+        and _is_private(node.attr)
+    ]
+
+
+def test_no_private_name_is_reached_by_attribute_across_modules() -> None:
+    """``mod._name`` (``mod`` a module of the package) or ``Cls._name`` (``Cls`` imported from one) is
+    the same reach into another module's internals as ``from .mod import _name``: make it public."""
+    bad = {
+        m: hits
+        for m, p in _modules().items()
+        if (hits := _private_attributes(m, p.read_text(), p.name == "__init__.py"))
+    }
+    assert not bad, f"private names of other modules reached by attribute (make them public there): {bad}"
+
+
+def test_the_private_attribute_rule_sees_each_form() -> None:
+    """The checker itself, on a module that reaches private names in every way it must catch."""
+    source = (
+        "from . import sparsegpt as _sgpt\n"
+        "from .parametrizations import SparseParametrization\n"
+        "from .export import graph\n"
+        "import hadamard_sparse.layers as L\n"
+        "a = _sgpt._check\n"
+        "b = SparseParametrization._TYPES\n"
+        "graph._x = 1\n"
+        "c = L._REGISTRY\n"
+        "d = _sgpt.prune, SparseParametrization.__name__, other._private\n"
+    )
+    hits = _private_attributes("hadamard_sparse.probe", source)
+    assert sorted(h.split(" ")[1] for h in hits) == [
+        "L._REGISTRY",
+        "SparseParametrization._TYPES",
+        "_sgpt._check",
+        "graph._x",
+    ]
+
+
 def test_modules_stay_small() -> None:
-    big = {m: n for m, p in _modules().items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    sizes = {m: len(p.read_text().splitlines()) for m, p in _modules().items()}
+    big = {m: n for m, n in sizes.items() if n > MAX_LINES and m not in OVER_THE_LIMIT}
     assert not big, f"modules over {MAX_LINES} lines (split them by concern): {big}"
+    fits = [m for m in OVER_THE_LIMIT if sizes.get(m, 0) <= MAX_LINES]
+    assert not fits, f"{fits} fit in {MAX_LINES} lines now: remove them from OVER_THE_LIMIT"
 
 
 def test_importing_sparsegpt_registers_nothing() -> None:
-    """The method is registered explicitly (api), not as a side effect of importing its module."""
+    """The method is registered explicitly (builtin_methods), not as a side effect of importing its module."""
     tree = ast.parse((PACKAGE / "sparsegpt.py").read_text())
     calls = [n.func for n in ast.walk(tree) if isinstance(n, ast.Call)]
     names = {f.id if isinstance(f, ast.Name) else getattr(f, "attr", "") for f in calls}
@@ -217,6 +290,7 @@ def test_a_new_layer_type_is_one_registry_entry() -> None:
         @layers.register_layer(_Bilinearish)
         class _Rule(layers.LayerRule):
             kind = "bilinearish"
+            label = "Bilinearish"
             no_features = None
 
             def tensors(self, module: nn.Module) -> list[str]:
@@ -239,7 +313,37 @@ def test_a_new_layer_type_is_one_registry_entry() -> None:
         hs.sparsify(model, 0.5, method="wanda", calibration=xs)
         hs.sparsify(ref, 0.5, method="wanda", calibration=xs)
         assert torch.equal(hs.masks(model)["0.kernel"], hs.masks(ref)["weight"])
+        # the "supported layers" of messages come from the registry
+        assert "Bilinearish" in layers.supported_layers() and "Bilinearish" in layers.targeted_layers()
+        with pytest.raises(hs.InvalidArgumentError, match="among the weights of .*Bilinearish"):
+            hs.sparsify(nn.Sequential(_Bilinearish()), 0.5, include=["nothing"])
     finally:
         for t in (_Bilinearish,):
             layers._REGISTRY.pop(t, None)
         layers._BY_KIND.pop("bilinearish", None)
+
+
+# --------------------------------------------------------------------------- the Pruner protocol
+
+
+def test_every_registered_pruner_satisfies_the_pruner_protocol() -> None:
+    """Each built-in one-shot pruner takes the protocol's arguments, the same names and kinds; any
+    further parameter is keyword-only with a default (so ``sparsify`` can call all of them alike)."""
+    protocol = inspect.signature(Pruner.__call__)
+    wanted = [p for p in protocol.parameters.values() if p.name != "self"]
+    pruners = {name: e.pruner for name in hs.available_scores() if (e := get_score(name)).pruner is not None}
+    assert {"sparsegpt", "sparsegpt_block", "wanda_refit", "dsnot", "obs"} <= set(pruners)
+    for name, fn in pruners.items():
+        params = inspect.signature(fn).parameters
+        for want in wanted:
+            got = params.get(want.name)
+            assert got is not None, f"{name}: its pruner lacks {want.name!r}"
+            assert got.kind == want.kind, (
+                f"{name}: {want.name!r} is {got.kind}, the protocol's is {want.kind}"
+            )
+        extra = [p for n, p in params.items() if n not in {w.name for w in wanted}]
+        for p in extra:
+            assert p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty, (
+                f"{name}: the extra parameter {p.name!r} must be keyword-only with a default"
+            )
+        assert list(params)[:3] == ["model", "targets", "sparsities"]

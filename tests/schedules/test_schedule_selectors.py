@@ -21,20 +21,12 @@ from hadamard_sparse.schedules import (
     restart_factor,
     update_steps,
 )
-
-transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+from tests.hf_models import bert_config, transformers
 
 
 def _bert() -> nn.Module:
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=16,
-    )
+    cfg = bert_config(max_position_embeddings=16)
     return hs.sparsify(transformers.BertModel(cfg), 0.0)
 
 

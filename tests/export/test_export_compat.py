@@ -25,6 +25,7 @@ from hadamard_sparse.errors import InvalidArgumentError, InvalidTypeError, Unsup
 from hadamard_sparse.export import kernels as K
 from hadamard_sparse.export.sparse import SparseLinear
 from hadamard_sparse.export.sparse_conv import SparseConv
+from tests.hf_models import bert_config, transformers
 
 ATOL = 1e-5
 
@@ -51,15 +52,7 @@ class _Attention(nn.Module):
 
 
 def _bert() -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-    )
+    cfg = bert_config(num_hidden_layers=1)
     torch.manual_seed(0)
     return transformers.BertModel(cfg, add_pooling_layer=False)
 

@@ -10,12 +10,13 @@ import warnings
 
 import pytest
 import torch
-from conftest import Conv1D
 from torch import nn
 
 import hadamard_sparse as hs
 from hadamard_sparse.errors import InvalidArgumentError, InvalidTypeError
 from hadamard_sparse.export import LayerChoice, SparseLinear, kernels, to_sparse
+from tests.conftest import Conv1D
+from tests.hf_models import bert_config, gpt2_config, transformers
 
 
 def _prune(model: nn.Module, densities: dict[str, float], seed: int = 0) -> nn.Module:
@@ -279,16 +280,13 @@ def test_selector_matching_no_layer_is_refused_before_any_change(arg: str, entry
     assert all(torch.equal(v, before[k]) for k, v in dense.state_dict().items())
 
 
-transformers = pytest.importorskip("transformers", reason="transformers is not installed")
-
-
 def _baked(model: nn.Module, sparsity: float = 0.9) -> nn.Module:
     return hs.remove_parametrizations(hs.sparsify(model, sparsity, scope="layer"))
 
 
 @pytest.mark.filterwarnings("ignore:skipping lm_head.weight")
 def test_gpt2_from_tiny_config() -> None:
-    cfg = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    cfg = gpt2_config(n_positions=32)
     torch.manual_seed(0)
     dense = _baked(transformers.GPT2LMHeadModel(cfg).eval())
     ids = torch.randint(0, 64, (2, 9))
@@ -304,14 +302,7 @@ def test_gpt2_from_tiny_config() -> None:
 
 
 def test_bert_with_keyword_example_inputs() -> None:
-    cfg = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-    )
+    cfg = bert_config()
     torch.manual_seed(0)
     dense = _baked(transformers.BertModel(cfg).eval())
     batch = {"input_ids": torch.randint(1, 64, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}

@@ -13,8 +13,7 @@ import hadamard_sparse as hs
 from hadamard_sparse.errors import InvalidArgumentError
 from hadamard_sparse.export import kernels_int8 as K
 from hadamard_sparse.export.sparse_int8 import SparseLinearInt8
-
-transformers = pytest.importorskip("transformers")
+from tests.hf_models import transformers
 
 needs_kernel = pytest.mark.skipif(not K.int8_kernel_status()[0], reason="int8 kernel not built")
 
@@ -233,10 +232,10 @@ def test_refusals():
         hs.to_sparse(model, quantize="int4")
     with pytest.raises(InvalidArgumentError, match="layout must be 'auto' or 'csr_kernel'"):
         hs.to_sparse(model, "csr", quantize="int8")
-    hs.sparsify(model, 0.5)  # a mask without FakeQuant: still needs baking
-    with pytest.raises(InvalidArgumentError, match="baked"):
-        hs.to_sparse(model, quantize="int8")
-    assert isinstance(model[0], nn.Linear)
+    hs.sparsify(model, 0.5)  # a mask without FakeQuant: baked, as without quantize and as shrink does
+    baked = hs.remove_parametrizations(copy.deepcopy(model))
+    out = hs.to_sparse(model, quantize="int8")  # density 0.5 > 0.3: stays dense
+    assert type(out[0]) is nn.Linear and not hs.masks(out) and torch.equal(out[0].weight, baked[0].weight)
 
 
 @needs_kernel

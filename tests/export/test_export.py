@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import warnings
 
 import pytest
@@ -14,7 +15,7 @@ from torch.nn.utils import parametrize
 import hadamard_sparse as hs
 from hadamard_sparse.api import register_mask, remove_parametrizations, sparsify
 from hadamard_sparse.errors import InvalidArgumentError, UnsupportedGraphError
-from hadamard_sparse.export import SparseLinear, graph, shrink, to_sparse
+from hadamard_sparse.export import SparseLinear, graph, layer_registry, layer_rules, shrink, to_sparse
 
 ATOL = 1e-5
 
@@ -528,8 +529,14 @@ def test_state_dict_with_a_wrong_bias_is_refused_like_a_linear(layout: str) -> N
 
 def test_to_sparse_validates_before_changing() -> None:
     model = sparsify(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), 0.8)
-    with pytest.raises(ValueError, match="remove_parametrizations"):
-        to_sparse(model)
+    for args, kwargs, match in [
+        (("coo",), {}, "layout"),
+        (("semi_structured",), {"max_density": 1.0}, "semi_structured"),
+        ((), {"include": ["nothing.*"]}, "include"),
+    ]:  # a masked model is baked only once every check passed: refused, it stays masked
+        with pytest.raises(ValueError, match=match):
+            to_sparse(model, *args, **kwargs)
+        assert all(parametrize.is_parametrized(model[i], "weight") for i in (0, 2))
     baked = remove_parametrizations(model)
     with pytest.raises(ValueError, match="layout"):
         to_sparse(baked, "coo")
@@ -682,3 +689,169 @@ def test_shrink_unstructured_mlp_is_refused_naming_every_layer() -> None:
     for name in ("0", "2", "4"):
         assert f"{name}.weight (Linear): unstructured mask" in msg
     assert "hs.to_sparse" in msg and len(hs.masks(model)) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# a masked model: shrink and to_sparse both bake it (export/baking.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def _bake_agreement(model: nn.Module, x: object) -> None:
+    """shrink and to_sparse on copies of the masked ``model``: both baked, both compute the baked reference."""
+    args, kwargs = graph.as_inputs(x)
+    baked = remove_parametrizations(copy.deepcopy(model)).eval()
+    with torch.no_grad():
+        ref = baked(*args, **kwargs)
+    ref = ref if isinstance(ref, torch.Tensor) else ref[0]
+    timer = lambda name, fns: {c: 1.0 if c == "dense" else 0.5 for c in fns}  # noqa: E731
+    exports = {
+        "shrink": shrink(copy.deepcopy(model), x),
+        "to_sparse": to_sparse(copy.deepcopy(model), max_density=1.0),
+        "to_sparse timed": to_sparse(copy.deepcopy(model), example_inputs=x, max_density=1.0, timer=timer),
+    }
+    for how, out in exports.items():
+        assert not hs.masks(out) and not any(parametrize.is_parametrized(m) for m in out.modules()), how
+        with torch.inference_mode():
+            got = out.eval()(*args, **kwargs)
+        got = got if isinstance(got, torch.Tensor) else got[0]
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4, msg=how)
+    assert any(isinstance(m, SparseLinear) for m in exports["to_sparse"].modules())
+    assert any(isinstance(m, SparseLinear) for m in exports["to_sparse timed"].modules())
+
+
+def test_shrink_and_to_sparse_both_bake_a_masked_linear_conv_model() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 16, 16),
+        nn.ReLU(),
+        nn.Linear(16, 3),
+    ).eval()
+    x = torch.randn(2, 1, 4, 4)
+    hs.sparsify(model, 0.5, structure="channel_group", scope="layer", example_inputs=x)
+    assert hs.masks(model)
+    _bake_agreement(model, x)
+
+
+def test_shrink_and_to_sparse_both_bake_a_masked_bert() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=32, attn_implementation="eager",
+    )  # fmt: skip
+    model = transformers.BertModel(cfg).eval()
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    hs.sparsify(model, 0.5, structure="neuron", scope="layer", example_inputs=x)
+    _bake_agreement(model, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# export/layer_rules.py: a new layer type is one rule object
+# ---------------------------------------------------------------------------------------------
+
+
+class ToyLinear(nn.Module):
+    """A layer no built-in rule knows: ``F.linear`` on its own parameters."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) * 0.3)
+        self.bias = nn.Parameter(torch.randn(out_features) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+@pytest.fixture
+def restore_layer_rules() -> object:
+    """Undo the test's rule registrations (the registries are module-level)."""
+    tables = (layer_registry._BY_TYPE, graph.MODULE_RULES)
+    saved = [dict(t) for t in tables]
+    weighted, labels = set(graph.WEIGHTED_MODULES), list(graph.LAYER_LABELS)
+    yield
+    for t, s in zip(tables, saved):
+        t.clear()
+        t.update(s)
+    graph.WEIGHTED_MODULES.clear()
+    graph.WEIGHTED_MODULES.update(weighted)
+    graph.LAYER_LABELS[:] = labels
+
+
+def test_a_new_layer_type_is_one_rule(restore_layer_rules: object) -> None:
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(ToyLinear(8, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+        with torch.no_grad():
+            model[0].weight[4:12] = 0.0  # 8 neurons pruned (a baked model)
+            model[0].weight[:4, ::2] = 0.0
+        return model
+
+    with torch.no_grad():
+        ref = make()(x)
+    # unknown: shrink leaves it whole, to_sparse does not see it, no channel group comes from it
+    assert shrink(make(), x)[0].out_features == 16
+    _, report = to_sparse(make(), max_density=1.0, return_report=True)
+    assert [c.name for c in report] == ["2"]
+    assert not any(k.startswith("0.") for k in hs.ChannelGroups(make(), x).members)
+
+    @layer_rules.register_layer_rule(ToyLinear)
+    class _ToyRule(layer_rules.LinearRule):  # flow, rebuild and members of nn.Linear
+        label = "ToyLinear"
+
+        def sparse(self, mod: nn.Module) -> layer_rules.SparseSpec | None:
+            return layer_rules.SparseSpec("ToyLinear", lambda m: (m.weight.detach(), m.bias))
+
+    assert _ToyRule.capabilities() == {"flow", "rebuild", "members", "sparse"}
+    assert layer_rules.rule_of(ToyLinear(2, 2)).label == "ToyLinear"
+    assert "ToyLinear" in layer_rules.supported("sparse") and "ToyLinear" in graph.LAYER_LABELS
+    shrunk = shrink(make(), x)
+    assert (shrunk[0].out_features, shrunk[2].in_features) == (8, 8) and type(shrunk[0]) is ToyLinear
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), ref, atol=ATOL, rtol=1e-5)
+    sparse, report = to_sparse(make(), max_density=1.0, return_report=True)
+    assert [(c.name, c.kind) for c in report] == [("0", "ToyLinear"), ("2", "Linear")]
+    assert isinstance(sparse[0], SparseLinear)
+    with torch.inference_mode():
+        torch.testing.assert_close(sparse(x), ref, atol=ATOL, rtol=1e-5)
+    groups = hs.ChannelGroups(make(), x)
+    assert {"0.weight", "0.bias", "2.weight"} <= set(groups.members)
+
+
+def test_a_subclass_uses_its_base_rule_and_a_rule_declares_what_it_supports(
+    restore_layer_rules: object,
+) -> None:
+    class MyConv(nn.Conv2d):
+        pass
+
+    assert isinstance(layer_rules.rule_of(MyConv(1, 2, 3)), layer_rules.ConvRule)  # along the MRO
+    assert layer_rules.rule_of(nn.BatchNorm2d(3), "sparse") is None  # BatchNorm: no sparse form
+
+    @layer_rules.register_layer_rule(ToyLinear)
+    class _ShrinkOnly(layer_rules.ExportRule):
+        label = "ToyLinear"
+
+        def rebuild(self, new: nn.Module, mod: nn.Module, plan: object, removed: object) -> None:
+            raise AssertionError("not planned: the rule has no flow")
+
+    assert _ShrinkOnly.capabilities() == {"rebuild"}
+    assert layer_rules.rule_of(ToyLinear(2, 2), "sparse") is None
+    assert "ToyLinear" not in layer_rules.supported("sparse") and "ToyLinear" not in graph.LAYER_LABELS
+    assert "ToyLinear" in layer_rules.supported("rebuild")
+    # the former table and decorator still work, on top of the rule objects
+    shrink_module = importlib.import_module("hadamard_sparse.export.shrink")
+    assert shrink_module.REBUILD_RULES[nn.Linear].__func__ is layer_rules.LinearRule.rebuild
+
+    @shrink_module.rebuild_rule(nn.BatchNorm1d)
+    def legacy(new: nn.Module, mod: nn.Module, plan: object, removed: object) -> None:
+        pass
+
+    bn = layer_rules.rule_of(nn.BatchNorm1d(2))
+    assert isinstance(bn, layer_rules.BatchNormRule) and bn.capabilities() >= {"flow", "rebuild", "members"}
+    assert shrink_module.REBUILD_RULES[nn.BatchNorm1d].__func__ is not layer_rules.BatchNormRule.rebuild

@@ -14,7 +14,7 @@ import pytest
 
 import hadamard_sparse as hs
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 _PATHS = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 _TIMEOUT_S = 120
 _HS_NAME = re.compile(r"\bhs\.([A-Za-z_]\w*)")

@@ -15,8 +15,7 @@ import hadamard_sparse as hs
 from hadamard_sparse.errors import InvalidArgumentError, InvalidTypeError
 from hadamard_sparse.recover import CHECKPOINT_FILE, recover
 from hadamard_sparse.recover.quality import compare
-
-transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+from tests.hf_models import bert_config, transformers
 
 WORDS = (
     "the a cat dog sat on mat ran fast slow red blue big small house tree river sun moon star "
@@ -42,13 +41,8 @@ def tok() -> object:
 
 
 def _config(tok: object, **kw: object) -> object:
-    return transformers.BertConfig(
+    return bert_config(
         vocab_size=tok.vocab_size,  # type: ignore[attr-defined]
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
         initializer_range=0.2,  # large weights: pruning them changes the output
         **kw,
     )
@@ -220,7 +214,7 @@ def test_quality_against_hand_computed_neighbours() -> None:
 @pytest.mark.slow
 def test_minilm_distillation_beats_its_one_shot_start() -> None:
     st = pytest.importorskip("sentence_transformers")
-    from conftest import minilm_path
+    from tests.conftest import minilm_path
 
     model = st.SentenceTransformer(minilm_path(), device="cpu")
     train = [

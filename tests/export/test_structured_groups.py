@@ -17,6 +17,7 @@ from torch import nn
 
 import hadamard_sparse as hs
 from hadamard_sparse.errors import UnsupportedGraphError
+from tests.hf_models import bert_config, llama_config, transformers, vit_config
 
 ATOL = 1e-5
 
@@ -241,15 +242,10 @@ def test_schedules_prune_channel_groups_with_bias_and_batchnorm(schedule: str) -
 # transformers: FFN neurons and heads
 # ---------------------------------------------------------------------------------------------
 
-transformers = pytest.importorskip("transformers")
-
 
 def bert() -> nn.Module:
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=32, attn_implementation="eager",
-    )  # fmt: skip
+    cfg = bert_config(num_attention_heads=4, attn_implementation="eager")
     return transformers.BertModel(cfg).eval()
 
 
@@ -281,10 +277,7 @@ def test_bert_ffn_neurons_and_heads_shrink_exactly() -> None:
 
 def test_vit_heads_and_neurons() -> None:
     torch.manual_seed(0)
-    cfg = transformers.ViTConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
-        patch_size=8, attn_implementation="eager",
-    )  # fmt: skip
+    cfg = vit_config(num_attention_heads=4, patch_size=8, attn_implementation="eager")
     model = transformers.ViTModel(cfg).eval()
     x = torch.randn(2, 3, 16, 16)
     hs.sparsify(model, 0.5, structure="neuron", example_inputs=x, scope="layer")
@@ -297,10 +290,9 @@ def test_vit_heads_and_neurons() -> None:
 
 def test_llama_gqa_heads_go_with_their_kv_head() -> None:
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=48, attn_implementation="eager", use_cache=False,
-    )  # fmt: skip
+    cfg = llama_config(
+        num_hidden_layers=1, intermediate_size=48, attn_implementation="eager", use_cache=False
+    )
     model = transformers.LlamaModel(cfg).eval()
     ids = torch.randint(0, 64, (2, 6))
     heads = hs.Heads(model)

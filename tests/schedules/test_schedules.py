@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LAYER_CASES, LayerCase, mlp, small_cnn
 from torch import nn
 
 from hadamard_sparse.api import masks, register_mask, sparsify
 from hadamard_sparse.errors import NoTargetsError
 from hadamard_sparse.report import sparsity_report
 from hadamard_sparse.schedules import SET, GradualPruning, IterativePruning, RigL, cubic, linear
+from tests.conftest import LAYER_CASES, LayerCase, mlp, small_cnn
 
 
 def _zeros(model: nn.Module) -> dict[str, int]:
