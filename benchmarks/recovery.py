@@ -219,7 +219,7 @@ def layer_drop(
         if step == 5:  # plan the run from the CPU time of the first steps
             planned = max(step, int(budget / ((time.process_time() - c0) / step)))
         if step % 50 == 0:
-            print(f"  layer-drop step {step}/{planned}: loss {float(loss):.4f}", flush=True)
+            print(f"  layer-drop step {step}/{planned}: loss {float(loss.detach()):.4f}", flush=True)
     q = compare(embeddings(teacher, held_b), embeddings(student, held_b))
     return student, q, step, (time.perf_counter() - t0) / 60, (time.process_time() - c0) / 60 / threads
 
