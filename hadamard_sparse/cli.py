@@ -5,7 +5,7 @@ Commands (``hadamard-sparse`` or ``python -m hadamard_sparse``)::
     hadamard-sparse sparsify MODEL_DIR OUT_DIR --sparsity 0.5 [--method magnitude|wanda|sparsegpt]
                     [--structure 2:4] [--scope layer|global|row] [--calibration FILE]
                     [--exclude PATTERN ...] [--include PATTERN ...] [--min-keep N] [--seed N] [--bake]
-                    [--embeddings] [--compress [--quantize int8]]
+                    [--embeddings] [--compress [--quantize int8] [--codec zlib]]
     hadamard-sparse recover MODEL_DIR OUT_DIR --data TEXTS.txt [--sparsity 0.9] [--eval EVAL.txt] ...
     hadamard-sparse report MODEL_DIR_OR_FILE
     hadamard-sparse demo [--sparsity 0.9] [--epochs 8] [--finetune-epochs 4]
@@ -46,7 +46,7 @@ from ._cli_common import OneLineParser, check_out_dir, load_model, safetensors_e
 from .api import sparsify
 from .bake import remove_parametrizations
 from .cli_recover import add_recover_parser
-from .compress import load_compressed
+from .compress import CODECS, load_compressed
 from .compress.quant import QUANTIZE_MODES
 from .errors import HadamardSparseError
 from .hf import is_compressed_file, save_model_dir
@@ -257,6 +257,8 @@ def _check_sparsify_args(parser: argparse.ArgumentParser, args: argparse.Namespa
         parser.error('--compress needs safetensors: pip install "hadamard-sparse[examples]"')
     if args.quantize is not None and not args.compress:
         parser.error(f"--quantize {args.quantize} applies to compressed weights: add --compress")
+    if args.codec is not None and not args.compress:
+        parser.error(f"--codec {args.codec} applies to compressed weights: add --compress")
     entry = get_score(args.method)
     scope = args.scope or entry.scopes[0]
     if scope not in entry.scopes:
@@ -322,7 +324,12 @@ def _cmd_sparsify(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     if args.bake:
         remove_parametrizations(model)
     save_model_dir(
-        model, Path(args.model_dir), Path(args.out_dir), compress=args.compress, quantize=args.quantize
+        model,
+        Path(args.model_dir),
+        Path(args.out_dir),
+        compress=args.compress,
+        quantize=args.quantize,
+        codec=args.codec,
     )
     print(report)
     print(f"wrote {args.out_dir} in {time.perf_counter() - t0:.1f} s")
@@ -491,6 +498,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="with --compress: store weights and embeddings (2+ dimensions) as int8 with per-row scales, "
         "within max|row|/254 per entry; biases, LayerNorm and masks stay exact",
+    )
+    p.add_argument(
+        "--codec",
+        choices=list(CODECS),
+        default=None,
+        help="with --compress: also zlib-compress each stored tensor that shrinks (lossless; bitmasks and "
+        "int8 values shrink most); hs.load_pretrained reads it back the same",
     )
     p.set_defaults(run=_cmd_sparsify, parser=p)
     add_recover_parser(sub)

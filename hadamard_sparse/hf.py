@@ -22,6 +22,7 @@ from torch import nn
 
 from .checkpoint import load_sparse_state_dict, record_key_pattern
 from .compress import load_compressed, save_compressed
+from .compress.codec import check_codec
 from .compress.quant import check_quantize
 from .errors import InvalidArgumentError, InvalidTypeError
 
@@ -69,7 +70,12 @@ def _untied(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained(
-    model: nn.Module, out_dir: str | os.PathLike[str], *, compress: bool = False, quantize: str | None = None
+    model: nn.Module,
+    out_dir: str | os.PathLike[str],
+    *,
+    compress: bool = False,
+    quantize: str | None = None,
+    codec: str | None = None,
 ) -> None:
     """Write a Hugging Face model directory, sparse or baked, optionally with compressed weights.
 
@@ -89,12 +95,16 @@ def save_pretrained(
             dimensions (weights, embeddings) as int8 with per-row scales (within ``max|row| / 254``
             per entry; biases, LayerNorm and masks exact), as
             :func:`~hadamard_sparse.compress.save_compressed` does; ``None`` keeps every tensor bitwise.
+        codec: with ``compress=True``, ``"zlib"`` stores each tensor of the compressed file that zlib
+            makes smaller as its compressed bytes (lossless; ``save_compressed``'s ``codec``);
+            :func:`load_pretrained` reads it back as it does without.
 
     Example::
 
         >>> hs.sparsify(model, 0.9)
         >>> hs.save_pretrained(hs.remove_parametrizations(model), "out", compress=True)
         >>> model = hs.load_pretrained("out")
+        >>> hs.save_pretrained(model, "out-small", compress=True, quantize="int8", codec="zlib")
     """
     if not isinstance(model, nn.Module) or not callable(getattr(model, "save_pretrained", None)):
         raise InvalidTypeError(
@@ -109,6 +119,9 @@ def save_pretrained(
         raise InvalidArgumentError(
             f"quantize={quantize!r} needs compress=True (it applies to compressed weights)"
         )
+    check_codec(codec)
+    if codec is not None and not compress:
+        raise InvalidArgumentError(f"codec={codec!r} needs compress=True (it applies to compressed weights)")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InvalidArgumentError(f"out_dir {str(out)!r} exists and is not a directory")
@@ -120,7 +133,9 @@ def save_pretrained(
                 f.unlink()
         model.save_pretrained(out, safe_serialization=True)
         if compress:
-            save_compressed(_untied(model.state_dict()), out / COMPRESSED_WEIGHTS, quantize=quantize)
+            save_compressed(
+                _untied(model.state_dict()), out / COMPRESSED_WEIGHTS, quantize=quantize, codec=codec
+            )
             for f in _weight_files(out):
                 f.unlink()
     except BaseException:
@@ -164,11 +179,12 @@ def save_model_dir(
     *,
     compress: bool = False,
     quantize: str | None = None,
+    codec: str | None = None,
     weights_under: str = "",
 ) -> None:
     """Write ``out``: the other files of the model directory ``src``, then ``model``'s config and weights.
 
-    ``compress`` and ``quantize`` are :func:`save_pretrained`'s. ``weights_under`` is the subfolder of ``out`` the weights go to (a sentence-transformers
+    ``compress``, ``quantize`` and ``codec`` are :func:`save_pretrained`'s. ``weights_under`` is the subfolder of ``out`` the weights go to (a sentence-transformers
     directory whose Transformer module lives in a subfolder). If writing fails, a directory this
     call created is removed.
     """
@@ -178,7 +194,11 @@ def save_model_dir(
         out.mkdir(parents=True, exist_ok=True)
         copy_model_files(src, out)
         save_pretrained(
-            model, out / weights_under if weights_under else out, compress=compress, quantize=quantize
+            model,
+            out / weights_under if weights_under else out,
+            compress=compress,
+            quantize=quantize,
+            codec=codec,
         )
     except BaseException:
         if created:
@@ -246,7 +266,7 @@ def load_pretrained(model_dir: str | os.PathLike[str], *, model_class: Any = Non
     """Load a Hugging Face model directory, restoring masks and reading compressed weights.
 
     - A compressed directory (written by ``save_pretrained(..., compress=True)``, int8-quantized or
-      not): the model is built from its config in the dtype of the saved tensors (int8 tensors are
+      not, with ``codec="zlib"`` or not): the model is built from its config in the dtype of the saved tensors (int8 tensors are
       dequantized to theirs), then loaded with
       :func:`~hadamard_sparse.checkpoint.load_sparse_state_dict`, so the masks come back bitwise as
       parametrizations.

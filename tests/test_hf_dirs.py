@@ -290,3 +290,59 @@ def test_int8_compressed_directory_and_cli(tmp_path: Path, capsys: pytest.Captur
     stored = load_file(str(tmp_path / "cli" / COMPRESSED_WEIGHTS))
     assert stored["bert.encoder.layer.1.intermediate.dense.weight.__values__"].dtype == torch.int8
     assert hs.masks(hs.load_pretrained(tmp_path / "cli")) == {}  # baked
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_zlib_codec_directory_and_cli(
+    quantize: str | None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """save_pretrained(compress=True, codec="zlib") and the CLI's --compress --codec zlib: a smaller weights file
+    that is_compressed_file recognises and load_pretrained reads back bitwise as the codec=None directory
+    (masks included); a codec without compress, or another codec, is refused before anything is written."""
+    from hadamard_sparse.compress import CODEC_KEY
+    from hadamard_sparse.hf import is_compressed_file
+
+    safetensors = pytest.importorskip("safetensors")
+    model = _sparse("bert")
+    plain, packed = tmp_path / "plain", tmp_path / "zlib"
+    hs.save_pretrained(model, plain, compress=True, quantize=quantize)
+    hs.save_pretrained(model, packed, compress=True, quantize=quantize, codec="zlib")
+    size = (packed / COMPRESSED_WEIGHTS).stat().st_size
+    assert size < (plain / COMPRESSED_WEIGHTS).stat().st_size
+    assert is_compressed_file(packed / COMPRESSED_WEIGHTS)
+    with safetensors.safe_open(str(packed / COMPRESSED_WEIGHTS), framework="pt") as h:
+        assert CODEC_KEY in (h.metadata() or {})
+    ref, loaded = hs.load_pretrained(plain), hs.load_pretrained(packed)
+    assert _same_masks(loaded, ref) and len(hs.masks(loaded)) > 0
+    a, b = ref.state_dict(), loaded.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    for kwargs, match in (
+        ({"codec": "zlib"}, "codec='zlib' needs compress=True"),
+        ({"compress": True, "codec": "lzma"}, "codec must be None or one of 'zlib', got 'lzma'"),
+    ):
+        with pytest.raises(hs.InvalidArgumentError, match=match):
+            hs.save_pretrained(model, tmp_path / "refused", **kwargs)
+        assert not (tmp_path / "refused").exists()
+    # the command line
+    src = tmp_path / "src"
+    _bert().save_pretrained(src)
+    argv = ["sparsify", str(src), str(tmp_path / "cli"), "--sparsity", "0.9", "--scope", "layer"]
+    code, _, err = _run([*argv, "--codec", "zlib"], capsys)
+    assert code == 2 and "--codec zlib applies to compressed weights: add --compress" in err
+    argv += ["--quantize", quantize] if quantize else []
+    code, _, err = _run([*argv, "--compress", "--codec", "lzma"], capsys)
+    assert code == 2 and "invalid choice: 'lzma'" in err and "'zlib'" in err
+    assert not (tmp_path / "cli").exists()
+    code, _, err = _run([*argv, "--compress", "--codec", "zlib"], capsys)
+    assert code == 0, err
+    code, _, err = _run([*argv[:2], str(tmp_path / "cli-plain"), *argv[3:], "--compress"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "cli" / COMPRESSED_WEIGHTS).stat().st_size < (
+        tmp_path / "cli-plain" / COMPRESSED_WEIGHTS
+    ).stat().st_size
+    ref, loaded = hs.load_pretrained(tmp_path / "cli-plain"), hs.load_pretrained(tmp_path / "cli")
+    assert _same_masks(loaded, ref) and len(hs.masks(loaded)) > 0
+    a, b = ref.state_dict(), loaded.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    code, stdout, _ = _run(["report", str(tmp_path / "cli" / COMPRESSED_WEIGHTS)], capsys)
+    assert code == 0 and "bert.encoder.layer.0.output.dense.weight " in stdout

@@ -8,6 +8,12 @@ checks each tensor against it before decoding, so a flipped byte in stored value
 the tensor instead of a silently wrong weight. Files without that entry (written before checksums
 existed, or by other tools) load unchecked. safetensors is imported inside the functions (an optional
 dependency).
+
+With ``codec="zlib"`` the stored tensors that zlib makes smaller are stored as their compressed bytes
+(:mod:`hadamard_sparse.compress.codec`, one JSON record under :data:`~hadamard_sparse.compress.codec.CODEC_KEY`).
+The checksums cover the bytes *as stored* (the compressed stream for those tensors), so
+:func:`load_compressed` checks a file before decompressing anything, and a corrupt stream is a
+checksum error like any flipped byte.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..errors import InvalidArgumentError, InvalidTypeError
+from .codec import CODEC_KEY, check_codec, decode_tensors, encode_tensors
 from .layouts import FILE_METADATA, compress_state_dict, decompress_state_dict
 
 __all__ = ["CHECKSUM_KEY", "load_compressed", "save_compressed", "tensor_crc32"]
@@ -44,12 +51,18 @@ def save_compressed(
     quantize: str | None = None,
     quantize_include: Sequence[str] | None = None,
     quantize_exclude: Sequence[str] = (),
+    codec: str | None = None,
 ) -> None:
     """Writes ``compress_state_dict(state_dict, quantize=...)`` to a safetensors file, with checksums.
 
     Tensors that share storage (tied weights) are written once each (cloned), as
     safetensors requires. The file's metadata holds :data:`FILE_METADATA`, a CRC-32 of every
     stored tensor (:data:`CHECKSUM_KEY`, checked by :func:`load_compressed`), plus ``metadata``.
+    With ``codec="zlib"``, each stored tensor that zlib (level 9) makes smaller is stored as a 1-D
+    ``uint8`` tensor of its compressed bytes, recorded under
+    :data:`~hadamard_sparse.compress.codec.CODEC_KEY` (original dtype and shape per key); the
+    checksums are those of the bytes as stored. Lossless: :func:`load_compressed` gives back what it
+    gives for ``codec=None``, bitwise. Every argument is checked before anything is computed or written.
 
     Args:
         state_dict: names to tensors, e.g. a baked model's ``state_dict()``.
@@ -60,12 +73,22 @@ def save_compressed(
             :func:`~hadamard_sparse.compress.compress_state_dict`).
         quantize_include: glob patterns of the keys to quantize, replacing the default rule.
         quantize_exclude: glob patterns of keys kept exact.
+        codec: ``None`` (the default: the tensors as ``compress_state_dict`` gives them, readable by
+            any safetensors reader) or ``"zlib"`` (lossless, smaller; e.g. bitmasks and int8 values;
+            costs CPU time to write and a little to read; see ``docs/speed.md``).
+
+    Raises:
+        InvalidTypeError: ``metadata`` is not a dict of str to str, or see
+            :func:`~hadamard_sparse.compress.compress_state_dict`.
+        InvalidArgumentError: ``codec`` is not ``None`` or ``"zlib"``; ``metadata`` uses a reserved
+            key; or see :func:`~hadamard_sparse.compress.compress_state_dict`.
 
     Example::
 
         >>> hs.save_compressed(model.state_dict(), "model.safetensors")
         >>> model.load_state_dict(hs.load_compressed("model.safetensors"))
         >>> hs.save_compressed(model.state_dict(), "model-int8.safetensors", quantize="int8")
+        >>> hs.save_compressed(model.state_dict(), "model-int8-zlib.safetensors", quantize="int8", codec="zlib")
     """
     from safetensors.torch import save_file
 
@@ -74,8 +97,10 @@ def save_compressed(
         and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
     ):
         raise InvalidTypeError(f"metadata must be a dict of str to str or None, got {metadata!r}")
-    if metadata is not None and CHECKSUM_KEY in metadata:
-        raise InvalidArgumentError(f"metadata key {CHECKSUM_KEY!r} is reserved for the checksums")
+    for key, what in ((CHECKSUM_KEY, "the checksums"), (CODEC_KEY, "the codec record")):
+        if metadata is not None and key in metadata:
+            raise InvalidArgumentError(f"metadata key {key!r} is reserved for {what}")
+    check_codec(codec)
     tensors = compress_state_dict(
         state_dict, quantize=quantize, quantize_include=quantize_include, quantize_exclude=quantize_exclude
     )
@@ -85,8 +110,12 @@ def save_compressed(
         if ptr in seen and t.numel():
             tensors[key] = t.clone()
         seen.add(ptr)
+    tensors, record = encode_tensors(tensors, codec)
     sums = ",".join(f"{tensor_crc32(tensors[key]):08x}" for key in sorted(tensors))
-    save_file(tensors, os.fspath(path), metadata={**(metadata or {}), **FILE_METADATA, CHECKSUM_KEY: sums})
+    header = {**(metadata or {}), **FILE_METADATA, CHECKSUM_KEY: sums}
+    if record is not None:
+        header[CODEC_KEY] = record
+    save_file(tensors, os.fspath(path), metadata=header)
 
 
 def _verify(path: str, tensors: Mapping[str, torch.Tensor], recorded: str) -> None:
@@ -120,15 +149,19 @@ def load_compressed(
         path: the file to read.
         device: where the tensors are loaded.
         verify: check every stored tensor against the CRC-32 recorded by :func:`save_compressed`
-            (files without checksums load unchecked). Costs about a millisecond per 3 MB read
+            (of its bytes as stored, compressed ones for a ``codec="zlib"`` file, checked before
+            decompressing; files without checksums load unchecked). Costs about a millisecond per 3 MB read
             (see ``docs/speed.md``); ``False`` skips it.
 
     Returns:
-        ``decompress_state_dict(safetensors.torch.load_file(path))`` on ``device``.
+        ``decompress_state_dict(safetensors.torch.load_file(path))`` on ``device``, after the
+        tensors a codec compressed (``save_compressed(..., codec="zlib")``) are decompressed.
 
     Raises:
         InvalidArgumentError: ``verify`` is on and a stored tensor's bytes differ from its
-            recorded checksum (the message names the tensor), or the checksum record is malformed.
+            recorded checksum (the message names the tensor), or the checksum record is malformed;
+            the codec record is malformed or a compressed tensor does not decompress (with
+            ``verify=False`` too; the message names the file and the tensor).
 
     Example::
 
@@ -140,14 +173,17 @@ def load_compressed(
     if not isinstance(verify, bool):
         raise InvalidTypeError(f"verify must be a bool, got {type(verify).__name__}")
     file = os.fspath(path)
-    if not verify:
-        return decompress_state_dict(load_file(file, device=str(device)))
     with safe_open(file, framework="pt") as h:
-        recorded = (h.metadata() or {}).get(CHECKSUM_KEY)
-    if recorded is None:
+        header = h.metadata() or {}
+    recorded = header.get(CHECKSUM_KEY) if verify else None
+    record = header.get(CODEC_KEY)
+    if recorded is None and record is None:
         return decompress_state_dict(load_file(file, device=str(device)))
     tensors = load_file(file, device="cpu")
-    _verify(file, tensors, recorded)
+    if recorded is not None:
+        _verify(file, tensors, recorded)
+    if record is not None:
+        tensors = decode_tensors(file, tensors, record)
     if torch.device(device).type != "cpu":
         tensors = {k: v.to(device) for k, v in tensors.items()}
     return decompress_state_dict(tensors)
