@@ -11,9 +11,11 @@
  *   in the loop, accumulated in float32, and the row sum is multiplied by the row's scale at the
  *   end. M == 1: one gathered dot product per row (AVX-512 gathers where compiled in, unless
  *   plain != 0); M >= 2: the weight-stationary tile loop of _kernels.c.
- * Variant "int8" (hs_q8a_linear_*, M >= 2): each token is quantized to int8 (symmetric,
- *   sx[m] = max|x[m]| / 127) into the transposed tile, products accumulate in int32 lanes, and
- *   y = acc * scale[n] * sx[m] + b.
+ * Variant "int8": each token is quantized to int8 (symmetric, sx[m] = max|x[m]| / 127), products
+ *   accumulate in int32, and y = acc * scale[n] * sx[m] + b. On CPUs with AVX512-VBMI and
+ *   AVX512-VNNI (runtime check) the weight is read in its "lanes" form (hs_q8_lanes_linear, below:
+ *   16 rows per vpdpbusd, activations gathered in registers by vpermi2b); elsewhere
+ *   (hs_q8a_linear_*, M >= 2) the CSR tile loop with the tokens in int32 lanes.
  * Threads: whole tiles per thread (or shared row chunks for M == 1): bits do not depend on the
  *   thread count.
  */
@@ -341,57 +343,121 @@ int64_t hs_q8_work_floats(int64_t M, int64_t K, int nthreads) {
 ENTRY(uint16_t, u16)
 ENTRY(int32_t, i32)
 
-/* Batch 1 with int8 activations: the weight as 64-column bitmaps (mask[n * nb + b], bit c set when
- * column b * 64 + c of row n is stored; the values are the CSR values, in the same order). x is
- * quantized once, xu[k] = round(x[k] / sx) + 128 (unsigned), and each 64-column block is one
- * vpexpandb of the row's next values into place and one vpdpbusd (64 products, int32 lanes):
- * no gathers, and 1 byte per nonzero plus 1/8 byte per weight (the bitmap) read.
- * y[n] = (acc - 128 * rowsum[n]) * scale[n] * sx + b[n]. Runtime dispatch: AVX512-VBMI2 + VNNI. */
+/* Int8 activations on CPUs with AVX512-VBMI and AVX512-VNNI: the weight in "lanes" form. Rows go
+ * in groups of 16 (one int32 lane of a 512-bit register per row) and columns in windows of 128.
+ * For each group and window, the nonzeros of the group's 16 rows in that window are packed into
+ * rounds of 64 bytes of column offsets (7 bits, into the window) and 64 int8 values, row i of the
+ * group owning bytes 4i..4i+3 of each round (4 nonzeros per row per round, zero values pad rows
+ * with fewer). lanes[r * 128 + 0..63] are round r's offsets, lanes[r * 128 + 64..127] its values;
+ * cnt[g * nw + w] is the rounds of group g in window w, ptr[g] group g's first round.
+ * Each token is quantized once, xu[k] = round(x[k] / sx) + 128 (unsigned, windows padded with 128),
+ * and each round is one vpermi2b (gathers the 64 activations from the window's two registers) and
+ * one vpdpbusd (64 products into the 16 rows' int32 lanes): no gathers from memory, 2 bytes read
+ * per stored slot. y[n] = (acc - 128 * rowsum[n]) * scale[n] * sx + b[n]. */
 #if defined(__x86_64__) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 9))
 #include <immintrin.h>
-#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512vnni,popcnt")))
-VNNI_TARGET static void bitmap_rows(const uint8_t *restrict xu, const uint64_t *restrict mask,
-                                    int64_t nb, const int32_t *restrict rowptr,
-                                    const int8_t *restrict val, const int32_t *restrict rowsum,
-                                    const float *restrict scale, float sx,
-                                    const float *restrict bias, int64_t n0, int64_t n1,
-                                    float *restrict y) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const int8_t *v = val + rowptr[n];
-    const uint64_t *mk = mask + n * nb;
-    __m512i a[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
-                    _mm512_setzero_si512()}; /* 4 chains hide vpdpbusd's latency */
-    int64_t b = 0;
-    for (; b + 4 <= nb; b += 4) {
-      for (int u = 0; u < 4; ++u) {
-        const uint64_t k = mk[b + u];
-        const __m512i w = _mm512_maskz_expand_epi8(k, _mm512_loadu_si512((const void *)v));
-        v += __builtin_popcountll(k);
-        a[u] = _mm512_dpbusd_epi32(a[u], _mm512_loadu_si512((const void *)(xu + (b + u) * 64)), w);
+#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")))
+#define LT 8 /* tokens per pass over a group's rounds */
+#define PF 2048 /* bytes of rounds prefetched ahead for one token */
+
+VNNI_TARGET static void quantize_token(const float *restrict x, int64_t K, int64_t Kp,
+                                       uint8_t *restrict xu, float *restrict sx) {
+  __m512 m = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  float amax = _mm512_reduce_max_ps(m);
+  for (; k < K; ++k) amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
+  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+  *sx = amax / 127.0f;
+  const __m512 vi = _mm512_set1_ps(inv);
+  const __m512i off = _mm512_set1_epi32(128);
+  for (k = 0; k + 16 <= K; k += 16) {  /* round to nearest even, as lrintf */
+    const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), vi)), off);
+    _mm_storeu_si128((__m128i *)(xu + k), _mm512_cvtepi32_epi8(q));
+  }
+  for (; k < K; ++k) xu[k] = (uint8_t)(lrintf(x[k] * inv) + 128);
+  memset(xu + K, 128, (size_t)(Kp - K));
+}
+
+VNNI_TARGET static void lane_group(int64_t M, int64_t Kp, int64_t nw, const uint8_t *restrict xu,
+                                   const float *restrict sx, const uint8_t *restrict cnt,
+                                   const uint8_t *restrict lanes, const int32_t *restrict rowsum,
+                                   const float *restrict scale, const float *restrict bias,
+                                   int64_t N, int64_t r0, float *restrict y) {
+  const int nr = N - r0 < 16 ? (int)(N - r0) : 16;
+  const __mmask16 km = (__mmask16)((1u << nr) - 1);
+  const __m512 sc = _mm512_maskz_loadu_ps(km, scale + r0);
+  const __m512 bi = bias ? _mm512_maskz_loadu_ps(km, bias + r0) : _mm512_setzero_ps();
+  const __m512i corr = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(km, rowsum + r0), 7);
+  if (M == 1) { /* the window stays in registers; 2 chains hide vpdpbusd's latency */
+    __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+    const uint8_t *p = lanes;
+    for (int64_t w = 0; w < nw; ++w) {
+      int c = cnt[w];
+      if (!c) continue;
+      const __m512i lo = _mm512_loadu_si512(xu + w * 128), hi = _mm512_loadu_si512(xu + w * 128 + 64);
+      for (; c >= 2; c -= 2, p += 256) {
+        _mm_prefetch((const char *)(p + PF), _MM_HINT_T0);
+        _mm_prefetch((const char *)(p + PF + 64), _MM_HINT_T0);
+        _mm_prefetch((const char *)(p + PF + 128), _MM_HINT_T0);
+        _mm_prefetch((const char *)(p + PF + 192), _MM_HINT_T0);
+        a0 = _mm512_dpbusd_epi32(a0, _mm512_permutex2var_epi8(lo, _mm512_loadu_si512(p), hi),
+                                 _mm512_loadu_si512(p + 64));
+        a1 = _mm512_dpbusd_epi32(a1, _mm512_permutex2var_epi8(lo, _mm512_loadu_si512(p + 128), hi),
+                                 _mm512_loadu_si512(p + 192));
+      }
+      if (c) {
+        a0 = _mm512_dpbusd_epi32(a0, _mm512_permutex2var_epi8(lo, _mm512_loadu_si512(p), hi),
+                                 _mm512_loadu_si512(p + 64));
+        p += 128;
       }
     }
-    for (; b < nb; ++b) {
-      const uint64_t k = mk[b];
-      const __m512i w = _mm512_maskz_expand_epi8(k, _mm512_loadu_si512((const void *)v));
-      v += __builtin_popcountll(k);
-      a[0] = _mm512_dpbusd_epi32(a[0], _mm512_loadu_si512((const void *)(xu + b * 64)), w);
+    const __m512i s = _mm512_sub_epi32(_mm512_add_epi32(a0, a1), corr);
+    _mm512_mask_storeu_ps(y + r0, km, _mm512_fmadd_ps(_mm512_cvtepi32_ps(s),
+                                                      _mm512_mul_ps(sc, _mm512_set1_ps(sx[0])), bi));
+    return;
+  }
+  /* LT tokens at a time (xu holds whole tiles: tokens past M are zeros); each window's activations
+   * of the LT tokens stay in registers while its rounds stream by */
+  for (int64_t t0 = 0; t0 < M; t0 += LT) {
+    __m512i a[LT], lo[LT], hi[LT];
+    for (int t = 0; t < LT; ++t) a[t] = _mm512_setzero_si512();
+    const uint8_t *p = lanes, *xb = xu + t0 * Kp;
+    for (int64_t w = 0; w < nw; ++w) {
+      int c = cnt[w];
+      if (!c) continue;
+      for (int t = 0; t < LT; ++t) {
+        lo[t] = _mm512_loadu_si512(xb + t * Kp + w * 128);
+        hi[t] = _mm512_loadu_si512(xb + t * Kp + w * 128 + 64);
+      }
+      for (; c > 0; --c, p += 128) {
+        const __m512i iv = _mm512_loadu_si512(p), vv = _mm512_loadu_si512(p + 64);
+        for (int t = 0; t < LT; ++t)
+          a[t] = _mm512_dpbusd_epi32(a[t], _mm512_permutex2var_epi8(lo[t], iv, hi[t]), vv);
+      }
     }
-    const __m512i a01 = _mm512_add_epi32(a[0], a[1]), a23 = _mm512_add_epi32(a[2], a[3]);
-    const int32_t s = _mm512_reduce_add_epi32(_mm512_add_epi32(a01, a23)) - 128 * rowsum[n];
-    y[n] = (float)s * (scale[n] * sx) + (bias ? bias[n] : 0.0f);
+    const int tv = M - t0 < LT ? (int)(M - t0) : LT;
+    for (int t = 0; t < tv; ++t) {
+      const __m512i s = _mm512_sub_epi32(a[t], corr);
+      _mm512_mask_storeu_ps(y + (t0 + t) * N + r0, km,
+                            _mm512_fmadd_ps(_mm512_cvtepi32_ps(s),
+                                            _mm512_mul_ps(sc, _mm512_set1_ps(sx[t0 + t])), bi));
+    }
   }
 }
+
 static int have_vnni(void) {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("avx512vnni");
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi") &&
+         __builtin_cpu_supports("avx512vnni");
 }
 #define HAVE_VNNI_CODE 1
 #else
 #define HAVE_VNNI_CODE 0
 #endif
 
-/* Whether the bitmap + VNNI batch-1 path runs on this CPU. */
+/* Whether the lanes + VNNI path runs on this CPU. */
 int hs_q8_vnni(void) {
 #if HAVE_VNNI_CODE
   return have_vnni();
@@ -400,30 +466,31 @@ int hs_q8_vnni(void) {
 #endif
 }
 
-/* y[N] for one token x[K]: quantizes x into xu (>= nb * 64 bytes of scratch), then the bitmap rows.
- * values must be readable 64 bytes past the last stored value (the caller pads). Returns 0, or -1
- * when the CPU lacks the instructions (nothing written). */
-int hs_q8_bitmap_spmv(int64_t K, int64_t N, const float *x, const uint64_t *mask, int64_t nb,
-                      const int32_t *rowptr, const int8_t *val, const int32_t *rowsum,
-                      const float *scale, const float *bias, float *y, uint8_t *xu, int nthreads) {
+/* y[M, N] (row-major) for x[M, K] (row stride ldx) with the weight in lanes form (see above):
+ * quantizes each token into xu (Mt * Kp bytes of scratch, Kp = 128 * ceil(K / 128), Mt = M rounded
+ * up to a multiple of 8 when M > 1) and sx (M floats), then one group of 16 rows per task. lanes
+ * must be readable 128 bytes past the last round.
+ * Returns 0, or -1 when the CPU lacks the instructions (nothing written). */
+int hs_q8_lanes_linear(int64_t M, int64_t K, int64_t N, const float *x, int64_t ldx,
+                       const int64_t *ptr, const uint8_t *cnt, const uint8_t *lanes,
+                       const int32_t *rowsum, const float *scale, const float *bias, float *y,
+                       uint8_t *xu, float *sx, int nthreads) {
 #if HAVE_VNNI_CODE
   if (!have_vnni()) return -1;
   if (nthreads < 1) nthreads = 1;
-  float amax = 0.0f;
-  for (int64_t k = 0; k < K; ++k) amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
-  const float sx = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-  for (int64_t k = 0; k < K; ++k) xu[k] = (uint8_t)(lrintf(x[k] * inv) + 128);
-  memset(xu + K, 128, (size_t)(nb * 64 - K));
-  const int64_t nch = (N + 63) / 64;
-  _Pragma("omp parallel for schedule(dynamic, 4) num_threads(nthreads)")
-  for (int64_t c = 0; c < nch; ++c) {
-    const int64_t n1 = (c + 1) * 64 < N ? (c + 1) * 64 : N;
-    bitmap_rows(xu, mask, nb, rowptr, val, rowsum, scale, sx, bias, c * 64, n1, y);
-  }
+  const int64_t nw = (K + 127) / 128, Kp = nw * 128, ng = (N + 15) / 16;
+  const int qt = M >= 16 ? nthreads : 1;
+  _Pragma("omp parallel for schedule(static) num_threads(qt)")
+  for (int64_t m = 0; m < M; ++m) quantize_token(x + m * ldx, K, Kp, xu + m * Kp, sx + m);
+  const int64_t Mt = M == 1 ? 1 : (M + LT - 1) / LT * LT;
+  memset(xu + M * Kp, 128, (size_t)((Mt - M) * Kp));
+  _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")
+  for (int64_t g = 0; g < ng; ++g)
+    lane_group(M, Kp, nw, xu, sx, cnt + g * nw, lanes + ptr[g] * 128, rowsum, scale, bias, N, g * 16, y);
   return 0;
 #else
-  (void)K; (void)N; (void)x; (void)mask; (void)nb; (void)rowptr; (void)val; (void)rowsum;
-  (void)scale; (void)bias; (void)y; (void)xu; (void)nthreads;
+  (void)M; (void)K; (void)N; (void)x; (void)ldx; (void)ptr; (void)cnt; (void)lanes; (void)rowsum;
+  (void)scale; (void)bias; (void)y; (void)xu; (void)sx; (void)nthreads;
   return -1;
 #endif
 }
@@ -432,4 +499,4 @@ int hs_q8_bitmap_spmv(int64_t K, int64_t N, const float *x, const uint64_t *mask
 int hs_q8_simd(void) { return HAVE_SIMD; }
 
 /* Lets the loader check that it has the library it compiled. */
-int hs_q8_abi(void) { return 1; }
+int hs_q8_abi(void) { return 4; }

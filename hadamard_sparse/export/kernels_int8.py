@@ -8,14 +8,17 @@ its own library. The weight is CSR with ``int8`` values and one float32 scale pe
 * ``activations="fp32"``: the input stays float32; each int8 value is converted in the loop and
   the row sum is multiplied by the row's scale at the end (3 bytes per nonzero instead of 6).
 * ``activations="int8"``: each token is quantized to int8 (symmetric, ``max|x| / 127``) and
-  products accumulate in int32. For one token on CPUs with AVX512-VBMI2 and AVX512-VNNI
-  (runtime check) the weight is read as 64-column bitmaps (``mask``) plus the values: one
-  ``vpexpandb`` + ``vpdpbusd`` per 64 columns, no gathers; elsewhere one token runs ``"fp32"``.
-* ``activations="auto"`` (default): ``"int8"`` for one token where the bitmap path runs, else
-  ``"fp32"`` (measured fastest per case, ``docs/speed.md``).
+  products accumulate in int32. On CPUs with AVX512-VBMI and AVX512-VNNI (runtime check) the
+  weight is read in its *lanes* form (:class:`CSRWeightInt8`'s ``lanes``): rows in groups of 16,
+  one int32 lane each, columns in windows of 128; each 128-byte round is one ``vpermi2b`` (the 64
+  activations the round needs, gathered in registers) and one ``vpdpbusd`` (4 products for each of
+  the 16 rows), no gathers from memory. Elsewhere, more than one token runs the CSR tile loop with
+  int32 lanes, and one token runs ``"fp32"``.
+* ``activations="auto"`` (default): ``"int8"`` where the lanes path runs, else ``"fp32"``
+  (measured fastest per case, ``docs/speed.md``).
 
 ``HADAMARD_SPARSE_INT8_PLAIN=1`` (or ``plain=True``) forces the plain C loops (no AVX-512
-gathers, no VNNI bitmap path), for tests on machines that have them. Threads:
+gathers, no lanes path), for tests on machines that have them. Threads:
 ``torch.get_num_threads()``, fewer for small calls, as in :mod:`.kernels`; bits do not depend
 on the thread count.
 """
@@ -41,14 +44,18 @@ __all__ = [
     "CSRWeightInt8",
     "csr_linear_int8",
     "int8_kernel_status",
+    "lanes_path_available",
     "pack_csr_int8",
 ]
 
 _SOURCE = Path(__file__).with_name("_kernels_int8.c")
-_ABI = 1
+_ABI = 4
 #: The allowed values of ``activations``.
 ACTIVATIONS = ("auto", "fp32", "int8")
 _PAD = 64  # values are readable this many bytes past the last one (64-byte vector loads)
+LANE_ROWS = 16  # rows per group of the lanes form (int32 lanes of a 512-bit register)
+LANE_WINDOW = 128  # columns per window of the lanes form (two 64-byte registers, 7-bit offsets)
+_LANE_TOKENS = 8  # the lanes kernel's tokens per pass (LT in the C source)
 _MIN_WORK_PER_THREAD = 1 << 18
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -74,8 +81,24 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.hs_q8_work_floats.argtypes = [i64, i64, c_int]
     lib.hs_q8_simd.restype = c_int
     lib.hs_q8_vnni.restype = c_int
-    lib.hs_q8_bitmap_spmv.restype = c_int
-    lib.hs_q8_bitmap_spmv.argtypes = [i64, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int]
+    lib.hs_q8_lanes_linear.restype = c_int
+    lib.hs_q8_lanes_linear.argtypes = [
+        i64,
+        i64,
+        i64,
+        ptr,
+        i64,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        c_int,
+    ]
 
 
 def _load() -> ctypes.CDLL | None:
@@ -92,7 +115,7 @@ def int8_kernel_status() -> tuple[bool, str]:
 
     Returns:
         ``(available, reason)``; ``reason`` ends with ``"; AVX-512 batch-1 path"`` when the
-        gathers are compiled in and ``"; VNNI bitmap path"`` when this CPU runs it.
+        gathers are compiled in and ``"; VNNI lanes path"`` when this CPU runs it.
 
     Example::
 
@@ -103,7 +126,7 @@ def int8_kernel_status() -> tuple[bool, str]:
     simd = lib is not None and bool(lib.hs_q8_simd())
     vnni = lib is not None and bool(lib.hs_q8_vnni())
     return lib is not None, _reason + ("; AVX-512 batch-1 path" if simd else "") + (
-        "; VNNI bitmap path" if vnni else ""
+        "; VNNI lanes path" if vnni else ""
     )
 
 
@@ -125,8 +148,12 @@ class CSRWeightInt8:
         values: ``int8[nnz + 64]`` in ``[-127, 127]`` (64 zeros of padding at the end).
         scale: ``float32[out_features]``.
         shape: ``(out_features, in_features)``.
-        mask: ``int64[out_features, ceil(in_features / 64)]``: bit ``c`` of ``mask[r, b]`` is set
-            when column ``64 * b + c`` of row ``r`` is stored (the batch-1 bitmap path).
+        lanes: ``uint8[rounds * 128 + 128]``, the same nonzeros in lanes form (the VNNI path):
+            for each group of 16 rows and window of 128 columns, rounds of 64 column offsets
+            within the window then 64 values, row ``i`` of the group in bytes ``4i..4i+3`` of
+            both halves (zero values pad the rows with fewer nonzeros); 128 zero bytes at the end.
+        lane_ptr: ``int64[groups + 1]``, the first round of each group of 16 rows.
+        lane_cnt: ``uint8[groups, ceil(in_features / 128)]``, rounds per group and window.
         rowsum: ``int32[out_features]``, the sum of each row's int8 values.
     """
 
@@ -135,7 +162,9 @@ class CSRWeightInt8:
     values: torch.Tensor
     scale: torch.Tensor
     shape: tuple[int, int]
-    mask: torch.Tensor
+    lanes: torch.Tensor
+    lane_ptr: torch.Tensor
+    lane_cnt: torch.Tensor
     rowsum: torch.Tensor
 
     @property
@@ -207,14 +236,53 @@ def pack_csr_int8(weight: torch.Tensor, scale: torch.Tensor | None = None) -> CS
     crow[1:] = nz.sum(1).cumsum(0).to(torch.int32)
     col = nz.nonzero()[:, 1].to(torch.int32)
     col = col.to(torch.uint16) if cols <= U16_MAX_COLS else col
-    nb = (cols + 63) // 64
-    bits = torch.nn.functional.pad(nz, (0, nb * 64 - cols)).reshape(rows, nb, 64).to(torch.int64)
-    mask = (bits << torch.arange(64, dtype=torch.int64)).sum(-1)  # bit 63 wraps to the sign: same bits
     values = torch.cat([q[nz], torch.zeros(_PAD, dtype=torch.int8)])
     rowsum = q.to(torch.int32).sum(1, dtype=torch.int32)
+    lanes, lane_ptr, lane_cnt = pack_lanes(q)
     return CSRWeightInt8(
-        crow, col.contiguous(), values, s.contiguous(), (int(rows), int(cols)), mask.contiguous(), rowsum
-    )
+        crow, col.contiguous(), values, s.contiguous(), (int(rows), int(cols)), lanes, lane_ptr, lane_cnt,
+        rowsum,
+    )  # fmt: skip
+
+
+def pack_lanes(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The nonzeros of an int8 matrix ``(rows, cols)`` in lanes form (see :class:`CSRWeightInt8`).
+
+    Args:
+        q: dense ``int8`` tensor ``(rows, cols)``.
+
+    Returns:
+        ``(lanes, lane_ptr, lane_cnt)``.
+
+    Example::
+
+        >>> lanes, ptr, cnt = pack_lanes(torch.tensor([[0, 3], [-2, 0]], dtype=torch.int8))
+        >>> lanes[:8].tolist(), lanes[64:72].tolist(), cnt.tolist()
+        ([1, 0, 0, 0, 0, 0, 0, 0], [3, 0, 0, 0, -2, 0, 0, 0], [[1]])
+    """
+    rows, cols = q.shape
+    nw = -(-cols // LANE_WINDOW)
+    ng = -(-rows // LANE_ROWS)
+    nz = q != 0
+    per_row = torch.zeros(ng * LANE_ROWS, nw, dtype=torch.int64)
+    per_row[:rows] = torch.nn.functional.pad(nz, (0, nw * LANE_WINDOW - cols)).reshape(rows, nw, -1).sum(-1)
+    # a group's rounds in a window are set by its fullest row there, 4 entries per row per round
+    rounds = torch.div(per_row.reshape(ng, LANE_ROWS, nw).amax(1) + 3, 4, rounding_mode="floor")
+    r, c = nz.nonzero(as_tuple=True)  # row-major: by row, then column
+    w = torch.div(c, LANE_WINDOW, rounding_mode="floor")
+    counts = per_row[:rows].reshape(-1)
+    rank = torch.arange(r.numel()) - (counts.cumsum(0) - counts)[r * nw + w]  # place within (row, window)
+    flat = rounds.reshape(-1)
+    first = flat.cumsum(0) - flat  # first round of each (group, window)
+    g = torch.div(r, LANE_ROWS, rounding_mode="floor")
+    slot = first[g * nw + w] + torch.div(rank, 4, rounding_mode="floor")
+    byte = slot * 128 + 4 * (r % LANE_ROWS) + rank % 4
+    lanes = torch.zeros(int(flat.sum()) * 128 + 128, dtype=torch.uint8)
+    lanes[byte] = (c % LANE_WINDOW).to(torch.uint8)
+    lanes[byte + 64] = q[r, c].view(torch.uint8)
+    lane_ptr = torch.zeros(ng + 1, dtype=torch.int64)
+    lane_ptr[1:] = rounds.sum(1).cumsum(0)
+    return lanes, lane_ptr, rounds.to(torch.uint8).contiguous()
 
 
 _scratch = threading.local()
@@ -244,6 +312,12 @@ def _vnni(lib: ctypes.CDLL) -> bool:
 
 def _plain_forced() -> bool:
     return os.environ.get("HADAMARD_SPARSE_INT8_PLAIN", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def lanes_path_available() -> bool:
+    """Whether ``activations="auto"`` runs the lanes + VNNI path here (kernel built, CPU has it, not forced plain)."""
+    lib = _load()
+    return lib is not None and not _plain_forced() and _vnni(lib)
 
 
 def _reference(
@@ -277,7 +351,9 @@ def _run(
     col: torch.Tensor,
     values: torch.Tensor,
     scale: torch.Tensor,
-    mask: torch.Tensor,
+    lanes: torch.Tensor,
+    lane_ptr: torch.Tensor,
+    lane_cnt: torch.Tensor,
     rowsum: torch.Tensor,
     bias: torch.Tensor | None,
     n_out: int,
@@ -295,8 +371,10 @@ def _run(
                 stacklevel=4,
             )
         return _reference(x2, crow, col, values, scale, bias, n_out).to(x2.dtype)
+    plain = plain or _plain_forced()
+    lanes_path = not plain and _vnni(lib)
     if activations == "auto":
-        activations = "int8" if x2.shape[0] == 1 else "fp32"
+        activations = "int8" if lanes_path else "fp32"
     m, k = x2.shape
     if x2.stride(-1) != 1 or (m > 1 and x2.stride(0) < k):
         x2 = x2.contiguous()
@@ -307,13 +385,15 @@ def _run(
     if b is not None and (b.dtype is not torch.float32 or not b.is_contiguous()):
         b = b.detach().to(torch.float32).contiguous()
     threads = max(1, min(torch.get_num_threads(), values.numel() * m // _MIN_WORK_PER_THREAD))
-    plain = plain or _plain_forced()
-    if m == 1 and activations != "fp32" and not plain and _vnni(lib):
-        xu = torch.empty(mask.shape[1] * 64 + 64, dtype=torch.uint8)
-        ok = lib.hs_q8_bitmap_spmv(
-            k, n_out, x2.data_ptr(), mask.data_ptr(), mask.shape[1], crow.data_ptr(), values.data_ptr(),
-            rowsum.data_ptr(), scale.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
-            xu.data_ptr(), threads,
+    if activations == "int8" and lanes_path:
+        tokens = 1 if m == 1 else -(-m // _LANE_TOKENS) * _LANE_TOKENS
+        xu = torch.empty(tokens * lane_cnt.shape[1] * LANE_WINDOW, dtype=torch.uint8)
+        sx = torch.empty(m, dtype=torch.float32)
+        ok = lib.hs_q8_lanes_linear(
+            m, k, n_out, x2.data_ptr(), x2.stride(0) if m > 1 else k, lane_ptr.data_ptr(),
+            lane_cnt.data_ptr(), lanes.data_ptr(),
+            rowsum.data_ptr(), scale.data_ptr(),
+            None if b is None else b.data_ptr(), y.data_ptr(), xu.data_ptr(), sx.data_ptr(), threads,
         )  # fmt: skip
         if ok == 0:
             return y
@@ -338,7 +418,9 @@ def _csr_linear_int8_op(
     col: torch.Tensor,
     values: torch.Tensor,
     scale: torch.Tensor,
-    mask: torch.Tensor,
+    lanes: torch.Tensor,
+    lane_ptr: torch.Tensor,
+    lane_cnt: torch.Tensor,
     rowsum: torch.Tensor,
     bias: torch.Tensor | None,
     out_features: int,
@@ -346,7 +428,10 @@ def _csr_linear_int8_op(
     plain: bool,
 ) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
-    y = _run(x2, crow, col, values, scale, mask, rowsum, bias, out_features, activations, plain)
+    y = _run(
+        x2, crow, col, values, scale, lanes, lane_ptr, lane_cnt, rowsum, bias, out_features,
+        activations, plain,
+    )  # fmt: skip
     return y.reshape(*x.shape[:-1], out_features)
 
 
@@ -357,7 +442,9 @@ def _(
     col: torch.Tensor,
     values: torch.Tensor,
     scale: torch.Tensor,
-    mask: torch.Tensor,
+    lanes: torch.Tensor,
+    lane_ptr: torch.Tensor,
+    lane_cnt: torch.Tensor,
     rowsum: torch.Tensor,
     bias: torch.Tensor | None,
     out_features: int,
@@ -388,7 +475,7 @@ def csr_linear_int8(
         bias: ``(out_features,)`` or ``None``.
         activations: ``"auto"`` (default), ``"fp32"`` or ``"int8"`` (per-token dynamic quantization
             of ``x``); see the module docstring.
-        plain: force the plain C loops (no AVX-512 intrinsics, no VNNI bitmap path).
+        plain: force the plain C loops (no AVX-512 intrinsics, no VNNI lanes path).
 
     Returns:
         ``(..., out_features)``, float32.
@@ -411,7 +498,8 @@ def csr_linear_int8(
         flat = x.dim() == 2
         y = _run(
             x if flat else x.reshape(-1, n_in), weight.crow, weight.col, weight.values, weight.scale,
-            weight.mask, weight.rowsum, bias, n_out, activations, plain,
+            weight.lanes, weight.lane_ptr, weight.lane_cnt, weight.rowsum, bias, n_out,
+            activations, plain,
         )  # fmt: skip
         return y if flat else y.reshape(*x.shape[:-1], n_out)
     return _csr_linear_int8_op(
@@ -420,7 +508,9 @@ def csr_linear_int8(
         weight.col,
         weight.values,
         weight.scale,
-        weight.mask,
+        weight.lanes,
+        weight.lane_ptr,
+        weight.lane_cnt,
         weight.rowsum,
         bias,
         n_out,

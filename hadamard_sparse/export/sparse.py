@@ -34,6 +34,7 @@ from .baking import bake, baked_copy, holds_masks
 from .choice import (
     DEFAULT_MAX_DENSITY,
     LAYOUTS,
+    MIN_SPEEDUP,
     TIMED_MAX_DENSITY,
     LayerChoice,
     Timer,
@@ -44,6 +45,7 @@ from .choice import (
     split_inputs,
     timed_choice,
 )
+from .kernels_int8 import csr_linear_int8, lanes_path_available
 from .layer_rules import SparseSpec, rule_of
 from .sparse_int8 import SparseLinearInt8, int8_plan
 from .sparse_linear import SparseLinear
@@ -156,7 +158,8 @@ def to_sparse(
         timer: ``timer(layer_name, {candidate: fn}) -> {candidate: seconds}`` replacing the
             default :func:`measure` (for tests, or another clock).
         quantize: ``None`` or ``"int8"``: linear-like layers become :class:`SparseLinearInt8` (int8 CSR, float scales per row;
-            layout ``"auto"``/``"csr_kernel"``); learned scales of a last-in-chain ``FakeQuant`` are kept.
+            layout ``"auto"``/``"csr_kernel"``); learned scales of a last-in-chain ``FakeQuant`` are kept, and
+            those layers keep float activations (``activations="fp32"``, what the FakeQuant simulated).
         return_report: also return the per-layer :class:`LayerChoice` list.
 
     Returns:
@@ -220,8 +223,14 @@ class _Plan:
         if spec.build is not None:
             new = spec.build(layer.mod, chosen)
         elif self.quantize is not None:
+            learned = self.learned.get(name)
+            # a FakeQuant simulated int8 weights with float activations: export exactly that
             new = SparseLinearInt8.from_weight(
-                layer.weight, layer.bias, scale=self.learned.get(name), transposed=spec.transposed
+                layer.weight,
+                layer.bias,
+                scale=learned,
+                activations="auto" if learned is None else "fp32",
+                transposed=spec.transposed,
             )
         else:
             w = layer.weight.t() if spec.transposed else layer.weight
@@ -421,15 +430,41 @@ def _choose_timed(
         for cand in sparse:
             mods[cand] = plan.build(name, cand).eval()
         fns = {c: (lambda m=m, x=x: m(x)) for c, m in mods.items()}
+        q8 = mods.get("csr_kernel")
+        if isinstance(q8, SparseLinearInt8) and q8.activations == "auto" and lanes_path_available():
+            packed, bias = q8.packed(), q8.bias
+            fns[FP32_ACTIVATIONS] = lambda: csr_linear_int8(x, packed, bias, activations="fp32")  # noqa: B023
         with torch.inference_mode():
             seconds = run(name, fns)
+        acts = ""
+        if FP32_ACTIVATIONS in fns:
+            acts = _pick_activations(q8, seconds)  # type: ignore[arg-type]
+            del fns[FP32_ACTIVATIONS]  # retimes measure the module as chosen
         ruled = _by_rule(plan, layer, max_density)
         chosen, why, seconds = timed_choice(seconds, sparse, *ruled, lambda: run(name, fns))  # noqa: B023
+        why += acts if chosen != "dense" else ""
         plan.report.append(LayerChoice(name, kind, density, chosen, why, seconds, tuple(x.shape)))
         if chosen != "dense":
             built[name] = mods[chosen]
             built[name].train(layer.mod.training)
     return built
+
+
+#: The timing label of an int8 layer run with float32 activations (beside ``"csr_kernel"``, int8 ones).
+FP32_ACTIVATIONS = "csr_kernel/fp32-activations"
+
+
+def _pick_activations(mod: SparseLinearInt8, seconds: dict[str, float]) -> str:
+    """Float32 activations for ``mod`` when they timed :data:`MIN_SPEEDUP` faster than int8 ones (the lanes path).
+
+    ``seconds["csr_kernel"]`` becomes the chosen variant's time. Returns the note for the report.
+    """
+    t8, t32 = seconds["csr_kernel"], seconds[FP32_ACTIVATIONS]
+    faster = t32 > 0 and t8 / t32 >= MIN_SPEEDUP
+    if faster:
+        mod.activations = "fp32"
+        seconds["csr_kernel"] = t32
+    return f"; activations {'fp32' if faster else 'int8'} (int8 {t32 / t8 if t8 > 0 else 1.0:.2f}x fp32)"
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,13 +37,14 @@ class SparseLinearInt8(nn.Module):
 
     ``forward(x) = (x @ Q.T) * scale + b``, with ``Q`` in CSR (``int32`` row pointers, ``uint16``
     column indices up to 65,536 inputs, else ``int32``; ``int8`` values) held in the non-persistent
-    buffers ``crow``, ``col``, ``values`` and ``scale`` (plus ``mask``, 64-column bitmaps of the
-    same nonzeros, and ``rowsum``, for the batch-1 path), run by the compiled kernel (float32 CPU;
-    elsewhere ``torch.sparse`` computes the same). ``activations="auto"`` (default): a single
-    token is quantized to int8 and runs the bitmap + VNNI path where the CPU has it (AVX512-VBMI2
-    and AVX512-VNNI); more tokens keep float32 activations (the int8 values are converted in the
-    loop), which measured faster than per-token int8 activations with unstructured CSR (see
-    ``docs/speed.md``). ``"fp32"`` / ``"int8"`` force one of them.
+    buffers ``crow``, ``col``, ``values`` and ``scale`` (plus ``lanes``, ``lane_ptr`` and
+    ``lane_cnt``, the same nonzeros packed 16 rows per vector for the VNNI path, and ``rowsum``),
+    run by the compiled kernel (float32 CPU; elsewhere ``torch.sparse`` computes the same).
+    ``activations="auto"`` (default): where the CPU has AVX512-VBMI and AVX512-VNNI, each token
+    is quantized to int8 (per token, ``max|x| / 127``) and runs the lanes + VNNI path; elsewhere
+    activations stay float32 (the int8 values are converted in the loop), which measured faster
+    than int8 activations with CSR gathers (see ``docs/speed.md``). ``"fp32"`` / ``"int8"``
+    force one of them.
 
     ``state_dict`` holds the dense float32 ``weight`` (the exact dequantized values ``q * scale``,
     transposed back for a Hugging Face ``Conv1D``) and ``bias`` under the dense layer's names, so
@@ -70,7 +71,9 @@ class SparseLinearInt8(nn.Module):
     col: torch.Tensor
     values: torch.Tensor
     scale: torch.Tensor
-    mask: torch.Tensor
+    lanes: torch.Tensor
+    lane_ptr: torch.Tensor
+    lane_cnt: torch.Tensor
     rowsum: torch.Tensor
 
     def __init__(self, linear: nn.Linear, *, activations: str = "auto") -> None:
@@ -128,14 +131,24 @@ class SparseLinearInt8(nn.Module):
             scale = scale.detach().to(torch.float32).reshape(-1).expand(w.shape[0])
         with torch.inference_mode(False), torch.no_grad():
             p = pack_csr_int8(w.detach().clone(), scale)
-        for name in ("crow", "col", "values", "scale", "mask", "rowsum"):
+        for name in (
+            "crow",
+            "col",
+            "values",
+            "scale",
+            "lanes",
+            "lane_ptr",
+            "lane_cnt",
+            "rowsum",
+        ):
             self.register_buffer(name, getattr(p, name), persistent=False)
 
     def packed(self) -> CSRWeightInt8:
         """The weight as a :class:`~.kernels_int8.CSRWeightInt8` (views of the buffers)."""
         b = self._buffers
         shape = (self.out_features, self.in_features)
-        return CSRWeightInt8(b["crow"], b["col"], b["values"], b["scale"], shape, b["mask"], b["rowsum"])  # type: ignore[arg-type]
+        names = ("lanes", "lane_ptr", "lane_cnt", "rowsum")
+        return CSRWeightInt8(b["crow"], b["col"], b["values"], b["scale"], shape, *(b[n] for n in names))  # type: ignore[arg-type,misc]
 
     def dense_weight(self) -> torch.Tensor:
         """The dequantized weight, dense float32 ``(out_features, in_features)``."""

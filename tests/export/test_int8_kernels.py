@@ -60,13 +60,52 @@ def test_kernel_matches_dequantized_reference(n, k, lead, threads, plain):
     assert float((y - ref).abs().max()) <= float(tol)
 
 
+def _lanes_to_dense(p: K.CSRWeightInt8) -> torch.Tensor:
+    """Decodes the lanes form by its documented layout, independently of the kernel."""
+    rows, cols = p.shape
+    q = torch.zeros(-(-rows // 16) * 16, cols, dtype=torch.int64)
+    nw = p.lane_cnt.shape[1]
+    r = 0
+    for g in range(p.lane_cnt.shape[0]):
+        assert int(p.lane_ptr[g]) == r
+        for w in range(nw):
+            for _ in range(int(p.lane_cnt[g, w])):
+                off = p.lanes[r * 128 : r * 128 + 64].long()
+                val = p.lanes[r * 128 + 64 : r * 128 + 128].view(torch.int8).long()
+                for b in range(64):
+                    if val[b]:
+                        q[g * 16 + b // 4, w * 128 + int(off[b])] += val[b]
+                r += 1
+    assert int(p.lane_ptr[-1]) == r and p.lanes.numel() == r * 128 + 128
+    return q[:rows]
+
+
+def _skewed(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Every third row dense in the first window, the others sparse: padded rounds."""
+    w = _sparse(n, k, 0.05, seed)
+    w[::3, : min(k, 128)] = torch.randn(len(range(0, n, 3)), min(k, 128))
+    return w
+
+
+@pytest.mark.parametrize(
+    "n,k,density", [(5, 1, 0.5), (37, 130, 0.1), (16, 128, 1.0), (40, 300, 0.3), (50, 200, None)]
+)
+def test_lanes_form_holds_the_same_nonzeros(n, k, density):
+    w = _sparse(n, k, density) if density is not None else _skewed(n, k)
+    p = K.pack_csr_int8(w)
+    # a round holds 4 entries per row: the rounds of (group, window) are ceil(max row count / 4)
+    if density == 1.0:
+        assert p.lane_cnt.tolist() == [[32]]
+
+
 @needs_kernel
-@pytest.mark.parametrize("n,k", [(96, 130), (37, 64), (5, 1), (20, 70000)])
+@pytest.mark.parametrize("n,k", [(96, 130), (37, 64), (5, 1), (20, 70000), (16, 256), ("skewed", 300)])
 @pytest.mark.parametrize("lead", [(1,), (3,), (64,), (2, 33)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_int8_activations_within_half_step_of_reference(n, k, lead, threads):
-    """activations="int8" (for one token: the bitmap + VNNI path where the CPU has it)."""
-    w = _sparse(n, k)
+    """activations="int8": the lanes + VNNI path where the CPU has it, else the CSR int32 tile loop."""
+    w = _skewed(70, k) if n == "skewed" else _sparse(n, k)
+    n = w.shape[0]
     p = K.pack_csr_int8(w)
     bias = torch.randn(n)
     x = torch.randn(*lead, k)
@@ -75,16 +114,19 @@ def test_int8_activations_within_half_step_of_reference(n, k, lead, threads):
     try:
         y = K.csr_linear_int8(x, p, bias, activations="int8").reshape(-1, n)
         auto = K.csr_linear_int8(x, p, bias).reshape(-1, n)
+        plain = K.csr_linear_int8(x, p, bias, activations="int8", plain=True).reshape(-1, n)
     finally:
         torch.set_num_threads(old)
     ref = _reference(x.reshape(-1, k), p, bias)
     # per-token int8 activations: half a step of max|x| / 127 per entry
     bound = (x.reshape(-1, k).abs().amax(1, keepdim=True) / 254) * p.to_dense().abs().sum(1)
     assert bool(((y - ref).abs() <= bound * 1.01 + 1e-4).all())
-    if lead != (1,):  # "auto" keeps float32 activations for more than one token
+    if "VNNI lanes" in K.int8_kernel_status()[1]:
+        assert torch.equal(auto, y)  # "auto" is the lanes path
+        if lead != (1,):  # the plain int32 tile loop quantizes alike: the same sums, one rounding apart
+            assert torch.allclose(y, plain, rtol=1e-6, atol=1e-5)
+    else:  # "auto" keeps float32 activations
         assert bool(((auto - ref).abs() <= bound * 1e-3 + 1e-4).all())
-    elif "VNNI" in K.int8_kernel_status()[1]:
-        assert torch.equal(auto, y)
 
 
 @needs_kernel
@@ -125,7 +167,19 @@ def test_custom_op_compiles_and_exports():
         torch.ops.hadamard_sparse.csr_linear_int8.default,
         (
             x,
-            *(getattr(mod[0], n) for n in ("crow", "col", "values", "scale", "mask", "rowsum")),
+            *(
+                getattr(mod[0], n)
+                for n in (
+                    "crow",
+                    "col",
+                    "values",
+                    "scale",
+                    "lanes",
+                    "lane_ptr",
+                    "lane_cnt",
+                    "rowsum",
+                )
+            ),
             mod[0].bias,
             32,
             "fp32",
@@ -242,7 +296,7 @@ def test_refusals():
 def test_state_dict_dense_weight_round_trip():
     w = _sparse(24, 40)
     b = torch.randn(24)
-    mod = nn.Sequential(SparseLinearInt8.from_weight(w, b))
+    mod = nn.Sequential(SparseLinearInt8.from_weight(w, b, activations="fp32"))  # float activations: exact
     sd = mod.state_dict()
     assert set(sd) == {"0.weight", "0.bias"} and sd["0.weight"].dtype == torch.float32
     assert torch.equal(sd["0.weight"], mod[0].dense_weight())
@@ -252,7 +306,9 @@ def test_state_dict_dense_weight_round_trip():
     assert torch.allclose(dense(x), mod(x), atol=1e-5)
     buf = io.BytesIO()
     torch.save(sd, buf)
-    fresh = nn.Sequential(SparseLinearInt8.from_weight(torch.zeros(24, 40) + 0.5, torch.zeros(24)))
+    fresh = nn.Sequential(
+        SparseLinearInt8.from_weight(torch.zeros(24, 40) + 0.5, torch.zeros(24), activations="fp32")
+    )
     fresh.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
     assert torch.equal(fresh[0].values, mod[0].values) and torch.equal(fresh[0].col, mod[0].col)
     assert torch.allclose(fresh[0].scale, mod[0].scale, rtol=2**-23, atol=0)
@@ -271,7 +327,7 @@ def test_fake_quant_after_factorization_and_mask():
     with torch.no_grad():
         simulated = model(x)
     q = hs.to_sparse(model, quantize="int8", max_density=1.0)
-    assert isinstance(q[0], SparseLinearInt8)
+    assert isinstance(q[0], SparseLinearInt8) and q[0].activations == "fp32"  # what was simulated
     assert torch.allclose(q(x), simulated, rtol=1e-5, atol=1e-6)
 
 
@@ -309,3 +365,31 @@ def test_timed_choice_builds_int8_candidates():
     assert seen == {"0": SparseLinearInt8, "1": SparseLinearInt8}
     assert isinstance(q[0], SparseLinearInt8) and isinstance(q[1], nn.Linear)
     assert [c.layout for c in report] == ["csr_kernel", "dense"]
+
+
+@needs_kernel
+@pytest.mark.parametrize("fp32_faster", [True, False])
+def test_timed_choice_picks_activations(fp32_faster, monkeypatch):
+    """With example_inputs, an int8 layer on the lanes path keeps float32 activations when they time 5% faster."""
+    if not K.lanes_path_available():
+        pytest.skip("no lanes + VNNI path on this CPU")
+    model = hs.remove_parametrizations(hs.sparsify(nn.Sequential(nn.Linear(64, 64)), 0.9))
+    labels: list[set[str]] = []
+
+    def timer(name, fns):
+        labels.append(set(fns))
+        fp32 = 0.1 if fp32_faster else 0.2
+        return {c: {"dense": 1.0, "csr_kernel": 0.15}.get(c, fp32) for c in fns}
+
+    x = torch.randn(4, 64)
+    q, report = hs.to_sparse(
+        copy.deepcopy(model), quantize="int8", example_inputs=x, timer=timer, return_report=True
+    )
+    assert labels[0] == {"dense", "csr_kernel", "csr_kernel/fp32-activations"}
+    assert q[0].activations == ("fp32" if fp32_faster else "auto")
+    assert f"activations {'fp32' if fp32_faster else 'int8'}" in report[0].reason
+    assert report[0].seconds["csr_kernel"] == (0.1 if fp32_faster else 0.15)  # the chosen variant's time
+    monkeypatch.setenv("HADAMARD_SPARSE_INT8_PLAIN", "1")  # no lanes path: nothing to choose
+    labels.clear()
+    q = hs.to_sparse(model, quantize="int8", example_inputs=x, timer=timer)
+    assert labels[0] == {"dense", "csr_kernel"} and q[0].activations == "auto"
