@@ -26,10 +26,13 @@ from .dense_state import load_dense_entries, save_dense_entries
 from .kernels_int8 import ACTIVATIONS, CSRWeightInt8, csr_linear_int8, pack_csr_int8
 from .layer_rules import rule_of
 
-__all__ = ["QUANTIZE", "SparseLinearInt8", "int8_plan"]
+__all__ = ["PACKED_BUFFERS", "QUANTIZE", "SparseLinearInt8", "int8_plan"]
 
 #: The allowed values of ``to_sparse``'s ``quantize`` (besides ``None``).
 QUANTIZE = ("int8",)
+#: The non-persistent buffers of :class:`SparseLinearInt8`: the fields of its ``CSRWeightInt8``, in the
+#: order of the ``hadamard_sparse::csr_linear_int8`` operator's arguments.
+PACKED_BUFFERS = ("crow", "col", "values", "scale", "lanes", "lane_ptr", "lane_cnt", "rowsum")
 
 
 class SparseLinearInt8(nn.Module):
@@ -131,24 +134,16 @@ class SparseLinearInt8(nn.Module):
             scale = scale.detach().to(torch.float32).reshape(-1).expand(w.shape[0])
         with torch.inference_mode(False), torch.no_grad():
             p = pack_csr_int8(w.detach().clone(), scale)
-        for name in (
-            "crow",
-            "col",
-            "values",
-            "scale",
-            "lanes",
-            "lane_ptr",
-            "lane_cnt",
-            "rowsum",
-        ):
+        for name in PACKED_BUFFERS:
             self.register_buffer(name, getattr(p, name), persistent=False)
 
     def packed(self) -> CSRWeightInt8:
         """The weight as a :class:`~.kernels_int8.CSRWeightInt8` (views of the buffers)."""
         b = self._buffers
-        shape = (self.out_features, self.in_features)
-        names = ("lanes", "lane_ptr", "lane_cnt", "rowsum")
-        return CSRWeightInt8(b["crow"], b["col"], b["values"], b["scale"], shape, *(b[n] for n in names))  # type: ignore[arg-type,misc]
+        return CSRWeightInt8(
+            **{n: b[n] for n in PACKED_BUFFERS},  # type: ignore[arg-type]
+            shape=(self.out_features, self.in_features),
+        )
 
     def dense_weight(self) -> torch.Tensor:
         """The dequantized weight, dense float32 ``(out_features, in_features)``."""

@@ -12,7 +12,7 @@ from torch import nn
 import hadamard_sparse as hs
 from hadamard_sparse.errors import InvalidArgumentError
 from hadamard_sparse.export import kernels_int8 as K
-from hadamard_sparse.export.sparse_int8 import SparseLinearInt8
+from hadamard_sparse.export.sparse_int8 import PACKED_BUFFERS, SparseLinearInt8
 from tests.hf_models import transformers
 
 needs_kernel = pytest.mark.skipif(not K.int8_kernel_status()[0], reason="int8 kernel not built")
@@ -167,19 +167,7 @@ def test_custom_op_compiles_and_exports():
         torch.ops.hadamard_sparse.csr_linear_int8.default,
         (
             x,
-            *(
-                getattr(mod[0], n)
-                for n in (
-                    "crow",
-                    "col",
-                    "values",
-                    "scale",
-                    "lanes",
-                    "lane_ptr",
-                    "lane_cnt",
-                    "rowsum",
-                )
-            ),
+            *(getattr(mod[0], n) for n in PACKED_BUFFERS),
             mod[0].bias,
             32,
             "fp32",
