@@ -202,8 +202,9 @@ def recover(
         pruning_steps: cuts of the ramp. Default: ``10``.
         batch_size: texts per batch (text data). Default: ``32``.
         max_length: tokens per text (text data). Default: ``128``.
-        lr: the peak learning rate of AdamW. Default: ``3e-4`` (on all-MiniLM-L6-v2, short budgeted runs
-            recovered more at 5e-4 than at 1e-4; lower it if the loss climbs between pruning steps).
+        lr: the peak learning rate of AdamW. Default: ``3e-4`` (lower it if the loss climbs between
+            pruning steps). On all-MiniLM-L6-v2 with ``initial_sparsity=sparsity`` (no ramp), ``3e-3``
+            recovered the most in 100 and 550 steps (``docs/recovery.md``, "Measured").
         weight_decay: AdamW's weight decay. Default: ``0.0``.
         restarts: restart the learning rate at every pruning step (``False``: one linear decay). Default: ``True``.
         features: add SquareHead feature distillation on the repeated blocks. Default: ``True``.
