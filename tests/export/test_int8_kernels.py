@@ -88,14 +88,20 @@ def _skewed(n: int, k: int, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "n,k,density", [(5, 1, 0.5), (37, 130, 0.1), (16, 128, 1.0), (40, 300, 0.3), (50, 200, None)]
+    "n,k,density", [(5, 1, 0.5), (3, 0, 0.5), (37, 130, 0.1), (16, 128, 1.0), (40, 300, 0.3), (50, 200, None)]
 )
 def test_lanes_form_holds_the_same_nonzeros(n, k, density):
     w = _sparse(n, k, density) if density is not None else _skewed(n, k)
     p = K.pack_csr_int8(w)
+    q = torch.round(p.to_dense() / torch.where(p.scale == 0, 1.0, p.scale).unsqueeze(1)).long()
+    assert torch.equal(_lanes_to_dense(p), q)
     # a round holds 4 entries per row: the rounds of (group, window) are ceil(max row count / 4)
     if density == 1.0:
         assert p.lane_cnt.tolist() == [[32]]
+    if k == 0:  # no inputs: no rounds, and the kernel gives the bias
+        assert p.lane_cnt.shape == (1, 0) and p.lanes.numel() == 128
+        bias = torch.randn(n)
+        assert torch.equal(K.csr_linear_int8(torch.randn(4, 0), p, bias), bias.expand(4, n))
 
 
 @needs_kernel
