@@ -265,7 +265,9 @@ def pack_lanes(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     ng = -(-rows // LANE_ROWS)
     nz = q != 0
     per_row = torch.zeros(ng * LANE_ROWS, nw, dtype=torch.int64)
-    per_row[:rows] = torch.nn.functional.pad(nz, (0, nw * LANE_WINDOW - cols)).reshape(rows, nw, LANE_WINDOW).sum(-1)
+    per_row[:rows] = (
+        torch.nn.functional.pad(nz, (0, nw * LANE_WINDOW - cols)).reshape(rows, nw, LANE_WINDOW).sum(-1)
+    )
     # a group's rounds in a window are set by its fullest row there, 4 entries per row per round
     rounds = torch.div(per_row.reshape(ng, LANE_ROWS, nw).amax(1) + 3, 4, rounding_mode="floor")
     r, c = nz.nonzero(as_tuple=True)  # row-major: by row, then column
