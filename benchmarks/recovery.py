@@ -19,7 +19,8 @@ target (what issue 19 started from).
 
 Ablations (``--ablation a,b``): ``full`` (the recipe), ``no-features`` (output distillation only, no
 SquareHead), ``no-restarts`` (one linear decay instead of restarts), ``scope-layer`` (the ramp per
-tensor instead of global), ``ramp-<score>`` (the ramp scored by
+tensor instead of global), ``ungrouped`` (random batches, padded to their longest text, instead of
+batches grouped by length), ``ramp-<score>`` (the ramp scored by
 another registered calibration-free score, e.g. ``ramp-movement`` / ``ramp-obs`` where registered).
 
 Run (defaults: 80% and 90%, 30 minutes each, 2 threads)::
@@ -253,7 +254,12 @@ def main() -> None:
         type=float,
         default=None,
         metavar="CPU_MINUTES",
-        help="add the structured baseline: 3 of the 6 layers (1, 3, 5) distilled for CPU_MINUTES per thread",
+        help="add the structured baseline: the --keep layers of the 6 distilled for CPU_MINUTES per thread",
+    )
+    ap.add_argument(
+        "--keep",
+        default="1,3,5",
+        help="layers (of 6) that --layer-drop keeps, comma-separated (default 1,3,5)",
     )
     ap.add_argument("--speed", action="store_true", help="time each result against the dense model (eager)")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -314,6 +320,8 @@ def main() -> None:
                 kw["restarts"] = False
             elif ab == "scope-layer":
                 kw["scope"] = "layer"
+            elif ab == "ungrouped":
+                kw["group_by_length"] = False
             elif ab.startswith("ramp-"):
                 kw["ramp_method"] = ab[len("ramp-") :]
                 if kw["ramp_method"] == "movement":
@@ -373,9 +381,9 @@ def main() -> None:
             write()
 
     if args.layer_drop is not None:
-        keep = [1, 3, 5]
+        keep = [int(i) for i in args.keep.split(",")]
         student, q, n, minutes, cpu = layer_drop(train, held, keep, args.layer_drop, args.lr, args.threads)
-        name = f"3 layers ({', '.join(map(str, keep))}) of 6, dense, embedding distillation"
+        name = f"{len(keep)} layers ({', '.join(map(str, keep))}) of 6, dense, embedding distillation"
         if args.speed:
             speeds.append(f"| {name} | {_speed(_load()[0].auto_model, student[0].auto_model, 3.0)} |")
             print(speeds[-1], flush=True)

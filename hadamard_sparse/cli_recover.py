@@ -103,6 +103,12 @@ def add_recover_parser(sub: Any) -> None:
     )
     p.add_argument("--lr", type=_float_arg(0.0, None), default=3e-4, help="peak learning rate (default 3e-4)")
     p.add_argument("--batch-size", type=_int_arg, default=32, help="texts per step (default 32)")
+    p.add_argument(
+        "--no-group-by-length",
+        dest="group_by_length",
+        action="store_false",
+        help="batch texts in random order (default: texts of similar length together, less padding)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--resume", action="store_true", help="continue the run checkpointed in OUT_DIR")
     p.set_defaults(run=run_recover, parser=p)
@@ -187,6 +193,7 @@ def run_recover(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
             max_minutes=args.max_minutes,
             lr=args.lr,
             batch_size=args.batch_size,
+            group_by_length=args.group_by_length,
             seed=args.seed,
             checkpoint_dir=out / CHECKPOINT_DIR,
             resume=args.resume,

@@ -119,6 +119,30 @@ def test_recover_sentence_transformer_dir(tmp_path: Path, capsys: pytest.Capture
     assert zeros / numel == pytest.approx(0.7, abs=1e-2)  # one-shot only (0.7 = initial): per-row rounding
 
 
+@pytest.mark.parametrize(("flag", "grouped"), [([], True), (["--no-group-by-length"], False)])
+def test_group_by_length_flag_reaches_recover(
+    flag: list[str],
+    grouped: bool,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    src = _model_dir(tmp_path / "src")
+    (tmp_path / "train.txt").write_text(_lines(48, 0))
+    seen: dict[str, object] = {}
+
+    def fake(*args: object, **kwargs: object) -> object:
+        seen.update(kwargs)
+        raise hs.errors.InvalidArgumentError("stop here")
+
+    monkeypatch.setattr("hadamard_sparse.cli_recover.recover", fake)
+    argv = ["recover", str(src), str(tmp_path / "out"), "--data", str(tmp_path / "train.txt"), *flag]
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and "stop here" in err
+    assert seen["group_by_length"] is grouped
+    assert not (tmp_path / "out").exists()  # the refused run wrote nothing
+
+
 @pytest.mark.parametrize(
     ("change", "match"),
     [

@@ -143,6 +143,7 @@ def test_resume_is_bitwise_the_uninterrupted_run(ramp: str, tok: object, tmp_pat
         ({"lr": -1.0}, InvalidArgumentError, "lr must be"),
         ({"structure": "2:4", "sparsity": 0.9}, InvalidArgumentError, "at most 0.5"),
         ({"resume": True}, InvalidArgumentError, "checkpoint_dir"),
+        ({"group_by_length": 1}, InvalidTypeError, "group_by_length must be a bool"),
     ],
 )
 def test_bad_arguments_raise_before_any_change(tok: object, kwargs: dict, error: type, match: str) -> None:
