@@ -261,6 +261,9 @@ def main() -> None:
         default="1,3,5",
         help="layers (of 6) that --layer-drop keeps, comma-separated (default 1,3,5)",
     )
+    ap.add_argument(
+        "--freeze-embeddings", action="store_true", help="train without the embeddings (requires_grad=False)"
+    )
     ap.add_argument("--speed", action="store_true", help="time each result against the dense model (eager)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -395,6 +398,9 @@ def main() -> None:
 
     for name, s, kw in settings:
         model = _load()
+        if args.freeze_embeddings:  # hs.recover trains what requires grad: the embeddings stay as they are
+            model[0].auto_model.embeddings.requires_grad_(False)  # type: ignore[index]
+            name += " frozen-embeddings"
         t0, c0 = time.perf_counter(), time.process_time()
         report = hs.recover(
             model,
