@@ -121,6 +121,9 @@ def test_resume_is_bitwise_the_uninterrupted_run(ramp: str, tok: object, tmp_pat
     before = copy.deepcopy(other)
     with pytest.raises(InvalidArgumentError, match="other arguments"):
         recover(other, TRAIN, 0.8, checkpoint_dir=tmp_path / "b", resume=True, **{**kw, "lr": 2e-3})
+    # batches drawn the other way (a checkpoint from before length grouping reads as saved None)
+    with pytest.raises(InvalidArgumentError, match="group_by_length: saved True, now False"):
+        recover(other, TRAIN, 0.8, checkpoint_dir=tmp_path / "b", resume=True, group_by_length=False, **kw)
     with pytest.raises(InvalidArgumentError, match="does not exist"):
         recover(other, TRAIN, 0.8, checkpoint_dir=tmp_path / "none", resume=True, **kw)
     assert _same_state(other, before)
