@@ -10,6 +10,12 @@ evaluated on text it was trained or calibrated on:
   of ``sysconfig.get_paths()["stdlib"]``);
 - **eval**: sentences of the English manual pages (``/usr/share/man/man1/*.gz``, roff markup stripped).
 
+``--train docs`` adds ``--n-train`` sentences of other documentation, none of it manual pages
+(:func:`package_documentation`: the Python reference's topics, the installed packages' READMEs, the
+READMEs and text files of ``/usr/share/doc``, site-packages docstrings); ``--domain-check`` holds 500
+docstring sentences out of training and reports each result on them, on 500 trained ones and on the man
+pages, to show how much of the gap is the change of source.
+
 For each setting, ``hs.recover`` runs within ``--max-minutes`` (the run is planned from the measured step
 time; 2 threads by default) and the table gives the mean cosine between each held-out sentence's
 sparse and dense embeddings, and top-1 / top-10 retrieval agreement (the nearest neighbours of each
@@ -79,11 +85,14 @@ def package_docstrings(package: str, limit: int, seed: int = 0) -> list[str]:
     return docstrings(Path(spec.origin).parent, limit, seed)
 
 
-def docstrings(root: Path, limit: int, seed: int = 0) -> list[str]:
-    """Sentences of the docstrings of the ``.py`` files in ``root`` and its subfolders (tests skipped)."""
+def docstrings(root: Path, limit: int, seed: int = 0, *, deep: bool = False) -> list[str]:
+    """Sentences of the docstrings of the ``.py`` files in ``root`` and its subfolders (all levels with
+    ``deep``; tests skipped)."""
     out: list[str] = []
-    for path in sorted(root.glob("*.py")) + sorted(root.glob("*/*.py")):
-        if "test" in path.parts or path.name.startswith("test"):
+    files = sorted(root.rglob("*.py")) if deep else sorted(root.glob("*.py")) + sorted(root.glob("*/*.py"))
+    for path in files:
+        parts = path.relative_to(root).parts
+        if any(part in ("test", "tests") or part.startswith("test") for part in parts):
             continue
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -100,6 +109,54 @@ def docstrings(root: Path, limit: int, seed: int = 0) -> list[str]:
 
 
 _ROFF = re.compile(r"\\f(\[[A-Z]*\]|\(..|.)|\\\(..|\\\[[^\]]*\]|\\s[-+]?\d|\\[-&|^e ~0:]|\\\\")
+
+
+_MARKUP = ("#", "|", "```", "..", ":", "<", "[", "!", "-", "*", "=", "+")
+
+
+def _prose(text: str) -> list[str]:
+    """Sentences of a README-like text, markup lines (headings, tables, lists, code) dropped."""
+    lines = [x for x in text.splitlines() if not x.strip().startswith(_MARKUP) and not x.startswith("    ")]
+    return [s for s in _sentences("\n".join(lines)) if "\\" not in s]
+
+
+def package_documentation(limit: int, seed: int = 0) -> list[str]:
+    """Sentences of documentation that ships with Python and the installed packages, none of it manual
+    pages: the Python reference's topics (``pydoc_data``), the packages' READMEs (``METADATA``), the
+    READMEs and text files of ``/usr/share/doc`` (copyright, changelogs and news skipped) and the
+    docstrings of the installed packages (``site-packages``, at most ``limit // 2`` of them)."""
+    import email
+    import pydoc_data.topics
+
+    out = [s for v in pydoc_data.topics.topics.values() for s in _sentences(v)]
+    site = Path(sysconfig.get_paths()["purelib"])
+    for meta in sorted(site.glob("*.dist-info/METADATA")):
+        body = email.message_from_string(meta.read_text(errors="ignore")).get_payload()
+        if isinstance(body, str):
+            out.extend(_prose(body))
+    for path in sorted(Path("/usr/share/doc").rglob("*")):
+        name = path.name.lower()
+        if not path.is_file() or any(k in name for k in ("copyright", "changelog", "news")):
+            continue
+        if not re.search(r"(readme|\.txt|\.md|\.rst)(\.gz)?$", name):
+            continue
+        try:
+            raw = path.read_bytes()
+            out.extend(
+                _prose((gzip.decompress(raw) if name.endswith(".gz") else raw).decode("utf-8", "ignore"))
+            )
+        except (OSError, EOFError, gzip.BadGzipFile):
+            continue
+    packages = [
+        p for p in sorted(site.iterdir()) if p.is_dir() and "." not in p.name and p.name != "__pycache__"
+    ]
+    found: list[str] = []
+    for package in packages:
+        found.extend(docstrings(package, limit, seed, deep=True))
+    random.Random(seed).shuffle(found)
+    out = sorted(set(out) | set(found[: limit // 2]))
+    random.Random(seed).shuffle(out)
+    return out[:limit]
 
 
 def man_pages(limit: int, seed: int = 0) -> list[str]:
@@ -217,8 +274,11 @@ def layer_drop(
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         step += 1
-        if step == 5:  # plan the run from the CPU time of the first steps
-            planned = max(step, int(budget / ((time.process_time() - c0) / step)))
+        if step == 5:  # plan the run from the CPU time of the first steps, then again from steps 5-50
+            planned, c5 = max(step, int(budget / ((time.process_time() - c0) / step))), time.process_time()
+        elif step == 50 and planned is not None and planned > step:  # the first steps are the slowest
+            per_step = (time.process_time() - c5) / 45
+            planned = max(step + 1, step + int((budget - (time.process_time() - c0)) / per_step))
         if step % 50 == 0:
             print(f"  layer-drop step {step}/{planned}: loss {float(loss.detach()):.4f}", flush=True)
     q = compare(embeddings(teacher, held_b), embeddings(student, held_b))
@@ -240,6 +300,13 @@ def main() -> None:
     ap.add_argument("--baseline", action="store_true", help="add one-shot sparsegpt_block to the target")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-train", type=int, default=20000)
+    ap.add_argument(
+        "--train",
+        choices=("stdlib", "docs"),
+        default="stdlib",
+        help="training text: stdlib docstrings (default) or those plus --n-train sentences of "
+        "package_documentation() (pydoc topics, package READMEs, /usr/share/doc, site-packages docstrings)",
+    )
     ap.add_argument("--n-eval", type=int, default=500)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--method", default="sparsegpt", help="one-shot method (default sparsegpt)")
@@ -264,16 +331,28 @@ def main() -> None:
     ap.add_argument(
         "--freeze-embeddings", action="store_true", help="train without the embeddings (requires_grad=False)"
     )
+    ap.add_argument(
+        "--domain-check",
+        action="store_true",
+        help="hold 500 docstring sentences out of training and report each result on trained docstrings, "
+        "unseen docstrings and the man pages (how much of the gap is the change of source)",
+    )
     ap.add_argument("--speed", action="store_true", help="time each result against the dense model (eager)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     train = stdlib_docstrings(args.n_train)
+    seen, unseen = train[:500], []
+    if args.domain_check:  # 500 docstring sentences kept out of training: the same source, unseen
+        train, unseen = train[:-500], train[-500:]
+    if args.train == "docs":
+        train = sorted(set(train) | set(package_documentation(args.n_train)))
+        random.Random(0).shuffle(train)
     held = man_pages(args.n_eval)
     overlap = set(train) & set(held)
     held = [s for s in held if s not in overlap]
-    print(f"train: {len(train)} docstring sentences; eval: {len(held)} man-page sentences")
+    print(f"train: {len(train)} sentences ({args.train}); eval: {len(held)} man-page sentences")
     header = [
         "# Recovering all-MiniLM-L6-v2 with hs.recover",
         "",
@@ -282,7 +361,13 @@ def main() -> None:
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other jobs ran in parallel when it is above the "
         "thread count).",
         "",
-        f"Train: {len(train)} sentences of Python standard-library docstrings; eval: {len(held)} sentences of "
+        f"Train: {len(train)} sentences of Python standard-library docstrings"
+        + (
+            " and package documentation (pydoc topics, READMEs, /usr/share/doc, site-packages docstrings)"
+            if args.train == "docs"
+            else ""
+        )
+        + f"; eval: {len(held)} sentences of "
         "English man pages (section 1), never trained or calibrated on. Quality = student vs dense teacher "
         "on the eval sentences: mean cosine of the sentence embeddings, top-1 / top-10 retrieval agreement. "
         "`one-shot cos` is right after the one-shot initialisation (at the initial sparsity, 0.7 for targets "
@@ -294,6 +379,7 @@ def main() -> None:
     ]
     rows: list[str] = []
     speeds: list[str] = []
+    domains: list[str] = []
 
     def write() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -310,7 +396,20 @@ def main() -> None:
             if speeds
             else []
         )
-        args.out.write_text("\n".join(header + rows + speed) + "\n")
+        domain = (
+            [
+                "",
+                "Where the gap is (`--domain-check`): the same result against the dense model on 500 training "
+                "sentences, 500 docstring sentences held out of training, and the man pages.",
+                "",
+                "| setting | trained docstrings | unseen docstrings | man pages |",
+                "| --- | --- | --- | --- |",
+                *domains,
+            ]
+            if domains
+            else []
+        )
+        args.out.write_text("\n".join(header + rows + speed + domain) + "\n")
         print(rows[-1], flush=True)
 
     settings: list[tuple[str, float, dict]] = []
@@ -419,6 +518,13 @@ def main() -> None:
             **kw,
         )
         print(report, flush=True)
+        if args.domain_check:
+            teacher = _load().eval()
+            cos = []
+            for label, texts in (("seen", seen), ("unseen", unseen), ("held", held)):
+                b = Batches(texts, label, tokenizer=model.tokenizer, wrap=True).in_order()
+                cos.append(f"{compare(embeddings(teacher, b), embeddings(model, b)).cosine:.4f}")  # type: ignore[attr-defined]
+            domains.append(f"| {name} | {' | '.join(cos)} |")
         if args.speed:
             speeds.append(f"| {name} | {_speed(_load()[0].auto_model, _exported(model), 3.0)} |")
             print(speeds[-1], flush=True)
